@@ -1,0 +1,103 @@
+import math
+
+import pytest
+import torch
+from diffusers import DDIMScheduler, FlowMatchEulerDiscreteScheduler
+
+from trl_ddrl.sampling import ddim_step, flow_sde_step, gaussian_log_prob
+
+
+def test_gaussian_log_prob_matches_torch_normal():
+    torch.manual_seed(0)
+    x, mean = torch.randn(3, 2, 4, 4), torch.randn(3, 2, 4, 4)
+    std = torch.tensor([0.5, 1.0, 2.0])
+    expected = torch.distributions.Normal(mean, std.view(-1, 1, 1, 1)).log_prob(x).mean(dim=(1, 2, 3))
+    torch.testing.assert_close(gaussian_log_prob(x, mean, std), expected)
+
+
+def test_gaussian_log_prob_is_zero_for_deterministic_transitions():
+    x = torch.randn(2, 5)
+    out = gaussian_log_prob(x, x + 1, torch.tensor([0.0, 1.0]))
+    assert out[0] == 0
+    assert math.isfinite(out[1].item()) and out[1] != 0
+
+
+def test_flow_sde_step_log_prob_is_the_normal_density_of_the_draw():
+    torch.manual_seed(0)
+    x, v = torch.randn(4, 3, 8, 8), torch.randn(4, 3, 8, 8)
+    out = flow_sde_step(x, v, torch.full((4,), 0.8), torch.full((4,), 0.6), eta=0.7, noise_sigma_max=0.95)
+    expected = torch.distributions.Normal(out.mean, out.std.view(-1, 1, 1, 1)).log_prob(out.prev_sample)
+    torch.testing.assert_close(out.log_prob, expected.mean(dim=(1, 2, 3)))
+    # the draw is mean + std * noise: standardised residuals look standard normal
+    z = (out.prev_sample - out.mean) / out.std.view(-1, 1, 1, 1)
+    assert abs(z.mean().item()) < 0.15 and abs(z.std().item() - 1) < 0.15
+
+
+def test_flow_sde_step_std_follows_the_formula():
+    sigma, sigma_next, eta = 0.5, 0.4, 0.7
+    out = flow_sde_step(torch.zeros(1, 2), torch.zeros(1, 2), sigma, sigma_next, eta=eta, noise_sigma_max=0.9)
+    g = eta * math.sqrt(sigma / (1 - sigma))
+    assert out.std.item() == pytest.approx(g * math.sqrt(sigma - sigma_next), rel=1e-6)
+
+
+def test_flow_sde_replay_gives_ratio_one():
+    torch.manual_seed(1)
+    x, v = torch.randn(5, 4, 6, 6), torch.randn(5, 4, 6, 6)
+    sigma, sigma_next = torch.rand(5) * 0.5 + 0.4, torch.rand(5) * 0.3
+    rollout = flow_sde_step(x, v, sigma, sigma_next, eta=1.0, noise_sigma_max=0.95)
+    replay = flow_sde_step(x, v, sigma, sigma_next, eta=1.0, noise_sigma_max=0.95, prev_sample=rollout.prev_sample)
+    ratio = torch.exp(replay.log_prob - rollout.log_prob)
+    assert torch.allclose(ratio, torch.ones_like(ratio), atol=1e-6)
+    # a different velocity gives a different likelihood
+    moved = flow_sde_step(x, v + 0.1, sigma, sigma_next, eta=1.0, noise_sigma_max=0.95, prev_sample=rollout.prev_sample)
+    assert not torch.allclose(moved.log_prob, rollout.log_prob)
+
+
+def test_flow_sde_with_eta_zero_is_the_diffusers_euler_sampler():
+    torch.manual_seed(2)
+    scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0)
+    scheduler.set_timesteps(6)
+    sigmas = scheduler.sigmas
+    ours = theirs = torch.randn(2, 4, 8, 8)
+    weight = torch.randn(4, 4)
+    for i, t in enumerate(scheduler.timesteps):
+        velocity_ours = torch.einsum("oc,bchw->bohw", weight, ours)
+        velocity_theirs = torch.einsum("oc,bchw->bohw", weight, theirs)
+        theirs = scheduler.step(velocity_theirs, t, theirs).prev_sample
+        step = flow_sde_step(ours, velocity_ours, sigmas[i], sigmas[i + 1], eta=0.0, noise_sigma_max=float(sigmas[1]))
+        assert torch.all(step.std == 0) and torch.all(step.log_prob == 0)
+        ours = step.prev_sample
+    torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
+
+
+def test_flow_sde_clamps_sigma_one_inside_the_noise_level():
+    out = flow_sde_step(torch.zeros(1, 3), torch.ones(1, 3), 1.0, 0.9, eta=0.7, noise_sigma_max=0.95)
+    assert torch.isfinite(out.prev_sample).all() and torch.isfinite(out.log_prob).all()
+
+
+def test_ddim_step_with_eta_zero_matches_diffusers_ddim():
+    torch.manual_seed(3)
+    scheduler = DDIMScheduler(clip_sample=False, set_alpha_to_one=False, steps_offset=1)
+    scheduler.set_timesteps(5)
+    x, eps = torch.randn(2, 4, 8, 8), torch.randn(2, 4, 8, 8)
+    t = scheduler.timesteps[1]
+    prev_t = t - scheduler.config.num_train_timesteps // 5
+    expected = scheduler.step(eps, t, x, eta=0.0).prev_sample
+    out = ddim_step(x, eps, scheduler.alphas_cumprod[t], scheduler.alphas_cumprod[prev_t], eta=0.0)
+    torch.testing.assert_close(out.prev_sample, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_ddim_step_std_matches_diffusers_variance_and_replays_exactly():
+    torch.manual_seed(4)
+    scheduler = DDIMScheduler(clip_sample=False, set_alpha_to_one=False, steps_offset=1)
+    scheduler.set_timesteps(5)
+    t = int(scheduler.timesteps[1])
+    prev_t = t - scheduler.config.num_train_timesteps // 5
+    x, eps = torch.randn(3, 4, 8, 8), torch.randn(3, 4, 8, 8)
+    out = ddim_step(x, eps, scheduler.alphas_cumprod[t], scheduler.alphas_cumprod[prev_t], eta=1.0)
+    expected_std = scheduler._get_variance(t, prev_t).sqrt()
+    torch.testing.assert_close(out.std, expected_std.expand(3).float())
+    replay = ddim_step(
+        x, eps, scheduler.alphas_cumprod[t], scheduler.alphas_cumprod[prev_t], eta=1.0, prev_sample=out.prev_sample
+    )
+    assert torch.allclose(torch.exp(replay.log_prob - out.log_prob), torch.ones(3), atol=1e-6)

@@ -1,0 +1,358 @@
+# Copyright 2026 The trl_ddrl Authors. Licensed under the Apache License, Version 2.0.
+"""Configuration of the DDRL trainer."""
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+from trl.trainer.base_config import _BaseConfig
+
+
+SCALE_REWARDS_CHOICES = ("group", "batch", "none")
+DATA_NOISE_CHOICES = ("rollout", "independent")
+MULTI_OBJECTIVE_CHOICES = ("sum_then_normalize", "normalize_then_sum")
+REWARD_ERROR_POLICY_CHOICES = ("raise", "drop_group")
+
+
+def resolve_train_timesteps(num_inference_steps: int, fraction: float, explicit: list[int] | None) -> list[int]:
+    """
+    Indices of the sampling steps whose transitions are trained on.
+
+    The last step (index `num_inference_steps - 1`) lands on sigma = 0 and is sampled deterministically, so its
+    transition has no likelihood and is never trained. With `explicit` unset, `ceil(fraction * (num_inference_steps -
+    1))` indices are spread evenly over `[0, num_inference_steps - 2]`: `fraction=0.5` with 20 steps gives
+    `[0, 2, 4, ..., 18]`, the authors' "every other step".
+
+    Args:
+        num_inference_steps (`int`): Number of sampling steps of a rollout.
+        fraction (`float`): Fraction of the stochastic steps to train on, in `(0, 1]`.
+        explicit (`list[int]` or `None`): Explicit step indices; overrides `fraction`.
+
+    Returns:
+        `list[int]`: Sorted, unique step indices.
+    """
+    last_trainable = num_inference_steps - 2
+    if explicit:
+        indices = sorted(set(int(i) for i in explicit))
+        bad = [i for i in indices if i < 0 or i > last_trainable]
+        if bad:
+            raise ValueError(
+                f"train_timesteps={explicit} contains {bad}, outside [0, {last_trainable}]: with "
+                f"num_inference_steps={num_inference_steps} the final step {num_inference_steps - 1} is deterministic "
+                "(variance 0) and cannot be trained. Use step indices between 0 and num_inference_steps - 2."
+            )
+        return indices
+    if not 0.0 < fraction <= 1.0:
+        raise ValueError(f"train_timestep_fraction={fraction} must be in (0, 1]; 0.5 trains every other step.")
+    num_trainable = last_trainable + 1
+    count = min(num_trainable, math.ceil(round(fraction * num_trainable, 6)))
+    if count == 1:
+        return [0]
+    return sorted({round(i * last_trainable / (count - 1)) for i in range(count)})
+
+
+@dataclass
+class DDRLConfig(_BaseConfig):
+    r"""
+    Configuration class for the [`DDRLTrainer`].
+
+    DDRL (Data-regularized Diffusion Reinforcement Learning, [arXiv 2512.04332](https://huggingface.co/papers/2512.04332))
+    maximises a reward with a clipped policy-gradient objective over the Gaussian transitions of a stochastic sampler,
+    regularised by the ordinary diffusion (flow-matching) loss on off-policy data instead of a reverse KL on the
+    policy's own samples. Setting `data_beta=0` and `kl_beta>0` gives the Flow-GRPO / DanceGRPO baseline from the same
+    code.
+
+    Only the parameters specific to DDRL are listed here; see [`~transformers.TrainingArguments`] for the rest.
+
+    One RL iteration draws `prompts_per_step` prompts (across all processes), rolls each out `num_generations` times,
+    scores the samples and turns every (sample, trained step) pair into a *transition*. The transitions are shuffled
+    and split into micro-batches of `per_device_train_batch_size` transitions; `gradient_accumulation_steps` micro-batches
+    make one optimizer step (by default one optimizer step per iteration).
+
+    Parameters:
+        > Parameters that control the model
+
+        model_init_kwargs (`dict[str, Any]` or `str`, *optional*):
+            Keyword arguments for [`~diffusers.DiffusionPipeline.from_pretrained`], used when the `model` argument of
+            the [`DDRLTrainer`] is a string (for example `{"torch_dtype": "bfloat16"}`).
+
+        > Parameters that control the rollouts
+
+        num_generations (`int`, *optional*, defaults to `8`):
+            Group size: number of samples drawn for each prompt. Advantages are computed within each group.
+        prompts_per_step (`int`, *optional*, defaults to `4`):
+            Number of distinct prompts per RL iteration, across all processes.
+        rollout_batch_size (`int`, *optional*):
+            Number of samples denoised at once on each process. Defaults to all samples of the iteration on that
+            process.
+        num_inference_steps (`int`, *optional*, defaults to `20`):
+            Number of sampling steps of a rollout.
+        train_timesteps (`list[int]`, *optional*):
+            Explicit indices of the sampling steps to train on (0 is the noisiest). Overrides
+            `train_timestep_fraction`. The final step is deterministic and can never be trained.
+        train_timestep_fraction (`float`, *optional*, defaults to `0.5`):
+            Fraction of the stochastic sampling steps to train on, evenly spread: `0.5` trains every other step.
+        eta (`float`, *optional*, defaults to `0.7`):
+            Noise level of the stochastic sampler (SDE eta for flow matching, DDIM eta for epsilon/v models).
+            Must be positive: a deterministic sampler has no likelihood to optimise.
+        guidance_scale (`float`, *optional*, defaults to `1.0`):
+            Classifier-free guidance scale during rollouts. `1.0` disables CFG, as in the authors' release.
+        height (`int`, *optional*):
+            Height of the samples in pixels. Defaults to the pipeline's default.
+        width (`int`, *optional*):
+            Width of the samples in pixels. Defaults to the pipeline's default.
+        num_frames (`int`, *optional*):
+            Number of frames for video pipelines. Ignored by image pipelines.
+        max_sequence_length (`int`, *optional*):
+            Maximum prompt length in tokens for the pipeline's text encoders. Defaults to the pipeline's default.
+
+        > Parameters that control the loss
+
+        data_beta (`float`, *optional*, defaults to `0.01`):
+            Weight of the diffusion loss on data (the forward-KL regulariser of DDRL). `0` disables it.
+        kl_beta (`float`, *optional*, defaults to `0.0`):
+            Weight of the reverse-KL penalty to the reference model, measured on the policy's own transitions
+            (Flow-GRPO style). A reference model is created only when this is positive.
+        clip_range (`float`, *optional*, defaults to `1e-4`):
+            PPO clipping range of the per-step likelihood ratio. Log-likelihoods are averaged over dimensions, so the
+            ratio moves little and the range is small.
+        advantage_clip (`float`, *optional*, defaults to `5.0`):
+            Advantages are clipped to `[-advantage_clip, advantage_clip]`.
+        exp_advantage (`bool`, *optional*, defaults to `False`):
+            Apply the transform `A -> -exp(-A)` to the normalised advantages before clipping. It weighs bad samples
+            more than good ones.
+        scale_rewards (`str`, *optional*, defaults to `"group"`):
+            How to scale the centred rewards: `"group"` divides by the group's standard deviation, `"batch"` by the
+            whole batch's, `"none"` does not scale.
+        multi_objective_aggregation (`str`, *optional*, defaults to `"sum_then_normalize"`):
+            With several reward functions: `"sum_then_normalize"` normalises the weighted sum of rewards;
+            `"normalize_then_sum"` normalises each reward within its group and takes the weighted sum.
+        reward_weights (`list[float]`, *optional*):
+            Weight of each reward function. Defaults to `1.0` for every function.
+        reward_error_policy (`str`, *optional*, defaults to `"raise"`):
+            What to do when a reward function raises, times out or returns NaN, None or a wrong number of values:
+            `"raise"` stops with an error naming the function and prompt; `"drop_group"` gives the group's samples a
+            zero advantage, counts them in the `reward/dropped_groups` metric and goes on.
+        num_iterations (`int`, *optional*, defaults to `1`):
+            Number of passes over the transitions of one iteration (the PPO epochs, GRPO's mu).
+
+        > Parameters that control the data term
+
+        data_noise (`str`, *optional*, defaults to `"rollout"`):
+            Noise of the data term. `"rollout"` noises the data sample to the sigma of the trained transition with the
+            rollout's own initial noise; `"independent"` draws fresh noise.
+        data_on_first_step_only (`bool`, *optional*, defaults to `False`):
+            Compute the data term only on the first trained step of each sample, which saves one forward pass per
+            trained step.
+        image_column (`str`, *optional*, defaults to `"image"`):
+            Column holding the data images (PIL images, arrays, tensors or file paths) or videos of the data term, in
+            `train_dataset` or `data_dataset`.
+        caption_column (`str`, *optional*, defaults to `"prompt"`):
+            Column of `data_dataset` holding the captions of the data term.
+
+        > Parameters that control the reference model
+
+        update_ref_every (`int`, *optional*):
+            Copy the policy into the reference model every this many optimizer steps. Only meaningful with
+            `kl_beta > 0`.
+
+        > Parameters that control saving
+
+        save_full_pipeline (`bool`, *optional*, defaults to `True`):
+            `save_model` writes the whole diffusers pipeline (loadable with `DiffusionPipeline.from_pretrained`).
+            Intermediate checkpoints always hold only the trained weights.
+    """
+
+    _VALID_DICT_FIELDS = _BaseConfig._VALID_DICT_FIELDS + ["model_init_kwargs"]
+
+    # Overrides of TrainingArguments defaults, following the authors' reference settings.
+    learning_rate: float = field(default=1e-5, metadata={"help": "Initial learning rate of AdamW."})
+    logging_steps: float = field(default=1, metadata={"help": "Log every X optimizer steps."})
+    gradient_checkpointing: bool | None = field(
+        default=None,
+        metadata={"help": "Deprecated alias of `activation_checkpointing` (diffusers' gradient checkpointing)."},
+    )
+    bf16: bool | None = field(
+        default=None,
+        metadata={"help": "Train in bf16 mixed precision. Defaults to True on a GPU that supports it, else False."},
+    )
+    remove_unused_columns: bool = field(
+        default=False,
+        metadata={"help": "Must stay False: the prompt and image columns, and any extra column, go to rewards."},
+    )
+    gradient_accumulation_steps: int | None = field(
+        default=None,
+        metadata={
+            "help": "Micro-batches per optimizer step. Defaults to all micro-batches of one iteration (one optimizer "
+            "step per iteration)."
+        },
+    )
+    per_device_train_batch_size: int = field(
+        default=8, metadata={"help": "Number of transitions (sample, trained step) per micro-batch on each process."}
+    )
+
+    # Model
+    model_init_kwargs: dict | str | None = field(
+        default=None,
+        metadata={"help": "Keyword arguments for `DiffusionPipeline.from_pretrained` when `model` is a string."},
+    )
+
+    # Rollouts
+    num_generations: int = field(default=8, metadata={"help": "Group size: samples per prompt."})
+    prompts_per_step: int = field(default=4, metadata={"help": "Distinct prompts per RL iteration, all processes."})
+    rollout_batch_size: int | None = field(
+        default=None, metadata={"help": "Samples denoised at once on each process. Defaults to all of them."}
+    )
+    num_inference_steps: int = field(default=20, metadata={"help": "Sampling steps of a rollout."})
+    train_timesteps: list[int] | None = field(
+        default=None,
+        metadata={"help": "Explicit indices of the sampling steps to train on; overrides train_timestep_fraction."},
+    )
+    train_timestep_fraction: float = field(
+        default=0.5, metadata={"help": "Fraction of the stochastic steps to train on; 0.5 = every other step."}
+    )
+    eta: float = field(default=0.7, metadata={"help": "Noise level of the stochastic sampler (SDE or DDIM eta), > 0."})
+    guidance_scale: float = field(default=1.0, metadata={"help": "CFG scale during rollouts; 1.0 disables CFG."})
+    height: int | None = field(default=None, metadata={"help": "Sample height in pixels (pipeline default)."})
+    width: int | None = field(default=None, metadata={"help": "Sample width in pixels (pipeline default)."})
+    num_frames: int | None = field(default=None, metadata={"help": "Frames per sample for video pipelines."})
+    max_sequence_length: int | None = field(
+        default=None, metadata={"help": "Maximum prompt length in tokens (pipeline default)."}
+    )
+
+    # Loss
+    data_beta: float = field(default=0.01, metadata={"help": "Weight of the diffusion loss on data; 0 disables it."})
+    kl_beta: float = field(default=0.0, metadata={"help": "Weight of the reverse KL to the reference model."})
+    clip_range: float = field(default=1e-4, metadata={"help": "PPO clipping range of the likelihood ratio."})
+    advantage_clip: float = field(default=5.0, metadata={"help": "Clip advantages to [-advantage_clip, advantage_clip]."})
+    exp_advantage: bool = field(default=False, metadata={"help": "Transform advantages with A -> -exp(-A)."})
+    scale_rewards: str = field(
+        default="group", metadata={"help": "Scale centred rewards by the std of the group, the batch, or none."}
+    )
+    multi_objective_aggregation: str = field(
+        default="sum_then_normalize",
+        metadata={"help": "With several rewards: 'sum_then_normalize' or 'normalize_then_sum'."},
+    )
+    reward_weights: list[float] | None = field(
+        default=None, metadata={"help": "Weight of each reward function (defaults to 1.0 each)."}
+    )
+    reward_error_policy: str = field(
+        default="raise",
+        metadata={"help": "On a failing reward: 'raise' (default) or 'drop_group' (zero advantage, counted)."},
+    )
+    num_iterations: int = field(default=1, metadata={"help": "Passes over the transitions of one iteration."})
+
+    # Data term
+    data_noise: str = field(
+        default="rollout",
+        metadata={"help": "'rollout': data noised at the rollout's sigma with its initial noise; 'independent'."},
+    )
+    data_on_first_step_only: bool = field(
+        default=False, metadata={"help": "Compute the data term only on each sample's first trained step."}
+    )
+    image_column: str = field(default="image", metadata={"help": "Column holding the data images or videos."})
+    caption_column: str = field(default="prompt", metadata={"help": "Column of data_dataset holding the captions."})
+
+    # Reference model
+    update_ref_every: int | None = field(
+        default=None, metadata={"help": "Copy the policy into the reference model every N optimizer steps."}
+    )
+
+    # Saving
+    save_full_pipeline: bool = field(
+        default=True, metadata={"help": "save_model writes the whole diffusers pipeline, not only the denoiser."}
+    )
+
+    def __post_init__(self):
+        if self.bf16 is None:
+            self.bf16 = bool(torch.cuda.is_available() and torch.cuda.is_bf16_supported()) and not self.fp16
+        derive_gradient_accumulation = self.gradient_accumulation_steps is None
+        if derive_gradient_accumulation:
+            self.gradient_accumulation_steps = 1
+        super().__post_init__()
+
+        self._check_choice("scale_rewards", SCALE_REWARDS_CHOICES)
+        self._check_choice("data_noise", DATA_NOISE_CHOICES)
+        self._check_choice("multi_objective_aggregation", MULTI_OBJECTIVE_CHOICES)
+        self._check_choice("reward_error_policy", REWARD_ERROR_POLICY_CHOICES)
+        self._check_positive("num_generations", minimum=2, why="advantages compare samples within a group")
+        self._check_positive("prompts_per_step")
+        self._check_positive("num_inference_steps", minimum=2, why="the last step is deterministic")
+        self._check_positive("num_iterations")
+        self._check_positive("per_device_train_batch_size")
+        if self.eta <= 0:
+            raise ValueError(
+                f"eta={self.eta} must be > 0: a deterministic sampler has no likelihood ratio to optimise. "
+                "The authors use 0.7 for flow matching and 1.0 for DDIM."
+            )
+        if self.clip_range <= 0:
+            raise ValueError(f"clip_range={self.clip_range} must be > 0 (the authors use 1e-4).")
+        if self.advantage_clip <= 0:
+            raise ValueError(f"advantage_clip={self.advantage_clip} must be > 0 (the authors use 5).")
+        if self.data_beta < 0 or self.kl_beta < 0:
+            raise ValueError(f"data_beta={self.data_beta} and kl_beta={self.kl_beta} must both be >= 0.")
+        if self.guidance_scale < 1.0:
+            raise ValueError(f"guidance_scale={self.guidance_scale} must be >= 1.0 (1.0 disables CFG).")
+        if self.update_ref_every is not None and self.kl_beta == 0:
+            raise ValueError(
+                f"update_ref_every={self.update_ref_every} is set but kl_beta=0, so there is no reference model to "
+                "update. Set kl_beta > 0 or leave update_ref_every unset."
+            )
+        if self.update_ref_every is not None and self.update_ref_every < 1:
+            raise ValueError(f"update_ref_every={self.update_ref_every} must be >= 1 optimizer steps.")
+        if self.reward_weights is not None and any(w < 0 for w in self.reward_weights):
+            # Negative weights are legal in GRPO but almost always a sign error with image rewards: say so loudly.
+            raise ValueError(
+                f"reward_weights={self.reward_weights} has a negative weight. Use the reward's opposite (for example "
+                "jpeg_compressibility instead of jpeg_incompressibility) so that higher is always better."
+            )
+        if self.auto_find_batch_size:
+            raise ValueError(
+                "auto_find_batch_size is not supported: micro-batches are cut from whole rollout groups. Set "
+                "auto_find_batch_size=False and lower per_device_train_batch_size instead."
+            )
+        if self.remove_unused_columns:
+            raise ValueError(
+                "remove_unused_columns=True would drop the prompt and image columns that DDRL needs. Set it to False."
+            )
+
+        self.train_timesteps = resolve_train_timesteps(
+            self.num_inference_steps, self.train_timestep_fraction, self.train_timesteps
+        )
+        num_processes = self.world_size
+        samples_per_step = self.prompts_per_step * self.num_generations
+        if samples_per_step % num_processes:
+            raise ValueError(
+                f"prompts_per_step * num_generations = {samples_per_step} samples per iteration must be divisible by "
+                f"the number of processes ({num_processes}). Change prompts_per_step."
+            )
+        self.samples_per_process = samples_per_step // num_processes
+        transitions = self.samples_per_process * len(self.train_timesteps)
+        if transitions % self.per_device_train_batch_size:
+            raise ValueError(
+                f"Each process trains on {transitions} transitions per iteration ({self.samples_per_process} samples x "
+                f"{len(self.train_timesteps)} trained steps), which per_device_train_batch_size="
+                f"{self.per_device_train_batch_size} does not divide. Pick a divisor of {transitions}."
+            )
+        self.steps_per_generation = transitions // self.per_device_train_batch_size
+        if derive_gradient_accumulation:
+            self.gradient_accumulation_steps = self.steps_per_generation
+        elif self.steps_per_generation % self.gradient_accumulation_steps:
+            raise ValueError(
+                f"gradient_accumulation_steps={self.gradient_accumulation_steps} must divide the "
+                f"{self.steps_per_generation} micro-batches of one iteration, so that optimizer steps do not straddle "
+                "iterations. Leave it unset for one optimizer step per iteration."
+            )
+        if self.rollout_batch_size is not None and self.rollout_batch_size < 1:
+            raise ValueError(f"rollout_batch_size={self.rollout_batch_size} must be >= 1 or unset.")
+
+    def _check_choice(self, name: str, choices: tuple[str, ...]) -> None:
+        value = getattr(self, name)
+        if value not in choices:
+            raise ValueError(f"{name}={value!r} is not valid; choose one of {', '.join(map(repr, choices))}.")
+
+    def _check_positive(self, name: str, minimum: int = 1, why: str = "") -> None:
+        value = getattr(self, name)
+        if value < minimum:
+            reason = f" ({why})" if why else ""
+            raise ValueError(f"{name}={value} must be >= {minimum}{reason}.")

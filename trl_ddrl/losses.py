@@ -1,0 +1,189 @@
+# Copyright 2026 The trl_ddrl Authors. Licensed under the Apache License, Version 2.0.
+"""
+The terms of the DDRL objective as small pure functions.
+
+    loss = policy_loss(ratio, advantage) + data_beta * diffusion_loss(data) + kl_beta * reverse_kl(policy || ref)
+
+Per-sample terms are returned unreduced (`[B]`) so the trainer can mask and average them.
+"""
+
+from dataclasses import dataclass
+
+import torch
+
+from .sampling import broadcast_per_sample
+
+
+@dataclass
+class Advantages:
+    """
+    Advantages of one batch of rollouts.
+
+    Attributes:
+        advantages (`torch.Tensor` of shape `[N]`): Per-sample advantages, 0 for samples of zero-spread or dropped
+            groups.
+        total_rewards (`torch.Tensor` of shape `[N]`): Weighted sum of the reward functions (NaN where no function
+            gave a reward).
+        zero_std_groups (`int`): Groups whose rewards have no spread (they carry no learning signal).
+        dropped_groups (`int`): Groups with a sample that no reward function scored.
+        num_groups (`int`): Number of groups.
+    """
+
+    advantages: torch.Tensor
+    total_rewards: torch.Tensor
+    zero_std_groups: int
+    dropped_groups: int
+    num_groups: int
+
+
+def _nan_group_stats(grouped: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and unbiased std of each row of `[num_groups, G]`, ignoring NaNs (std 0 with fewer than 2 values)."""
+    valid = ~torch.isnan(grouped)
+    count = valid.sum(dim=1)
+    filled = torch.where(valid, grouped, torch.zeros_like(grouped))
+    mean = filled.sum(dim=1) / count.clamp(min=1)
+    squares = torch.where(valid, (grouped - mean[:, None]) ** 2, torch.zeros_like(grouped))
+    std = torch.sqrt(squares.sum(dim=1) / (count - 1).clamp(min=1))
+    return mean, torch.where(count > 1, std, torch.zeros_like(std))
+
+
+def _normalize(
+    rewards: torch.Tensor, num_generations: int, scale_rewards: str, eps: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Centre `[N]` rewards within their groups and scale them; also return which groups have zero spread."""
+    grouped = rewards.view(-1, num_generations)
+    mean, std = _nan_group_stats(grouped)
+    centred = grouped - mean[:, None]
+    if scale_rewards == "group":
+        centred = centred / (std[:, None] + eps)
+    elif scale_rewards == "batch":
+        _, batch_std = _nan_group_stats(rewards.view(1, -1))
+        centred = centred / (batch_std + eps)
+    zero_std = std < eps
+    return centred.view(-1), zero_std
+
+
+def compute_advantages(
+    rewards_per_func: torch.Tensor,
+    reward_weights: torch.Tensor,
+    num_generations: int,
+    scale_rewards: str = "group",
+    multi_objective_aggregation: str = "sum_then_normalize",
+    exp_advantage: bool = False,
+    advantage_clip: float = 5.0,
+    eps: float = 1e-4,
+) -> Advantages:
+    """
+    Group-normalised, optionally transformed, clipped advantages.
+
+    Samples come in consecutive groups of `num_generations` (the rollouts of one prompt). A NaN entry of
+    `rewards_per_func` means that function gave no reward for that sample (TRL's `None`); a sample with no reward at
+    all drops its whole group. Zero-spread and dropped groups get advantage 0, also under `exp_advantage` (whose
+    transform `A -> -exp(-A)` would otherwise turn 0 into -1).
+
+    Args:
+        rewards_per_func (`torch.Tensor` of shape `[N, R]`): Raw rewards of `R` functions, NaN where missing.
+        reward_weights (`torch.Tensor` of shape `[R]`): Weight of each function.
+        num_generations (`int`): Group size `G`; `N` must be a multiple of it.
+        scale_rewards (`str`): `"group"`, `"batch"` or `"none"`.
+        multi_objective_aggregation (`str`): `"sum_then_normalize"` or `"normalize_then_sum"`.
+        exp_advantage (`bool`): Apply `A -> -exp(-A)` after normalisation.
+        advantage_clip (`float`): Clip advantages to `[-advantage_clip, advantage_clip]`.
+        eps (`float`): Added to standard deviations; groups with a smaller spread count as zero-spread.
+
+    Returns:
+        [`Advantages`]
+    """
+    rewards_per_func = rewards_per_func.float()
+    if rewards_per_func.ndim != 2 or rewards_per_func.shape[0] % num_generations:
+        raise ValueError(
+            f"rewards must be [N, R] with N a multiple of num_generations={num_generations}, got "
+            f"{tuple(rewards_per_func.shape)}."
+        )
+    weights = reward_weights.to(rewards_per_func)
+    scored = ~torch.isnan(rewards_per_func)
+    weighted = torch.where(scored, rewards_per_func * weights, torch.zeros_like(rewards_per_func))
+    total = torch.where(scored.any(dim=1), weighted.sum(dim=1), torch.full_like(weighted[:, 0], float("nan")))
+
+    if multi_objective_aggregation == "sum_then_normalize":
+        advantages, zero_std = _normalize(total, num_generations, scale_rewards, eps)
+    elif multi_objective_aggregation == "normalize_then_sum":
+        per_func = [_normalize(column, num_generations, scale_rewards, eps) for column in rewards_per_func.T]
+        normalized = torch.stack([adv for adv, _ in per_func], dim=1)
+        advantages = torch.where(scored, normalized * weights, torch.zeros_like(normalized)).sum(dim=1)
+        zero_std = torch.stack([z for _, z in per_func], dim=1).all(dim=1)
+    else:
+        raise ValueError(f"multi_objective_aggregation={multi_objective_aggregation!r} is not valid.")
+
+    dropped = torch.isnan(total).view(-1, num_generations).any(dim=1)
+    if exp_advantage:
+        advantages = -torch.exp(-advantages)
+    silent = (zero_std | dropped).repeat_interleave(num_generations)
+    advantages = torch.where(silent, torch.zeros_like(advantages), advantages)
+    advantages = advantages.clamp(-advantage_clip, advantage_clip)
+    return Advantages(
+        advantages=advantages,
+        total_rewards=total,
+        zero_std_groups=int((zero_std & ~dropped).sum()),
+        dropped_groups=int(dropped.sum()),
+        num_groups=int(dropped.numel()),
+    )
+
+
+def clipped_policy_loss(
+    log_prob: torch.Tensor, old_log_prob: torch.Tensor, advantages: torch.Tensor, clip_range: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """
+    PPO's clipped surrogate on the per-step likelihood ratio `r = exp(log_prob - old_log_prob)`:
+    `max(-A r, -A clip(r, 1 - clip_range, 1 + clip_range))`.
+
+    Args:
+        log_prob (`torch.Tensor` of shape `[B]`): Log-likelihood of the stored transitions under the current model.
+        old_log_prob (`torch.Tensor` of shape `[B]`): Their log-likelihood at rollout time.
+        advantages (`torch.Tensor` of shape `[B]`): Advantages.
+        clip_range (`float`): Clipping range.
+
+    Returns:
+        `tuple` of three `[B]` tensors: the loss, the ratio and whether the clipped branch was taken.
+    """
+    ratio = torch.exp(log_prob.float() - old_log_prob.float())
+    unclipped = -advantages * ratio
+    clipped = -advantages * torch.clamp(ratio, 1.0 - clip_range, 1.0 + clip_range)
+    return torch.maximum(unclipped, clipped), ratio, clipped > unclipped
+
+
+def flow_matching_noisy_sample(x0: torch.Tensor, noise: torch.Tensor, sigma: torch.Tensor | float) -> torch.Tensor:
+    """`x_sigma = (1 - sigma) x0 + sigma * noise`, the rectified-flow forward process. `sigma` is scalar or `[B]`."""
+    sigma_b = broadcast_per_sample(sigma, x0).to(x0.dtype)
+    return (1 - sigma_b) * x0 + sigma_b * noise.to(x0.dtype)
+
+
+def mse_per_sample(prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Mean squared error over all but the first dimension, in float32: `[B, ...] -> [B]`."""
+    return ((prediction.float() - target.float()) ** 2).mean(dim=tuple(range(1, prediction.ndim)))
+
+
+def flow_matching_loss(velocity: torch.Tensor, x0: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+    """
+    Flow-matching loss `||v - (noise - x0)||^2` per sample: the diffusion loss of rectified-flow models, and DDRL's
+    forward-KL data term. `velocity` is the model's prediction at `flow_matching_noisy_sample(x0, noise, sigma)`.
+
+    Returns:
+        `torch.Tensor` of shape `[B]`.
+    """
+    return mse_per_sample(velocity, noise - x0)
+
+
+def gaussian_kl(mean: torch.Tensor, ref_mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    """
+    `KL(N(mean, std^2) || N(ref_mean, std^2))` per dimension, averaged over dimensions: `(mean - ref_mean)^2 /
+    (2 std^2)`. Both transitions share the sampler's std, so this is the exact reverse KL of one step. Where `std` is
+    0 the result is 0.
+
+    Returns:
+        `torch.Tensor` of shape `[B]`.
+    """
+    std_b = broadcast_per_sample(std, mean)
+    safe_std = torch.where(std_b > 0, std_b, torch.ones_like(std_b))
+    kl = ((mean.float() - ref_mean.float()) ** 2 / (2 * safe_std**2)).mean(dim=tuple(range(1, mean.ndim)))
+    return torch.where(std_b.flatten() > 0, kl, torch.zeros_like(kl))

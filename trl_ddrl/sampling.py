@@ -1,0 +1,182 @@
+# Copyright 2026 The trl_ddrl Authors. Licensed under the Apache License, Version 2.0.
+"""
+Stochastic sampler steps with Gaussian log-likelihoods.
+
+Each function here is pure: it maps one denoiser output to the Gaussian transition `x_next ~ N(mean, std^2)` of one
+sampling step, and scores `x_next` under it. The same function serves the rollout (draw `x_next`) and the replay
+during training (score the stored `x_next` with the current model), which is what makes the on-policy likelihood
+ratio exactly one. All arithmetic is done in float32 whatever the model's dtype.
+
+Shapes: `sample`, `model_output`, `noise` and `prev_sample` are `[B, ...]`; schedule values (`sigma`, `alpha_prod`)
+are scalars or `[B]` tensors, one per sample, so that a micro-batch may mix steps.
+"""
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class StepOutput:
+    """
+    One Gaussian transition of a stochastic sampler.
+
+    Attributes:
+        prev_sample (`torch.Tensor` of shape `[B, ...]`): The next (less noisy) state, drawn or given.
+        mean (`torch.Tensor` of shape `[B, ...]`): Mean of the transition.
+        std (`torch.Tensor` of shape `[B]`): Standard deviation of the transition (0 for a deterministic step).
+        log_prob (`torch.Tensor` of shape `[B]`): Log-density of `prev_sample` averaged over its dimensions
+            (0 where `std` is 0).
+    """
+
+    prev_sample: torch.Tensor
+    mean: torch.Tensor
+    std: torch.Tensor
+    log_prob: torch.Tensor
+
+
+def broadcast_per_sample(value: torch.Tensor | float, like: torch.Tensor) -> torch.Tensor:
+    """Broadcast a scalar or `[B]` schedule value to `[B, 1, ..., 1]` in float32 on `like`'s device."""
+    value = torch.as_tensor(value, dtype=torch.float32, device=like.device)
+    if value.ndim == 0:
+        value = value.expand(like.shape[0])
+    return value.reshape(-1, *([1] * (like.ndim - 1)))
+
+
+def gaussian_log_prob(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    """
+    Log-density of `x` under `N(mean, std^2)`, averaged over all but the first dimension.
+
+    Averaging (rather than summing) keeps the scale independent of the resolution, which is why the likelihood-ratio
+    clip range of diffusion RL is small (1e-4). Where `std` is 0 the transition is deterministic and the result is 0.
+
+    Args:
+        x (`torch.Tensor` of shape `[B, ...]`): Points to score.
+        mean (`torch.Tensor` of shape `[B, ...]`): Means.
+        std (`torch.Tensor` of shape `[B]`): Per-sample standard deviations.
+
+    Returns:
+        `torch.Tensor` of shape `[B]`, float32.
+    """
+    x, mean = x.float(), mean.float()
+    std_b = broadcast_per_sample(std, x)
+    safe_std = torch.where(std_b > 0, std_b, torch.ones_like(std_b))
+    log_density = -((x - mean) ** 2) / (2 * safe_std**2) - torch.log(safe_std) - 0.5 * math.log(2 * math.pi)
+    log_prob = log_density.mean(dim=tuple(range(1, x.ndim)))
+    return torch.where(std_b.flatten() > 0, log_prob, torch.zeros_like(log_prob))
+
+
+def _finish_step(
+    mean: torch.Tensor,
+    std: torch.Tensor,
+    noise: torch.Tensor | None,
+    prev_sample: torch.Tensor | None,
+    generator: torch.Generator | None,
+) -> StepOutput:
+    """Draw `prev_sample` from `N(mean, std^2)` unless it is given, and score it."""
+    if prev_sample is None:
+        if noise is None:
+            noise_device = generator.device if generator is not None else mean.device
+            noise = torch.randn(mean.shape, generator=generator, device=noise_device, dtype=torch.float32)
+        prev_sample = mean + broadcast_per_sample(std, mean) * noise.to(mean.device, torch.float32)
+    return StepOutput(
+        prev_sample=prev_sample,
+        mean=mean,
+        std=std,
+        log_prob=gaussian_log_prob(prev_sample, mean, std),
+    )
+
+
+def flow_sde_step(
+    sample: torch.Tensor,
+    velocity: torch.Tensor,
+    sigma: torch.Tensor | float,
+    sigma_next: torch.Tensor | float,
+    eta: float,
+    noise_sigma_max: float,
+    noise: torch.Tensor | None = None,
+    prev_sample: torch.Tensor | None = None,
+    generator: torch.Generator | None = None,
+) -> StepOutput:
+    r"""
+    One Euler-Maruyama step of the reverse-time SDE of a rectified-flow model.
+
+    The model is trained on `x_sigma = (1 - sigma) x_0 + sigma * eps` with velocity `v = eps - x_0`, so the score is
+    `-(x + (1 - sigma) v) / sigma`. The reverse SDE with diffusion coefficient `g = eta * sqrt(sigma / (1 - sigma))`
+    has the same marginals as the ODE `dx = v dsigma`; its Euler-Maruyama step from `sigma` to `sigma_next` (`dt =
+    sigma_next - sigma < 0`) is
+
+    $$ \mu = x + \left[v + \frac{g^2}{2\sigma}(x + (1-\sigma) v)\right] dt, \qquad
+       x_{next} \sim \mathcal N(\mu, g^2 |dt|). $$
+
+    With `eta = 0` this is exactly the deterministic Euler step `x + v dt` of `FlowMatchEulerDiscreteScheduler`.
+    `g` diverges at `sigma = 1`, so `sigma` is clamped to `noise_sigma_max` (the schedule's second sigma) inside `g`
+    only.
+
+    Args:
+        sample (`torch.Tensor` of shape `[B, ...]`): Current state `x` at `sigma`.
+        velocity (`torch.Tensor` of shape `[B, ...]`): Model velocity prediction at (`x`, `sigma`).
+        sigma (`torch.Tensor` of shape `[B]` or `float`): Current noise level.
+        sigma_next (`torch.Tensor` of shape `[B]` or `float`): Next (lower) noise level.
+        eta (`float`): Noise level of the SDE; 0 gives the ODE.
+        noise_sigma_max (`float`): Upper clamp of `sigma` inside `g`, below 1.
+        noise (`torch.Tensor`, *optional*): Standard normal noise to use for the draw.
+        prev_sample (`torch.Tensor`, *optional*): A given next state to score instead of drawing one.
+        generator (`torch.Generator`, *optional*): Generator for the draw.
+
+    Returns:
+        [`StepOutput`]
+    """
+    x = sample.float()
+    v = velocity.float()
+    sigma_b = broadcast_per_sample(sigma, x)
+    dt = broadcast_per_sample(sigma_next, x) - sigma_b
+    noise_sigma = sigma_b.clamp(max=noise_sigma_max)
+    g = eta * torch.sqrt(noise_sigma / (1 - noise_sigma))
+    mean = x + (v + g**2 / (2 * sigma_b) * (x + (1 - sigma_b) * v)) * dt
+    std = (g * torch.sqrt(-dt)).flatten()
+    return _finish_step(mean, std, noise, prev_sample, generator)
+
+
+def ddim_step(
+    sample: torch.Tensor,
+    epsilon: torch.Tensor,
+    alpha_prod: torch.Tensor | float,
+    alpha_prod_prev: torch.Tensor | float,
+    eta: float,
+    noise: torch.Tensor | None = None,
+    prev_sample: torch.Tensor | None = None,
+    generator: torch.Generator | None = None,
+) -> StepOutput:
+    r"""
+    One DDIM step (Song et al., 2021, eq. 12) as a Gaussian transition, for epsilon-prediction models.
+
+    With `a = alpha_prod` at the current step and `a' = alpha_prod_prev` at the next (less noisy) one,
+    `x0 = (x - sqrt(1 - a) eps) / sqrt(a)`, `std = eta * sqrt((1 - a') / (1 - a)) * sqrt(1 - a / a')` and
+
+    $$ \mu = \sqrt{a'}\, x_0 + \sqrt{1 - a' - std^2}\, \epsilon, \qquad x_{prev} \sim \mathcal N(\mu, std^2). $$
+
+    `x0` is not clipped (use `clip_sample=False` schedulers). v-prediction models convert their output to epsilon
+    before calling this.
+
+    Args:
+        sample (`torch.Tensor` of shape `[B, ...]`): Current state.
+        epsilon (`torch.Tensor` of shape `[B, ...]`): Predicted noise.
+        alpha_prod (`torch.Tensor` of shape `[B]` or `float`): Cumulative alpha at the current step.
+        alpha_prod_prev (`torch.Tensor` of shape `[B]` or `float`): Cumulative alpha at the next step.
+        eta (`float`): DDIM eta; 0 is deterministic DDIM, 1 matches DDPM's posterior variance.
+        noise, prev_sample, generator: As in [`flow_sde_step`].
+
+    Returns:
+        [`StepOutput`]
+    """
+    x = sample.float()
+    eps = epsilon.float()
+    a = broadcast_per_sample(alpha_prod, x)
+    a_prev = broadcast_per_sample(alpha_prod_prev, x)
+    pred_x0 = (x - torch.sqrt(1 - a) * eps) / torch.sqrt(a)
+    variance = (1 - a_prev) / (1 - a) * (1 - a / a_prev)
+    std_b = eta * torch.sqrt(variance.clamp(min=0))
+    mean = torch.sqrt(a_prev) * pred_x0 + torch.sqrt((1 - a_prev - std_b**2).clamp(min=0)) * eps
+    return _finish_step(mean, std_b.flatten(), noise, prev_sample, generator)
