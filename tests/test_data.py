@@ -1,0 +1,48 @@
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from trl_ddrl.data import to_pixel_tensor
+
+
+def test_pil_rgb_is_resized_cropped_and_scaled():
+    array = np.zeros((20, 40, 3), dtype=np.uint8)
+    array[:, :20] = 255  # left half white
+    pixels = to_pixel_tensor(Image.fromarray(array), 8, 8, 3)
+    assert pixels.shape == (3, 8, 8)
+    assert pixels.min() >= -1 and pixels.max() <= 1
+    # resized to 8x16 then centre-cropped: columns 4..11 of the resized image, left half white
+    assert pixels[:, :, 0].mean() > 0.9 and pixels[:, :, -1].mean() < -0.9
+
+
+def test_grayscale_and_channel_conversion():
+    gray = Image.fromarray(np.full((8, 8), 255, dtype=np.uint8), mode="L")
+    assert torch.allclose(to_pixel_tensor(gray, 8, 8, 3), torch.ones(3, 8, 8))
+    rgb = np.zeros((8, 8, 3), dtype=np.float32)
+    assert torch.allclose(to_pixel_tensor(rgb, 8, 8, 1), -torch.ones(1, 8, 8))
+
+
+def test_tensor_file_and_video_inputs(tmp_path):
+    tensor = torch.full((3, 16, 16), 0.5)
+    assert torch.allclose(to_pixel_tensor(tensor, 8, 8, 3), torch.zeros(3, 8, 8), atol=1e-6)
+    path = tmp_path / "img.png"
+    Image.fromarray(np.full((8, 8, 3), 255, dtype=np.uint8)).save(path)
+    assert torch.allclose(to_pixel_tensor(str(path), 4, 4, 3), torch.ones(3, 4, 4))
+    video = np.zeros((5, 8, 8, 3), dtype=np.uint8)
+    assert to_pixel_tensor(video, 4, 4, 3).shape == (5, 3, 4, 4)
+    assert to_pixel_tensor([tensor, tensor], 4, 4, 3).shape == (2, 3, 4, 4)
+
+
+def test_wrong_type_names_the_column():
+    with pytest.raises(TypeError, match="Column 'photo'"):
+        to_pixel_tensor(123, 8, 8, 3, column="photo")
+    with pytest.raises(ValueError, match="Column 'photo'"):
+        to_pixel_tensor(np.zeros((8, 8, 7)), 8, 8, 3, column="photo")
+
+
+def test_nested_lists_from_datasets_array_columns():
+    image = np.full((8, 8, 3), 255, dtype=np.uint8)
+    assert torch.allclose(to_pixel_tensor(image.tolist(), 4, 4, 3), torch.ones(3, 4, 4))
+    video = np.zeros((2, 8, 8, 3), dtype=np.uint8)
+    assert to_pixel_tensor(video.tolist(), 4, 4, 3).shape == (2, 3, 4, 4)

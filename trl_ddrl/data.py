@@ -1,0 +1,164 @@
+# Copyright 2026 The trl_ddrl Authors. Licensed under the Apache License, Version 2.0.
+"""
+The diffusion-loss data collator: rows of (image or video, caption) to latents and text conditioning.
+
+DDRL's regulariser is the ordinary diffusion loss on off-policy data. The collator turns dataset rows into what that
+loss needs: clean latents (through the pipeline's VAE) and prompt conditioning (through its text encoders).
+"""
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from .pipelines import Conditioning, DiffusionAdapter
+
+
+def _frame_to_tensor(frame: Any, column: str) -> torch.Tensor:
+    """One image as float `[C, H, W]` in `[0, 1]`."""
+    if isinstance(frame, (str, Path)):
+        with Image.open(frame) as opened:
+            frame = opened.copy()
+    if isinstance(frame, Image.Image):
+        if frame.mode not in ("L", "RGB"):
+            frame = frame.convert("L" if frame.mode in ("1", "I", "I;16", "F") else "RGB")
+        return _frame_to_tensor(np.asarray(frame), column)
+    if isinstance(frame, np.ndarray):
+        tensor = torch.from_numpy(np.array(frame, copy=True))
+        if tensor.ndim == 2:
+            tensor = tensor[:, :, None]
+        if tensor.ndim != 3 or tensor.shape[-1] not in (1, 3, 4):
+            raise ValueError(
+                f"Column '{column}': an image array must be [H, W] or [H, W, C] with C in (1, 3, 4); got shape "
+                f"{tuple(frame.shape)}."
+            )
+        tensor = tensor[..., :3].permute(2, 0, 1)
+        if not torch.is_floating_point(tensor):
+            return tensor.float() / 255.0
+        return tensor.float()
+    if isinstance(frame, torch.Tensor):
+        if frame.ndim != 3:
+            raise ValueError(f"Column '{column}': an image tensor must be [C, H, W]; got shape {tuple(frame.shape)}.")
+        return frame.float() if torch.is_floating_point(frame) else frame.float() / 255.0
+    raise TypeError(
+        f"Column '{column}' holds a {type(frame).__name__}; expected a PIL image, a numpy array ([H, W, C], uint8 or "
+        "float in [0, 1]), a torch tensor ([C, H, W]) or a file path."
+    )
+
+
+def _resize_center_crop(image: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """Resize `[C, H, W]` so that it covers (height, width), then crop the centre."""
+    _, h, w = image.shape
+    scale = max(height / h, width / w)
+    new_h, new_w = max(height, round(h * scale)), max(width, round(w * scale))
+    if (new_h, new_w) != (h, w):
+        image = F.interpolate(image[None], size=(new_h, new_w), mode="bilinear", antialias=True, align_corners=False)[0]
+    top, left = (new_h - height) // 2, (new_w - width) // 2
+    return image[:, top : top + height, left : left + width]
+
+
+def _match_channels(image: torch.Tensor, channels: int) -> torch.Tensor:
+    if image.shape[0] == channels:
+        return image
+    if channels == 3 and image.shape[0] == 1:
+        return image.expand(3, -1, -1)
+    if channels == 1 and image.shape[0] == 3:
+        weights = torch.tensor([0.299, 0.587, 0.114], dtype=image.dtype)
+        return (image * weights[:, None, None]).sum(dim=0, keepdim=True)
+    raise ValueError(f"Cannot convert a {image.shape[0]}-channel image to {channels} channels.")
+
+
+def to_pixel_tensor(value: Any, height: int, width: int, channels: int, column: str = "image") -> torch.Tensor:
+    """
+    One dataset value to model pixels in `[-1, 1]`, resized to cover (height, width) and centre-cropped.
+
+    Args:
+        value: A PIL image, a numpy array (`[H, W]`, `[H, W, C]`; uint8 or float in `[0, 1]`) or its nested-list form
+            (as `datasets` returns array columns), a tensor (`[C, H, W]`), a file path, or a video: a list of such frames or an array/tensor with a leading frame axis (`[F, H, W,
+            C]` / `[F, C, H, W]`).
+        height (`int`), width (`int`): Target size in pixels.
+        channels (`int`): Channels the model expects (1 or 3); grayscale and RGB are converted.
+        column (`str`): Column name, for error messages.
+
+    Returns:
+        `torch.Tensor`: `[C, H, W]` for an image, `[F, C, H, W]` for a video, float32 in `[-1, 1]`.
+    """
+    if isinstance(value, (list, tuple)) and value and isinstance(value[0], (list, tuple)):
+        # datasets returns array columns as nested lists: [H][W][C] images or [F][H][W][C] videos.
+        value = np.asarray(value)
+    is_video = isinstance(value, (list, tuple)) or (
+        isinstance(value, (np.ndarray, torch.Tensor)) and value.ndim == 4
+    )
+    frames = list(value) if is_video else [value]
+    if not frames:
+        raise ValueError(f"Column '{column}' holds an empty video.")
+    tensors = [
+        _match_channels(_resize_center_crop(_frame_to_tensor(frame, column), height, width), channels)
+        for frame in frames
+    ]
+    pixels = torch.stack(tensors) if is_video else tensors[0]
+    return pixels.clamp(0, 1) * 2 - 1
+
+
+class DiffusionDataCollator:
+    """
+    Collate rows of a dataset of images/videos and captions into latents and text conditioning.
+
+    Args:
+        adapter ([`~trl_ddrl.pipelines.DiffusionAdapter`]): The pipeline adapter (its VAE and text encoders are used).
+        image_column (`str`, *optional*, defaults to `"image"`): Column with images or videos.
+        caption_column (`str`, *optional*, defaults to `"prompt"`): Column with captions.
+
+    Calling it on a list of rows returns a dict with `latents` (`[B, ...]`, float32), `conditioning` (a dict of
+    `[B, ...]` tensors) and `captions` (`list[str]`), on the adapter's device.
+
+    Example:
+    ```python
+    >>> collator = DiffusionDataCollator(trainer.adapter)
+    >>> batch = collator([{"image": pil_image, "prompt": "a cat"}])
+    >>> batch["latents"].shape
+    torch.Size([1, 16, 64, 64])
+    ```
+    """
+
+    def __init__(self, adapter: DiffusionAdapter, image_column: str = "image", caption_column: str = "prompt"):
+        self.adapter = adapter
+        self.image_column = image_column
+        self.caption_column = caption_column
+
+    def pixels(self, rows: list[dict[str, Any]]) -> torch.Tensor:
+        """The rows' images as model pixels `[B, C, H, W]` (or `[B, F, C, H, W]`) in `[-1, 1]`."""
+        height, width = self.adapter.resolution
+        channels = self.adapter.pixel_channels
+        values = []
+        for index, row in enumerate(rows):
+            if self.image_column not in row or row[self.image_column] is None:
+                raise KeyError(
+                    f"Row {index} has no '{self.image_column}' value (columns: {sorted(row)}). Set image_column to the "
+                    "column holding the data images, or set data_beta=0 to train without the data term."
+                )
+            values.append(to_pixel_tensor(row[self.image_column], height, width, channels, self.image_column))
+        return torch.stack(values)
+
+    def captions(self, rows: list[dict[str, Any]]) -> list[str]:
+        captions = []
+        for index, row in enumerate(rows):
+            caption = row.get(self.caption_column)
+            if not isinstance(caption, str):
+                raise KeyError(
+                    f"Row {index} has no text in column '{self.caption_column}' (columns: {sorted(row)}). Set "
+                    "caption_column to the column holding the captions."
+                )
+            captions.append(caption)
+        return captions
+
+    def __call__(
+        self, rows: list[dict[str, Any]], generator: torch.Generator | None = None
+    ) -> dict[str, torch.Tensor | Conditioning | list[str]]:
+        captions = self.captions(rows)
+        latents = self.adapter.encode_pixels(self.pixels(rows).to(self.adapter.device), generator=generator)
+        conditioning = self.adapter.encode_prompts(captions, self.adapter.device)
+        return {"latents": latents, "conditioning": conditioning, "captions": captions}

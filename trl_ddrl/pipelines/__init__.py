@@ -1,0 +1,39 @@
+# Copyright 2026 The trl_ddrl Authors. Licensed under the Apache License, Version 2.0.
+"""Pipeline adapters, one per diffusers family, chosen from the pipeline's class."""
+
+from .base import Conditioning, DiffusionAdapter, FlowMatchingAdapter, SamplingSettings, Trajectory
+from .sd3 import StableDiffusion3Adapter
+
+
+ADAPTERS: tuple[type[DiffusionAdapter], ...] = (StableDiffusion3Adapter,)
+
+
+def get_adapter(pipeline, settings: SamplingSettings) -> DiffusionAdapter:
+    """
+    The adapter serving `pipeline`'s class (or one of its base classes).
+
+    Raises:
+        `ValueError`: naming the supported pipeline classes, for any other pipeline.
+    """
+    for cls in type(pipeline).__mro__:
+        for adapter_cls in ADAPTERS:
+            if cls.__name__ in adapter_cls.pipeline_class_names:
+                return adapter_cls(pipeline, settings)
+    supported = sorted(name for adapter_cls in ADAPTERS for name in adapter_cls.pipeline_class_names)
+    raise ValueError(
+        f"DDRLTrainer does not support {type(pipeline).__name__}. Supported pipeline classes: {', '.join(supported)}. "
+        "Load one of these, or write a DiffusionAdapter subclass for your family and add it to "
+        "trl_ddrl.pipelines.ADAPTERS."
+    )
+
+
+__all__ = [
+    "ADAPTERS",
+    "Conditioning",
+    "DiffusionAdapter",
+    "FlowMatchingAdapter",
+    "SamplingSettings",
+    "StableDiffusion3Adapter",
+    "Trajectory",
+    "get_adapter",
+]

@@ -1,0 +1,256 @@
+# Copyright 2026 The trl_ddrl Authors. Licensed under the Apache License, Version 2.0.
+"""
+The adapter protocol between the DDRL trainer and a diffusers pipeline family.
+
+The trainer never touches a pipeline directly: it encodes prompts, samples trajectories, replays one step's
+log-likelihood, computes the diffusion loss on data and decodes samples through a [`DiffusionAdapter`]. One subclass
+per model family fills in the family-specific parts (how prompts are encoded, how the denoiser is called, how latents
+are decoded); the sampling loop and the step math are shared.
+"""
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ..losses import flow_matching_loss, flow_matching_noisy_sample
+from ..sampling import StepOutput, flow_sde_step
+
+
+Conditioning = dict[str, torch.Tensor]
+"""Batch-first tensors that condition the denoiser (prompt embeddings, pooled embeddings, ...), all `[B, ...]`."""
+
+
+@dataclass
+class Trajectory:
+    """
+    A batch of sampled trajectories.
+
+    Attributes:
+        latents (`torch.Tensor` of shape `[B, T + 1, ...]`): States `x_0` (pure noise) to `x_T` (the sample), float32.
+        log_probs (`torch.Tensor` of shape `[B, T]`): Log-likelihood of each transition at sampling time.
+    """
+
+    latents: torch.Tensor
+    log_probs: torch.Tensor
+
+
+@dataclass
+class SamplingSettings:
+    """What a rollout needs to know, taken from [`DDRLConfig`]."""
+
+    num_inference_steps: int
+    eta: float
+    guidance_scale: float = 1.0
+    height: int | None = None
+    width: int | None = None
+    num_frames: int | None = None
+    max_sequence_length: int | None = None
+
+
+class DiffusionAdapter(ABC):
+    """
+    Base class of the per-family adapters.
+
+    Subclasses list the pipeline class names they serve in `pipeline_class_names` and implement the abstract methods.
+    `step_index` arguments are `[B]` long tensors: index `i` is the transition from state `i` to state `i + 1`.
+
+    Args:
+        pipeline (`diffusers.DiffusionPipeline`): The pipeline; its denoiser is trained, the rest stays frozen.
+        settings ([`SamplingSettings`]): Sampling settings.
+    """
+
+    pipeline_class_names: tuple[str, ...] = ()
+
+    def __init__(self, pipeline, settings: SamplingSettings):
+        self.pipeline = pipeline
+        self.settings = settings
+
+    # ---- components -------------------------------------------------------------------------------------------
+
+    @property
+    @abstractmethod
+    def denoiser_name(self) -> str:
+        """Name of the trained component in the pipeline (`"transformer"` or `"unet"`)."""
+
+    @property
+    def denoiser(self) -> nn.Module:
+        """The trained network."""
+        return getattr(self.pipeline, self.denoiser_name)
+
+    def frozen_modules(self) -> list[nn.Module]:
+        """Every other `nn.Module` component of the pipeline (VAE, text encoders): frozen, outside the optimizer."""
+        return [
+            module
+            for name, module in self.pipeline.components.items()
+            if isinstance(module, nn.Module) and name != self.denoiser_name
+        ]
+
+    # ---- family-specific parts ----------------------------------------------------------------------------------
+
+    @abstractmethod
+    def encode_prompts(self, prompts: list[str], device: torch.device) -> Conditioning:
+        """Encode prompts (and, when CFG is on, the empty negative prompt under `negative_*` keys); no grad."""
+
+    @abstractmethod
+    def latent_shape(self) -> tuple[int, ...]:
+        """Shape of one sample's latents, without the batch dimension."""
+
+    @abstractmethod
+    def predict(
+        self, denoiser: nn.Module, latents: torch.Tensor, step_index: torch.Tensor, conditioning: Conditioning
+    ) -> torch.Tensor:
+        """The denoiser's output at (`latents`, step `step_index`), with CFG if `settings.guidance_scale > 1`."""
+
+    @abstractmethod
+    def step(
+        self,
+        model_output: torch.Tensor,
+        latents: torch.Tensor,
+        step_index: torch.Tensor,
+        eta: float,
+        prev_sample: torch.Tensor | None = None,
+        generator: torch.Generator | None = None,
+    ) -> StepOutput:
+        """The Gaussian transition of the family's stochastic sampler."""
+
+    @abstractmethod
+    def diffusion_loss(
+        self,
+        denoiser: nn.Module,
+        x0: torch.Tensor,
+        conditioning: Conditioning,
+        step_index: torch.Tensor,
+        noise: torch.Tensor,
+    ) -> torch.Tensor:
+        """The family's training loss on clean latents `x0`, noised to the level of `step_index` with `noise`: `[B]`."""
+
+    @abstractmethod
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Latents to pixels in `[0, 1]`: `[B, C, H, W]` for images, `[B, F, C, H, W]` for videos; no grad."""
+
+    @abstractmethod
+    def encode_pixels(self, pixels: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Pixels in `[-1, 1]` (`[B, C, H, W]` or `[B, F, C, H, W]`) to latents; no grad."""
+
+    @property
+    @abstractmethod
+    def resolution(self) -> tuple[int, int]:
+        """(height, width) in pixels of the samples."""
+
+    # ---- shared parts -------------------------------------------------------------------------------------------
+
+    @property
+    def pixel_channels(self) -> int:
+        """Channels of the pixels the model generates: the VAE's input channels, or the latent channels without one."""
+        vae = getattr(self.pipeline, "vae", None)
+        return vae.config.in_channels if vae is not None else self.latent_shape()[0]
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.denoiser.parameters()).device
+
+    def sample_noise(self, batch_size: int, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Initial latents: standard normal noise `[batch_size, *latent_shape]`, float32, drawn on the CPU."""
+        shape = (batch_size, *self.latent_shape())
+        return torch.randn(shape, generator=generator, dtype=torch.float32).to(self.device)
+
+    @torch.no_grad()
+    def sample(
+        self,
+        denoiser: nn.Module,
+        conditioning: Conditioning,
+        noise: torch.Tensor,
+        generator: torch.Generator | None = None,
+    ) -> Trajectory:
+        """
+        Run the stochastic sampler from `noise`, recording every state and every transition's log-likelihood.
+
+        Every step but the last is stochastic with `settings.eta`; the last one lands on the clean sample and is
+        deterministic (its log-likelihood is 0 and it is never trained).
+        """
+        num_steps = self.settings.num_inference_steps
+        latents = [noise.float()]
+        log_probs = []
+        batch = noise.shape[0]
+        for i in range(num_steps):
+            step_index = torch.full((batch,), i, dtype=torch.long, device=noise.device)
+            output = self.predict(denoiser, latents[-1], step_index, conditioning)
+            eta = self.settings.eta if i < num_steps - 1 else 0.0
+            out = self.step(output, latents[-1], step_index, eta, generator=generator)
+            latents.append(out.prev_sample)
+            log_probs.append(out.log_prob)
+        return Trajectory(latents=torch.stack(latents, dim=1), log_probs=torch.stack(log_probs, dim=1))
+
+    def transition_log_prob(
+        self,
+        denoiser: nn.Module,
+        latents: torch.Tensor,
+        next_latents: torch.Tensor,
+        step_index: torch.Tensor,
+        conditioning: Conditioning,
+    ) -> StepOutput:
+        """Replay stored transitions under `denoiser`: the log-likelihood of `next_latents` given `latents`."""
+        output = self.predict(denoiser, latents, step_index, conditioning)
+        return self.step(output, latents, step_index, self.settings.eta, prev_sample=next_latents.float())
+
+
+class FlowMatchingAdapter(DiffusionAdapter):
+    """
+    Shared parts of rectified-flow families (`x_sigma = (1 - sigma) x0 + sigma * noise`, velocity `noise - x0`).
+
+    Subclasses implement `velocity(denoiser, latents, sigma, conditioning)` for the conditional prediction; CFG,
+    the SDE step and the data loss are handled here. The sigma schedule comes from the pipeline's scheduler.
+    """
+
+    @abstractmethod
+    def velocity(
+        self, denoiser: nn.Module, latents: torch.Tensor, sigma: torch.Tensor, conditioning: Conditioning
+    ) -> torch.Tensor:
+        """The denoiser's velocity prediction at noise level `sigma` (`[B]`), without guidance."""
+
+    def sigmas(self) -> torch.Tensor:
+        """The `num_inference_steps + 1` noise levels of the sampler, from 1 down to 0, float32 on `device`."""
+        scheduler = self.pipeline.scheduler
+        scheduler.set_timesteps(self.settings.num_inference_steps, device=self.device, **self.scheduler_kwargs())
+        return scheduler.sigmas.float().to(self.device)
+
+    def scheduler_kwargs(self) -> dict:
+        """Extra arguments of `scheduler.set_timesteps` (for example `mu` for dynamically shifted schedules)."""
+        return {}
+
+    def _sigma_table(self) -> torch.Tensor:
+        if getattr(self, "_cached_sigmas", None) is None or self._cached_sigmas.device != self.device:
+            self._cached_sigmas = self.sigmas()
+        return self._cached_sigmas
+
+    def predict(self, denoiser, latents, step_index, conditioning):
+        sigma = self._sigma_table()[step_index]
+        if self.settings.guidance_scale <= 1.0:
+            return self.velocity(denoiser, latents, sigma, conditioning)
+        negative = {key[len("negative_") :]: value for key, value in conditioning.items() if key.startswith("negative_")}
+        positive = {key: value for key, value in conditioning.items() if not key.startswith("negative_")}
+        both = {key: torch.cat([negative[key], positive[key]]) for key in positive}
+        uncond, cond = self.velocity(denoiser, torch.cat([latents, latents]), torch.cat([sigma, sigma]), both).chunk(2)
+        return uncond + self.settings.guidance_scale * (cond - uncond)
+
+    def step(self, model_output, latents, step_index, eta, prev_sample=None, generator=None):
+        sigmas = self._sigma_table()
+        return flow_sde_step(
+            latents,
+            model_output,
+            sigmas[step_index],
+            sigmas[step_index + 1],
+            eta=eta,
+            noise_sigma_max=float(sigmas[1]) if sigmas[0] >= 1.0 else float(sigmas[0]),
+            prev_sample=prev_sample,
+            generator=generator,
+        )
+
+    def diffusion_loss(self, denoiser, x0, conditioning, step_index, noise):
+        sigma = self._sigma_table()[step_index]
+        noisy = flow_matching_noisy_sample(x0.float(), noise.float(), sigma)
+        positive = {key: value for key, value in conditioning.items() if not key.startswith("negative_")}
+        velocity = self.velocity(denoiser, noisy, sigma, positive)
+        return flow_matching_loss(velocity, x0, noise)

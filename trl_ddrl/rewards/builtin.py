@@ -1,0 +1,62 @@
+# Copyright 2026 The trl_ddrl Authors. Licensed under the Apache License, Version 2.0.
+"""Built-in rewards that need no model: JPEG (in)compressibility and brightness."""
+
+import io
+
+import numpy as np
+import torch
+from PIL import Image
+
+from .base import register_reward
+
+
+def to_uint8_frames(images: torch.Tensor) -> np.ndarray:
+    """`[B, C, H, W]` or `[B, F, C, H, W]` floats in [0, 1] -> `[N, H, W, C]` uint8 frames (videos flattened)."""
+    if images.ndim == 5:
+        images = images.flatten(0, 1)
+    array = (images.detach().float().clamp(0, 1) * 255).round().to(torch.uint8).cpu()
+    return array.permute(0, 2, 3, 1).numpy()
+
+
+def jpeg_size_kb(frame: np.ndarray, quality: int = 95) -> float:
+    """Size in kB of one `[H, W, C]` uint8 frame saved as JPEG."""
+    buffer = io.BytesIO()
+    image = Image.fromarray(frame[..., 0] if frame.shape[-1] == 1 else frame)
+    image.save(buffer, format="JPEG", quality=quality)
+    return buffer.tell() / 1000
+
+
+def _per_sample(images: torch.Tensor, values: list[float]) -> list[float]:
+    frames = images.shape[1] if images.ndim == 5 else 1
+    return [float(np.mean(values[i * frames : (i + 1) * frames])) for i in range(images.shape[0])]
+
+
+@register_reward("jpeg_compressibility")
+def jpeg_compressibility():
+    """Negative JPEG size in kB (DDPO's compressibility task): rewards simple, flat images."""
+
+    def jpeg_compressibility(prompts, images, **kwargs):
+        return _per_sample(images, [-jpeg_size_kb(frame) for frame in to_uint8_frames(images)])
+
+    return jpeg_compressibility
+
+
+@register_reward("jpeg_incompressibility")
+def jpeg_incompressibility():
+    """JPEG size in kB (DDPO's incompressibility task): rewards detail, and noise, so it invites hacking."""
+
+    def jpeg_incompressibility(prompts, images, **kwargs):
+        return _per_sample(images, [jpeg_size_kb(frame) for frame in to_uint8_frames(images)])
+
+    return jpeg_incompressibility
+
+
+@register_reward("brightness")
+def brightness():
+    """Mean pixel value in [0, 1]: the simplest reward to hack (washed-out images)."""
+
+    def brightness(prompts, images, **kwargs):
+        dims = tuple(range(1, images.ndim))
+        return images.float().mean(dim=dims).tolist()
+
+    return brightness

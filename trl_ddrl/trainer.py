@@ -1,0 +1,672 @@
+# Copyright 2026 The trl_ddrl Authors. Licensed under the Apache License, Version 2.0.
+"""The DDRL trainer: policy-gradient RL on diffusers pipelines, regularised by the diffusion loss on data."""
+
+import copy
+import glob
+import math
+import os
+import time
+from collections import defaultdict
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from accelerate.utils import gather
+from datasets import Dataset, IterableDataset
+from diffusers import DiffusionPipeline
+from peft import get_peft_model_state_dict, set_peft_model_state_dict
+from safetensors.torch import load_file
+from torch import nn
+from transformers import TrainerCallback
+from transformers.trainer import TRAINING_ARGS_NAME
+from trl.trainer.base_trainer import _BaseTrainer
+from trl.models.utils import prepare_deepspeed, prepare_fsdp, unwrap_model_for_generation
+from trl.trainer.utils import RepeatSampler
+
+from .config import DDRLConfig
+from .data import DiffusionDataCollator
+from .losses import clipped_policy_loss, compute_advantages, gaussian_kl
+from .model_card import save_model_card
+from .pipelines import Conditioning, SamplingSettings, get_adapter
+from .rewards import RewardFunctionError, check_rewards, get_reward_function
+from .utils import image_grid, save_denoiser
+
+
+RewardFunc = str | nn.Module | Callable[..., list[float | None]]
+
+LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
+
+_PAPER = {
+    "title": "Data-regularized Reinforcement Learning for Diffusion Models at Scale",
+    "id": "2512.04332",
+    "citation": """\
+@article{ye2025ddrl,
+    title         = {{Data-regularized Reinforcement Learning for Diffusion Models at Scale}},
+    author        = {Haotian Ye and Kaiwen Zheng and Jiashu Xu and Puheng Li and Huayu Chen and Jiaqi Han and Sheng Liu and Qinsheng Zhang and Hanzi Mao and Zekun Hao and Prithvijit Chattopadhyay and Dinghao Yang and Liang Feng and Maosheng Liao and Junjie Bai and Ming-Yu Liu and James Zou and Stefano Ermon},
+    year          = 2025,
+    eprint        = {arXiv:2512.04332},
+}""",
+}
+
+
+@dataclass
+class RolloutBuffer:
+    """
+    The transitions of one RL iteration on this process.
+
+    `S` samples, `K` trained steps each. `order` is a permutation of the `S * K` (sample, step) pairs, cut into
+    micro-batches of `per_device_train_batch_size`.
+    """
+
+    states: torch.Tensor  # [S, K, ...] state before each trained step
+    next_states: torch.Tensor  # [S, K, ...] state after it
+    old_log_probs: torch.Tensor  # [S, K]
+    step_indices: torch.Tensor  # [K] sampler step index of each trained step
+    advantages: torch.Tensor  # [S]
+    conditioning: Conditioning  # [S, ...] each
+    initial_noise: torch.Tensor  # [S, ...]
+    data_latents: torch.Tensor | None  # [S, ...]
+    data_conditioning: Conditioning | None  # [S, ...] each
+    order: torch.Tensor  # [S * K] flat indices sample * K + position
+
+    def micro_batch(self, index: int, size: int) -> dict[str, Any]:
+        flat = self.order[index * size : (index + 1) * size]
+        sample, position = flat // self.states.shape[1], flat % self.states.shape[1]
+        batch = {
+            "states": self.states[sample, position],
+            "next_states": self.next_states[sample, position],
+            "old_log_probs": self.old_log_probs[sample, position],
+            "step_index": self.step_indices[position],
+            "is_first_step": position == 0,
+            "advantages": self.advantages[sample],
+            "conditioning": {key: value[sample] for key, value in self.conditioning.items()},
+            "initial_noise": self.initial_noise[sample],
+        }
+        if self.data_latents is not None:
+            batch["data_latents"] = self.data_latents[sample]
+            batch["data_conditioning"] = {key: value[sample] for key, value in self.data_conditioning.items()}
+        return batch
+
+
+class _ReferenceSyncCallback(TrainerCallback):
+    """Copy the policy into the reference model every `update_ref_every` optimizer steps."""
+
+    def __init__(self, trainer: "DDRLTrainer"):
+        self.trainer = trainer
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step % args.update_ref_every == 0:
+            self.trainer.sync_reference_model()
+
+
+class DDRLTrainer(_BaseTrainer):
+    """
+    Trainer for DDRL (Data-regularized Diffusion Reinforcement Learning), from the paper [Data-regularized
+    Reinforcement Learning for Diffusion Models at Scale](https://huggingface.co/papers/2512.04332).
+
+    Each iteration rolls out `num_generations` samples per prompt with a stochastic sampler, scores them with the
+    reward functions, turns group-normalised rewards into advantages, and trains the denoiser on the recorded
+    transitions with a clipped policy-gradient loss plus `data_beta` times the diffusion loss on data. With
+    `data_beta=0` and `kl_beta>0` it is the Flow-GRPO baseline.
+
+    Example:
+    ```python
+    from datasets import Dataset
+    from trl_ddrl import DDRLConfig, DDRLTrainer
+
+    def brightness(prompts, images, **kwargs):
+        return images.mean(dim=(1, 2, 3)).tolist()
+
+    trainer = DDRLTrainer(
+        model="stabilityai/stable-diffusion-3.5-medium",
+        reward_funcs=brightness,
+        args=DDRLConfig(output_dir="sd35-ddrl", data_beta=0.0),
+        train_dataset=Dataset.from_dict({"prompt": ["a cat", "a dog"]}),
+    )
+    trainer.train()
+    ```
+
+    Args:
+        model (`str` or `DiffusionPipeline`):
+            A hub id or local path of a diffusers pipeline (loaded with `DiffusionPipeline.from_pretrained(model,
+            **args.model_init_kwargs)`), or a loaded pipeline. Its denoiser (`transformer` or `unet`) is trained; the
+            VAE and text encoders are frozen and stay outside the optimizer.
+        reward_funcs (`RewardFunc` or `list[RewardFunc]`):
+            Callables `(prompts: list[str], images: Tensor, **columns) -> list[float | None]` where `images` is float
+            in `[0, 1]`, `[B, C, H, W]` (videos: `[B, F, C, H, W]`) and `columns` holds the dataset's other columns;
+            `nn.Module` reward models with the same call signature; or names/specs understood by
+            [`~trl_ddrl.rewards.get_reward_function`] (`"jpeg_compressibility"`, `"clip_score:<path>"`, an URL, ...).
+        args ([`DDRLConfig`], *optional*):
+            Configuration. Defaults to `DDRLConfig("<model name>-DDRL")`.
+        train_dataset ([`~datasets.Dataset`]):
+            Prompts in a `prompt` column. An `args.image_column` column, if present, serves the data term (each
+            rollout group uses its own prompt's image).
+        data_dataset ([`~datasets.Dataset`], *optional*):
+            Separate data for the data term, with `args.image_column` and `args.caption_column` columns. Takes
+            precedence over images in `train_dataset`.
+        peft_config ([`~peft.PeftConfig`], *optional*):
+            Train a LoRA adapter on the denoiser instead of all its weights.
+        callbacks, optimizers: As in [`~transformers.Trainer`].
+    """
+
+    _tag_names = ["trl", "ddrl", "diffusers", "text-to-image"]
+    _name = "DDRL"
+    _paper = _PAPER
+    loss_is_scaled_for_ga = False
+
+    def __init__(
+        self,
+        model: "str | DiffusionPipeline",
+        reward_funcs: RewardFunc | list[RewardFunc],
+        args: DDRLConfig | None = None,
+        train_dataset: Dataset | None = None,
+        data_dataset: Dataset | None = None,
+        peft_config: Any | None = None,
+        callbacks: list[TrainerCallback] | None = None,
+        optimizers: tuple = (None, None),
+    ):
+        if isinstance(model, str):
+            model_id = model
+            pipeline = self._load_pipeline(model, args)
+        elif isinstance(model, DiffusionPipeline):
+            pipeline = model
+            model_id = pipeline.name_or_path or type(pipeline).__name__
+        else:
+            raise TypeError(
+                f"model must be a hub id, a local path or a diffusers DiffusionPipeline; got {type(model).__name__}."
+            )
+        if args is None:
+            args = DDRLConfig(f"{str(model_id).rstrip('/').split('/')[-1]}-DDRL")
+        if train_dataset is None:
+            raise ValueError("train_dataset is required: a datasets.Dataset with a 'prompt' column.")
+        if isinstance(train_dataset, IterableDataset):
+            raise ValueError("train_dataset must be a map-style datasets.Dataset (IterableDataset is not supported).")
+        if "prompt" not in train_dataset.column_names:
+            raise ValueError(
+                f"train_dataset has no 'prompt' column (columns: {train_dataset.column_names}). Rename the prompt "
+                "column with dataset.rename_column(<name>, 'prompt')."
+            )
+
+        self.pipeline = pipeline
+        self.model_id = str(model_id)
+        self.adapter = get_adapter(
+            pipeline,
+            SamplingSettings(
+                num_inference_steps=args.num_inference_steps,
+                eta=args.eta,
+                guidance_scale=args.guidance_scale,
+                height=args.height,
+                width=args.width,
+                num_frames=args.num_frames,
+                max_sequence_length=args.max_sequence_length,
+            ),
+        )
+        for module in self.adapter.frozen_modules():
+            module.requires_grad_(False)
+            module.eval()
+        denoiser = self.adapter.denoiser
+        if peft_config is not None:
+            denoiser.requires_grad_(False)
+            denoiser.add_adapter(peft_config)
+        else:
+            denoiser.requires_grad_(True)
+        if args.activation_checkpointing:
+            # diffusers models have their own switch; the Trainer's `gradient_checkpointing_enable` is transformers'.
+            denoiser.enable_gradient_checkpointing()
+            args.activation_checkpointing = args.gradient_checkpointing = False
+        self.is_peft = peft_config is not None
+
+        self.reward_funcs, self.reward_func_names = self._resolve_reward_funcs(reward_funcs)
+        if args.reward_weights is not None and len(args.reward_weights) != len(self.reward_funcs):
+            raise ValueError(
+                f"reward_weights has {len(args.reward_weights)} values but there are {len(self.reward_funcs)} reward "
+                f"functions ({', '.join(self.reward_func_names)}). Give one weight per function."
+            )
+        self.reward_weights = torch.tensor(args.reward_weights or [1.0] * len(self.reward_funcs), dtype=torch.float32)
+
+        self.data_dataset = data_dataset
+        if args.data_beta > 0:
+            source = data_dataset if data_dataset is not None else train_dataset
+            if args.image_column not in source.column_names:
+                which = "data_dataset" if data_dataset is not None else "train_dataset"
+                raise ValueError(
+                    f"data_beta={args.data_beta} needs data images, but {which} has no '{args.image_column}' column "
+                    f"(columns: {source.column_names}). Pass a data_dataset with image and caption columns, add an "
+                    "image column to train_dataset, set image_column, or set data_beta=0."
+                )
+            if data_dataset is not None and args.caption_column not in data_dataset.column_names:
+                raise ValueError(
+                    f"data_dataset has no '{args.caption_column}' caption column (columns: "
+                    f"{data_dataset.column_names}). Set caption_column."
+                )
+        self.data_collator_for_loss = DiffusionDataCollator(self.adapter, args.image_column, args.caption_column)
+
+        self._metrics: dict[str, list[float]] = defaultdict(list)
+        self._buffer: RolloutBuffer | None = None
+        self._step = 0
+        self._last_images: torch.Tensor | None = None
+        self._last_prompts: list[str] = []
+
+        super().__init__(
+            model=denoiser,
+            args=args,
+            data_collator=lambda rows: rows,
+            train_dataset=train_dataset,
+            callbacks=callbacks,
+            optimizers=optimizers,
+        )
+
+        device = self.accelerator.device
+        for module in self.adapter.frozen_modules():
+            module.to(device)
+        for reward_func in self.reward_funcs:
+            if isinstance(reward_func, nn.Module):
+                reward_func.to(device).eval().requires_grad_(False)
+
+        self.ref_model = None
+        if args.kl_beta > 0 and not self.is_peft:
+            self.ref_model = copy.deepcopy(denoiser).requires_grad_(False).eval()
+            if self.is_deepspeed_enabled:
+                self.ref_model = prepare_deepspeed(self.ref_model, self.accelerator)
+            elif self.is_fsdp_enabled:
+                self.ref_model = prepare_fsdp(self.ref_model, self.accelerator)
+            else:
+                self.ref_model = self.ref_model.to(device)
+        if args.update_ref_every is not None:
+            self.add_callback(_ReferenceSyncCallback(self))
+
+    # ---- set-up helpers ---------------------------------------------------------------------------------------------
+
+    @staticmethod
+    def _load_pipeline(model: str, args: DDRLConfig | None) -> DiffusionPipeline:
+        kwargs = dict(args.model_init_kwargs or {}) if args is not None else {}
+        dtype = kwargs.get("torch_dtype")
+        if isinstance(dtype, str) and dtype != "auto":
+            if not isinstance(getattr(torch, dtype, None), torch.dtype):
+                raise ValueError(
+                    f"model_init_kwargs.torch_dtype={dtype!r} is not a torch dtype; use 'bfloat16', 'float16' or "
+                    "'float32'."
+                )
+            kwargs["torch_dtype"] = getattr(torch, dtype)
+        try:
+            return DiffusionPipeline.from_pretrained(model, **kwargs)
+        except (OSError, ValueError, EnvironmentError) as error:
+            raise ValueError(
+                f"Could not load a diffusers pipeline from model={model!r}: {error}. Pass a hub id or a local directory "
+                "saved with pipeline.save_pretrained (it holds a model_index.json)."
+            ) from error
+
+    @staticmethod
+    def _resolve_reward_funcs(reward_funcs: RewardFunc | list[RewardFunc]) -> tuple[list, list[str]]:
+        if not isinstance(reward_funcs, (list, tuple)):
+            reward_funcs = [reward_funcs]
+        if not reward_funcs:
+            raise ValueError("reward_funcs is empty: pass at least one reward function.")
+        resolved, names = [], []
+        for reward_func in reward_funcs:
+            if isinstance(reward_func, str):
+                name = reward_func
+                reward_func = get_reward_function(reward_func)
+            elif callable(reward_func):
+                name = getattr(reward_func, "name", None) or getattr(reward_func, "__name__", None)
+                name = name or type(reward_func).__name__
+            else:
+                raise TypeError(
+                    f"reward function {reward_func!r} is neither callable nor a reward name; pass a function "
+                    "(prompts, images, **columns) -> list[float], an nn.Module, or a name such as 'jpeg_compressibility'."
+                )
+            resolved.append(reward_func)
+            names.append(str(name).replace("/", "_"))
+        return resolved, names
+
+    def _send_telemetry(self):
+        # TRL's telemetry reads `model.config.model_type`, which diffusers models do not have, and reports TRL's own
+        # trainers only. This extension sends none.
+        return
+
+    # ---- data ---------------------------------------------------------------------------------------------------------
+
+    def get_train_dataloader(self):
+        return self._get_dataloader(
+            dataset=self.train_dataset,
+            description="Training",
+            batch_size=self.args.samples_per_process,
+            sampler_fn=self._get_train_sampler,
+            is_training=True,
+        )
+
+    def _get_train_sampler(self, dataset: Dataset | None = None):
+        # Every process walks the same seeded order; each takes its slice of every iteration's prompts, and each
+        # iteration's rows are yielded `steps_per_generation * num_iterations` times, one per micro-batch.
+        return RepeatSampler(
+            data_source=dataset if dataset is not None else self.train_dataset,
+            mini_repeat_count=self.args.num_generations,
+            batch_size=self.args.prompts_per_step,
+            repeat_count=self.args.steps_per_generation * self.args.num_iterations,
+            shuffle=True,
+            seed=self.args.seed,
+        )
+
+    def _data_rows(self, prompt_rows: list[dict], iteration: int) -> list[dict]:
+        """Rows for the data term of this iteration: from `data_dataset` (resumable order) or the prompt rows."""
+        if self.data_dataset is None:
+            return [{**row, self.args.caption_column: row["prompt"]} for row in prompt_rows]
+        size = len(self.data_dataset)
+        per_iteration = self.args.samples_per_process * self.accelerator.num_processes
+        start = iteration * per_iteration + self.accelerator.process_index * self.args.samples_per_process
+        base_seed = self.args.data_seed if self.args.data_seed is not None else self.args.seed
+        permutations: dict[int, torch.Tensor] = {}
+        rows = []
+        for position in range(start, start + self.args.samples_per_process):
+            epoch, offset = divmod(position, size)
+            if epoch not in permutations:
+                permutations[epoch] = torch.randperm(size, generator=torch.Generator().manual_seed(base_seed + epoch))
+            rows.append(self.data_dataset[int(permutations[epoch][offset])])
+        return rows
+
+    # ---- rollouts ---------------------------------------------------------------------------------------------------
+
+    def _prepare_inputs(self, inputs: list[dict]) -> dict[str, Any]:
+        micro_batches_per_iteration = self.args.steps_per_generation * self.args.num_iterations
+        if self._buffer is None:
+            # (Re)start: count the micro-batches already trained, so that a resumed run stays in step.
+            self._step = self.state.global_step * self.args.gradient_accumulation_steps
+        if self._step % micro_batches_per_iteration == 0 or self._buffer is None:
+            iteration = self.state.global_step * self.args.gradient_accumulation_steps // micro_batches_per_iteration
+            self._buffer = self._generate_and_score(inputs, iteration)
+        index = self._step % self.args.steps_per_generation
+        self._step += 1
+        return self._buffer.micro_batch(index, self.args.per_device_train_batch_size)
+
+    def _encode_unique(self, prompts: list[str]) -> Conditioning:
+        """Encode each distinct prompt once and expand to one row per prompt."""
+        unique = list(dict.fromkeys(prompts))
+        encoded = self.adapter.encode_prompts(unique, self.accelerator.device)
+        index = torch.tensor([unique.index(prompt) for prompt in prompts], device=self.accelerator.device)
+        return {key: value[index] for key, value in encoded.items()}
+
+    def _generator(self, iteration: int, stream: int) -> torch.Generator:
+        seed = (self.args.seed * 1_000_003 + iteration * 7_919 + self.accelerator.process_index * 104_729 + stream)
+        return torch.Generator().manual_seed(seed % (2**63))
+
+    @torch.no_grad()
+    def _generate_and_score(self, rows: list[dict], iteration: int) -> RolloutBuffer:
+        args = self.args
+        device = self.accelerator.device
+        prompts = [row["prompt"] for row in rows]
+        start = time.perf_counter()
+        with unwrap_model_for_generation(self.model_wrapped, self.accelerator) as policy, self.accelerator.autocast():
+            conditioning = self._encode_unique(prompts)
+            noise = self.adapter.sample_noise(len(prompts), generator=self._generator(iteration, 0))
+            chunk = args.rollout_batch_size or len(prompts)
+            sampler_generator = self._generator(iteration, 1)
+            trajectories = [
+                self.adapter.sample(
+                    policy,
+                    {key: value[i : i + chunk] for key, value in conditioning.items()},
+                    noise[i : i + chunk],
+                    generator=sampler_generator,
+                )
+                for i in range(0, len(prompts), chunk)
+            ]
+        latents = torch.cat([t.latents for t in trajectories])
+        log_probs = torch.cat([t.log_probs for t in trajectories])
+        images = torch.cat([self.adapter.decode(latents[i : i + chunk, -1]) for i in range(0, len(prompts), chunk)])
+        rollout_time = time.perf_counter() - start
+
+        start = time.perf_counter()
+        rewards_per_func = self._score(prompts, images, rows)
+        reward_time = time.perf_counter() - start
+
+        # Groups may span processes: normalise on the gathered rewards, then keep this process's slice.
+        all_rewards = gather(rewards_per_func)
+        result = compute_advantages(
+            all_rewards,
+            self.reward_weights,
+            args.num_generations,
+            scale_rewards=args.scale_rewards,
+            multi_objective_aggregation=args.multi_objective_aggregation,
+            exp_advantage=args.exp_advantage,
+            advantage_clip=args.advantage_clip,
+        )
+        offset = self.accelerator.process_index * len(prompts)
+        advantages = result.advantages[offset : offset + len(prompts)].to(device)
+
+        data_latents = data_conditioning = None
+        if args.data_beta > 0:
+            data_batch = self.data_collator_for_loss(
+                self._data_rows(rows, iteration), generator=self._generator(iteration, 2)
+            )
+            data_latents, data_conditioning = data_batch["latents"], data_batch["conditioning"]
+
+        steps = torch.tensor(args.train_timesteps, device=device)
+        num_steps = len(args.train_timesteps)
+        order = torch.randperm(len(prompts) * num_steps, generator=self._generator(iteration, 3)).to(device)
+
+        self._log_rollout_metrics(all_rewards, result, advantages, rollout_time, reward_time)
+        self._last_images, self._last_prompts = images[: 16].cpu(), prompts[:16]
+        return RolloutBuffer(
+            states=latents[:, steps],
+            next_states=latents[:, steps + 1],
+            old_log_probs=log_probs[:, steps],
+            step_indices=steps,
+            advantages=advantages,
+            conditioning=conditioning,
+            initial_noise=latents[:, 0],
+            data_latents=data_latents,
+            data_conditioning=data_conditioning,
+            order=order,
+        )
+
+    def _score(self, prompts: list[str], images: torch.Tensor, rows: list[dict]) -> torch.Tensor:
+        """Rewards `[S, R]` of this process's samples, NaN where a function gave None (or failed, when dropping)."""
+        columns = {key: [row[key] for row in rows] for key in rows[0] if key != "prompt"}
+        rewards = torch.full((len(prompts), len(self.reward_funcs)), float("nan"), dtype=torch.float32)
+        for index, (reward_func, name) in enumerate(zip(self.reward_funcs, self.reward_func_names, strict=True)):
+            try:
+                values = reward_func(prompts=prompts, images=images, trainer_state=self.state, **columns)
+                if isinstance(values, torch.Tensor):
+                    values = values.detach().float().cpu().tolist()
+                rewards[:, index] = torch.tensor(check_rewards(values, len(prompts), name, prompts))
+            except Exception as error:
+                if self.args.reward_error_policy == "raise":
+                    if isinstance(error, RewardFunctionError):
+                        raise
+                    raise RewardFunctionError(
+                        f"Reward function '{name}' failed on prompts starting with {prompts[0]!r}: "
+                        f"{type(error).__name__}: {error}. Fix the function, or set reward_error_policy='drop_group' "
+                        "to skip the failing groups."
+                    ) from error
+                self._metrics["reward/errors"].append(1.0)
+        missing = torch.isnan(rewards).all(dim=1)
+        if missing.any() and self.args.reward_error_policy == "raise":
+            first = prompts[int(missing.nonzero()[0])]
+            raise RewardFunctionError(
+                f"No reward function gave a reward for the prompt {first!r} (all returned None). Return a value for "
+                "every sample from at least one function, or set reward_error_policy='drop_group'."
+            )
+        return rewards.to(self.accelerator.device)
+
+    def _log_rollout_metrics(self, all_rewards, result, advantages, rollout_time, reward_time) -> None:
+        for index, name in enumerate(self.reward_func_names):
+            column = all_rewards[:, index]
+            column = column[~torch.isnan(column)]
+            self._metrics[f"rewards/{name}/mean"].append(column.mean().item() if column.numel() else float("nan"))
+            self._metrics[f"rewards/{name}/std"].append(column.std().item() if column.numel() > 1 else float("nan"))
+        total = result.total_rewards[~torch.isnan(result.total_rewards)]
+        self._metrics["reward"].append(total.mean().item() if total.numel() else float("nan"))
+        self._metrics["reward_std"].append(total.std().item() if total.numel() > 1 else float("nan"))
+        all_advantages = result.advantages
+        self._metrics["advantages/mean"].append(all_advantages.mean().item())
+        self._metrics["advantages/std"].append(all_advantages.std().item())
+        self._metrics["advantages/abs_max"].append(all_advantages.abs().max().item())
+        self._metrics["frac_reward_zero_std"].append(result.zero_std_groups / result.num_groups)
+        self._metrics["reward/dropped_groups"].append(float(result.dropped_groups))
+        self._metrics["time/rollout"].append(rollout_time)
+        self._metrics["time/reward"].append(reward_time)
+
+    # ---- loss -------------------------------------------------------------------------------------------------------
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if return_outputs:
+            raise ValueError("DDRLTrainer.compute_loss does not return model outputs.")
+        args = self.args
+        step = self.adapter.transition_log_prob(
+            model, inputs["states"], inputs["next_states"], inputs["step_index"], inputs["conditioning"]
+        )
+        policy_loss, ratio, is_clipped = clipped_policy_loss(
+            step.log_prob, inputs["old_log_probs"], inputs["advantages"], args.clip_range
+        )
+        loss = policy_loss.mean()
+        self._metrics["loss/policy"].append(self.accelerator.gather(loss.detach()).mean().item())
+        self._metrics["ratio/mean"].append(self.accelerator.gather(ratio.detach().mean()).mean().item())
+        self._metrics["clip_ratio"].append(self.accelerator.gather(is_clipped.float().mean()).mean().item())
+
+        if args.data_beta > 0:
+            data_loss = self._data_loss(model, inputs)
+            loss = loss + args.data_beta * data_loss
+            self._metrics["loss/data"].append(self.accelerator.gather(data_loss.detach()).mean().item())
+
+        if args.kl_beta > 0:
+            with torch.no_grad():
+                ref_step = self._reference_step(inputs)
+            kl = gaussian_kl(step.mean, ref_step.mean, step.std).mean()
+            loss = loss + args.kl_beta * kl
+            self._metrics["kl"].append(self.accelerator.gather(kl.detach()).mean().item())
+        return loss
+
+    def _data_loss(self, model, inputs) -> torch.Tensor:
+        """Diffusion loss on the data batch at the transitions' noise levels (mean over the transitions used)."""
+        select = inputs["is_first_step"] if self.args.data_on_first_step_only else torch.ones_like(inputs["is_first_step"])
+        if not select.any():
+            # Keep every parameter in the graph so distributed gradient reduction stays in step.
+            return sum(p.sum() for p in model.parameters() if p.requires_grad) * 0.0
+        x0 = inputs["data_latents"][select]
+        if self.args.data_noise == "rollout":
+            noise = inputs["initial_noise"][select]
+        else:
+            noise = torch.randn_like(x0)
+        conditioning = {key: value[select] for key, value in inputs["data_conditioning"].items()}
+        return self.adapter.diffusion_loss(model, x0, conditioning, inputs["step_index"][select], noise).mean()
+
+    def _reference_step(self, inputs):
+        states, next_states = inputs["states"], inputs["next_states"]
+        if self.is_peft:
+            policy = self.accelerator.unwrap_model(self.model)
+            policy.disable_adapters()
+            try:
+                return self.adapter.transition_log_prob(
+                    policy, states, next_states, inputs["step_index"], inputs["conditioning"]
+                )
+            finally:
+                policy.enable_adapters()
+        return self.adapter.transition_log_prob(
+            self.ref_model, states, next_states, inputs["step_index"], inputs["conditioning"]
+        )
+
+    def sync_reference_model(self) -> None:
+        """Copy the current policy weights into the reference model (full fine-tuning only)."""
+        if self.ref_model is not None:
+            self.ref_model.load_state_dict(self.accelerator.unwrap_model(self.model).state_dict())
+
+    # ---- logging and saving ---------------------------------------------------------------------------------------
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        metrics = {}
+        for key, values in self._metrics.items():
+            valid = [value for value in values if not math.isnan(value)]
+            metrics[key] = sum(valid) / len(valid) if valid else None
+        if "reward/errors" in self._metrics:
+            metrics["reward/errors"] = float(sum(self._metrics["reward/errors"]))
+        logs.update(metrics)
+        super().log(logs, start_time)
+        self._metrics.clear()
+
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        self._saving_final_model = not _internal_call
+        super().save_model(output_dir, _internal_call)
+
+    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        output_dir = output_dir or self.args.output_dir
+        os.makedirs(output_dir, exist_ok=True)
+        denoiser = self.accelerator.unwrap_model(self.model)
+        if state_dict is None:
+            state_dict = denoiser.state_dict()
+        elif not state_dict:
+            # DeepSpeed ZeRO-3 without `stage3_gather_16bit_weights_on_model_save`: the Trainer writes a DeepSpeed
+            # checkpoint instead, from which resume works; there are no full weights to write here.
+            torch.save(self.args, os.path.join(output_dir, TRAINING_ARGS_NAME))
+            return
+        if self.is_peft:
+            self._save_lora(denoiser, state_dict, output_dir)
+        else:
+            if getattr(self, "_saving_final_model", False) and self.args.save_full_pipeline:
+                # Writes every component; the denoiser's folder is then rewritten from the (possibly gathered)
+                # state dict, which under ZeRO-3 is the only place the full weights exist.
+                self.pipeline.save_pretrained(output_dir)
+            save_denoiser(denoiser, state_dict, os.path.join(output_dir, self.adapter.denoiser_name))
+        if self._last_images is not None:
+            image_grid(self._last_images).save(os.path.join(output_dir, "samples.png"))
+        torch.save(self.args, os.path.join(output_dir, TRAINING_ARGS_NAME))
+
+    def _save_lora(self, denoiser: nn.Module, state_dict: dict, output_dir: str) -> None:
+        """Write the adapter in diffusers format (`pytorch_lora_weights.safetensors`, alpha kept in the metadata)."""
+        name = self.adapter.denoiser_name
+        if not hasattr(type(self.pipeline), "save_lora_weights"):
+            raise ValueError(
+                f"{type(self.pipeline).__name__} has no diffusers LoRA loader (save_lora_weights), so a LoRA trained on "
+                "it cannot be saved in diffusers format. Train without peft_config (full fine-tune) for this pipeline."
+            )
+        type(self.pipeline).save_lora_weights(
+            output_dir,
+            **{
+                f"{name}_lora_layers": get_peft_model_state_dict(denoiser, state_dict=state_dict),
+                f"{name}_lora_adapter_metadata": denoiser.peft_config["default"].to_dict(),
+            },
+            safe_serialization=True,
+        )
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
+        """Load the trained weights written by `_save` (diffusers format) back into the denoiser."""
+        denoiser = self.accelerator.unwrap_model(model if model is not None else self.model)
+        if self.is_peft:
+            path = os.path.join(resume_from_checkpoint, LORA_WEIGHT_NAME)
+            if not os.path.isfile(path):
+                raise ValueError(f"resume_from_checkpoint={resume_from_checkpoint!r} holds no {LORA_WEIGHT_NAME}.")
+            prefix = f"{self.adapter.denoiser_name}."
+            state = {key.removeprefix(prefix): value for key, value in load_file(path).items()}
+            set_peft_model_state_dict(denoiser, state)
+            return
+        folder = os.path.join(resume_from_checkpoint, self.adapter.denoiser_name)
+        files = sorted(glob.glob(os.path.join(folder, "*.safetensors")))
+        if not files:
+            raise ValueError(
+                f"resume_from_checkpoint={resume_from_checkpoint!r} has no {self.adapter.denoiser_name}/*.safetensors; "
+                "pass a checkpoint directory written by DDRLTrainer."
+            )
+        state = {}
+        for file in files:
+            state.update(load_file(file))
+        denoiser.load_state_dict(state)
+
+    def create_model_card(
+        self, model_name: str | None = None, dataset_name: str | None = None, tags: str | list[str] | None = None
+    ) -> None:
+        if not self.is_world_process_zero():
+            return
+        if isinstance(tags, str):
+            tags = [tags]
+        save_model_card(
+            output_dir=self.args.output_dir,
+            base_model=self.model_id if not os.path.isdir(self.model_id) else None,
+            model_name=model_name or os.path.basename(os.path.normpath(self.args.output_dir)),
+            hub_model_id=self.hub_model_id,
+            dataset_name=dataset_name,
+            tags=[*self._tag_names, *(tags or [])],
+            reward_names=self.reward_func_names,
+            config=self.args,
+            is_lora=self.is_peft,
+            paper=self._paper,
+            has_samples=os.path.exists(os.path.join(self.args.output_dir, "samples.png")),
+        )

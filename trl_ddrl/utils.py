@@ -1,0 +1,59 @@
+# Copyright 2026 The trl_ddrl Authors. Licensed under the Apache License, Version 2.0.
+"""Small helpers shared by the trainer, the CLI and the examples."""
+
+import math
+import os
+
+import numpy as np
+import torch
+from huggingface_hub import save_torch_state_dict
+from PIL import Image
+from torch import nn
+
+
+def image_grid(images: torch.Tensor, columns: int | None = None) -> Image.Image:
+    """
+    Tile images into one PIL image.
+
+    Args:
+        images (`torch.Tensor`): `[N, C, H, W]` in `[0, 1]` (C = 1 or 3), or videos `[N, F, C, H, W]` (the first
+            frame of each is shown).
+        columns (`int`, *optional*): Images per row; defaults to about `sqrt(N)`.
+
+    Returns:
+        `PIL.Image.Image`: An RGB grid.
+    """
+    if images.ndim == 5:
+        images = images[:, 0]
+    if images.ndim != 4 or images.shape[0] == 0:
+        raise ValueError(f"image_grid takes [N, C, H, W] or [N, F, C, H, W] images; got shape {tuple(images.shape)}.")
+    images = images.detach().float().cpu().clamp(0, 1)
+    if images.shape[1] == 1:
+        images = images.expand(-1, 3, -1, -1)
+    count, _, height, width = images.shape
+    columns = columns or math.ceil(math.sqrt(count))
+    rows = math.ceil(count / columns)
+    grid = torch.zeros(3, rows * height, columns * width)
+    for index, image in enumerate(images):
+        row, column = divmod(index, columns)
+        grid[:, row * height : (row + 1) * height, column * width : (column + 1) * width] = image[:3]
+    array = (grid.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+    return Image.fromarray(array)
+
+
+def save_denoiser(denoiser: nn.Module, state_dict: dict[str, torch.Tensor], folder: str) -> None:
+    """
+    Write a diffusers model folder (`config.json` and `diffusion_pytorch_model*.safetensors`, sharded with an index
+    when large) from an explicit state dict, such as the one gathered from DeepSpeed ZeRO-3 or FSDP shards. Loads with
+    `ModelClass.from_pretrained(folder)`.
+    """
+    os.makedirs(folder, exist_ok=True)
+    denoiser.save_config(folder)
+    for stale in os.listdir(folder):
+        if stale.startswith("diffusion_pytorch_model"):
+            os.remove(os.path.join(folder, stale))
+    # Clone: gathered tensors may be views into one flat buffer, which safetensors refuses to write.
+    tensors = {key: value.detach().cpu().clone() for key, value in state_dict.items()}
+    save_torch_state_dict(
+        tensors, folder, filename_pattern="diffusion_pytorch_model{suffix}.safetensors", max_shard_size="10GB"
+    )
