@@ -33,6 +33,8 @@ def register_reward(name: str) -> Callable[[Callable[..., RewardFunction]], Call
 
 def available_rewards() -> list[str]:
     """Names understood by [`get_reward_function`]."""
+    from . import builtin  # noqa: F401  (registers the built-in rewards)
+
     return sorted(_REGISTRY)
 
 
@@ -84,7 +86,8 @@ def check_rewards(values: Any, expected: int, name: str, prompts: list[str]) -> 
             value = float(value)
         except (TypeError, ValueError):
             raise RewardFunctionError(
-                f"Reward function '{name}' returned {value!r} for the prompt {prompt!r}; rewards must be numbers or None."
+                f"Reward function '{name}' returned {value!r} for the prompt {prompt!r}; rewards must be numbers "
+                "or None."
             ) from None
         if math.isnan(value) or math.isinf(value):
             raise RewardFunctionError(

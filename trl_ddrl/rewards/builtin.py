@@ -60,3 +60,58 @@ def brightness():
         return images.float().mean(dim=dims).tolist()
 
     return brightness
+
+
+# Model-based rewards. The text after `name:` is split on commas into the class's leading positional arguments.
+
+
+def _arguments(argument: str) -> list[str]:
+    return [part.strip() for part in argument.split(",")] if argument else []
+
+
+@register_reward("clip_score")
+def clip_score(argument: str = ""):
+    """`clip_score[:<CLIP model>[,<tokenizer>]]`: [`~trl_ddrl.rewards.CLIPScore`], cosine of CLIP embeddings."""
+    from .models import CLIPScore
+
+    return CLIPScore(*_arguments(argument))
+
+
+@register_reward("pickscore")
+def pickscore(argument: str = ""):
+    """`pickscore[:<model>[,<tokenizer>]]`: [`~trl_ddrl.rewards.PickScore`]."""
+    from .models import PickScore
+
+    return PickScore(*_arguments(argument))
+
+
+@register_reward("hpsv2")
+def hpsv2(argument: str = ""):
+    """`hpsv2:<converted CLIPModel checkpoint>[,<tokenizer>]`: [`~trl_ddrl.rewards.HPSv2Score`]."""
+    from .models import HPSv2Score
+
+    return HPSv2Score(*_arguments(argument))
+
+
+@register_reward("aesthetic")
+def aesthetic(argument: str = ""):
+    """`aesthetic[:<MLP weights file, directory or hub repo>[,<CLIP model>]]`: [`~trl_ddrl.rewards.AestheticScore`]."""
+    from .models import AestheticScore
+
+    return AestheticScore(*_arguments(argument))
+
+
+@register_reward("image_reward")
+def image_reward(argument: str = ""):
+    """`image_reward[:<name or checkpoint>]`: [`~trl_ddrl.rewards.ImageRewardScore`] (`pip install image-reward`)."""
+    from .models import ImageRewardScore
+
+    return ImageRewardScore(*_arguments(argument))
+
+
+@register_reward("ocr")
+def ocr():
+    """`ocr`: [`~trl_ddrl.rewards.OCRReward`] with pytesseract; pass `OCRReward(recognize=...)` for another engine."""
+    from .ocr import OCRReward
+
+    return OCRReward()

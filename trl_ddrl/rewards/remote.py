@@ -1,0 +1,227 @@
+# Copyright 2026 The trl_ddrl Authors. Licensed under the Apache License, Version 2.0.
+"""
+Client for reward servers (`trl-ddrl-reward-server`, or any server speaking the same JSON protocol).
+
+Protocol: `POST <url>/score` with
+
+```json
+{"prompts": ["a cat", ...], "images": ["<base64 PNG>", ...], "columns": {"<name>": [...], ...}}
+```
+
+where each image is one base64-encoded 8-bit PNG, or, for videos, a list of base64 PNG frames. The answer is
+`{"rewards": [float | null, ...]}`, one value per prompt. `GET <url>/health` answers `{"status": "ok", ...}`.
+"""
+
+import base64
+import io
+import json
+import logging
+import time
+from typing import Any
+
+import httpx
+import numpy as np
+import torch
+from PIL import Image
+
+from .base import RewardFunctionError
+from .builtin import to_uint8_frames
+
+
+logger = logging.getLogger(__name__)
+
+
+def _png(frame: np.ndarray) -> str:
+    buffer = io.BytesIO()
+    Image.fromarray(frame.squeeze(-1) if frame.shape[-1] == 1 else frame).save(buffer, format="PNG", compress_level=1)
+    return base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+def encode_images(images: torch.Tensor) -> list[str] | list[list[str]]:
+    """
+    Images `[B, C, H, W]` in `[0, 1]` -> `B` base64 PNG strings; videos `[B, F, C, H, W]` -> `B` lists of `F` strings.
+
+    Pixels are rounded to 8 bits, so the server sees exactly `round(images * 255) / 255`.
+    """
+    if images.ndim not in (4, 5) or images.shape[-3] not in (1, 3, 4):
+        raise ValueError(
+            f"encode_images expects [B, C, H, W] or [B, F, C, H, W] with C in (1, 3, 4), got {tuple(images.shape)}."
+        )
+    frames = [_png(frame) for frame in to_uint8_frames(images)]
+    if images.ndim == 4:
+        return frames
+    per_video = images.shape[1]
+    return [frames[i : i + per_video] for i in range(0, len(frames), per_video)]
+
+
+def _unpng(data: str) -> torch.Tensor:
+    array = np.array(Image.open(io.BytesIO(base64.b64decode(data, validate=True))))
+    if array.ndim == 2:
+        array = array[..., None]
+    return torch.from_numpy(array).permute(2, 0, 1)
+
+
+def decode_images(encoded: list[str] | list[list[str]]) -> torch.Tensor:
+    """Inverse of [`encode_images`]: float images `[B, C, H, W]` (or videos `[B, F, C, H, W]`) in `[0, 1]`."""
+    if not encoded:
+        raise ValueError("No images to decode.")
+    if all(isinstance(item, str) for item in encoded):
+        stacked = torch.stack([_unpng(item) for item in encoded])
+    elif all(isinstance(item, list) and item and all(isinstance(frame, str) for frame in item) for item in encoded):
+        stacked = torch.stack([torch.stack([_unpng(frame) for frame in video]) for video in encoded])
+    else:
+        raise ValueError("images must be a list of base64 PNG strings, or a list of non-empty lists of them (videos).")
+    return stacked.float() / 255
+
+
+def _jsonable(values: list) -> bool:
+    try:
+        json.dumps(values, allow_nan=False)
+    except (TypeError, ValueError):
+        return False
+    return True
+
+
+class RemoteReward:
+    """
+    A reward computed by a server: sends prompts, images (PNG) and per-sample columns to `POST <url>/score`.
+
+    Connection errors, timeouts and 5xx answers are retried `max_retries` times, waiting `backoff * 2**attempt`
+    seconds before retry `attempt` (0-based); then, and on any 4xx answer, a [`RewardFunctionError`] naming the URL is
+    raised.
+
+    `trainer_state` is not sent. Per-sample columns (lists of length `B`) are sent when they are JSON-serialisable
+    (others, such as PIL image columns, are skipped), or exactly those named in `columns`.
+
+    Args:
+        url (`str`):
+            Base URL of the server, e.g. `"http://127.0.0.1:8000"` (a URL ending in `/score` is used as is).
+        timeout (`float`, *optional*, defaults to `300.0`):
+            Seconds to wait for each request (connect, send, and the server's scoring).
+        max_retries (`int`, *optional*, defaults to `3`):
+            Retries after a failed attempt.
+        backoff (`float`, *optional*, defaults to `1.0`):
+            Seconds before the first retry; doubled at every further retry.
+        batch_size (`int`, *optional*):
+            Samples per request; all in one request if None.
+        columns (`list[str]`, *optional*):
+            The dataset columns to send; an error is raised if one is missing or not JSON-serialisable.
+        name (`str`, *optional*):
+            Name under which the trainer logs this reward; defaults to the URL.
+
+    Example:
+
+    ```python
+    >>> from trl_ddrl.rewards import RemoteReward
+
+    >>> reward = RemoteReward("http://127.0.0.1:8000", timeout=60, batch_size=16)
+    ```
+    """
+
+    def __init__(
+        self,
+        url: str,
+        timeout: float = 300.0,
+        max_retries: int = 3,
+        backoff: float = 1.0,
+        batch_size: int | None = None,
+        columns: list[str] | None = None,
+        name: str | None = None,
+    ):
+        if not url.startswith(("http://", "https://")):
+            raise ValueError(f"RemoteReward url={url!r} must start with http:// or https://.")
+        if max_retries < 0 or backoff < 0 or timeout <= 0:
+            raise ValueError(
+                f"RemoteReward needs timeout > 0, max_retries >= 0 and backoff >= 0; got timeout={timeout}, "
+                f"max_retries={max_retries}, backoff={backoff}."
+            )
+        if batch_size is not None and batch_size < 1:
+            raise ValueError(f"RemoteReward batch_size={batch_size} must be at least 1 (or None for one request).")
+        base = url.rstrip("/")
+        self.url = base if base.endswith("/score") else f"{base}/score"
+        self.timeout = timeout
+        self.max_retries = max_retries
+        self.backoff = backoff
+        self.batch_size = batch_size
+        self.columns = columns
+        self.name = name or url
+
+    def _columns(self, kwargs: dict[str, Any], batch_size: int) -> dict[str, list]:
+        if self.columns is None:
+            return {
+                key: list(value)
+                for key, value in kwargs.items()
+                if isinstance(value, (list, tuple)) and len(value) == batch_size and _jsonable(list(value))
+            }
+        selected = {}
+        for key in self.columns:
+            value = kwargs.get(key)
+            if not isinstance(value, (list, tuple)) or len(value) != batch_size or not _jsonable(list(value)):
+                raise ValueError(
+                    f"RemoteReward({self.url!r}, columns={self.columns}): column {key!r} must be passed as a "
+                    f"JSON-serialisable list of {batch_size} values; got {type(value).__name__}. Fix the dataset or "
+                    "drop the column from `columns`."
+                )
+            selected[key] = list(value)
+        return selected
+
+    def _post(self, client: httpx.Client, payload: dict[str, Any]) -> list:
+        expected = len(payload["prompts"])
+        last_error = "no attempt made"
+        for attempt in range(self.max_retries + 1):
+            if attempt:
+                delay = self.backoff * 2 ** (attempt - 1)
+                logger.warning(
+                    "Reward server %s failed (%s); retry %d in %.1fs.", self.url, last_error, attempt, delay
+                )
+                time.sleep(delay)
+            try:
+                response = client.post(self.url, json=payload)
+            except httpx.TimeoutException as error:
+                last_error = f"timed out after {self.timeout}s ({type(error).__name__})"
+                continue
+            except httpx.TransportError as error:
+                last_error = f"{type(error).__name__}: {error}"
+                continue
+            if response.status_code >= 500:
+                last_error = f"HTTP {response.status_code}: {response.text[:500]}"
+                continue
+            if response.status_code >= 400:
+                raise RewardFunctionError(
+                    f"Reward server {self.url} rejected the request with HTTP {response.status_code}: "
+                    f"{response.text[:500]}"
+                )
+            try:
+                rewards = response.json()["rewards"]
+            except (ValueError, KeyError, TypeError):
+                raise RewardFunctionError(
+                    f'Reward server {self.url} answered {response.text[:200]!r}; expected JSON {{"rewards": [...]}}.'
+                ) from None
+            if not isinstance(rewards, list) or len(rewards) != expected:
+                raise RewardFunctionError(
+                    f"Reward server {self.url} returned {rewards!r:.200} for {expected} samples; expected a list of "
+                    f"{expected} rewards."
+                )
+            return rewards
+        raise RewardFunctionError(
+            f"Reward server {self.url} failed {self.max_retries + 1} times; last error: {last_error}. Check that the "
+            "server is running and reachable (GET /health), or raise timeout / max_retries."
+        )
+
+    def __call__(self, prompts: list[str], images: torch.Tensor, **kwargs: Any) -> list[float | None]:
+        """Rewards, one per sample, for `images` `[B, C, H, W]` or videos `[B, F, C, H, W]` in `[0, 1]`."""
+        if len(prompts) != images.shape[0]:
+            raise ValueError(f"RemoteReward got {len(prompts)} prompts for {images.shape[0]} images.")
+        columns = self._columns(kwargs, len(prompts))
+        step = self.batch_size or max(len(prompts), 1)
+        rewards: list[float | None] = []
+        with httpx.Client(timeout=self.timeout) as client:
+            for start in range(0, len(prompts), step):
+                chunk = slice(start, start + step)
+                payload = {
+                    "prompts": list(prompts[chunk]),
+                    "images": encode_images(images[chunk]),
+                    "columns": {key: value[chunk] for key, value in columns.items()},
+                }
+                rewards.extend(self._post(client, payload))
+        return rewards
