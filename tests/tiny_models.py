@@ -4,6 +4,8 @@
 import torch
 from diffusers import (
     AutoencoderKL,
+    ConfigMixin,
+    ModelMixin,
     FlowMatchEulerDiscreteScheduler,
     SD3Transformer2DModel,
     StableDiffusion3Pipeline,
@@ -54,7 +56,10 @@ def tiny_clip_text_encoder(vocab_size: int, hidden_size: int = 16, projection_di
 
 
 def tiny_vae(latent_channels: int = 4, seed: int = 0, **kwargs) -> AutoencoderKL:
-    """A VAE with a downsampling factor of 2."""
+    """
+    A VAE with a downsampling factor of 2. Two normalisation groups (not one per channel) keep the decoded images'
+    brightness sensitive to the latents, so that a brightness reward can be learned.
+    """
     torch.manual_seed(seed)
     return AutoencoderKL(
         in_channels=3,
@@ -64,7 +69,7 @@ def tiny_vae(latent_channels: int = 4, seed: int = 0, **kwargs) -> AutoencoderKL
         block_out_channels=(8, 16),
         layers_per_block=1,
         latent_channels=latent_channels,
-        norm_num_groups=4,
+        norm_num_groups=2,
         sample_size=16,
         **kwargs,
     ).eval()
@@ -106,11 +111,255 @@ def tiny_sd3_pipeline(seed: int = 0, with_t5: bool = True) -> StableDiffusion3Pi
     return StableDiffusion3Pipeline(
         transformer=transformer,
         scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
-        vae=tiny_vae(seed=seed, shift_factor=0.0609, scaling_factor=1.5035),
+        vae=tiny_vae(seed=seed, shift_factor=0.0609, scaling_factor=0.5),
         text_encoder=tiny_clip_text_encoder(vocab_size, seed=seed + 1),
         tokenizer=clip_tokenizer,
         text_encoder_2=tiny_clip_text_encoder(vocab_size, seed=seed + 2),
         tokenizer_2=tiny_clip_tokenizer(),
         text_encoder_3=text_encoder_3,
         tokenizer_3=tokenizer_3,
+    )
+
+
+def tiny_clip_text_model(vocab_size: int, hidden_size: int = 16, seed: int = 0):
+    """A `CLIPTextModel` (no projection head) with the config of [`tiny_clip_text_encoder`], as SD 1.x uses."""
+    from transformers import CLIPTextModel
+
+    config = tiny_clip_text_encoder(vocab_size, hidden_size=hidden_size, seed=seed).config
+    torch.manual_seed(seed)
+    return CLIPTextModel(config).eval()
+
+
+def tiny_unet(cross_attention_dim: int, seed: int = 0, block_out_channels: tuple[int, ...] = (16, 32), **kwargs):
+    """A `UNet2DConditionModel` on 8x8x4 latents (one cross-attention block per resolution level)."""
+    from diffusers import UNet2DConditionModel
+
+    levels = len(block_out_channels)
+    torch.manual_seed(seed)
+    return UNet2DConditionModel(
+        sample_size=8,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=block_out_channels,
+        layers_per_block=1,
+        down_block_types=("CrossAttnDownBlock2D",) * (levels - 1) + ("DownBlock2D",),
+        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * (levels - 1),
+        cross_attention_dim=cross_attention_dim,
+        attention_head_dim=4,
+        norm_num_groups=8,
+        **kwargs,
+    )
+
+
+def tiny_sd15_pipeline(seed: int = 0, prediction_type: str = "epsilon"):
+    """A random `StableDiffusionPipeline` (16x16 images, 8x8x4 latents) with SD 1.5's PNDM scheduler config."""
+    from diffusers import PNDMScheduler, StableDiffusionPipeline
+
+    tokenizer = tiny_clip_tokenizer()
+    scheduler = PNDMScheduler(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        set_alpha_to_one=False,
+        skip_prk_steps=True,
+        steps_offset=1,
+        prediction_type=prediction_type,
+    )
+    return StableDiffusionPipeline(
+        unet=tiny_unet(cross_attention_dim=16, seed=seed),
+        scheduler=scheduler,
+        vae=tiny_vae(seed=seed, scaling_factor=0.18215),
+        text_encoder=tiny_clip_text_model(len(tokenizer), seed=seed + 1),
+        tokenizer=tokenizer,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+
+
+def tiny_sdxl_pipeline(seed: int = 0, prediction_type: str = "epsilon"):
+    """
+    A random `StableDiffusionXLPipeline` (16x16 images, 8x8x4 latents) with SDXL's Euler scheduler config: two CLIP
+    encoders (hidden sizes 16 + 16 = 32 for cross-attention, pooled projection 16) and `text_time` added conditioning.
+    """
+    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline
+
+    tokenizer = tiny_clip_tokenizer()
+    vocab_size = len(tokenizer)
+    time_embed_dim = 4
+    unet = tiny_unet(
+        cross_attention_dim=32,
+        seed=seed,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=time_embed_dim,
+        projection_class_embeddings_input_dim=6 * time_embed_dim + 16,
+        use_linear_projection=True,
+    )
+    scheduler = EulerDiscreteScheduler(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        timestep_spacing="leading",
+        steps_offset=1,
+        prediction_type=prediction_type,
+    )
+    return StableDiffusionXLPipeline(
+        unet=unet,
+        scheduler=scheduler,
+        vae=tiny_vae(seed=seed, scaling_factor=0.13025),
+        text_encoder=tiny_clip_text_model(vocab_size, seed=seed + 1),
+        tokenizer=tokenizer,
+        text_encoder_2=tiny_clip_text_encoder(vocab_size, seed=seed + 2),
+        tokenizer_2=tiny_clip_tokenizer(),
+    )
+
+
+class TinyCosmosSafetyChecker(ModelMixin, ConfigMixin):
+    """
+    A stand-in for `cosmos_guardrail.CosmosSafetyChecker` that lets every prompt and video through. Its one buffer is
+    saved, so that `DiffusionPipeline.from_pretrained` finds weights to load it back from.
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("_device_tracker", torch.zeros(1))
+
+    def check_text_safety(self, prompt: str) -> bool:
+        return True
+
+    def check_video_safety(self, frames):
+        return frames
+
+
+def tiny_flux_pipeline(seed: int = 0, guidance_embeds: bool = True):
+    """A random `FluxPipeline` generating 16x16 images from 8x8x4 latents, packed into 16 tokens of 16 channels."""
+    from diffusers import FluxPipeline, FluxTransformer2DModel
+
+    clip_tokenizer = tiny_clip_tokenizer()
+    t5_tokenizer = tiny_t5_tokenizer()
+    torch.manual_seed(seed)
+    transformer = FluxTransformer2DModel(
+        patch_size=1,
+        in_channels=16,
+        num_layers=1,
+        num_single_layers=1,
+        attention_head_dim=8,
+        num_attention_heads=2,
+        joint_attention_dim=32,
+        pooled_projection_dim=16,
+        guidance_embeds=guidance_embeds,
+        axes_dims_rope=[2, 2, 4],
+    )
+    return FluxPipeline(
+        transformer=transformer,
+        # FLUX.1-dev's scheduler config: resolution-dependent shift.
+        scheduler=FlowMatchEulerDiscreteScheduler(
+            shift=3.0,
+            use_dynamic_shifting=True,
+            base_shift=0.5,
+            max_shift=1.15,
+            base_image_seq_len=256,
+            max_image_seq_len=4096,
+        ),
+        vae=tiny_vae(seed=seed, shift_factor=0.1159, scaling_factor=0.3611),
+        text_encoder=tiny_clip_text_model(len(clip_tokenizer), seed=seed + 1),
+        tokenizer=clip_tokenizer,
+        text_encoder_2=_tiny_t5_encoder(len(t5_tokenizer), seed=seed + 2),
+        tokenizer_2=t5_tokenizer,
+    )
+
+
+def _tiny_t5_encoder(vocab_size: int, seed: int = 0, umt5: bool = False):
+    """A one-layer T5 (or UMT5) encoder with 32-dimensional outputs."""
+    from transformers import UMT5Config, UMT5EncoderModel
+
+    torch.manual_seed(seed)
+    config_cls, model_cls = (UMT5Config, UMT5EncoderModel) if umt5 else (T5Config, T5EncoderModel)
+    config = config_cls(
+        vocab_size=vocab_size, d_model=32, d_kv=8, d_ff=32, num_layers=1, num_heads=2, decoder_start_token_id=0
+    )
+    return model_cls(config).eval()
+
+
+def tiny_wan_vae(seed: int = 0):
+    """An `AutoencoderKLWan` with 4 latent channels, 8x spatial and 4x temporal compression."""
+    from diffusers import AutoencoderKLWan
+
+    torch.manual_seed(seed)
+    return AutoencoderKLWan(
+        base_dim=3,
+        z_dim=4,
+        dim_mult=[1, 1, 1, 1],
+        num_res_blocks=1,
+        temperal_downsample=[False, True, True],
+        latents_mean=[0.1, -0.2, 0.3, 0.0],
+        latents_std=[1.5, 0.8, 2.0, 1.2],
+    ).eval()
+
+
+def tiny_wan_pipeline(seed: int = 0):
+    """
+    A random `WanPipeline` generating 5-frame 32x32 videos from [4, 2, 4, 4] latents, with the Wan checkpoints'
+    `UniPCMultistepScheduler` (flow sigmas, `flow_shift=3`).
+    """
+    from diffusers import UniPCMultistepScheduler, WanPipeline, WanTransformer3DModel
+
+    tokenizer = tiny_t5_tokenizer()
+    torch.manual_seed(seed)
+    transformer = WanTransformer3DModel(
+        patch_size=(1, 2, 2),
+        num_attention_heads=2,
+        attention_head_dim=8,
+        in_channels=4,
+        out_channels=4,
+        text_dim=32,
+        freq_dim=16,
+        ffn_dim=32,
+        num_layers=1,
+        rope_max_seq_len=32,
+    )
+    return WanPipeline(
+        tokenizer=tokenizer,
+        text_encoder=_tiny_t5_encoder(len(tokenizer), seed=seed + 1, umt5=True),
+        vae=tiny_wan_vae(seed),
+        scheduler=UniPCMultistepScheduler(
+            prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=3.0, num_train_timesteps=1000
+        ),
+        transformer=transformer,
+    )
+
+
+def tiny_cosmos2_pipeline(seed: int = 0, video_to_world: bool = False):
+    """
+    A random `Cosmos2TextToImagePipeline` (32x32 images from [4, 1, 4, 4] latents), or with `video_to_world` a
+    `Cosmos2VideoToWorldPipeline` (5-frame 32x32 videos from [4, 2, 4, 4] latents). The Karras scheduler is the
+    checkpoints'; `concat_padding_mask=False` because the real checkpoints' padding-mask channel needs torchvision.
+    """
+    from diffusers import Cosmos2TextToImagePipeline, Cosmos2VideoToWorldPipeline, CosmosTransformer3DModel
+
+    tokenizer = tiny_t5_tokenizer()
+    torch.manual_seed(seed)
+    transformer = CosmosTransformer3DModel(
+        in_channels=4 + int(video_to_world),
+        out_channels=4,
+        num_attention_heads=2,
+        attention_head_dim=16,
+        num_layers=1,
+        mlp_ratio=2,
+        text_embed_dim=32,
+        adaln_lora_dim=4,
+        max_size=(4, 8, 8),
+        patch_size=(1, 2, 2),
+        rope_scale=(2.0, 1.0, 1.0),
+        concat_padding_mask=False,
+        extra_pos_embed_type="learnable",
+    )
+    pipeline_cls = Cosmos2VideoToWorldPipeline if video_to_world else Cosmos2TextToImagePipeline
+    return pipeline_cls(
+        text_encoder=_tiny_t5_encoder(len(tokenizer), seed=seed + 1),
+        tokenizer=tokenizer,
+        transformer=transformer,
+        vae=tiny_wan_vae(seed),
+        scheduler=FlowMatchEulerDiscreteScheduler(use_karras_sigmas=True),
+        safety_checker=TinyCosmosSafetyChecker(),
     )

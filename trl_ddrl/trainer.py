@@ -30,7 +30,7 @@ from .losses import clipped_policy_loss, compute_advantages, gaussian_kl
 from .model_card import save_model_card
 from .pipelines import Conditioning, SamplingSettings, get_adapter
 from .rewards import RewardFunctionError, check_rewards, get_reward_function
-from .utils import image_grid, save_denoiser
+from .utils import image_grid, log_video_to_trackers, save_denoiser, save_video_grid_gif
 
 
 RewardFunc = str | nn.Module | Callable[..., list[float | None]]
@@ -87,6 +87,27 @@ class RolloutBuffer:
             batch["data_latents"] = self.data_latents[sample]
             batch["data_conditioning"] = {key: value[sample] for key, value in self.data_conditioning.items()}
         return batch
+
+
+class EpochSeededRepeatSampler(RepeatSampler):
+    """
+    TRL's `RepeatSampler` with the shuffle order a pure function of `(seed, epoch)`.
+
+    The Trainer calls `set_epoch` before every epoch, also when resuming, so a resumed run walks the prompts in the
+    same order as an uninterrupted one (the parent's generator would restart from the first epoch's order).
+    """
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self):
+        if self.shuffle:
+            self.generator.manual_seed((self.seed or 0) + self.epoch)
+        return super().__iter__()
 
 
 class _ReferenceSyncCallback(TrainerCallback):
@@ -339,7 +360,7 @@ class DDRLTrainer(_BaseTrainer):
     def _get_train_sampler(self, dataset: Dataset | None = None):
         # Every process walks the same seeded order; each takes its slice of every iteration's prompts, and each
         # iteration's rows are yielded `steps_per_generation * num_iterations` times, one per micro-batch.
-        return RepeatSampler(
+        return EpochSeededRepeatSampler(
             data_source=dataset if dataset is not None else self.train_dataset,
             mini_repeat_count=self.args.num_generations,
             batch_size=self.args.prompts_per_step,
@@ -586,6 +607,13 @@ class DDRLTrainer(_BaseTrainer):
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
         self._saving_final_model = not _internal_call
         super().save_model(output_dir, _internal_call)
+        if not _internal_call:
+            self._write_model_card(output_dir or self.args.output_dir)
+
+    def _save_checkpoint(self, model, trial):
+        # As TRL's trainers do: keep the output directory's model card current with every checkpoint.
+        self.create_model_card()
+        super()._save_checkpoint(model, trial)
 
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
         output_dir = output_dir or self.args.output_dir
@@ -608,6 +636,10 @@ class DDRLTrainer(_BaseTrainer):
             save_denoiser(denoiser, state_dict, os.path.join(output_dir, self.adapter.denoiser_name))
         if self._last_images is not None:
             image_grid(self._last_images).save(os.path.join(output_dir, "samples.png"))
+            if self._last_images.ndim == 5:
+                gif_path = os.path.join(output_dir, "samples.gif")
+                save_video_grid_gif(self._last_images, gif_path)
+                log_video_to_trackers(gif_path, self.args.report_to, self.state.global_step)
         torch.save(self.args, os.path.join(output_dir, TRAINING_ARGS_NAME))
 
     def _save_lora(self, denoiser: nn.Module, state_dict: dict, output_dir: str) -> None:
@@ -653,14 +685,25 @@ class DDRLTrainer(_BaseTrainer):
     def create_model_card(
         self, model_name: str | None = None, dataset_name: str | None = None, tags: str | list[str] | None = None
     ) -> None:
+        self._write_model_card(self.args.output_dir, model_name, dataset_name, tags)
+
+    def _write_model_card(
+        self,
+        output_dir: str,
+        model_name: str | None = None,
+        dataset_name: str | None = None,
+        tags: str | list[str] | None = None,
+    ) -> None:
         if not self.is_world_process_zero():
             return
         if isinstance(tags, str):
             tags = [tags]
+        if model_name is None:
+            model_name = (self.args.hub_model_id or os.path.basename(os.path.normpath(output_dir))).split("/")[-1]
         save_model_card(
-            output_dir=self.args.output_dir,
+            output_dir=output_dir,
             base_model=self.model_id if not os.path.isdir(self.model_id) else None,
-            model_name=model_name or os.path.basename(os.path.normpath(self.args.output_dir)),
+            model_name=model_name,
             hub_model_id=self.hub_model_id,
             dataset_name=dataset_name,
             tags=[*self._tag_names, *(tags or [])],
@@ -668,5 +711,5 @@ class DDRLTrainer(_BaseTrainer):
             config=self.args,
             is_lora=self.is_peft,
             paper=self._paper,
-            has_samples=os.path.exists(os.path.join(self.args.output_dir, "samples.png")),
+            has_samples=os.path.exists(os.path.join(output_dir, "samples.png")),
         )

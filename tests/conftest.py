@@ -1,0 +1,20 @@
+# Copyright 2026 The trl_ddrl Authors. Licensed under the Apache License, Version 2.0.
+import os
+import sys
+
+import pytest
+
+
+sys.path.insert(0, os.path.dirname(__file__))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("WANDB_MODE", "disabled")
+
+
+@pytest.fixture(scope="session")
+def tiny_sd3_path(tmp_path_factory):
+    """A tiny random SD3 pipeline saved to disk, so tests load it through `DiffusionPipeline.from_pretrained`."""
+    from tiny_models import tiny_sd3_pipeline
+
+    path = tmp_path_factory.mktemp("tiny-sd3")
+    tiny_sd3_pipeline().save_pretrained(path)
+    return str(path)

@@ -1,0 +1,287 @@
+# Copyright 2026 The trl_ddrl Authors. Licensed under the Apache License, Version 2.0.
+"""End-to-end tests of DDRLTrainer on a tiny random Stable Diffusion 3 pipeline (CPU, no network)."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+from datasets import Dataset
+from diffusers import DiffusionPipeline
+from safetensors.torch import load_file
+from transformers import TrainerCallback
+
+from tiny_models import tiny_sd3_pipeline
+from trl_ddrl import DDRLConfig, DDRLTrainer
+from trl_ddrl.rewards import RewardFunctionError
+
+
+PROMPTS = ["a cat", "a dog", "a red car", "a tree"]
+
+
+def prompt_dataset(with_images: bool = False) -> Dataset:
+    columns = {"prompt": PROMPTS}
+    if with_images:
+        rng = np.random.default_rng(0)
+        columns["image"] = [rng.random((16, 16, 3), dtype=np.float32) for _ in PROMPTS]
+    return Dataset.from_dict(columns)
+
+
+def make_args(output_dir, **overrides) -> DDRLConfig:
+    settings = dict(
+        output_dir=str(output_dir),
+        num_generations=4,
+        prompts_per_step=2,
+        num_inference_steps=4,
+        per_device_train_batch_size=8,
+        max_steps=2,
+        max_sequence_length=16,
+        learning_rate=1e-3,
+        report_to="none",
+        save_strategy="no",
+        disable_tqdm=True,
+        seed=0,
+        data_beta=0.0,
+    )
+    settings.update(overrides)
+    return DDRLConfig(**settings)
+
+
+def brightness(prompts, images, **kwargs):
+    return images.mean(dim=(1, 2, 3)).tolist()
+
+
+def state_of(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {key: value.detach().clone() for key, value in module.state_dict().items()}
+
+
+def changed(before: dict, module: torch.nn.Module) -> bool:
+    return any(not torch.equal(before[key], value) for key, value in module.state_dict().items())
+
+
+def test_training_changes_the_transformer_only(tiny_sd3_path, tmp_path):
+    trainer = DDRLTrainer(
+        tiny_sd3_path, brightness, args=make_args(tmp_path, data_beta=0.1), train_dataset=prompt_dataset(True)
+    )
+    pipeline = trainer.pipeline
+    frozen = {name: state_of(getattr(pipeline, name)) for name in ("vae", "text_encoder", "text_encoder_2", "text_encoder_3")}
+    transformer_before = state_of(pipeline.transformer)
+
+    trainer.train()
+
+    assert changed(transformer_before, pipeline.transformer)
+    for name, before in frozen.items():
+        assert not changed(before, getattr(pipeline, name)), f"{name} was modified"
+    optimized = {id(p) for group in trainer.optimizer.param_groups for p in group["params"]}
+    assert optimized == {id(p) for p in pipeline.transformer.parameters()}
+    logs = [entry for entry in trainer.state.log_history if "loss/policy" in entry]
+    assert len(logs) == 2
+    for key in ("reward", "rewards/brightness/mean", "rewards/brightness/std", "advantages/std",
+                "frac_reward_zero_std", "loss/policy", "loss/data", "ratio/mean", "clip_ratio", "learning_rate"):
+        assert key in logs[0], key
+    # The first micro-batch of each iteration replays the rollout's own policy: the ratio is 1.
+    assert logs[0]["ratio/mean"] == pytest.approx(1.0, abs=1e-3)
+
+
+def test_data_beta_adds_the_data_loss(tiny_sd3_path, tmp_path):
+    losses = {}
+    for data_beta in (0.0, 1.0):
+        trainer = DDRLTrainer(
+            tiny_sd3_path,
+            brightness,
+            args=make_args(tmp_path / str(data_beta), data_beta=data_beta, max_steps=1),
+            train_dataset=prompt_dataset(True),
+        )
+        trainer.train()
+        losses[data_beta] = trainer.state.log_history[0]
+    assert "loss/data" not in losses[0.0]
+    assert losses[1.0]["loss/data"] > 0
+    # Same seed, same rollouts: the policy term is the same and the data term is added on top.
+    assert losses[1.0]["loss/policy"] == pytest.approx(losses[0.0]["loss/policy"], abs=1e-6)
+    assert losses[1.0]["loss"] == pytest.approx(losses[0.0]["loss"] + losses[1.0]["loss/data"], rel=1e-4)
+
+
+def mean_brightness(pipeline) -> float:
+    generator = torch.Generator().manual_seed(123)
+    images = pipeline(
+        PROMPTS * 2, num_inference_steps=6, height=16, width=16, output_type="pt", generator=generator,
+        max_sequence_length=16,
+    ).images
+    return images.mean().item()
+
+
+def test_brightness_reward_is_learned(tmp_path):
+    pipeline = tiny_sd3_pipeline(with_t5=False)
+    before = mean_brightness(pipeline)
+    args = make_args(
+        tmp_path, max_steps=30, num_inference_steps=6, per_device_train_batch_size=12, learning_rate=3e-3,
+        clip_range=1.0, eta=1.0, data_beta=0.0,
+    )
+    trainer = DDRLTrainer(pipeline, brightness, args=args, train_dataset=prompt_dataset())
+    trainer.train()
+    rewards = [entry["reward"] for entry in trainer.state.log_history if "reward" in entry]
+    assert np.mean(rewards[-5:]) > np.mean(rewards[:5]) + 0.01
+    assert mean_brightness(pipeline) > before + 0.01
+
+
+def test_saved_pipeline_reloads_and_samples(tiny_sd3_path, tmp_path):
+    trainer = DDRLTrainer(tiny_sd3_path, "brightness", args=make_args(tmp_path), train_dataset=prompt_dataset())
+    trainer.train()
+    trainer.save_model()
+
+    for name in ("model_index.json", "transformer/config.json", "samples.png", "README.md", "training_args.bin"):
+        assert os.path.exists(tmp_path / name), name
+    reloaded = DiffusionPipeline.from_pretrained(tmp_path)
+    for key, value in trainer.pipeline.transformer.state_dict().items():
+        assert torch.equal(reloaded.transformer.state_dict()[key], value), key
+    images = reloaded(
+        "a cat", num_inference_steps=2, height=16, width=16, output_type="pt", max_sequence_length=16
+    ).images
+    assert images.shape == (1, 3, 16, 16)
+
+    card = (tmp_path / "README.md").read_text()
+    assert "library_name: diffusers" in card
+    assert "2512.04332" in card
+    assert "brightness" in card
+
+
+class _StopAt(TrainerCallback):
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == self.step:
+            control.should_training_stop = True
+
+
+def test_resume_matches_uninterrupted_run(tiny_sd3_path, tmp_path):
+    common = dict(max_steps=4, save_strategy="steps", save_steps=2, data_beta=0.1)
+    full = DDRLTrainer(
+        tiny_sd3_path, brightness, args=make_args(tmp_path / "full", **common), train_dataset=prompt_dataset(True)
+    )
+    full.train()
+
+    interrupted = DDRLTrainer(
+        tiny_sd3_path, brightness, args=make_args(tmp_path / "resumed", **common),
+        train_dataset=prompt_dataset(True), callbacks=[_StopAt(2)],
+    )
+    interrupted.train()
+    assert interrupted.state.global_step == 2
+    checkpoint = tmp_path / "resumed" / "checkpoint-2"
+    for name in ("optimizer.pt", "scheduler.pt", "trainer_state.json", "transformer/config.json"):
+        assert (checkpoint / name).exists(), name
+
+    resumed = DDRLTrainer(
+        tiny_sd3_path, brightness, args=make_args(tmp_path / "resumed", **common), train_dataset=prompt_dataset(True)
+    )
+    resumed.train(resume_from_checkpoint=str(checkpoint))
+    assert resumed.state.global_step == 4
+    expected = full.pipeline.transformer.state_dict()
+    for key, value in resumed.pipeline.transformer.state_dict().items():
+        torch.testing.assert_close(value, expected[key], atol=1e-6, rtol=0, msg=key)
+
+
+def test_lora_is_saved_in_diffusers_format_and_loads(tiny_sd3_path, tmp_path):
+    from peft import LoraConfig
+
+    lora = LoraConfig(r=4, lora_alpha=8, target_modules=["to_q", "to_k", "to_v", "to_out.0"], init_lora_weights="gaussian")
+    trainer = DDRLTrainer(
+        tiny_sd3_path, brightness, args=make_args(tmp_path, learning_rate=1e-2), train_dataset=prompt_dataset(),
+        peft_config=lora,
+    )
+    base_weights = {k: v.clone() for k, v in trainer.pipeline.transformer.state_dict().items() if "lora" not in k}
+    trainer.train()
+    trainer.save_model()
+
+    for key, value in trainer.pipeline.transformer.state_dict().items():
+        if "lora" not in key:
+            assert torch.equal(base_weights[key], value), f"base weight {key} changed under LoRA"
+    weights = load_file(tmp_path / "pytorch_lora_weights.safetensors")
+    assert weights and all(key.startswith("transformer.") and "base_model.model" not in key for key in weights)
+    assert not (tmp_path / "transformer").exists()
+
+    def sample(pipeline):
+        return pipeline(
+            PROMPTS[:2], num_inference_steps=3, height=16, width=16, output_type="pt",
+            generator=torch.Generator().manual_seed(0), max_sequence_length=16,
+        ).images
+
+    trained = sample(trainer.pipeline)
+    fresh = DiffusionPipeline.from_pretrained(tiny_sd3_path)
+    untouched = sample(fresh)
+    fresh.load_lora_weights(tmp_path)
+    loaded = sample(fresh)
+    torch.testing.assert_close(loaded, trained, atol=1e-5, rtol=0)
+    assert not torch.allclose(untouched, trained, atol=1e-5)
+
+
+def test_reverse_kl_with_reference_model(tiny_sd3_path, tmp_path):
+    trainer = DDRLTrainer(
+        tiny_sd3_path, brightness, args=make_args(tmp_path, kl_beta=0.5, max_steps=3, update_ref_every=2),
+        train_dataset=prompt_dataset(),
+    )
+    assert trainer.ref_model is not None
+    trainer.train()
+    kls = [entry["kl"] for entry in trainer.state.log_history if "kl" in entry]
+    assert len(kls) == 3
+    assert kls[0] == pytest.approx(0.0, abs=1e-8)  # policy == reference before the first update
+    assert kls[1] > 0
+    # Synced at step 2: the reference equals the policy as it was then, so the KL restarts near 0.
+    assert kls[2] < kls[1]
+
+
+def test_failing_reward_names_the_function_and_prompt(tiny_sd3_path, tmp_path):
+    def broken(prompts, images, **kwargs):
+        raise ZeroDivisionError("boom")
+
+    trainer = DDRLTrainer(tiny_sd3_path, broken, args=make_args(tmp_path), train_dataset=prompt_dataset())
+    with pytest.raises(RewardFunctionError, match="'broken'.*ZeroDivisionError: boom"):
+        trainer.train()
+
+
+def test_drop_group_policy_skips_unscored_groups(tiny_sd3_path, tmp_path):
+    def half_scored(prompts, images, **kwargs):
+        return [None if prompt == prompts[0] else 1.0 + i for i, prompt in enumerate(prompts)]
+
+    trainer = DDRLTrainer(
+        tiny_sd3_path, half_scored, args=make_args(tmp_path, reward_error_policy="drop_group", max_steps=1),
+        train_dataset=prompt_dataset(),
+    )
+    trainer.train()
+    assert trainer.state.log_history[0]["reward/dropped_groups"] == 1.0
+
+
+def test_wrong_reward_length_fails_loudly(tiny_sd3_path, tmp_path):
+    trainer = DDRLTrainer(
+        tiny_sd3_path, lambda prompts, images, **kwargs: [1.0], args=make_args(tmp_path), train_dataset=prompt_dataset()
+    )
+    with pytest.raises(RewardFunctionError, match="returned 1 rewards for 8 samples"):
+        trainer.train()
+
+
+def test_bad_inputs_have_clear_errors(tiny_sd3_path, tmp_path):
+    with pytest.raises(ValueError, match="no 'prompt' column"):
+        DDRLTrainer(tiny_sd3_path, brightness, args=make_args(tmp_path), train_dataset=Dataset.from_dict({"text": ["a"]}))
+    with pytest.raises(ValueError, match="data_beta=0.1 needs data images"):
+        DDRLTrainer(tiny_sd3_path, brightness, args=make_args(tmp_path, data_beta=0.1), train_dataset=prompt_dataset())
+    with pytest.raises(ValueError, match="reward_weights has 2 values"):
+        DDRLTrainer(
+            tiny_sd3_path, brightness, args=make_args(tmp_path, reward_weights=[1.0, 2.0]), train_dataset=prompt_dataset()
+        )
+    with pytest.raises(ValueError, match="Could not load a diffusers pipeline"):
+        DDRLTrainer(str(tmp_path / "missing"), brightness, args=make_args(tmp_path), train_dataset=prompt_dataset())
+
+
+def test_multiple_rewards_are_logged_separately(tiny_sd3_path, tmp_path):
+    def darkness(prompts, images, **kwargs):
+        return (1 - images.mean(dim=(1, 2, 3))).tolist()
+
+    trainer = DDRLTrainer(
+        tiny_sd3_path, [brightness, darkness], args=make_args(tmp_path, reward_weights=[1.0, 0.5], max_steps=1),
+        train_dataset=prompt_dataset(),
+    )
+    trainer.train()
+    log = trainer.state.log_history[0]
+    assert log["rewards/brightness/mean"] == pytest.approx(1 - log["rewards/darkness/mean"], abs=1e-5)
+    assert log["reward"] == pytest.approx(log["rewards/brightness/mean"] + 0.5 * log["rewards/darkness/mean"], abs=1e-5)
