@@ -285,3 +285,36 @@ def test_multiple_rewards_are_logged_separately(tiny_sd3_path, tmp_path):
     log = trainer.state.log_history[0]
     assert log["rewards/brightness/mean"] == pytest.approx(1 - log["rewards/darkness/mean"], abs=1e-5)
     assert log["reward"] == pytest.approx(log["rewards/brightness/mean"] + 0.5 * log["rewards/darkness/mean"], abs=1e-5)
+
+
+def test_rewards_overlap_the_next_rollout_chunk(tiny_sd3_path, tmp_path):
+    import threading
+
+    next_chunk_started = threading.Event()
+    calls = []
+
+    def slow_reward(prompts, images, **kwargs):
+        # The first chunk's reward waits for the second chunk's sampling to begin: only possible if they overlap.
+        overlapped = next_chunk_started.wait(timeout=20) if not calls else True
+        calls.append((threading.current_thread().name, overlapped))
+        return images.mean(dim=(1, 2, 3)).tolist()
+
+    trainer = DDRLTrainer(
+        tiny_sd3_path, slow_reward, args=make_args(tmp_path, max_steps=1, rollout_batch_size=4),
+        train_dataset=prompt_dataset(),
+    )
+    sample = trainer.adapter.sample
+
+    sampled = []
+
+    def recording_sample(*args, **kwargs):
+        if sampled:
+            next_chunk_started.set()
+        sampled.append(1)
+        return sample(*args, **kwargs)
+
+    trainer.adapter.sample = recording_sample
+    trainer.train()
+    assert len(calls) == 2
+    assert all(name.startswith("ddrl-reward") for name, _ in calls)
+    assert calls[0][1], "the first chunk's reward did not run while the second chunk was sampled"

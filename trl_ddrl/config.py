@@ -129,6 +129,10 @@ class DDRLConfig(_BaseConfig):
             `"normalize_then_sum"` normalises each reward within its group and takes the weighted sum.
         reward_weights (`list[float]`, *optional*):
             Weight of each reward function. Defaults to `1.0` for every function.
+        async_rewards (`bool`, *optional*, defaults to `True`):
+            Score each rollout chunk (`rollout_batch_size` samples) in a background thread while the next chunk is
+            being sampled, so reward computation (a reward model, or a remote reward server) overlaps the rollouts.
+            Reward functions are still called one at a time. No effect when one chunk holds all the samples.
         reward_error_policy (`str`, *optional*, defaults to `"raise"`):
             What to do when a reward function raises, times out or returns NaN, None or a wrong number of values:
             `"raise"` stops with an error naming the function and prompt; `"drop_group"` gives the group's samples a
@@ -224,7 +228,9 @@ class DDRLConfig(_BaseConfig):
     data_beta: float = field(default=0.01, metadata={"help": "Weight of the diffusion loss on data; 0 disables it."})
     kl_beta: float = field(default=0.0, metadata={"help": "Weight of the reverse KL to the reference model."})
     clip_range: float = field(default=1e-4, metadata={"help": "PPO clipping range of the likelihood ratio."})
-    advantage_clip: float = field(default=5.0, metadata={"help": "Clip advantages to [-advantage_clip, advantage_clip]."})
+    advantage_clip: float = field(
+        default=5.0, metadata={"help": "Clip advantages to [-advantage_clip, advantage_clip]."}
+    )
     exp_advantage: bool = field(default=False, metadata={"help": "Transform advantages with A -> -exp(-A)."})
     scale_rewards: str = field(
         default="group", metadata={"help": "Scale centred rewards by the std of the group, the batch, or none."}
@@ -235,6 +241,10 @@ class DDRLConfig(_BaseConfig):
     )
     reward_weights: list[float] | None = field(
         default=None, metadata={"help": "Weight of each reward function (defaults to 1.0 each)."}
+    )
+    async_rewards: bool = field(
+        default=True,
+        metadata={"help": "Score each rollout chunk in a background thread while the next chunk is sampled."},
     )
     reward_error_policy: str = field(
         default="raise",

@@ -8,6 +8,7 @@ import os
 import time
 from collections import defaultdict
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,8 +21,8 @@ from safetensors.torch import load_file
 from torch import nn
 from transformers import TrainerCallback
 from transformers.trainer import TRAINING_ARGS_NAME
-from trl.trainer.base_trainer import _BaseTrainer
 from trl.models.utils import prepare_deepspeed, prepare_fsdp, unwrap_model_for_generation
+from trl.trainer.base_trainer import _BaseTrainer
 from trl.trainer.utils import RepeatSampler
 
 from .config import DDRLConfig
@@ -264,6 +265,10 @@ class DDRLTrainer(_BaseTrainer):
         self.data_collator_for_loss = DiffusionDataCollator(self.adapter, args.image_column, args.caption_column)
 
         self._metrics: dict[str, list[float]] = defaultdict(list)
+        # One worker: reward functions run one at a time, beside the sampling of the next rollout chunk.
+        self._reward_executor = (
+            ThreadPoolExecutor(max_workers=1, thread_name_prefix="ddrl-reward") if args.async_rewards else None
+        )
         self._buffer: RolloutBuffer | None = None
         self._step = 0
         self._last_images: torch.Tensor | None = None
@@ -312,7 +317,7 @@ class DDRLTrainer(_BaseTrainer):
             kwargs["torch_dtype"] = getattr(torch, dtype)
         try:
             return DiffusionPipeline.from_pretrained(model, **kwargs)
-        except (OSError, ValueError, EnvironmentError) as error:
+        except (OSError, ValueError) as error:
             raise ValueError(
                 f"Could not load a diffusers pipeline from model={model!r}: {error}. Pass a hub id or a local directory "
                 "saved with pipeline.save_pretrained (it holds a model_index.json)."
@@ -408,7 +413,7 @@ class DDRLTrainer(_BaseTrainer):
         return {key: value[index] for key, value in encoded.items()}
 
     def _generator(self, iteration: int, stream: int) -> torch.Generator:
-        seed = (self.args.seed * 1_000_003 + iteration * 7_919 + self.accelerator.process_index * 104_729 + stream)
+        seed = self.args.seed * 1_000_003 + iteration * 7_919 + self.accelerator.process_index * 104_729 + stream
         return torch.Generator().manual_seed(seed % (2**63))
 
     @torch.no_grad()
@@ -416,29 +421,39 @@ class DDRLTrainer(_BaseTrainer):
         args = self.args
         device = self.accelerator.device
         prompts = [row["prompt"] for row in rows]
+        chunk = args.rollout_batch_size or len(prompts)
         start = time.perf_counter()
+        latents, log_probs, images, scored = [], [], [], []
         with unwrap_model_for_generation(self.model_wrapped, self.accelerator) as policy, self.accelerator.autocast():
             conditioning = self._encode_unique(prompts)
             noise = self.adapter.sample_noise(len(prompts), generator=self._generator(iteration, 0))
-            chunk = args.rollout_batch_size or len(prompts)
             sampler_generator = self._generator(iteration, 1)
-            trajectories = [
-                self.adapter.sample(
+            for i in range(0, len(prompts), chunk):
+                trajectory = self.adapter.sample(
                     policy,
                     {key: value[i : i + chunk] for key, value in conditioning.items()},
                     noise[i : i + chunk],
                     generator=sampler_generator,
                 )
-                for i in range(0, len(prompts), chunk)
-            ]
-        latents = torch.cat([t.latents for t in trajectories])
-        log_probs = torch.cat([t.log_probs for t in trajectories])
-        images = torch.cat([self.adapter.decode(latents[i : i + chunk, -1]) for i in range(0, len(prompts), chunk)])
+                chunk_images = self.adapter.decode(trajectory.latents[:, -1])
+                latents.append(trajectory.latents)
+                log_probs.append(trajectory.log_probs)
+                images.append(chunk_images)
+                # Scoring this chunk overlaps the sampling of the next one.
+                score_args = (prompts[i : i + chunk], chunk_images, rows[i : i + chunk])
+                scored.append(
+                    self._reward_executor.submit(self._score, *score_args)
+                    if self._reward_executor
+                    else self._score(*score_args)
+                )
         rollout_time = time.perf_counter() - start
+        latents, log_probs, images = torch.cat(latents), torch.cat(log_probs), torch.cat(images)
 
         start = time.perf_counter()
-        rewards_per_func = self._score(prompts, images, rows)
-        reward_time = time.perf_counter() - start
+        results = [item.result() if isinstance(item, Future) else item for item in scored]
+        reward_wait_time = time.perf_counter() - start
+        rewards_per_func = torch.cat([rewards for rewards, _ in results])
+        self._metrics["time/reward"].append(sum(seconds for _, seconds in results))
 
         # Groups may span processes: normalise on the gathered rewards, then keep this process's slice.
         all_rewards = gather(rewards_per_func)
@@ -465,8 +480,8 @@ class DDRLTrainer(_BaseTrainer):
         num_steps = len(args.train_timesteps)
         order = torch.randperm(len(prompts) * num_steps, generator=self._generator(iteration, 3)).to(device)
 
-        self._log_rollout_metrics(all_rewards, result, advantages, rollout_time, reward_time)
-        self._last_images, self._last_prompts = images[: 16].cpu(), prompts[:16]
+        self._log_rollout_metrics(all_rewards, result, advantages, rollout_time, reward_wait_time)
+        self._last_images, self._last_prompts = images[:16].cpu(), prompts[:16]
         return RolloutBuffer(
             states=latents[:, steps],
             next_states=latents[:, steps + 1],
@@ -480,8 +495,12 @@ class DDRLTrainer(_BaseTrainer):
             order=order,
         )
 
-    def _score(self, prompts: list[str], images: torch.Tensor, rows: list[dict]) -> torch.Tensor:
-        """Rewards `[S, R]` of this process's samples, NaN where a function gave None (or failed, when dropping)."""
+    def _score(self, prompts: list[str], images: torch.Tensor, rows: list[dict]) -> tuple[torch.Tensor, float]:
+        """
+        Rewards `[S, R]` of these samples, NaN where a function gave None (or failed, when dropping), and the seconds
+        the reward functions took.
+        """
+        start = time.perf_counter()
         columns = {key: [row[key] for row in rows] for key in rows[0] if key != "prompt"}
         rewards = torch.full((len(prompts), len(self.reward_funcs)), float("nan"), dtype=torch.float32)
         for index, (reward_func, name) in enumerate(zip(self.reward_funcs, self.reward_func_names, strict=True)):
@@ -507,9 +526,9 @@ class DDRLTrainer(_BaseTrainer):
                 f"No reward function gave a reward for the prompt {first!r} (all returned None). Return a value for "
                 "every sample from at least one function, or set reward_error_policy='drop_group'."
             )
-        return rewards.to(self.accelerator.device)
+        return rewards.to(self.accelerator.device), time.perf_counter() - start
 
-    def _log_rollout_metrics(self, all_rewards, result, advantages, rollout_time, reward_time) -> None:
+    def _log_rollout_metrics(self, all_rewards, result, advantages, rollout_time, reward_wait_time) -> None:
         for index, name in enumerate(self.reward_func_names):
             column = all_rewards[:, index]
             column = column[~torch.isnan(column)]
@@ -525,7 +544,8 @@ class DDRLTrainer(_BaseTrainer):
         self._metrics["frac_reward_zero_std"].append(result.zero_std_groups / result.num_groups)
         self._metrics["reward/dropped_groups"].append(float(result.dropped_groups))
         self._metrics["time/rollout"].append(rollout_time)
-        self._metrics["time/reward"].append(reward_time)
+        # Time spent blocked on rewards after the last chunk was sampled; `time/reward` sums the reward calls.
+        self._metrics["time/reward_wait"].append(reward_wait_time)
 
     # ---- loss -------------------------------------------------------------------------------------------------------
 
@@ -559,7 +579,9 @@ class DDRLTrainer(_BaseTrainer):
 
     def _data_loss(self, model, inputs) -> torch.Tensor:
         """Diffusion loss on the data batch at the transitions' noise levels (mean over the transitions used)."""
-        select = inputs["is_first_step"] if self.args.data_on_first_step_only else torch.ones_like(inputs["is_first_step"])
+        select = (
+            inputs["is_first_step"] if self.args.data_on_first_step_only else torch.ones_like(inputs["is_first_step"])
+        )
         if not select.any():
             # Keep every parameter in the graph so distributed gradient reduction stays in step.
             return sum(p.sum() for p in model.parameters() if p.requires_grad) * 0.0
