@@ -46,3 +46,23 @@ def test_nested_lists_from_datasets_array_columns():
     assert torch.allclose(to_pixel_tensor(image.tolist(), 4, 4, 3), torch.ones(3, 4, 4))
     video = np.zeros((2, 8, 8, 3), dtype=np.uint8)
     assert to_pixel_tensor(video.tolist(), 4, 4, 3).shape == (2, 3, 4, 4)
+
+
+def test_video_files(tmp_path):
+    frames = [Image.fromarray(np.full((8, 8, 3), value, dtype=np.uint8)) for value in (0, 255, 0)]
+    path = tmp_path / "clip.gif"
+    frames[0].save(path, save_all=True, append_images=frames[1:], duration=100, loop=0)
+    video = to_pixel_tensor(str(path), 4, 4, 3)
+    assert video.shape == (3, 3, 4, 4)
+    assert video[0].max() < -0.9 and video[1].min() > 0.9
+    still = tmp_path / "still.gif"
+    frames[1].save(still)
+    assert to_pixel_tensor(str(still), 4, 4, 3).shape == (3, 4, 4)  # a one-frame GIF is an image
+
+
+def test_video_file_without_imageio_names_the_fix(tmp_path, monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "imageio", None)
+    with pytest.raises(ImportError, match=r"Column 'video'.*imageio\[pyav\]"):
+        to_pixel_tensor(str(tmp_path / "clip.mp4"), 4, 4, 3, column="video")

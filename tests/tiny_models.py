@@ -5,8 +5,8 @@ import torch
 from diffusers import (
     AutoencoderKL,
     ConfigMixin,
-    ModelMixin,
     FlowMatchEulerDiscreteScheduler,
+    ModelMixin,
     SD3Transformer2DModel,
     StableDiffusion3Pipeline,
 )

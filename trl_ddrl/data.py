@@ -17,6 +17,35 @@ from PIL import Image
 from .pipelines import Conditioning, DiffusionAdapter
 
 
+VIDEO_EXTENSIONS = (".mp4", ".avi", ".mov", ".mkv", ".webm", ".gif")
+"""File suffixes read as videos (a single-frame `.gif` is read as an image)."""
+
+
+def _read_video_file(path: str | Path, column: str) -> list[np.ndarray] | None:
+    """
+    The frames of a video file as `[H, W, C]` uint8 arrays, or `None` for a single-frame GIF (an image).
+
+    GIFs are read with PIL; other formats need `imageio` with a video plugin (`pip install imageio[pyav]`).
+    """
+    if Path(path).suffix.lower() == ".gif":
+        with Image.open(path) as gif:
+            if getattr(gif, "n_frames", 1) == 1:
+                return None
+            frames = []
+            for index in range(gif.n_frames):
+                gif.seek(index)
+                frames.append(np.asarray(gif.convert("RGB")))
+            return frames
+    try:
+        import imageio.v3 as iio
+    except ImportError as error:
+        raise ImportError(
+            f"Column '{column}': reading the video file {str(path)!r} needs imageio with a video plugin: "
+            "`pip install imageio[pyav]`. Or store the videos as frame arrays [F, H, W, C] or lists of frames."
+        ) from error
+    return list(iio.imread(path, index=None))
+
+
 def _frame_to_tensor(frame: Any, column: str) -> torch.Tensor:
     """One image as float `[C, H, W]` in `[0, 1]`."""
     if isinstance(frame, (str, Path)):
@@ -77,8 +106,9 @@ def to_pixel_tensor(value: Any, height: int, width: int, channels: int, column: 
 
     Args:
         value: A PIL image, a numpy array (`[H, W]`, `[H, W, C]`; uint8 or float in `[0, 1]`) or its nested-list form
-            (as `datasets` returns array columns), a tensor (`[C, H, W]`), a file path, or a video: a list of such frames or an array/tensor with a leading frame axis (`[F, H, W,
-            C]` / `[F, C, H, W]`).
+            (as `datasets` returns array columns), a tensor (`[C, H, W]`), an image file path, or a video: a list of
+            such frames, an array/tensor with a leading frame axis (`[F, H, W, C]` / `[F, C, H, W]`) or a video file
+            path (`VIDEO_EXTENSIONS`; an animated GIF, or any format with `imageio` installed).
         height (`int`), width (`int`): Target size in pixels.
         channels (`int`): Channels the model expects (1 or 3); grayscale and RGB are converted.
         column (`str`): Column name, for error messages.
@@ -86,12 +116,12 @@ def to_pixel_tensor(value: Any, height: int, width: int, channels: int, column: 
     Returns:
         `torch.Tensor`: `[C, H, W]` for an image, `[F, C, H, W]` for a video, float32 in `[-1, 1]`.
     """
+    if isinstance(value, (str, Path)) and Path(value).suffix.lower() in VIDEO_EXTENSIONS:
+        value = _read_video_file(value, column) or value
     if isinstance(value, (list, tuple)) and value and isinstance(value[0], (list, tuple)):
         # datasets returns array columns as nested lists: [H][W][C] images or [F][H][W][C] videos.
         value = np.asarray(value)
-    is_video = isinstance(value, (list, tuple)) or (
-        isinstance(value, (np.ndarray, torch.Tensor)) and value.ndim == 4
-    )
+    is_video = isinstance(value, (list, tuple)) or (isinstance(value, (np.ndarray, torch.Tensor)) and value.ndim == 4)
     frames = list(value) if is_video else [value]
     if not frames:
         raise ValueError(f"Column '{column}' holds an empty video.")
@@ -130,9 +160,14 @@ class DiffusionDataCollator:
         self.caption_column = caption_column
 
     def pixels(self, rows: list[dict[str, Any]]) -> torch.Tensor:
-        """The rows' images as model pixels `[B, C, H, W]` (or `[B, F, C, H, W]`) in `[-1, 1]`."""
+        """
+        The rows' images as model pixels `[B, C, H, W]` in `[-1, 1]`, or for video pipelines (adapters with a
+        `num_frames`) their videos' first `num_frames` frames, `[B, F, C, H, W]`.
+        """
         height, width = self.adapter.resolution
         channels = self.adapter.pixel_channels
+        num_frames = getattr(self.adapter, "num_frames", None)
+        pipeline = type(self.adapter.pipeline).__name__
         values = []
         for index, row in enumerate(rows):
             if self.image_column not in row or row[self.image_column] is None:
@@ -140,7 +175,26 @@ class DiffusionDataCollator:
                     f"Row {index} has no '{self.image_column}' value (columns: {sorted(row)}). Set image_column to the "
                     "column holding the data images, or set data_beta=0 to train without the data term."
                 )
-            values.append(to_pixel_tensor(row[self.image_column], height, width, channels, self.image_column))
+            pixels = to_pixel_tensor(row[self.image_column], height, width, channels, self.image_column)
+            if num_frames is None and pixels.ndim == 4:
+                raise ValueError(
+                    f"Row {index}'s '{self.image_column}' is a video ({pixels.shape[0]} frames) but {pipeline} "
+                    "generates images. Give the data term images."
+                )
+            if num_frames is not None:
+                if pixels.ndim == 3:
+                    raise ValueError(
+                        f"Row {index}'s '{self.image_column}' is an image but {pipeline} generates videos of "
+                        f"num_frames={num_frames} frames. Give the data term videos (frame arrays [F, H, W, C], "
+                        "lists of frames or video files)."
+                    )
+                if pixels.shape[0] < num_frames:
+                    raise ValueError(
+                        f"Row {index}'s '{self.image_column}' video has {pixels.shape[0]} frames, fewer than "
+                        f"num_frames={num_frames}. Use clips of at least num_frames frames or lower num_frames."
+                    )
+                pixels = pixels[:num_frames]
+            values.append(pixels)
         return torch.stack(values)
 
     def captions(self, rows: list[dict[str, Any]]) -> list[str]:

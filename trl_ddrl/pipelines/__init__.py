@@ -2,10 +2,18 @@
 """Pipeline adapters, one per diffusers family, chosen from the pipeline's class."""
 
 from .base import Conditioning, DiffusionAdapter, FlowMatchingAdapter, SamplingSettings, Trajectory
+from .cosmos import Cosmos2TextToImageAdapter, Cosmos2VideoToWorldAdapter
+from .flux import FluxAdapter
 from .sd3 import StableDiffusion3Adapter
+from .wan import WanAdapter
 
 
-ADAPTERS: tuple[type[DiffusionAdapter], ...] = (StableDiffusion3Adapter,)
+ADAPTERS: tuple[type[DiffusionAdapter], ...] = (
+    StableDiffusion3Adapter,
+    FluxAdapter,
+    WanAdapter,
+    Cosmos2TextToImageAdapter,
+)
 
 
 def get_adapter(pipeline, settings: SamplingSettings) -> DiffusionAdapter:
@@ -30,10 +38,14 @@ def get_adapter(pipeline, settings: SamplingSettings) -> DiffusionAdapter:
 __all__ = [
     "ADAPTERS",
     "Conditioning",
+    "Cosmos2TextToImageAdapter",
+    "Cosmos2VideoToWorldAdapter",
     "DiffusionAdapter",
     "FlowMatchingAdapter",
+    "FluxAdapter",
     "SamplingSettings",
     "StableDiffusion3Adapter",
     "Trajectory",
+    "WanAdapter",
     "get_adapter",
 ]

@@ -1,0 +1,266 @@
+# Copyright 2026 The trl_ddrl Authors. Licensed under the Apache License, Version 2.0.
+r"""
+Adapters for NVIDIA Cosmos Predict2 (`Cosmos2TextToImagePipeline`, `Cosmos2VideoToWorldPipeline`), the model family
+of the DDRL paper.
+
+The Cosmos Predict2 pipelines are written in EDM form: the state is `x = x0 + s * eps` with EDM noise level `s`
+(Karras schedule from `sigma_max = 80` to `sigma_min = 0.002`), and the transformer is wrapped with the
+preconditioning `c_in = c_skip = 1 - t`, `c_out = -t`, `t = s / (1 + s)`. Written out, the transformer's input is
+
+$$ c_{in} x = \frac{x_0 + s\,\epsilon}{1 + s} = (1 - t)\,x_0 + t\,\epsilon, $$
+
+which is exactly the rectified-flow state at `sigma = t`, and the denoised estimate `c_skip x + c_out F = x_t - t F`
+is the rectified-flow `x0 = x_t - t v`: the transformer's raw output `F` *is* the velocity `eps - x0` at flow
+noise level `t`. The adapters therefore work in flow coordinates, `x_t = x / (1 + s)` with sigmas `t = s / (1 + s)`,
+and the shared [`FlowMatchingAdapter`] SDE step and flow-matching data loss apply unchanged. The pipeline's EDM Euler
+step and the flow Euler step are the same DDIM update, so `eta = 0` reproduces the pipeline's trajectory.
+
+Two details differ from the pipeline:
+
+- The pipeline starts from `x = 80 * eps`, i.e. the flow state `t_0 * eps` with `t_0 = 80 / 81`; `sample_noise`
+  returns that state (so the recorded initial state, used as the rollout noise of the data term, is `t_0 * eps`).
+- The pipeline repeats its last sigma (`final_sigmas_type="sigma_min"`), so its last step is a no-op and it decodes
+  the state at `s = 0.002`. DDRL's last step goes on to `t = 0`, decoding the denoised estimate at that level.
+
+The Cosmos transformer resizes its padding mask with torchvision, so the real checkpoints (`concat_padding_mask=True`)
+need `torchvision` installed.
+"""
+
+import torch
+from torch import nn
+
+from .base import Conditioning, FlowMatchingAdapter, SamplingSettings
+from .wan import wan_vae_decode, wan_vae_encode
+
+
+class Cosmos2TextToImageAdapter(FlowMatchingAdapter):
+    """
+    `Cosmos2TextToImagePipeline`: T5-XXL prompt embeddings, Wan-VAE latents `[C, 1, H', W']` (an image is a one-frame
+    video) normalised by `latents_mean` / `latents_std` and scaled by `sigma_data`.
+
+    With `guidance_scale > 1` rollouts use CFG against the pipeline's default negative prompt. DDRL uses the standard
+    convention `uncond + g * (cond - uncond)`; the pipeline's `guidance_scale=g` means `cond + g * (cond - uncond)`,
+    i.e. DDRL's `g + 1`.
+    """
+
+    pipeline_class_names = ("Cosmos2TextToImagePipeline",)
+    denoiser_name = "transformer"
+    default_resolution = (768, 1360)
+    default_max_sequence_length = 512
+
+    def __init__(self, pipeline, settings: SamplingSettings):
+        super().__init__(pipeline, settings)
+        height, width = self.resolution
+        multiple = pipeline.vae_scale_factor_spatial * self.denoiser.config.patch_size[1]
+        if height % multiple or width % multiple:
+            raise ValueError(
+                f"height={height} and width={width} must be multiples of {multiple} (VAE factor x patch size) for "
+                f"{type(pipeline).__name__}; set height and width accordingly."
+            )
+
+    @property
+    def resolution(self) -> tuple[int, int]:
+        default_height, default_width = self.default_resolution
+        return self.settings.height or default_height, self.settings.width or default_width
+
+    @property
+    def sigma_data(self) -> float:
+        """EDM data scale of the latents (1 for the released checkpoints)."""
+        return self.pipeline.scheduler.config.get("sigma_data", 1.0)
+
+    @property
+    def latent_channels(self) -> int:
+        """Channels of the latents (the transformer's input channels, less the conditioning-mask channel if any)."""
+        return self.denoiser.config.in_channels
+
+    def _latent_frames(self) -> int:
+        """Latent frames per sample: an image is a one-frame video."""
+        return 1
+
+    def latent_shape(self) -> tuple[int, ...]:
+        height, width = self.resolution
+        spatial = self.pipeline.vae_scale_factor_spatial
+        return (self.latent_channels, self._latent_frames(), height // spatial, width // spatial)
+
+    def sigmas(self) -> torch.Tensor:
+        """The pipeline's EDM sigmas `s` (Karras schedule) as flow sigmas `s / (1 + s)`, then 0."""
+        scheduler = self.pipeline.scheduler
+        steps = self.settings.num_inference_steps
+        scheduler.set_timesteps(sigmas=torch.linspace(0, 1, steps, dtype=torch.float64), device=self.device)
+        edm = scheduler.sigmas[:steps].double()
+        if steps > 1 and not bool((edm[1:] < edm[:-1]).all()):
+            raise ValueError(
+                f"The scheduler of {type(self.pipeline).__name__} gives increasing EDM sigmas {edm.tolist()}; Cosmos "
+                "Predict2 needs its Karras schedule. Load the checkpoint's own scheduler (FlowMatchEulerDiscreteScheduler "
+                "with use_karras_sigmas=True)."
+            )
+        flow = edm / (1 + edm)
+        return torch.cat([flow, flow.new_zeros(1)]).float().to(self.device)
+
+    def sample_noise(self, batch_size: int, generator: torch.Generator | None = None) -> torch.Tensor:
+        """The pipeline's initial state `sigma_max * eps` in flow coordinates: `t_0 * eps`, `t_0 = s_max / (1 + s_max)`."""
+        return super().sample_noise(batch_size, generator) * self._sigma_table()[0]
+
+    @torch.no_grad()
+    def encode_prompts(self, prompts: list[str], device: torch.device) -> Conditioning:
+        use_cfg = self.settings.guidance_scale > 1.0
+        embeds, negative_embeds = self.pipeline.encode_prompt(
+            prompt=prompts,
+            do_classifier_free_guidance=use_cfg,
+            max_sequence_length=self.settings.max_sequence_length or self.default_max_sequence_length,
+            device=device,
+        )
+        conditioning = {"prompt_embeds": embeds}
+        if use_cfg:
+            conditioning["negative_prompt_embeds"] = negative_embeds
+        return conditioning
+
+    def _padding_mask(self, like: torch.Tensor) -> torch.Tensor:
+        """The pipeline's all-zero pixel padding mask `[1, 1, H, W]`."""
+        return like.new_zeros(1, 1, *self.resolution)
+
+    def velocity(self, denoiser: nn.Module, latents, sigma, conditioning):
+        embeds = conditioning["prompt_embeds"]
+        return denoiser(
+            hidden_states=latents.to(embeds.dtype),
+            timestep=sigma.to(embeds.dtype),
+            encoder_hidden_states=embeds,
+            padding_mask=self._padding_mask(embeds),
+            return_dict=False,
+        )[0]
+
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        return wan_vae_decode(self.pipeline.vae, latents, self.sigma_data)[:, 0]
+
+    @torch.no_grad()
+    def encode_pixels(self, pixels: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        if pixels.ndim != 4:
+            raise ValueError(
+                f"{type(self.pipeline).__name__} trains on images [B, C, H, W]; got pixels of shape "
+                f"{tuple(pixels.shape)}."
+            )
+        return wan_vae_encode(self.pipeline.vae, pixels[:, :, None], generator, self.sigma_data)
+
+
+class Cosmos2VideoToWorldAdapter(Cosmos2TextToImageAdapter):
+    """
+    `Cosmos2VideoToWorldPipeline`: videos of `num_frames = 4k + 1` frames (93 by default) continuing the first
+    `num_conditioning_frames` frames (1: image-to-world).
+
+    As in the pipeline, the first `(num_conditioning_frames - 1) // 4 + 1` latent frames are the ground truth: the
+    transformer sees the clean conditioning latents there, at noise level `t = sigma_conditioning / (1 +
+    sigma_conditioning)`, with a conditioning-mask channel of ones; and the denoised estimate there is replaced by the
+    conditioning latents, which in velocity form is `v = (x_t - c) / t`. The same replacement applies in rollouts and
+    in the data term, where the conditioning latents are the data video's own first latent frames, so the
+    conditioning frames carry no loss. Rollouts need the conditioning latents under `condition_latents` (and
+    `negative_condition_latents` with CFG), from [`~Cosmos2VideoToWorldAdapter.encode_condition_frames`].
+    """
+
+    pipeline_class_names = ("Cosmos2VideoToWorldPipeline",)
+    default_resolution = (704, 1280)
+    default_num_frames = 93
+    num_conditioning_frames = 1
+    sigma_conditioning = 1e-4
+    fps = 16
+
+    def __init__(self, pipeline, settings: SamplingSettings):
+        super().__init__(pipeline, settings)
+        temporal = pipeline.vae_scale_factor_temporal
+        if (self.num_frames - 1) % temporal:
+            raise ValueError(
+                f"num_frames={self.num_frames} is not {temporal}k + 1, which the Wan VAE of Cosmos Predict2 needs. "
+                f"Use for example {(self.num_frames - 1) // temporal * temporal + 1}."
+            )
+
+    @property
+    def num_frames(self) -> int:
+        """Frames per generated video, conditioning frames included."""
+        return self.settings.num_frames or self.default_num_frames
+
+    @property
+    def latent_channels(self) -> int:
+        return self.denoiser.config.in_channels - 1
+
+    def _latent_frames(self) -> int:
+        return (self.num_frames - 1) // self.pipeline.vae_scale_factor_temporal + 1
+
+    def _condition_indicator(self, like: torch.Tensor) -> torch.Tensor:
+        """`[1, 1, F', 1, 1]`: 1 on the conditioning latent frames, 0 elsewhere."""
+        frames = (self.num_conditioning_frames - 1) // self.pipeline.vae_scale_factor_temporal + 1
+        indicator = like.new_zeros(1, 1, like.shape[2], 1, 1)
+        indicator[:, :, :frames] = 1.0
+        return indicator
+
+    @torch.no_grad()
+    def encode_condition_frames(self, pixels: torch.Tensor, generator: torch.Generator | None = None) -> Conditioning:
+        """
+        Encode conditioning frames as the pipeline does: the last frame is repeated up to `num_frames` and the whole
+        video encoded.
+
+        Args:
+            pixels (`torch.Tensor`): `[B, C, H, W]` (an image) or `[B, F_c, C, H, W]` in `[-1, 1]`, with `F_c >=
+                num_conditioning_frames`; the first `num_conditioning_frames` frames are used.
+            generator (`torch.Generator`, *optional*): Generator for the VAE posterior sample.
+
+        Returns:
+            `dict` with `condition_latents` (`[B, *latent_shape]`), and `negative_condition_latents` (the same) when
+            `guidance_scale > 1`: merge it into the conditioning from `encode_prompts`.
+        """
+        if pixels.ndim == 4:
+            pixels = pixels[:, None]
+        if pixels.shape[1] < self.num_conditioning_frames:
+            raise ValueError(
+                f"Got {pixels.shape[1]} conditioning frames but num_conditioning_frames={self.num_conditioning_frames}."
+            )
+        frames = pixels[:, : self.num_conditioning_frames]
+        padding = frames[:, -1:].expand(-1, self.num_frames - frames.shape[1], -1, -1, -1)
+        video = torch.cat([frames, padding], dim=1).permute(0, 2, 1, 3, 4)
+        latents = wan_vae_encode(self.pipeline.vae, video, generator, self.sigma_data)
+        conditioning = {"condition_latents": latents}
+        if self.settings.guidance_scale > 1.0:
+            conditioning["negative_condition_latents"] = latents
+        return conditioning
+
+    def velocity(self, denoiser: nn.Module, latents, sigma, conditioning):
+        if "condition_latents" not in conditioning:
+            raise ValueError(
+                "Cosmos2VideoToWorldPipeline needs the conditioning frames: add the output of "
+                "adapter.encode_condition_frames(pixels) to the conditioning."
+            )
+        embeds = conditioning["prompt_embeds"]
+        latents = latents.float()
+        condition = conditioning["condition_latents"].float()
+        indicator = self._condition_indicator(latents)
+        sigma_b = sigma.float().view(-1, 1, 1, 1, 1)
+        t_condition = self.sigma_conditioning / (1 + self.sigma_conditioning)
+        model_input = indicator * condition + (1 - indicator) * latents
+        timestep = (indicator * t_condition + (1 - indicator) * sigma_b).expand(-1, -1, latents.shape[2], -1, -1)
+        output = denoiser(
+            hidden_states=model_input.to(embeds.dtype),
+            timestep=timestep.to(embeds.dtype),
+            encoder_hidden_states=embeds,
+            fps=self.fps,
+            condition_mask=indicator.expand(latents.shape[0], 1, -1, *latents.shape[3:]).to(embeds.dtype),
+            padding_mask=self._padding_mask(embeds),
+            return_dict=False,
+        )[0]
+        # Where the frames are given, the denoised estimate is the conditioning itself: x0 = c, v = (x_t - c) / t.
+        return indicator * (latents - condition) / sigma_b + (1 - indicator) * output.float()
+
+    def diffusion_loss(self, denoiser, x0, conditioning, step_index, noise):
+        conditioning = {**conditioning, "condition_latents": x0}
+        return super().diffusion_loss(denoiser, x0, conditioning, step_index, noise)
+
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        return wan_vae_decode(self.pipeline.vae, latents, self.sigma_data)
+
+    @torch.no_grad()
+    def encode_pixels(self, pixels: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        if pixels.ndim != 5:
+            raise ValueError(
+                f"{type(self.pipeline).__name__} trains on videos [B, F, C, H, W]; got pixels of shape "
+                f"{tuple(pixels.shape)}. Give the data term videos of num_frames={self.num_frames} frames."
+            )
+        return wan_vae_encode(self.pipeline.vae, pixels.permute(0, 2, 1, 3, 4), generator, self.sigma_data)
