@@ -1,6 +1,7 @@
 # Copyright 2026 The trl_ddrl Authors. Licensed under the Apache License, Version 2.0.
 """The DDRL trainer: policy-gradient RL on diffusers pipelines, regularised by the diffusion loss on data."""
 
+import contextlib
 import copy
 import glob
 import math
@@ -88,6 +89,25 @@ class RolloutBuffer:
             batch["data_latents"] = self.data_latents[sample]
             batch["data_conditioning"] = {key: value[sample] for key, value in self.data_conditioning.items()}
         return batch
+
+
+@contextlib.contextmanager
+def _without_zero3_init():
+    """
+    Load models unpartitioned even when a DeepSpeed ZeRO-3 config is active.
+
+    `DDRLConfig(deepspeed=...)` registers a global config that makes transformers' `from_pretrained` build models
+    under `deepspeed.zero.Init`, which would leave the frozen text encoders as empty shards; only the trained denoiser
+    is partitioned, by `accelerator.prepare`.
+    """
+    from transformers.integrations import deepspeed as hf_deepspeed
+
+    reference = hf_deepspeed._hf_deepspeed_config_weak_ref
+    hf_deepspeed._hf_deepspeed_config_weak_ref = None
+    try:
+        yield
+    finally:
+        hf_deepspeed._hf_deepspeed_config_weak_ref = reference
 
 
 class EpochSeededRepeatSampler(RepeatSampler):
@@ -316,7 +336,8 @@ class DDRLTrainer(_BaseTrainer):
                 )
             kwargs["torch_dtype"] = getattr(torch, dtype)
         try:
-            return DiffusionPipeline.from_pretrained(model, **kwargs)
+            with _without_zero3_init():
+                return DiffusionPipeline.from_pretrained(model, **kwargs)
         except (OSError, ValueError) as error:
             raise ValueError(
                 f"Could not load a diffusers pipeline from model={model!r}: {error}. Pass a hub id or a local directory "

@@ -1,0 +1,76 @@
+# Copyright 2026 The trl_ddrl Authors. Licensed under the Apache License, Version 2.0.
+"""
+Trains a tiny SD3 pipeline for 2 steps under `accelerate launch` and writes, per rank, a fingerprint of the weights
+after every step plus the rewards and advantages it saw. Used by tests/test_distributed.py.
+
+    python distributed_train.py <pipeline dir> <output dir> [deepspeed json]
+"""
+
+import json
+import os
+import sys
+
+import torch
+from datasets import Dataset
+from transformers import TrainerCallback
+
+from trl_ddrl import DDRLConfig, DDRLTrainer
+
+
+def brightness(prompts, images, **kwargs):
+    return images.mean(dim=(1, 2, 3)).tolist()
+
+
+class Fingerprint(TrainerCallback):
+    def __init__(self):
+        self.trainer = None
+        self.records = []
+
+    def on_step_end(self, args, state, control, **kwargs):
+        model = self.trainer.accelerator.unwrap_model(self.trainer.model)
+        weights = torch.cat([p.detach().float().flatten() for p in model.parameters()])
+        buffer = self.trainer._buffer
+        self.records.append(
+            {
+                "step": state.global_step,
+                "weight_sum": weights.double().sum().item(),
+                "weight_abs_sum": weights.double().abs().sum().item(),
+                "advantages": buffer.advantages.tolist(),
+            }
+        )
+
+
+def main(pipeline_dir: str, output_dir: str, deepspeed: str | None = None) -> None:
+    args = DDRLConfig(
+        output_dir=output_dir,
+        num_generations=4,
+        prompts_per_step=1,  # one group of 4 samples, split over the processes
+        num_inference_steps=4,
+        per_device_train_batch_size=2,
+        max_steps=2,
+        max_sequence_length=16,
+        learning_rate=1e-3,
+        data_beta=0.0,
+        report_to="none",
+        save_strategy="no",
+        disable_tqdm=True,
+        deepspeed=deepspeed,
+    )
+    fingerprint = Fingerprint()
+    trainer = DDRLTrainer(
+        pipeline_dir,
+        brightness,
+        args=args,
+        train_dataset=Dataset.from_dict({"prompt": ["a cat", "a dog"]}),
+        callbacks=[fingerprint],
+    )
+    fingerprint.trainer = trainer
+    trainer.train()
+    trainer.save_model()
+    rank = trainer.accelerator.process_index
+    with open(os.path.join(output_dir, f"rank{rank}.json"), "w") as file:
+        json.dump({"world_size": trainer.accelerator.num_processes, "records": fingerprint.records}, file)
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:])

@@ -1,0 +1,79 @@
+# Copyright 2026 The trl_ddrl Authors. Licensed under the Apache License, Version 2.0.
+"""Multi-process (gloo, CPU) and DeepSpeed ZeRO-3 runs of the trainer, each in a subprocess."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+
+SCRIPT = os.path.join(os.path.dirname(__file__), "scripts", "distributed_train.py")
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def run(command: list[str], env: dict[str, str], timeout: int = 400) -> None:
+    # ACCELERATE_USE_CPU would silently turn DeepSpeed off: only the runs that ask for it get it.
+    environment = {key: value for key, value in os.environ.items() if key != "ACCELERATE_USE_CPU"}
+    result = subprocess.run(command, env={**environment, **env}, capture_output=True, text=True, timeout=timeout)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+
+
+def test_two_processes_keep_identical_weights_and_whole_groups(tiny_sd3_path, tmp_path):
+    command = [
+        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+        "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+        "--main_process_port", str(free_port()), SCRIPT, tiny_sd3_path, str(tmp_path),
+    ]
+    run(command, {"ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"})
+    ranks = [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in (0, 1)]
+    assert [rank["world_size"] for rank in ranks] == [2, 2]
+    assert len(ranks[0]["records"]) == len(ranks[1]["records"]) == 2
+    for first, second in zip(ranks[0]["records"], ranks[1]["records"]):
+        assert first["weight_sum"] == second["weight_sum"]
+        assert first["weight_abs_sum"] == second["weight_abs_sum"]
+        # One group of 4 split 2 + 2: advantages were normalised over the gathered group, so each rank's half does
+        # not sum to zero but the whole group does.
+        group = first["advantages"] + second["advantages"]
+        assert len(group) == 4
+        assert sum(group) == pytest.approx(0.0, abs=1e-5)
+        assert abs(sum(first["advantages"])) > 1e-4
+    assert ranks[0]["records"][0]["weight_sum"] != ranks[0]["records"][1]["weight_sum"]
+
+
+def test_deepspeed_zero3_trains_and_saves_full_weights(tiny_sd3_path, tmp_path):
+    pytest.importorskip("deepspeed")
+    config = {
+        "zero_optimization": {
+            "stage": 3,
+            "stage3_param_persistence_threshold": 0,
+            "stage3_gather_16bit_weights_on_model_save": True,
+        },
+        "train_micro_batch_size_per_gpu": "auto",
+        "gradient_accumulation_steps": "auto",
+        "gradient_clipping": "auto",
+        "bf16": {"enabled": False},
+    }
+    config_path = tmp_path / "zero3.json"
+    config_path.write_text(json.dumps(config))
+    env = {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
+           "MASTER_PORT": str(free_port()), "OMP_NUM_THREADS": "2"}
+    run([sys.executable, SCRIPT, tiny_sd3_path, str(tmp_path / "out"), str(config_path)], env)
+
+    records = json.loads((tmp_path / "out" / "rank0.json").read_text())["records"]
+    assert len(records) == 2
+    saved = load_file(tmp_path / "out" / "transformer" / "diffusion_pytorch_model.safetensors")
+    base = load_file(os.path.join(tiny_sd3_path, "transformer", "diffusion_pytorch_model.safetensors"))
+    assert set(saved) == set(base)
+    for key, value in base.items():
+        assert saved[key].shape == value.shape and saved[key].numel() > 0, key
+    assert any(not torch.equal(saved[key], base[key]) for key in base), "ZeRO-3 run saved untrained weights"
