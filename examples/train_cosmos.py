@@ -17,9 +17,9 @@ accelerate launch --config_file trl_ddrl/accelerate_configs/zero2.yaml examples/
 reward reads: `a neon sign that says "OPEN 24/7"`) and an `image` (a path to a reference image for the data term)
 per line.
 
-Cosmos Predict2 Video2World (`nvidia/Cosmos-Predict2-2B-Video2World`, `Cosmos2VideoToWorldAdapter`) has an adapter
-for sampling, replay and the data term, but `DDRLTrainer` does not yet pass the conditioning frames of each prompt to
-its rollouts; see docs/model_families.md.
+For Cosmos Predict2 Video2World (`nvidia/Cosmos-Predict2-2B-Video2World`), pass that model id with `--num_frames 93`
+and give every line's `image` the conditioning image or clip: each rollout continues its row's frames (see
+docs/model_families.md).
 """
 
 import argparse
@@ -37,6 +37,9 @@ def main() -> None:
     parser.add_argument("--prompts", required=True, help="JSON-lines file with prompt and image fields.")
     parser.add_argument("--output_dir", default="cosmos-predict2-2b-ddrl")
     parser.add_argument("--max_steps", type=int, default=500)
+    parser.add_argument(
+        "--num_frames", type=int, default=None, help="Frames per video (93) for a Video2World model; unset for images."
+    )
     args = parser.parse_args()
 
     prompts = load_dataset("json", data_files=args.prompts, split="train")
@@ -48,8 +51,9 @@ def main() -> None:
         prompts_per_step=4,
         num_inference_steps=20,
         guidance_scale=1.0,
-        height=768,
-        width=1360,
+        height=704 if args.num_frames else 768,
+        width=1280 if args.num_frames else 1360,
+        num_frames=args.num_frames,
         data_beta=0.01,
         kl_beta=0.0,
         learning_rate=1e-5,

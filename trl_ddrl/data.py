@@ -84,7 +84,9 @@ def _resize_center_crop(image: torch.Tensor, height: int, width: int) -> torch.T
     scale = max(height / h, width / w)
     new_h, new_w = max(height, round(h * scale)), max(width, round(w * scale))
     if (new_h, new_w) != (h, w):
-        image = F.interpolate(image[None], size=(new_h, new_w), mode="bilinear", antialias=True, align_corners=False)[0]
+        image = F.interpolate(image[None], size=(new_h, new_w), mode="bilinear", antialias=True, align_corners=False)[
+            0
+        ]
     top, left = (new_h - height) // 2, (new_w - width) // 2
     return image[:, top : top + height, left : left + width]
 
@@ -166,7 +168,7 @@ class DiffusionDataCollator:
         """
         height, width = self.adapter.resolution
         channels = self.adapter.pixel_channels
-        num_frames = getattr(self.adapter, "num_frames", None)
+        num_frames = self.adapter.num_frames
         pipeline = type(self.adapter.pipeline).__name__
         values = []
         for index, row in enumerate(rows):
@@ -195,6 +197,34 @@ class DiffusionDataCollator:
                     )
                 pixels = pixels[:num_frames]
             values.append(pixels)
+        return torch.stack(values)
+
+    def condition_pixels(self, rows: list[dict[str, Any]]) -> torch.Tensor:
+        """
+        The rows' conditioning frames for video-to-world pipelines: the first `adapter.num_conditioning_frames` frames
+        of each row's video (an image counts as one frame), `[B, F, C, H, W]` in `[-1, 1]`.
+        """
+        height, width = self.adapter.resolution
+        needed = self.adapter.num_conditioning_frames
+        values = []
+        for index, row in enumerate(rows):
+            if row.get(self.image_column) is None:
+                raise KeyError(
+                    f"Row {index} has no '{self.image_column}' value (columns: {sorted(row)}). "
+                    f"{type(self.adapter.pipeline).__name__} generates from conditioning frames: put an image or video "
+                    "per prompt in that column, or set image_column."
+                )
+            pixels = to_pixel_tensor(
+                row[self.image_column], height, width, self.adapter.pixel_channels, self.image_column
+            )
+            if pixels.ndim == 3:
+                pixels = pixels[None]
+            if pixels.shape[0] < needed:
+                raise ValueError(
+                    f"Row {index}'s '{self.image_column}' has {pixels.shape[0]} frames; the model is conditioned on "
+                    f"num_conditioning_frames={needed}."
+                )
+            values.append(pixels[:needed])
         return torch.stack(values)
 
     def captions(self, rows: list[dict[str, Any]]) -> list[str]:

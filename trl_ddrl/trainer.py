@@ -6,6 +6,7 @@ import copy
 import glob
 import math
 import os
+import shutil
 import time
 from collections import defaultdict
 from collections.abc import Callable
@@ -22,6 +23,7 @@ from safetensors.torch import load_file
 from torch import nn
 from transformers import TrainerCallback
 from transformers.trainer import TRAINING_ARGS_NAME
+from transformers.trainer_utils import HubStrategy
 from trl.models.utils import prepare_deepspeed, prepare_fsdp, unwrap_model_for_generation
 from trl.trainer.base_trainer import _BaseTrainer
 from trl.trainer.utils import RepeatSampler
@@ -38,6 +40,10 @@ from .utils import image_grid, log_video_to_trackers, save_denoiser, save_video_
 RewardFunc = str | nn.Module | Callable[..., list[float | None]]
 
 LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
+SAMPLES_NAME = "samples.png"
+SAMPLES_GIF_NAME = "samples.gif"
+# The training configuration in readable form, next to `training_args.bin` (a pickle).
+CONFIG_JSON_NAME = "ddrl_config.json"
 
 _PAPER = {
     "title": "Data-regularized Reinforcement Learning for Diffusion Models at Scale",
@@ -268,6 +274,12 @@ class DDRLTrainer(_BaseTrainer):
         self.reward_weights = torch.tensor(args.reward_weights or [1.0] * len(self.reward_funcs), dtype=torch.float32)
 
         self.data_dataset = data_dataset
+        if self.adapter.num_conditioning_frames and args.image_column not in train_dataset.column_names:
+            raise ValueError(
+                f"{type(pipeline).__name__} generates from conditioning frames, but train_dataset has no "
+                f"'{args.image_column}' column (columns: {train_dataset.column_names}). Add an image or video per prompt "
+                "in that column, or set image_column."
+            )
         if args.data_beta > 0:
             source = data_dataset if data_dataset is not None else train_dataset
             if args.image_column not in source.column_names:
@@ -433,6 +445,19 @@ class DDRLTrainer(_BaseTrainer):
         index = torch.tensor([unique.index(prompt) for prompt in prompts], device=self.accelerator.device)
         return {key: value[index] for key, value in encoded.items()}
 
+    def _encode_condition_frames(self, rows: list[dict], iteration: int) -> Conditioning:
+        """Encode each distinct row's conditioning frames once, so that all samples of a group share one encoding."""
+        frames = self.data_collator_for_loss.condition_pixels(rows)
+        unique, index = [], []
+        for pixels in frames:
+            match = next((i for i, seen in enumerate(unique) if torch.equal(seen, pixels)), None)
+            if match is None:
+                unique.append(pixels)
+                match = len(unique) - 1
+            index.append(match)
+        encoded = self.adapter.encode_condition_frames(torch.stack(unique), generator=self._generator(iteration, 4))
+        return {key: value[torch.tensor(index, device=value.device)] for key, value in encoded.items()}
+
     def _generator(self, iteration: int, stream: int) -> torch.Generator:
         seed = self.args.seed * 1_000_003 + iteration * 7_919 + self.accelerator.process_index * 104_729 + stream
         return torch.Generator().manual_seed(seed % (2**63))
@@ -447,6 +472,9 @@ class DDRLTrainer(_BaseTrainer):
         latents, log_probs, images, scored = [], [], [], []
         with unwrap_model_for_generation(self.model_wrapped, self.accelerator) as policy, self.accelerator.autocast():
             conditioning = self._encode_unique(prompts)
+            if self.adapter.num_conditioning_frames:
+                # Video-to-world: every sample continues its row's ground-truth frames.
+                conditioning.update(self._encode_condition_frames(rows, iteration))
             noise = self.adapter.sample_noise(len(prompts), generator=self._generator(iteration, 0))
             sampler_generator = self._generator(iteration, 1)
             for i in range(0, len(prompts), chunk):
@@ -648,7 +676,7 @@ class DDRLTrainer(_BaseTrainer):
         self._metrics.clear()
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
-        self._saving_final_model = not _internal_call
+        self._saving_final_model = not _internal_call or getattr(self, "_pushing_final_model", False)
         super().save_model(output_dir, _internal_call)
         if not _internal_call:
             self._write_model_card(output_dir or self.args.output_dir)
@@ -657,6 +685,54 @@ class DDRLTrainer(_BaseTrainer):
         # As TRL's trainers do: keep the output directory's model card current with every checkpoint.
         self.create_model_card()
         super()._save_checkpoint(model, trial)
+
+    def push_to_hub(
+        self,
+        commit_message: str | None = "End of training",
+        blocking: bool = True,
+        token: str | None = None,
+        revision: str | None = None,
+        private: bool | None = None,
+        **kwargs,
+    ):
+        # The Trainer saves with `_internal_call=True` before uploading `output_dir`; make that save write the whole
+        # pipeline, as `save_model()` does, so the pushed repo loads with `DiffusionPipeline.from_pretrained`.
+        self._pushing_final_model = True
+        try:
+            return super().push_to_hub(commit_message, blocking, token, revision, private, **kwargs)
+        finally:
+            self._pushing_final_model = False
+
+    def _push_from_checkpoint(self, checkpoint_folder: str) -> None:
+        # The Trainer copies transformers' files (config.json, model.safetensors, adapter_model.*) from the checkpoint
+        # into `output_dir`, then uploads `output_dir`. DDRL checkpoints use the diffusers layout: copy that instead,
+        # under the same condition as the Trainer (never while the previous upload is still reading `output_dir`).
+        if (
+            self.is_world_process_zero()
+            and self.args.hub_strategy != HubStrategy.END
+            and (self.args.hub_always_push or self.push_in_progress is None or self.push_in_progress.is_done())
+        ):
+            self._export_checkpoint_for_hub(checkpoint_folder, self.args.output_dir)
+        super()._push_from_checkpoint(checkpoint_folder)
+
+    def _export_checkpoint_for_hub(self, checkpoint_folder: str, output_dir: str) -> None:
+        """
+        Make `output_dir` a loadable repo holding the checkpoint's weights: the denoiser's folder (with the frozen
+        components and `model_index.json`, written once, when `save_full_pipeline`) or the LoRA file, plus the sample
+        grid, the JSON config and a model card that shows the grid.
+        """
+        denoiser_folder = os.path.join(checkpoint_folder, self.adapter.denoiser_name)
+        if os.path.isdir(denoiser_folder):
+            if self.args.save_full_pipeline and not getattr(self, "_hub_pipeline_exported", False):
+                self.pipeline.save_pretrained(output_dir)
+                self._hub_pipeline_exported = True
+            target = os.path.join(output_dir, self.adapter.denoiser_name)
+            shutil.rmtree(target, ignore_errors=True)
+            shutil.copytree(denoiser_folder, target)
+        for name in (LORA_WEIGHT_NAME, SAMPLES_NAME, SAMPLES_GIF_NAME, CONFIG_JSON_NAME):
+            if os.path.isfile(os.path.join(checkpoint_folder, name)):
+                shutil.copy(os.path.join(checkpoint_folder, name), os.path.join(output_dir, name))
+        self._write_model_card(output_dir)
 
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
         output_dir = output_dir or self.args.output_dir
@@ -667,7 +743,7 @@ class DDRLTrainer(_BaseTrainer):
         elif not state_dict:
             # DeepSpeed ZeRO-3 without `stage3_gather_16bit_weights_on_model_save`: the Trainer writes a DeepSpeed
             # checkpoint instead, from which resume works; there are no full weights to write here.
-            torch.save(self.args, os.path.join(output_dir, TRAINING_ARGS_NAME))
+            self._save_config(output_dir)
             return
         if self.is_peft:
             self._save_lora(denoiser, state_dict, output_dir)
@@ -678,12 +754,18 @@ class DDRLTrainer(_BaseTrainer):
                 self.pipeline.save_pretrained(output_dir)
             save_denoiser(denoiser, state_dict, os.path.join(output_dir, self.adapter.denoiser_name))
         if self._last_images is not None:
-            image_grid(self._last_images).save(os.path.join(output_dir, "samples.png"))
+            image_grid(self._last_images).save(os.path.join(output_dir, SAMPLES_NAME))
             if self._last_images.ndim == 5:
-                gif_path = os.path.join(output_dir, "samples.gif")
+                gif_path = os.path.join(output_dir, SAMPLES_GIF_NAME)
                 save_video_grid_gif(self._last_images, gif_path)
                 log_video_to_trackers(gif_path, self.args.report_to, self.state.global_step)
+        self._save_config(output_dir)
+
+    def _save_config(self, output_dir: str) -> None:
+        """Write the configuration as `training_args.bin` (what the Trainer reloads) and `ddrl_config.json`."""
         torch.save(self.args, os.path.join(output_dir, TRAINING_ARGS_NAME))
+        with open(os.path.join(output_dir, CONFIG_JSON_NAME), "w", encoding="utf-8") as file:
+            file.write(self.args.to_json_string())
 
     def _save_lora(self, denoiser: nn.Module, state_dict: dict, output_dir: str) -> None:
         """Write the adapter in diffusers format (`pytorch_lora_weights.safetensors`, alpha kept in the metadata)."""
@@ -754,5 +836,5 @@ class DDRLTrainer(_BaseTrainer):
             config=self.args,
             is_lora=self.is_peft,
             paper=self._paper,
-            has_samples=os.path.exists(os.path.join(output_dir, "samples.png")),
+            has_samples=os.path.exists(os.path.join(output_dir, SAMPLES_NAME)),
         )

@@ -13,6 +13,7 @@ ADAPTERS: tuple[type[DiffusionAdapter], ...] = (
     FluxAdapter,
     WanAdapter,
     Cosmos2TextToImageAdapter,
+    Cosmos2VideoToWorldAdapter,
 )
 
 

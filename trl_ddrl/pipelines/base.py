@@ -62,6 +62,8 @@ class DiffusionAdapter(ABC):
     """
 
     pipeline_class_names: tuple[str, ...] = ()
+    num_conditioning_frames: int = 0
+    """Ground-truth frames each sample is conditioned on (video-to-world pipelines); 0 for text-conditioned models."""
 
     def __init__(self, pipeline, settings: SamplingSettings):
         self.pipeline = pipeline
@@ -140,6 +142,18 @@ class DiffusionAdapter(ABC):
         """(height, width) in pixels of the samples."""
 
     # ---- shared parts -------------------------------------------------------------------------------------------
+
+    @property
+    def num_frames(self) -> int | None:
+        """Frames per generated video; `None` for image models."""
+        return None
+
+    def encode_condition_frames(self, pixels: torch.Tensor, generator: torch.Generator | None = None) -> Conditioning:
+        """
+        Conditioning from ground-truth frames `[B, F, C, H, W]` in `[-1, 1]`, merged into the prompt conditioning of
+        rollouts. Only adapters with `num_conditioning_frames > 0` implement it.
+        """
+        raise NotImplementedError(f"{type(self).__name__} is not conditioned on frames.")
 
     @property
     def pixel_channels(self) -> int:
@@ -229,7 +243,9 @@ class FlowMatchingAdapter(DiffusionAdapter):
         sigma = self._sigma_table()[step_index]
         if self.settings.guidance_scale <= 1.0:
             return self.velocity(denoiser, latents, sigma, conditioning)
-        negative = {key[len("negative_") :]: value for key, value in conditioning.items() if key.startswith("negative_")}
+        negative = {
+            key[len("negative_") :]: value for key, value in conditioning.items() if key.startswith("negative_")
+        }
         positive = {key: value for key, value in conditioning.items() if not key.startswith("negative_")}
         both = {key: torch.cat([negative[key], positive[key]]) for key in positive}
         uncond, cond = self.velocity(denoiser, torch.cat([latents, latents]), torch.cat([sigma, sigma]), both).chunk(2)
@@ -243,7 +259,9 @@ class FlowMatchingAdapter(DiffusionAdapter):
             sigmas[step_index],
             sigmas[step_index + 1],
             eta=eta,
-            noise_sigma_max=float(sigmas[1]) if sigmas[0] >= 1.0 else float(sigmas[0]),
+            # The SDE's noise diverges at sigma = 1: clamp it at the second noise level, as Flow-GRPO does, also for
+            # schedules that start just below 1 (where the first level would give a huge first-step noise).
+            noise_sigma_max=float(sigmas[1]),
             prev_sample=prev_sample,
             generator=generator,
         )
