@@ -1,8 +1,50 @@
 # Copyright 2026 The trl_ddrl Authors. Licensed under the Apache License, Version 2.0.
+import os
 import re
 from pathlib import Path
 
 from setuptools import find_packages, setup
+from setuptools.command.build_py import build_py
+from setuptools.command.editable_wheel import editable_wheel
+
+
+# Start-up hook adding `ddrl` to TRL's `trl` command (see _trl_ddrl_hook.py). A .pth file must sit directly in
+# site-packages, which no setuptools option does for a package's files, hence the two commands below.
+HOOK_PTH = "trl_ddrl_hook.pth"
+
+
+class BuildPyWithHook(build_py):
+    """`build_py` that also puts the hook's .pth file at the root of the wheel (site-packages once installed)."""
+
+    def run(self):
+        super().run()
+        if not self.editable_mode:
+            self.copy_file(HOOK_PTH, os.path.join(self.build_lib, HOOK_PTH), preserve_mode=False)
+
+
+class _StrategyWithHook:
+    """An editable-install strategy that also writes the hook's .pth file into the editable wheel."""
+
+    def __init__(self, strategy):
+        self.strategy = strategy
+
+    def __call__(self, wheel, files, mapping):
+        self.strategy(wheel, files, mapping)
+        wheel.writestr(HOOK_PTH, Path(HOOK_PTH).read_bytes())
+
+    def __enter__(self):
+        self.strategy.__enter__()
+        return self
+
+    def __exit__(self, *exc_info):
+        return self.strategy.__exit__(*exc_info)
+
+
+class EditableWheelWithHook(editable_wheel):
+    """`editable_wheel` (PEP 660, `pip install -e .`) whose wheel also holds the hook's .pth file."""
+
+    def _select_strategy(self, *args, **kwargs):
+        return _StrategyWithHook(super()._select_strategy(*args, **kwargs))
 
 
 version = re.search(r'__version__ = "([^"]+)"', Path("trl_ddrl/__init__.py").read_text()).group(1)
@@ -29,6 +71,7 @@ setup(
     long_description_content_type="text/markdown",
     license="Apache-2.0",
     packages=find_packages(include=["trl_ddrl", "trl_ddrl.*"]),
+    py_modules=["_trl_ddrl_hook"],
     package_data={"trl_ddrl": ["templates/*.md", "accelerate_configs/*.yaml"]},
     python_requires=">=3.10",
     install_requires=[
@@ -55,7 +98,11 @@ setup(
             "trl-ddrl=trl_ddrl.cli:main",
             "trl-ddrl-reward-server=trl_ddrl.rewards.server:main",
         ],
+        # Not read by TRL 1.16, which has no plugin mechanism; declared so that a future one can find the command
+        # (the start-up hook then steps aside).
+        "trl.commands": ["ddrl=trl_ddrl.cli:DDRLCommand"],
     },
+    cmdclass={"build_py": BuildPyWithHook, "editable_wheel": EditableWheelWithHook},
     classifiers=[
         "Programming Language :: Python :: 3",
         "License :: OSI Approved :: Apache Software License",

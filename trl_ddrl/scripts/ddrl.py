@@ -1,0 +1,394 @@
+# Copyright 2026 The trl_ddrl Authors. Licensed under the Apache License, Version 2.0.
+"""
+The DDRL training script: post-train a diffusers pipeline with DDRL from the command line.
+
+Run it with `trl-ddrl` or `trl ddrl` (which add `--accelerate_config`), or directly:
+
+```bash
+accelerate launch -m trl_ddrl.scripts.ddrl \
+    --model_name_or_path stabilityai/stable-diffusion-3.5-medium \
+    --dataset_name prompts.txt \
+    --reward_funcs jpeg_compressibility \
+    --data_beta 0 \
+    --output_dir sd35-ddrl
+```
+
+Without `--model_name_or_path` it runs the package's built-in default job instead (see `trl_ddrl.digits`).
+"""
+
+import importlib
+import os
+import re
+import sys
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, NoReturn
+
+from trl import ModelConfig, TrlParser
+
+from trl_ddrl.config import DDRLConfig
+
+
+if TYPE_CHECKING:
+    from datasets import Dataset
+    from peft import LoraConfig
+
+    from trl_ddrl.trainer import DDRLTrainer
+
+
+# Attention projections of diffusers' transformers and UNets (`add_*` / `to_add_out` are the text branch of MMDiT
+# blocks such as SD3's and Flux's). Names absent from a model are skipped; PEFT needs at least one to match.
+DEFAULT_LORA_TARGET_MODULES = [
+    "to_q",
+    "to_k",
+    "to_v",
+    "to_out.0",
+    "add_q_proj",
+    "add_k_proj",
+    "add_v_proj",
+    "to_add_out",
+]
+
+# `datasets` builder for each local prompt-file extension accepted by `--dataset_name`.
+LOCAL_FILE_BUILDERS = {".txt": "text", ".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
+
+# `TrainingArguments` replaces an unset `output_dir` with this name.
+UNSET_OUTPUT_DIR = "trainer_output"
+
+_IMPORT_PATH = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
+
+
+class UsageError(ValueError):
+    """A command-line option is missing or wrong; the message names it and the fix. Printed without a traceback."""
+
+
+@dataclass
+class DDRLScriptArguments:
+    """
+    Arguments of the DDRL training script that are not fields of [`DDRLConfig`] or TRL's `ModelConfig`.
+
+    Args:
+        dataset_name (`str`, *optional*):
+            Prompts to train on: a Hub dataset id, a local folder loadable with `datasets.load_dataset`, or a local
+            file: `.txt` (one prompt per line), `.json` / `.jsonl`, `.csv` or `.parquet`.
+        dataset_config (`str`, *optional*):
+            Configuration name of the dataset (the `name` argument of `datasets.load_dataset`).
+        dataset_train_split (`str`, *optional*, defaults to `"train"`):
+            Split of the dataset to train on. Local files have a single `train` split.
+        prompt_column (`str`, *optional*, defaults to `"prompt"`):
+            Column of the dataset holding the prompts; renamed to `prompt`. Ignored for `.txt` files.
+        data_dataset_name (`str`, *optional*):
+            Separate data for the data term (images or videos in `image_column`, captions in `caption_column`), loaded
+            like `dataset_name`. Without it, the data term uses the `image_column` of the prompt dataset.
+        data_dataset_config (`str`, *optional*):
+            Configuration name of `data_dataset_name`.
+        data_dataset_split (`str`, *optional*, defaults to `"train"`):
+            Split of `data_dataset_name` to use.
+        reward_funcs (`list[str]`, *optional*):
+            Reward functions: names known to `trl_ddrl.rewards.get_reward_function` (`jpeg_compressibility`,
+            `brightness`, `name:argument`, `http(s)://` reward-server URLs) or `module:function` import paths to your
+            own functions (the current directory is importable). Required when `model_name_or_path` is given.
+    """
+
+    dataset_name: str | None = field(
+        default=None,
+        metadata={
+            "help": "Prompts: a Hub dataset id, a local folder, or a local .txt (one prompt per line), .json, .jsonl, "
+            ".csv or .parquet file."
+        },
+    )
+    dataset_config: str | None = field(
+        default=None, metadata={"help": "Dataset configuration name (the `name` argument of datasets.load_dataset)."}
+    )
+    dataset_train_split: str = field(default="train", metadata={"help": "Dataset split to train on."})
+    prompt_column: str = field(
+        default="prompt", metadata={"help": "Column holding the prompts (renamed to 'prompt'); ignored for .txt."}
+    )
+    data_dataset_name: str | None = field(
+        default=None,
+        metadata={"help": "Separate image/video data for the data term, loaded like dataset_name."},
+    )
+    data_dataset_config: str | None = field(
+        default=None, metadata={"help": "Configuration name of data_dataset_name."}
+    )
+    data_dataset_split: str = field(default="train", metadata={"help": "Split of data_dataset_name to use."})
+    reward_funcs: list[str] | None = field(
+        default=None,
+        metadata={
+            "help": "Reward functions: registered names (jpeg_compressibility, brightness, name:argument), reward "
+            "server URLs, or module:function import paths. Required with model_name_or_path."
+        },
+    )
+
+
+class DDRLParser(TrlParser):
+    """
+    [`~trl.TrlParser`] whose errors are one line naming the option, without a traceback or the full usage.
+
+    Wrong values caught by the dataclasses' `__post_init__` (for example `num_generations=1`), unknown options and an
+    unreadable `--config` file all exit with status 2 and a message on stderr.
+    """
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message}\nRun `{self.prog} --help` to list the options.\n")
+
+    def parse_args_and_config(self, args: Iterable[str] | None = None, **kwargs) -> tuple[Any, ...]:
+        import yaml
+
+        try:
+            return super().parse_args_and_config(args, **kwargs)
+        except (ValueError, yaml.YAMLError) as error:
+            self.error(str(error))
+        except OSError as error:
+            self.error(f"cannot read the --config file: {error}")
+
+
+def make_parser(prog: str | None = "trl-ddrl") -> DDRLParser:
+    """The parser of the script: `DDRLScriptArguments`, [`DDRLConfig`] and TRL's `ModelConfig`, plus `--config`."""
+    return DDRLParser(
+        (DDRLScriptArguments, DDRLConfig, ModelConfig),
+        prog=prog,
+        usage="%(prog)s [--config FILE.yaml] [--accelerate_config NAME|FILE.yaml] [options]",
+        description="Post-train a diffusers pipeline with DDRL (Data-regularized Diffusion RL, arXiv 2512.04332). "
+        "Without --model_name_or_path, runs the built-in default job.",
+        epilog="Options that are not listed here (for example --num_processes, --mixed_precision, "
+        "--main_process_port) go to `accelerate launch`. --accelerate_config takes zero2, zero3, fsdp, multi_gpu, "
+        "single_gpu, a config shipped with TRL, or a path to an accelerate YAML file.",
+    )
+
+
+def load_dataset_argument(name: str, config: str | None, split: str, option: str) -> "Dataset":
+    """
+    Load `name` (a Hub id, a local folder or a local prompt file) with `datasets.load_dataset`.
+
+    Args:
+        name (`str`): Value of the option.
+        config (`str` or `None`): Dataset configuration name.
+        split (`str`): Split to return; local files have only `train`.
+        option (`str`): Name of the option, for error messages (`"dataset_name"`).
+
+    Returns:
+        `datasets.Dataset`: The requested split. `.txt` files have their lines, without blank ones, in `prompt`.
+    """
+    from datasets import load_dataset
+
+    extension = os.path.splitext(name)[1].lower()
+    if os.path.isfile(name) and extension not in LOCAL_FILE_BUILDERS:
+        raise UsageError(
+            f"--{option}={name!r} is a {extension or 'extension-less'} file; local files must end in "
+            f"{', '.join(LOCAL_FILE_BUILDERS)}."
+        )
+    try:
+        if os.path.isfile(name):
+            dataset = load_dataset(LOCAL_FILE_BUILDERS[extension], data_files=name, split="train")
+        else:
+            dataset = load_dataset(name, name=config, split=split)
+    except Exception as error:  # any failure here comes from the option's value; the cause is chained
+        raise UsageError(
+            f"--{option}={name!r} could not be loaded ({type(error).__name__}: {error}). Pass a Hub dataset id, a "
+            f"local folder, or a local {'/'.join(LOCAL_FILE_BUILDERS)} file; check the split and config options."
+        ) from error
+    if extension == ".txt" and os.path.isfile(name):
+        dataset = dataset.rename_column("text", "prompt").filter(lambda row: bool(row["prompt"].strip()))
+    return dataset
+
+
+def load_prompt_dataset(script_args: DDRLScriptArguments) -> "Dataset":
+    """The prompt dataset of `--dataset_name`, with its prompt column named `prompt`."""
+    if script_args.dataset_name is None:
+        raise UsageError(
+            "--dataset_name is required with --model_name_or_path: give the prompts to train on, as a Hub dataset "
+            "id, a local folder, or a .txt (one prompt per line), .jsonl or .csv file."
+        )
+    dataset = load_dataset_argument(
+        script_args.dataset_name, script_args.dataset_config, script_args.dataset_train_split, "dataset_name"
+    )
+    name = script_args.dataset_name
+    is_text_file = os.path.isfile(name) and name.lower().endswith(".txt")
+    column = "prompt" if is_text_file else script_args.prompt_column
+    if column not in dataset.column_names:
+        raise UsageError(
+            f"--dataset_name={name!r} has no {column!r} column (columns: {dataset.column_names}). Set "
+            "--prompt_column to the column holding the prompts."
+        )
+    if column != "prompt":
+        if "prompt" in dataset.column_names:
+            raise UsageError(
+                f"--prompt_column={column!r}, but the dataset also has a 'prompt' column. Drop --prompt_column to "
+                "use 'prompt', or remove that column from the dataset."
+            )
+        dataset = dataset.rename_column(column, "prompt")
+    return dataset
+
+
+def resolve_reward_func(spec: str) -> Callable[..., list[float | None]]:
+    """
+    Build one reward function from a `--reward_funcs` value.
+
+    Registered names and URLs go to [`~trl_ddrl.rewards.get_reward_function`]; other `module:function` values are
+    imported (with the current directory on `sys.path`).
+    """
+    from trl_ddrl.rewards import available_rewards, get_reward_function
+
+    try:
+        return get_reward_function(spec)
+    except ValueError as error:
+        registry_error = error
+    if spec.partition(":")[0] in available_rewards() or not _IMPORT_PATH.match(spec):
+        raise UsageError(
+            f"--reward_funcs {spec!r}: {registry_error} Your own functions are given as module:function."
+        ) from registry_error
+    module_name, _, attribute = spec.partition(":")
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    try:
+        function = getattr(importlib.import_module(module_name), attribute)
+    except (ImportError, AttributeError) as error:
+        raise UsageError(
+            f"--reward_funcs {spec!r} is neither a registered reward nor an importable module:function "
+            f"({type(error).__name__}: {error}). Known names: {', '.join(available_rewards())}."
+        ) from error
+    if not callable(function):
+        raise UsageError(f"--reward_funcs {spec!r} names a {type(function).__name__}, not a function.")
+    return function
+
+
+def get_lora_config(model_args: ModelConfig) -> "LoraConfig | None":
+    """
+    The LoRA configuration of the denoiser from `--use_peft` and the `--lora_*` options, or `None`.
+
+    Without `--lora_target_modules`, LoRA goes on the attention projections ([`DEFAULT_LORA_TARGET_MODULES`]).
+    """
+    if not model_args.use_peft:
+        return None
+    if model_args.lora_modules_to_save:
+        raise UsageError(
+            "--lora_modules_to_save is not supported: diffusers' LoRA format stores only adapter weights. Remove it, "
+            "or train without --use_peft to update every weight."
+        )
+    from peft import LoraConfig
+
+    targets = model_args.lora_target_modules or DEFAULT_LORA_TARGET_MODULES
+    # ModelConfig turns a single name into a string, which PEFT would match as a regular expression on full module
+    # names; module names of diffusers models are suffixes, so keep it a list.
+    if isinstance(targets, str) and targets != "all-linear":
+        targets = [targets]
+    extra = {"target_parameters": model_args.lora_target_parameters} if model_args.lora_target_parameters else {}
+    return LoraConfig(
+        r=model_args.lora_r,
+        lora_alpha=model_args.lora_alpha,
+        lora_dropout=model_args.lora_dropout,
+        target_modules=targets,
+        use_rslora=model_args.use_rslora,
+        use_dora=model_args.use_dora,
+        **extra,
+    )
+
+
+def get_model_init_kwargs(model_args: ModelConfig, training_args: DDRLConfig) -> dict[str, Any]:
+    """Keyword arguments of `DiffusionPipeline.from_pretrained`: `--dtype`, `--model_revision`, `model_init_kwargs`."""
+    for name, fix in (
+        ("load_in_4bit", "Remove it; quantised loading of diffusers pipelines is not supported by this script."),
+        ("load_in_8bit", "Remove it; quantised loading of diffusers pipelines is not supported by this script."),
+        (
+            "attn_implementation",
+            "It applies to transformers models; diffusers pipelines pick their attention backend themselves.",
+        ),
+    ):
+        if getattr(model_args, name):
+            raise UsageError(f"--{name}={getattr(model_args, name)!r} is not supported. {fix}")
+    kwargs = {"torch_dtype": model_args.dtype, "revision": model_args.model_revision}
+    kwargs.update(training_args.model_init_kwargs or {})
+    return kwargs
+
+
+def build_trainer(
+    script_args: DDRLScriptArguments, training_args: DDRLConfig, model_args: ModelConfig
+) -> "DDRLTrainer":
+    """Load the datasets and rewards named by the options and build the [`DDRLTrainer`]; raise `UsageError` if wrong."""
+    from trl_ddrl.trainer import DDRLTrainer
+
+    if not script_args.reward_funcs:
+        raise UsageError(
+            "--reward_funcs is required with --model_name_or_path: give one or more registered reward names (for "
+            "example jpeg_compressibility), reward-server URLs, or module:function paths to your own functions."
+        )
+    reward_funcs = [resolve_reward_func(spec) for spec in script_args.reward_funcs]
+    train_dataset = load_prompt_dataset(script_args)
+    data_dataset = None
+    if script_args.data_dataset_name is not None:
+        data_dataset = load_dataset_argument(
+            script_args.data_dataset_name,
+            script_args.data_dataset_config,
+            script_args.data_dataset_split,
+            "data_dataset_name",
+        )
+    training_args.model_init_kwargs = get_model_init_kwargs(model_args, training_args)
+    try:
+        return DDRLTrainer(
+            model=model_args.model_name_or_path,
+            reward_funcs=reward_funcs,
+            args=training_args,
+            train_dataset=train_dataset,
+            data_dataset=data_dataset,
+            peft_config=get_lora_config(model_args),
+        )
+    except ValueError as error:
+        raise UsageError(str(error)) from error
+
+
+def run_default_job_with_args(script_args: DDRLScriptArguments, training_args: DDRLConfig) -> dict[str, Any]:
+    """
+    Run the built-in default job, passing it `output_dir`, `seed`, `max_steps` and `report_to` where they were changed
+    from their defaults; the job keeps its own values for the others.
+    """
+    given = [name for name in ("dataset_name", "data_dataset_name", "reward_funcs") if getattr(script_args, name)]
+    if given:
+        raise UsageError(
+            f"--{given[0]} is set but --model_name_or_path is not. Pass --model_name_or_path (a Hub id or a local "
+            "diffusers pipeline folder) to train your own model, or drop the dataset and reward options to run the "
+            "built-in default job."
+        )
+    from trl_ddrl.digits.default_job import run_default_job
+
+    defaults = {"output_dir": UNSET_OUTPUT_DIR, "seed": 42, "max_steps": -1, "report_to": []}
+    kwargs = {name: getattr(training_args, name) for name, default in defaults.items()}
+    kwargs = {name: value for name, value in kwargs.items() if value != defaults[name]}
+    print(
+        "No --model_name_or_path given: running the built-in default job"
+        + (f" with {', '.join(f'{k}={v!r}' for k, v in kwargs.items())}" if kwargs else "")
+        + ". Only --output_dir, --seed, --max_steps and --report_to apply to it."
+    )
+    return run_default_job(**kwargs)
+
+
+def main(script_args: DDRLScriptArguments, training_args: DDRLConfig, model_args: ModelConfig) -> None:
+    """Train, save and optionally push; without `model_name_or_path`, run the built-in default job instead."""
+    if model_args.model_name_or_path is None:
+        result = run_default_job_with_args(script_args, training_args)
+        for key, value in result.items():
+            print(f"{key}: {value}")
+        return
+
+    trainer = build_trainer(script_args, training_args, model_args)
+    trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    trainer.save_model(training_args.output_dir)
+    trainer.accelerator.print(f"Model saved to {training_args.output_dir}.")
+    if training_args.push_to_hub:
+        trainer.push_to_hub(dataset_name=script_args.dataset_name)
+        trainer.accelerator.print(f"Model pushed to https://huggingface.co/{trainer.hub_model_id}.")
+    trainer.accelerator.end_training()  # finish the trackers and destroy the process group (Trainer.end in 5.18+)
+
+
+def run(args: list[str] | None = None, prog: str = "trl-ddrl") -> None:
+    """Parse `args` (default `sys.argv[1:]`) and run [`main`]; option errors exit with status 2 and one message."""
+    parser = make_parser(prog=prog)
+    script_args, training_args, model_args = parser.parse_args_and_config(args, fail_with_unknown_args=False)
+    try:
+        main(script_args, training_args, model_args)
+    except UsageError as error:
+        parser.error(str(error))
+
+
+if __name__ == "__main__":
+    run()
