@@ -30,9 +30,23 @@ def run(command: list[str], env: dict[str, str], timeout: int = 400) -> None:
 
 def test_two_processes_keep_identical_weights_and_whole_groups(tiny_sd3_path, tmp_path):
     command = [
-        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-        "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-        "--main_process_port", str(free_port()), SCRIPT, tiny_sd3_path, str(tmp_path),
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "--main_process_port",
+        str(free_port()),
+        SCRIPT,
+        tiny_sd3_path,
+        str(tmp_path),
     ]
     run(command, {"ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"})
     ranks = [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in (0, 1)]
@@ -65,8 +79,14 @@ def test_deepspeed_zero3_trains_and_saves_full_weights(tiny_sd3_path, tmp_path):
     }
     config_path = tmp_path / "zero3.json"
     config_path.write_text(json.dumps(config))
-    env = {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
-           "MASTER_PORT": str(free_port()), "OMP_NUM_THREADS": "2"}
+    env = {
+        "RANK": "0",
+        "WORLD_SIZE": "1",
+        "LOCAL_RANK": "0",
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": str(free_port()),
+        "OMP_NUM_THREADS": "2",
+    }
     run([sys.executable, SCRIPT, tiny_sd3_path, str(tmp_path / "out"), str(config_path)], env)
 
     records = json.loads((tmp_path / "out" / "rank0.json").read_text())["records"]

@@ -65,7 +65,9 @@ def test_training_changes_the_transformer_only(tiny_sd3_path, tmp_path):
         tiny_sd3_path, brightness, args=make_args(tmp_path, data_beta=0.1), train_dataset=prompt_dataset(True)
     )
     pipeline = trainer.pipeline
-    frozen = {name: state_of(getattr(pipeline, name)) for name in ("vae", "text_encoder", "text_encoder_2", "text_encoder_3")}
+    frozen = {
+        name: state_of(getattr(pipeline, name)) for name in ("vae", "text_encoder", "text_encoder_2", "text_encoder_3")
+    }
     transformer_before = state_of(pipeline.transformer)
 
     trainer.train()
@@ -77,8 +79,18 @@ def test_training_changes_the_transformer_only(tiny_sd3_path, tmp_path):
     assert optimized == {id(p) for p in pipeline.transformer.parameters()}
     logs = [entry for entry in trainer.state.log_history if "loss/policy" in entry]
     assert len(logs) == 2
-    for key in ("reward", "rewards/brightness/mean", "rewards/brightness/std", "advantages/std",
-                "frac_reward_zero_std", "loss/policy", "loss/data", "ratio/mean", "clip_ratio", "learning_rate"):
+    for key in (
+        "reward",
+        "rewards/brightness/mean",
+        "rewards/brightness/std",
+        "advantages/std",
+        "frac_reward_zero_std",
+        "loss/policy",
+        "loss/data",
+        "ratio/mean",
+        "clip_ratio",
+        "learning_rate",
+    ):
         assert key in logs[0], key
     # The first micro-batch of each iteration replays the rollout's own policy: the ratio is 1.
     assert logs[0]["ratio/mean"] == pytest.approx(1.0, abs=1e-3)
@@ -105,7 +117,12 @@ def test_data_beta_adds_the_data_loss(tiny_sd3_path, tmp_path):
 def mean_brightness(pipeline) -> float:
     generator = torch.Generator().manual_seed(123)
     images = pipeline(
-        PROMPTS * 2, num_inference_steps=6, height=16, width=16, output_type="pt", generator=generator,
+        PROMPTS * 2,
+        num_inference_steps=6,
+        height=16,
+        width=16,
+        output_type="pt",
+        generator=generator,
         max_sequence_length=16,
     ).images
     return images.mean().item()
@@ -115,8 +132,14 @@ def test_brightness_reward_is_learned(tmp_path):
     pipeline = tiny_sd3_pipeline(with_t5=False)
     before = mean_brightness(pipeline)
     args = make_args(
-        tmp_path, max_steps=30, num_inference_steps=6, per_device_train_batch_size=12, learning_rate=3e-3,
-        clip_range=1.0, eta=1.0, data_beta=0.0,
+        tmp_path,
+        max_steps=30,
+        num_inference_steps=6,
+        per_device_train_batch_size=12,
+        learning_rate=3e-3,
+        clip_range=1.0,
+        eta=1.0,
+        data_beta=0.0,
     )
     trainer = DDRLTrainer(pipeline, brightness, args=args, train_dataset=prompt_dataset())
     trainer.train()
@@ -163,8 +186,11 @@ def test_resume_matches_uninterrupted_run(tiny_sd3_path, tmp_path):
     full.train()
 
     interrupted = DDRLTrainer(
-        tiny_sd3_path, brightness, args=make_args(tmp_path / "resumed", **common),
-        train_dataset=prompt_dataset(True), callbacks=[_StopAt(2)],
+        tiny_sd3_path,
+        brightness,
+        args=make_args(tmp_path / "resumed", **common),
+        train_dataset=prompt_dataset(True),
+        callbacks=[_StopAt(2)],
     )
     interrupted.train()
     assert interrupted.state.global_step == 2
@@ -185,9 +211,14 @@ def test_resume_matches_uninterrupted_run(tiny_sd3_path, tmp_path):
 def test_lora_is_saved_in_diffusers_format_and_loads(tiny_sd3_path, tmp_path):
     from peft import LoraConfig
 
-    lora = LoraConfig(r=4, lora_alpha=8, target_modules=["to_q", "to_k", "to_v", "to_out.0"], init_lora_weights="gaussian")
+    lora = LoraConfig(
+        r=4, lora_alpha=8, target_modules=["to_q", "to_k", "to_v", "to_out.0"], init_lora_weights="gaussian"
+    )
     trainer = DDRLTrainer(
-        tiny_sd3_path, brightness, args=make_args(tmp_path, learning_rate=1e-2), train_dataset=prompt_dataset(),
+        tiny_sd3_path,
+        brightness,
+        args=make_args(tmp_path, learning_rate=1e-2),
+        train_dataset=prompt_dataset(),
         peft_config=lora,
     )
     base_weights = {k: v.clone() for k, v in trainer.pipeline.transformer.state_dict().items() if "lora" not in k}
@@ -203,8 +234,13 @@ def test_lora_is_saved_in_diffusers_format_and_loads(tiny_sd3_path, tmp_path):
 
     def sample(pipeline):
         return pipeline(
-            PROMPTS[:2], num_inference_steps=3, height=16, width=16, output_type="pt",
-            generator=torch.Generator().manual_seed(0), max_sequence_length=16,
+            PROMPTS[:2],
+            num_inference_steps=3,
+            height=16,
+            width=16,
+            output_type="pt",
+            generator=torch.Generator().manual_seed(0),
+            max_sequence_length=16,
         ).images
 
     trained = sample(trainer.pipeline)
@@ -218,7 +254,9 @@ def test_lora_is_saved_in_diffusers_format_and_loads(tiny_sd3_path, tmp_path):
 
 def test_reverse_kl_with_reference_model(tiny_sd3_path, tmp_path):
     trainer = DDRLTrainer(
-        tiny_sd3_path, brightness, args=make_args(tmp_path, kl_beta=0.5, max_steps=3, update_ref_every=2),
+        tiny_sd3_path,
+        brightness,
+        args=make_args(tmp_path, kl_beta=0.5, max_steps=3, update_ref_every=2),
         train_dataset=prompt_dataset(),
     )
     assert trainer.ref_model is not None
@@ -245,7 +283,9 @@ def test_drop_group_policy_skips_unscored_groups(tiny_sd3_path, tmp_path):
         return [None if prompt == prompts[0] else 1.0 + i for i, prompt in enumerate(prompts)]
 
     trainer = DDRLTrainer(
-        tiny_sd3_path, half_scored, args=make_args(tmp_path, reward_error_policy="drop_group", max_steps=1),
+        tiny_sd3_path,
+        half_scored,
+        args=make_args(tmp_path, reward_error_policy="drop_group", max_steps=1),
         train_dataset=prompt_dataset(),
     )
     trainer.train()
@@ -254,7 +294,10 @@ def test_drop_group_policy_skips_unscored_groups(tiny_sd3_path, tmp_path):
 
 def test_wrong_reward_length_fails_loudly(tiny_sd3_path, tmp_path):
     trainer = DDRLTrainer(
-        tiny_sd3_path, lambda prompts, images, **kwargs: [1.0], args=make_args(tmp_path), train_dataset=prompt_dataset()
+        tiny_sd3_path,
+        lambda prompts, images, **kwargs: [1.0],
+        args=make_args(tmp_path),
+        train_dataset=prompt_dataset(),
     )
     with pytest.raises(RewardFunctionError, match="returned 1 rewards for 8 samples"):
         trainer.train()
@@ -262,12 +305,17 @@ def test_wrong_reward_length_fails_loudly(tiny_sd3_path, tmp_path):
 
 def test_bad_inputs_have_clear_errors(tiny_sd3_path, tmp_path):
     with pytest.raises(ValueError, match="no 'prompt' column"):
-        DDRLTrainer(tiny_sd3_path, brightness, args=make_args(tmp_path), train_dataset=Dataset.from_dict({"text": ["a"]}))
+        DDRLTrainer(
+            tiny_sd3_path, brightness, args=make_args(tmp_path), train_dataset=Dataset.from_dict({"text": ["a"]})
+        )
     with pytest.raises(ValueError, match="data_beta=0.1 needs data images"):
         DDRLTrainer(tiny_sd3_path, brightness, args=make_args(tmp_path, data_beta=0.1), train_dataset=prompt_dataset())
     with pytest.raises(ValueError, match="reward_weights has 2 values"):
         DDRLTrainer(
-            tiny_sd3_path, brightness, args=make_args(tmp_path, reward_weights=[1.0, 2.0]), train_dataset=prompt_dataset()
+            tiny_sd3_path,
+            brightness,
+            args=make_args(tmp_path, reward_weights=[1.0, 2.0]),
+            train_dataset=prompt_dataset(),
         )
     with pytest.raises(ValueError, match="Could not load a diffusers pipeline"):
         DDRLTrainer(str(tmp_path / "missing"), brightness, args=make_args(tmp_path), train_dataset=prompt_dataset())
@@ -278,13 +326,17 @@ def test_multiple_rewards_are_logged_separately(tiny_sd3_path, tmp_path):
         return (1 - images.mean(dim=(1, 2, 3))).tolist()
 
     trainer = DDRLTrainer(
-        tiny_sd3_path, [brightness, darkness], args=make_args(tmp_path, reward_weights=[1.0, 0.5], max_steps=1),
+        tiny_sd3_path,
+        [brightness, darkness],
+        args=make_args(tmp_path, reward_weights=[1.0, 0.5], max_steps=1),
         train_dataset=prompt_dataset(),
     )
     trainer.train()
     log = trainer.state.log_history[0]
     assert log["rewards/brightness/mean"] == pytest.approx(1 - log["rewards/darkness/mean"], abs=1e-5)
-    assert log["reward"] == pytest.approx(log["rewards/brightness/mean"] + 0.5 * log["rewards/darkness/mean"], abs=1e-5)
+    assert log["reward"] == pytest.approx(
+        log["rewards/brightness/mean"] + 0.5 * log["rewards/darkness/mean"], abs=1e-5
+    )
 
 
 def test_rewards_overlap_the_next_rollout_chunk(tiny_sd3_path, tmp_path):
@@ -300,7 +352,9 @@ def test_rewards_overlap_the_next_rollout_chunk(tiny_sd3_path, tmp_path):
         return images.mean(dim=(1, 2, 3)).tolist()
 
     trainer = DDRLTrainer(
-        tiny_sd3_path, slow_reward, args=make_args(tmp_path, max_steps=1, rollout_batch_size=4),
+        tiny_sd3_path,
+        slow_reward,
+        args=make_args(tmp_path, max_steps=1, rollout_batch_size=4),
         train_dataset=prompt_dataset(),
     )
     sample = trainer.adapter.sample
@@ -318,3 +372,26 @@ def test_rewards_overlap_the_next_rollout_chunk(tiny_sd3_path, tmp_path):
     assert len(calls) == 2
     assert all(name.startswith("ddrl-reward") for name, _ in calls)
     assert calls[0][1], "the first chunk's reward did not run while the second chunk was sampled"
+
+
+def test_lora_reference_is_the_adapter_disabled_model(tiny_sd3_path, tmp_path):
+    from peft import LoraConfig
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    lora = LoraConfig(r=4, lora_alpha=8, target_modules=["to_q", "to_k", "to_v", "to_out.0"])
+    trainer = DDRLTrainer(
+        tiny_sd3_path,
+        brightness,
+        args=make_args(tmp_path, kl_beta=0.5, learning_rate=1e-2),
+        train_dataset=prompt_dataset(),
+        peft_config=lora,
+    )
+    assert trainer.ref_model is None  # no copy of the denoiser: the base weights are the reference
+    trainer.train()
+    kls = [entry["kl"] for entry in trainer.state.log_history if "kl" in entry]
+    assert kls[0] == pytest.approx(0.0, abs=1e-10)  # LoRA B starts at zero: policy == base
+    assert kls[1] > 0
+    lora_layers = [m for m in trainer.pipeline.transformer.modules() if isinstance(m, BaseTunerLayer)]
+    assert lora_layers and not any(
+        layer.disable_adapters for layer in lora_layers
+    )  # re-enabled after each reference pass
