@@ -4,6 +4,7 @@
 import contextlib
 import copy
 import glob
+import json
 import math
 import os
 import shutil
@@ -765,7 +766,8 @@ class DDRLTrainer(_BaseTrainer):
         """Write the configuration as `training_args.bin` (what the Trainer reloads) and `ddrl_config.json`."""
         torch.save(self.args, os.path.join(output_dir, TRAINING_ARGS_NAME))
         with open(os.path.join(output_dir, CONFIG_JSON_NAME), "w", encoding="utf-8") as file:
-            file.write(self.args.to_json_string())
+            # `to_dict` hides tokens; `default=str` covers values JSON lacks (a torch dtype in `model_init_kwargs`).
+            json.dump(self.args.to_dict(), file, indent=2, sort_keys=True, default=str)
 
     def _save_lora(self, denoiser: nn.Module, state_dict: dict, output_dir: str) -> None:
         """Write the adapter in diffusers format (`pytorch_lora_weights.safetensors`, alpha kept in the metadata)."""
