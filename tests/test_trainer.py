@@ -1,8 +1,8 @@
 # Copyright 2026 The trl_ddrl Authors. Licensed under the Apache License, Version 2.0.
 """End-to-end tests of DDRLTrainer on a tiny random Stable Diffusion 3 pipeline (CPU, no network)."""
 
-import json
 import os
+import zlib
 
 import numpy as np
 import pytest
@@ -10,9 +10,9 @@ import torch
 from datasets import Dataset
 from diffusers import DiffusionPipeline
 from safetensors.torch import load_file
+from tiny_models import tiny_sd3_pipeline
 from transformers import TrainerCallback
 
-from tiny_models import tiny_sd3_pipeline
 from trl_ddrl import DDRLConfig, DDRLTrainer
 from trl_ddrl.rewards import RewardFunctionError
 
@@ -395,3 +395,40 @@ def test_lora_reference_is_the_adapter_disabled_model(tiny_sd3_path, tmp_path):
     assert lora_layers and not any(
         layer.disable_adapters for layer in lora_layers
     )  # re-enabled after each reference pass
+
+
+def test_base_model_data_source_regularises_towards_cached_base_samples(tiny_sd3_path, tmp_path):
+    trainer = DDRLTrainer(
+        tiny_sd3_path,
+        brightness,
+        args=make_args(tmp_path, data_beta=0.5, data_source="base_model", max_steps=3),
+        train_dataset=prompt_dataset(),  # prompts only: no images needed
+    )
+    assert trainer.ref_model is not None
+    base = {key: value.clone() for key, value in trainer.pipeline.transformer.state_dict().items()}
+    trainer.train()
+    assert all("loss/data" in entry for entry in trainer.state.log_history[:3])
+    seen = set(trainer._synthetic_latents)
+    assert seen and seen <= set(PROMPTS)
+
+    # The cached samples are the base model's deterministic samples, not the trained policy's.
+    prompt = sorted(seen)[0]
+    adapter = trainer.adapter
+    conditioning = adapter.encode_prompts([prompt], torch.device("cpu"))
+    noise = adapter.sample_noise(1, generator=torch.Generator().manual_seed(zlib.crc32(prompt.encode())))
+    policy_sample = adapter.sample(trainer.pipeline.transformer, conditioning, noise, eta=0.0).latents[0, -1]
+    trainer.pipeline.transformer.load_state_dict(base)
+    base_sample = adapter.sample(trainer.pipeline.transformer, conditioning, noise, eta=0.0).latents[0, -1]
+    torch.testing.assert_close(trainer._synthetic_latents[prompt], base_sample, atol=1e-5, rtol=0)
+    assert not torch.allclose(policy_sample, base_sample, atol=1e-5)
+
+
+def test_base_model_data_source_refuses_a_data_dataset(tiny_sd3_path, tmp_path):
+    with pytest.raises(ValueError, match="data_source='base_model'"):
+        DDRLTrainer(
+            tiny_sd3_path,
+            brightness,
+            args=make_args(tmp_path, data_beta=0.5, data_source="base_model"),
+            train_dataset=prompt_dataset(),
+            data_dataset=prompt_dataset(True),
+        )

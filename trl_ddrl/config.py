@@ -12,6 +12,7 @@ SCALE_REWARDS_CHOICES = ("group", "batch", "none")
 DATA_NOISE_CHOICES = ("rollout", "independent")
 MULTI_OBJECTIVE_CHOICES = ("sum_then_normalize", "normalize_then_sum")
 REWARD_ERROR_POLICY_CHOICES = ("raise", "drop_group")
+DATA_SOURCE_CHOICES = ("dataset", "base_model")
 
 
 def resolve_train_timesteps(num_inference_steps: int, fraction: float, explicit: list[int] | None) -> list[int]:
@@ -142,6 +143,12 @@ class DDRLConfig(_BaseConfig):
 
         > Parameters that control the data term
 
+        data_source (`str`, *optional*, defaults to `"dataset"`):
+            Where the data term's clean samples come from. `"dataset"`: images or videos of `data_dataset` or of
+            `train_dataset`'s `image_column`. `"base_model"`: synthetic samples of the base model for the iteration's
+            own prompts (deterministic sampler, one per prompt, cached), the paper's choice when no real data is at
+            hand. They are drawn with the reference model: under LoRA the adapter-disabled denoiser, otherwise a
+            frozen copy of the denoiser (one more copy in memory).
         data_noise (`str`, *optional*, defaults to `"rollout"`):
             Noise of the data term. `"rollout"` noises the data sample to the sigma of the trained transition with the
             rollout's own initial noise; `"independent"` draws fresh noise.
@@ -253,6 +260,10 @@ class DDRLConfig(_BaseConfig):
     num_iterations: int = field(default=1, metadata={"help": "Passes over the transitions of one iteration."})
 
     # Data term
+    data_source: str = field(
+        default="dataset",
+        metadata={"help": "'dataset': real images/videos; 'base_model': cached synthetic samples of the base model."},
+    )
     data_noise: str = field(
         default="rollout",
         metadata={"help": "'rollout': data noised at the rollout's sigma with its initial noise; 'independent'."},
@@ -283,6 +294,7 @@ class DDRLConfig(_BaseConfig):
 
         self._check_choice("scale_rewards", SCALE_REWARDS_CHOICES)
         self._check_choice("data_noise", DATA_NOISE_CHOICES)
+        self._check_choice("data_source", DATA_SOURCE_CHOICES)
         self._check_choice("multi_objective_aggregation", MULTI_OBJECTIVE_CHOICES)
         self._check_choice("reward_error_policy", REWARD_ERROR_POLICY_CHOICES)
         self._check_positive("num_generations", minimum=2, why="advantages compare samples within a group")

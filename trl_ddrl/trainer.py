@@ -9,6 +9,7 @@ import math
 import os
 import shutil
 import time
+import zlib
 from collections import defaultdict
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -281,14 +282,20 @@ class DDRLTrainer(_BaseTrainer):
                 f"'{args.image_column}' column (columns: {train_dataset.column_names}). Add an image or video per prompt "
                 "in that column, or set image_column."
             )
-        if args.data_beta > 0:
+        if args.data_source == "base_model" and data_dataset is not None:
+            raise ValueError(
+                "data_dataset is given but data_source='base_model' draws the data term from the base model. Drop "
+                "data_dataset, or set data_source='dataset' to train on it."
+            )
+        if args.data_beta > 0 and args.data_source == "dataset":
             source = data_dataset if data_dataset is not None else train_dataset
             if args.image_column not in source.column_names:
                 which = "data_dataset" if data_dataset is not None else "train_dataset"
                 raise ValueError(
                     f"data_beta={args.data_beta} needs data images, but {which} has no '{args.image_column}' column "
                     f"(columns: {source.column_names}). Pass a data_dataset with image and caption columns, add an "
-                    "image column to train_dataset, set image_column, or set data_beta=0."
+                    "image column to train_dataset, set image_column, set data_source='base_model' to regularise "
+                    "towards the base model's own samples, or set data_beta=0."
                 )
             if data_dataset is not None and args.caption_column not in data_dataset.column_names:
                 raise ValueError(
@@ -324,7 +331,9 @@ class DDRLTrainer(_BaseTrainer):
                 reward_func.to(device).eval().requires_grad_(False)
 
         self.ref_model = None
-        if args.kl_beta > 0 and not self.is_peft:
+        self._synthetic_latents: dict[str, torch.Tensor] = {}
+        needs_reference = args.kl_beta > 0 or (args.data_beta > 0 and args.data_source == "base_model")
+        if needs_reference and not self.is_peft:
             self.ref_model = copy.deepcopy(denoiser).requires_grad_(False).eval()
             if self.is_deepspeed_enabled:
                 self.ref_model = prepare_deepspeed(self.ref_model, self.accelerator)
@@ -520,7 +529,9 @@ class DDRLTrainer(_BaseTrainer):
         advantages = result.advantages[offset : offset + len(prompts)].to(device)
 
         data_latents = data_conditioning = None
-        if args.data_beta > 0:
+        if args.data_beta > 0 and args.data_source == "base_model":
+            data_latents, data_conditioning = self._base_model_latents(prompts, conditioning), conditioning
+        elif args.data_beta > 0:
             data_batch = self.data_collator_for_loss(
                 self._data_rows(rows, iteration), generator=self._generator(iteration, 2)
             )
@@ -643,20 +654,49 @@ class DDRLTrainer(_BaseTrainer):
         conditioning = {key: value[select] for key, value in inputs["data_conditioning"].items()}
         return self.adapter.diffusion_loss(model, x0, conditioning, inputs["step_index"][select], noise).mean()
 
+    @contextlib.contextmanager
+    def _reference_denoiser(self):
+        """The reference model: the adapter-disabled denoiser under LoRA, the frozen copy otherwise."""
+        if not self.is_peft:
+            yield self.ref_model
+            return
+        policy = self.accelerator.unwrap_model(self.model)
+        policy.disable_adapters()
+        try:
+            yield policy
+        finally:
+            policy.enable_adapters()
+
     def _reference_step(self, inputs):
-        states, next_states = inputs["states"], inputs["next_states"]
-        if self.is_peft:
-            policy = self.accelerator.unwrap_model(self.model)
-            policy.disable_adapters()
-            try:
-                return self.adapter.transition_log_prob(
-                    policy, states, next_states, inputs["step_index"], inputs["conditioning"]
+        with self._reference_denoiser() as reference:
+            return self.adapter.transition_log_prob(
+                reference, inputs["states"], inputs["next_states"], inputs["step_index"], inputs["conditioning"]
+            )
+
+    @torch.no_grad()
+    def _base_model_latents(self, prompts: list[str], conditioning: Conditioning) -> torch.Tensor:
+        """
+        Synthetic data for `data_source="base_model"`: one deterministic sample of the reference model per prompt,
+        from noise seeded by the prompt's text, drawn the first time the prompt is seen and cached. `[S, ...]`.
+        """
+        missing = [prompt for prompt in dict.fromkeys(prompts) if prompt not in self._synthetic_latents]
+        if missing:
+            rows = torch.tensor([prompts.index(prompt) for prompt in missing], device=self.accelerator.device)
+            noise = torch.cat(
+                [
+                    self.adapter.sample_noise(
+                        1, generator=torch.Generator().manual_seed(self.args.seed + zlib.crc32(prompt.encode()))
+                    )
+                    for prompt in missing
+                ]
+            )
+            with self._reference_denoiser() as reference, self.accelerator.autocast():
+                trajectory = self.adapter.sample(
+                    reference, {key: value[rows] for key, value in conditioning.items()}, noise, eta=0.0
                 )
-            finally:
-                policy.enable_adapters()
-        return self.adapter.transition_log_prob(
-            self.ref_model, states, next_states, inputs["step_index"], inputs["conditioning"]
-        )
+            for prompt, latents in zip(missing, trajectory.latents[:, -1]):
+                self._synthetic_latents[prompt] = latents.cpu()
+        return torch.stack([self._synthetic_latents[prompt] for prompt in prompts]).to(self.accelerator.device)
 
     def sync_reference_model(self) -> None:
         """Copy the current policy weights into the reference model (full fine-tuning only)."""

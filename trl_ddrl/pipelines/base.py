@@ -177,13 +177,15 @@ class DiffusionAdapter(ABC):
         conditioning: Conditioning,
         noise: torch.Tensor,
         generator: torch.Generator | None = None,
+        eta: float | None = None,
     ) -> Trajectory:
         """
         Run the stochastic sampler from `noise`, recording every state and every transition's log-likelihood.
 
-        Every step but the last is stochastic with `settings.eta`; the last one lands on the clean sample and is
-        deterministic (its log-likelihood is 0 and it is never trained).
+        Every step but the last is stochastic with `eta` (default `settings.eta`; 0 gives the deterministic sampler);
+        the last one lands on the clean sample and is deterministic (its log-likelihood is 0 and it is never trained).
         """
+        eta = self.settings.eta if eta is None else eta
         num_steps = self.settings.num_inference_steps
         latents = [noise.float()]
         log_probs = []
@@ -191,8 +193,7 @@ class DiffusionAdapter(ABC):
         for i in range(num_steps):
             step_index = torch.full((batch,), i, dtype=torch.long, device=noise.device)
             output = self.predict(denoiser, latents[-1], step_index, conditioning)
-            eta = self.settings.eta if i < num_steps - 1 else 0.0
-            out = self.step(output, latents[-1], step_index, eta, generator=generator)
+            out = self.step(output, latents[-1], step_index, eta if i < num_steps - 1 else 0.0, generator=generator)
             latents.append(out.prev_sample)
             log_probs.append(out.log_prob)
         return Trajectory(latents=torch.stack(latents, dim=1), log_probs=torch.stack(log_probs, dim=1))
