@@ -270,12 +270,12 @@ def test_no_model_with_a_dataset_is_an_error(capsys, single_process):
 
 
 def test_reward_funcs_accept_names_and_import_paths(tmp_path, monkeypatch):
-    (tmp_path / "my_rewards.py").write_text(
+    (tmp_path / "my_cli_rewards.py").write_text(
         "def redness(prompts, images, **kwargs):\n    return [1.0] * len(prompts)\n"
     )
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(sys, "path", list(sys.path))
-    assert ddrl.resolve_reward_func("my_rewards:redness")(["a"], None) == [1.0]
+    assert ddrl.resolve_reward_func("my_cli_rewards:redness")(["a"], None) == [1.0]
     assert callable(ddrl.resolve_reward_func("brightness"))
     with pytest.raises(ddrl.UsageError, match="no_such_module"):
         ddrl.resolve_reward_func("no_such_module:f")

@@ -173,15 +173,15 @@ def test_cli_loads_registered_and_module_rewards(monkeypatch, tmp_path):
     assert health.json() == {"status": "ok", "reward": "jpeg_compressibility"}
 
     # `module:function` is imported from the working directory, as with the console script
-    (tmp_path / "my_rewards.py").write_text(
+    (tmp_path / "my_server_rewards.py").write_text(
         "def constant(prompts, images, **kwargs):\n    return [3.0] * len(prompts)\n"
     )
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(sys, "path", [path for path in sys.path if path not in ("", ".", str(tmp_path))])
-    server_module.main(["--reward", "my_rewards:constant"])
+    server_module.main(["--reward", "my_server_rewards:constant"])
     request = {"prompts": ["a"], "images": encode_images(torch.zeros(1, 3, 2, 2))}
     assert TestClient(started["app"]).post("/score", json=request).json() == {"rewards": [3.0]}
-    with pytest.raises(ValueError, match="cannot import 'missing' from 'my_rewards'"):
-        server_module.load_reward("my_rewards:missing")
+    with pytest.raises(ValueError, match="cannot import 'missing' from 'my_server_rewards'"):
+        server_module.load_reward("my_server_rewards:missing")
     with pytest.raises(ValueError, match="neither a registered reward .*jpeg_compressibility"):
         server_module.load_reward("no_such_reward")

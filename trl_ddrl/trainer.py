@@ -34,7 +34,7 @@ from .config import DDRLConfig
 from .data import DiffusionDataCollator
 from .losses import clipped_policy_loss, compute_advantages, gaussian_kl
 from .model_card import save_model_card
-from .pipelines import Conditioning, SamplingSettings, get_adapter
+from .pipelines import ADAPTERS, Conditioning, SamplingSettings, get_adapter
 from .rewards import RewardFunctionError, check_rewards, get_reward_function
 from .utils import image_grid, log_video_to_trackers, save_denoiser, save_video_grid_gif
 
@@ -358,8 +358,20 @@ class DDRLTrainer(_BaseTrainer):
                 )
             kwargs["torch_dtype"] = getattr(torch, dtype)
         try:
+            # diffusers resolves only its own pipeline classes from `model_index.json`; ours (the digits pipeline)
+            # are looked up among the adapters.
+            class_name = DiffusionPipeline.load_config(model).get("_class_name")
+            pipeline_class = next(
+                (
+                    adapter.pipeline_class
+                    for adapter in ADAPTERS
+                    if getattr(adapter, "pipeline_class", None) is not None
+                    and adapter.pipeline_class.__name__ == class_name
+                ),
+                DiffusionPipeline,
+            )
             with _without_zero3_init():
-                return DiffusionPipeline.from_pretrained(model, **kwargs)
+                return pipeline_class.from_pretrained(model, **kwargs)
         except (OSError, ValueError) as error:
             raise ValueError(
                 f"Could not load a diffusers pipeline from model={model!r}: {error}. Pass a hub id or a local directory "

@@ -3,6 +3,7 @@
 
 from .base import Conditioning, DiffusionAdapter, FlowMatchingAdapter, SamplingSettings, Trajectory
 from .cosmos import Cosmos2TextToImageAdapter, Cosmos2VideoToWorldAdapter
+from .digits import DigitsFlowAdapter
 from .flux import FluxAdapter
 from .sd3 import StableDiffusion3Adapter
 from .wan import WanAdapter
@@ -14,6 +15,7 @@ ADAPTERS: tuple[type[DiffusionAdapter], ...] = (
     WanAdapter,
     Cosmos2TextToImageAdapter,
     Cosmos2VideoToWorldAdapter,
+    DigitsFlowAdapter,
 )
 
 
@@ -41,6 +43,7 @@ __all__ = [
     "Conditioning",
     "Cosmos2TextToImageAdapter",
     "Cosmos2VideoToWorldAdapter",
+    "DigitsFlowAdapter",
     "DiffusionAdapter",
     "FlowMatchingAdapter",
     "FluxAdapter",
