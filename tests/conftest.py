@@ -3,11 +3,21 @@ import os
 import sys
 
 import pytest
+import torch
 
 
 sys.path.insert(0, os.path.dirname(__file__))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "disabled")
+
+
+@pytest.fixture(autouse=True, scope="session")
+def single_thread():
+    """The tiny test models run several times faster on one thread than with intra-op threads competing for 2 cores."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="session")

@@ -46,15 +46,6 @@ FAMILIES = {
 }
 
 
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    """The tiny models run ~10x faster on one thread than with intra-op threads competing for a few cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def settings(family: str, **overrides) -> SamplingSettings:
     kwargs = dict(num_inference_steps=3, eta=1.0, max_sequence_length=16, **FAMILIES[family][3])
     kwargs.update(overrides)
