@@ -97,3 +97,21 @@ def test_deepspeed_zero3_trains_and_saves_full_weights(tiny_sd3_path, tmp_path):
     for key, value in base.items():
         assert saved[key].shape == value.shape and saved[key].numel() > 0, key
     assert any(not torch.equal(saved[key], base[key]) for key in base), "ZeRO-3 run saved untrained weights"
+
+
+def test_fsdp2_two_processes_train_and_save_full_weights(tiny_sd3_path, tmp_path):
+    config = os.path.join(os.path.dirname(__file__), "..", "trl_ddrl", "accelerate_configs", "fsdp.yaml")
+    command = [
+        sys.executable, "-m", "accelerate.commands.launch", "--config_file", config, "--num_processes", "2",
+        "--mixed_precision", "no", "--main_process_port", str(free_port()), SCRIPT, tiny_sd3_path, str(tmp_path),
+    ]  # fmt: skip
+    run(command, {"ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"})
+    ranks = [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in (0, 1)]
+    assert [record["weight_sum"] for record in ranks[0]["records"]] == [
+        record["weight_sum"] for record in ranks[1]["records"]
+    ]
+    saved = load_file(tmp_path / "transformer" / "diffusion_pytorch_model.safetensors")
+    base = load_file(os.path.join(tiny_sd3_path, "transformer", "diffusion_pytorch_model.safetensors"))
+    assert set(saved) == set(base)
+    assert all(saved[key].shape == value.shape for key, value in base.items())
+    assert any(not torch.equal(saved[key], base[key]) for key in base), "FSDP run saved untrained weights"
