@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from .base import Conditioning, FlowMatchingAdapter, SamplingSettings
-from .wan import wan_vae_decode, wan_vae_encode
+from .wan import encode_t5_prompts, wan_vae_decode, wan_vae_encode
 
 
 class Cosmos2TextToImageAdapter(FlowMatchingAdapter):
@@ -101,19 +101,8 @@ class Cosmos2TextToImageAdapter(FlowMatchingAdapter):
         """The pipeline's initial state `sigma_max * eps` in flow coordinates: `t_0 * eps`, `t_0 = s_max / (1 + s_max)`."""
         return super().sample_noise(batch_size, generator) * self._sigma_table()[0]
 
-    @torch.no_grad()
     def encode_prompts(self, prompts: list[str], device: torch.device) -> Conditioning:
-        use_cfg = self.settings.guidance_scale > 1.0
-        embeds, negative_embeds = self.pipeline.encode_prompt(
-            prompt=prompts,
-            do_classifier_free_guidance=use_cfg,
-            max_sequence_length=self.settings.max_sequence_length or self.default_max_sequence_length,
-            device=device,
-        )
-        conditioning = {"prompt_embeds": embeds}
-        if use_cfg:
-            conditioning["negative_prompt_embeds"] = negative_embeds
-        return conditioning
+        return encode_t5_prompts(self, prompts, device)
 
     def _padding_mask(self, like: torch.Tensor) -> torch.Tensor:
         """The pipeline's all-zero pixel padding mask `[1, 1, H, W]`."""

@@ -62,6 +62,25 @@ def wan_vae_decode(vae, latents: torch.Tensor, sigma_data: float = 1.0) -> torch
     return (video.float() / 2 + 0.5).clamp(0, 1).permute(0, 2, 1, 3, 4)
 
 
+@torch.no_grad()
+def encode_t5_prompts(adapter: FlowMatchingAdapter, prompts: list[str], device: torch.device) -> Conditioning:
+    """
+    Prompt conditioning of the pipelines whose `encode_prompt` returns `(prompt_embeds, negative_prompt_embeds)` from
+    one T5-family encoder (Wan, Cosmos Predict2); the empty negative prompt only when CFG is on.
+    """
+    use_cfg = adapter.settings.guidance_scale > 1.0
+    embeds, negative_embeds = adapter.pipeline.encode_prompt(
+        prompt=prompts,
+        do_classifier_free_guidance=use_cfg,
+        max_sequence_length=adapter.settings.max_sequence_length or adapter.default_max_sequence_length,
+        device=device,
+    )
+    conditioning = {"prompt_embeds": embeds}
+    if use_cfg:
+        conditioning["negative_prompt_embeds"] = negative_embeds
+    return conditioning
+
+
 class WanAdapter(FlowMatchingAdapter):
     """
     `WanPipeline` (text-to-video): UMT5 prompt embeddings, video latents `[C, F', H', W']` normalised by the VAE's
@@ -140,19 +159,8 @@ class WanAdapter(FlowMatchingAdapter):
             )
         return sigmas
 
-    @torch.no_grad()
     def encode_prompts(self, prompts: list[str], device: torch.device) -> Conditioning:
-        use_cfg = self.settings.guidance_scale > 1.0
-        embeds, negative_embeds = self.pipeline.encode_prompt(
-            prompt=prompts,
-            do_classifier_free_guidance=use_cfg,
-            max_sequence_length=self.settings.max_sequence_length or self.default_max_sequence_length,
-            device=device,
-        )
-        conditioning = {"prompt_embeds": embeds}
-        if use_cfg:
-            conditioning["negative_prompt_embeds"] = negative_embeds
-        return conditioning
+        return encode_t5_prompts(self, prompts, device)
 
     def velocity(self, denoiser: nn.Module, latents, sigma, conditioning):
         dtype = conditioning["prompt_embeds"].dtype
