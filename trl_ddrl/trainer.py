@@ -139,6 +139,19 @@ class EpochSeededRepeatSampler(RepeatSampler):
         return super().__iter__()
 
 
+class _Positions(torch.utils.data.Dataset):
+    """The positions `0 .. size - 1` of a dataset: what the train dataloader yields (see `get_train_dataloader`)."""
+
+    def __init__(self, size: int):
+        self.size = size
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __getitem__(self, position: int) -> int:
+        return position
+
+
 class _ReferenceSyncCallback(TrainerCallback):
     """Copy the policy into the reference model every `update_ref_every` optimizer steps."""
 
@@ -409,8 +422,11 @@ class DDRLTrainer(_BaseTrainer):
     # ---- data ---------------------------------------------------------------------------------------------------------
 
     def get_train_dataloader(self):
+        # The dataloader yields dataset positions, not rows. The Trainer fetches one batch per micro-batch but only an
+        # iteration's first micro-batch uses its rows, and accelerate walks every fetched batch element by element to
+        # move it to the device: for an image column that is ~10^5 Python objects per row, per micro-batch.
         return self._get_dataloader(
-            dataset=self.train_dataset,
+            dataset=_Positions(len(self.train_dataset)),
             description="Training",
             batch_size=self.args.samples_per_process,
             sampler_fn=self._get_train_sampler,
@@ -448,14 +464,15 @@ class DDRLTrainer(_BaseTrainer):
 
     # ---- rollouts ---------------------------------------------------------------------------------------------------
 
-    def _prepare_inputs(self, inputs: list[dict]) -> dict[str, Any]:
+    def _prepare_inputs(self, inputs: list[int]) -> dict[str, Any]:
         micro_batches_per_iteration = self.args.steps_per_generation * self.args.num_iterations
         if self._buffer is None:
             # (Re)start: count the micro-batches already trained, so that a resumed run stays in step.
             self._step = self.state.global_step * self.args.gradient_accumulation_steps
         if self._step % micro_batches_per_iteration == 0 or self._buffer is None:
             iteration = self.state.global_step * self.args.gradient_accumulation_steps // micro_batches_per_iteration
-            self._buffer = self._generate_and_score(inputs, iteration)
+            rows = [self.train_dataset[int(position)] for position in inputs]
+            self._buffer = self._generate_and_score(rows, iteration)
         index = self._step % self.args.steps_per_generation
         self._step += 1
         return self._buffer.micro_batch(index, self.args.per_device_train_batch_size)
