@@ -6,11 +6,14 @@ from .cosmos import Cosmos2TextToImageAdapter, Cosmos2VideoToWorldAdapter
 from .digits import DigitsFlowAdapter
 from .flux import FluxAdapter
 from .sd3 import StableDiffusion3Adapter
+from .stable_diffusion import DDIMAdapter, StableDiffusionAdapter, StableDiffusionXLAdapter
 from .wan import WanAdapter
 
 
 ADAPTERS: tuple[type[DiffusionAdapter], ...] = (
     StableDiffusion3Adapter,
+    StableDiffusionAdapter,
+    StableDiffusionXLAdapter,
     FluxAdapter,
     WanAdapter,
     Cosmos2TextToImageAdapter,
@@ -43,12 +46,15 @@ __all__ = [
     "Conditioning",
     "Cosmos2TextToImageAdapter",
     "Cosmos2VideoToWorldAdapter",
+    "DDIMAdapter",
     "DigitsFlowAdapter",
     "DiffusionAdapter",
     "FlowMatchingAdapter",
     "FluxAdapter",
     "SamplingSettings",
     "StableDiffusion3Adapter",
+    "StableDiffusionAdapter",
+    "StableDiffusionXLAdapter",
     "Trajectory",
     "WanAdapter",
     "get_adapter",
