@@ -318,6 +318,7 @@ class DDRLTrainer(_BaseTrainer):
         self.data_collator_for_loss = DiffusionDataCollator(self.adapter, args.image_column, args.caption_column)
 
         self._metrics: dict[str, list[float]] = defaultdict(list)
+        self._loss_metrics: dict[str, list[torch.Tensor]] = defaultdict(list)
         # One worker: reward functions run one at a time, beside the sampling of the next rollout chunk.
         self._reward_executor = (
             ThreadPoolExecutor(max_workers=1, thread_name_prefix="ddrl-reward") if args.async_rewards else None
@@ -650,21 +651,22 @@ class DDRLTrainer(_BaseTrainer):
             step.log_prob, inputs["old_log_probs"], inputs["advantages"], args.clip_range
         )
         loss = policy_loss.mean()
-        self._metrics["loss/policy"].append(self.accelerator.gather(loss.detach()).mean().item())
-        self._metrics["ratio/mean"].append(self.accelerator.gather(ratio.detach().mean()).mean().item())
-        self._metrics["clip_ratio"].append(self.accelerator.gather(is_clipped.float().mean()).mean().item())
+        # Kept on the device and gathered once per logging step: no host sync or collective per micro-batch.
+        self._loss_metrics["loss/policy"].append(loss.detach())
+        self._loss_metrics["ratio/mean"].append(ratio.detach().mean())
+        self._loss_metrics["clip_ratio"].append(is_clipped.float().mean())
 
         if args.data_beta > 0:
             data_loss = self._data_loss(model, inputs)
             loss = loss + args.data_beta * data_loss
-            self._metrics["loss/data"].append(self.accelerator.gather(data_loss.detach()).mean().item())
+            self._loss_metrics["loss/data"].append(data_loss.detach())
 
         if args.kl_beta > 0:
             with torch.no_grad():
                 ref_step = self._reference_step(inputs)
             kl = gaussian_kl(step.mean, ref_step.mean, step.std).mean()
             loss = loss + args.kl_beta * kl
-            self._metrics["kl"].append(self.accelerator.gather(kl.detach()).mean().item())
+            self._loss_metrics["kl"].append(kl.detach())
         return loss
 
     def _data_loss(self, model, inputs) -> torch.Tensor:
@@ -741,9 +743,13 @@ class DDRLTrainer(_BaseTrainer):
             metrics[key] = sum(valid) / len(valid) if valid else None
         if "reward/errors" in self._metrics:
             metrics["reward/errors"] = float(sum(self._metrics["reward/errors"]))
+        # Every process logs the same micro-batches, so these keys match across processes.
+        for key, values in sorted(self._loss_metrics.items()):
+            metrics[key] = self.accelerator.gather(torch.stack(values)).float().mean().item()
         logs.update(metrics)
         super().log(logs, start_time)
         self._metrics.clear()
+        self._loss_metrics.clear()
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
         self._saving_final_model = not _internal_call or getattr(self, "_pushing_final_model", False)
