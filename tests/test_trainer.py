@@ -432,3 +432,16 @@ def test_base_model_data_source_refuses_a_data_dataset(tiny_sd3_path, tmp_path):
             train_dataset=prompt_dataset(),
             data_dataset=prompt_dataset(True),
         )
+
+
+@pytest.mark.slow
+def test_torch_compile_of_the_denoiser(tiny_sd3_path, tmp_path):
+    trainer = DDRLTrainer(
+        tiny_sd3_path, brightness, args=make_args(tmp_path, torch_compile=True), train_dataset=prompt_dataset()
+    )
+    before = state_of(trainer.pipeline.transformer)
+    trainer.train()
+    assert type(trainer.model_wrapped).__name__ == "OptimizedModule"
+    assert changed(before, trainer.pipeline.transformer)
+    # The compiled replay of the first micro-batch reproduces the (eager) rollout's log-probabilities.
+    assert trainer.state.log_history[0]["ratio/mean"] == pytest.approx(1.0, abs=1e-3)
