@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from .base import Conditioning, FlowMatchingAdapter, SamplingSettings
-from .wan import encode_t5_prompts, wan_vae_decode, wan_vae_encode
+from .wan import check_num_frames, encode_t5_prompts, wan_vae_decode, wan_vae_encode
 
 
 class Cosmos2TextToImageAdapter(FlowMatchingAdapter):
@@ -155,12 +155,7 @@ class Cosmos2VideoToWorldAdapter(Cosmos2TextToImageAdapter):
 
     def __init__(self, pipeline, settings: SamplingSettings):
         super().__init__(pipeline, settings)
-        temporal = pipeline.vae_scale_factor_temporal
-        if (self.num_frames - 1) % temporal:
-            raise ValueError(
-                f"num_frames={self.num_frames} is not {temporal}k + 1, which the Wan VAE of Cosmos Predict2 needs. "
-                f"Use for example {(self.num_frames - 1) // temporal * temporal + 1}."
-            )
+        check_num_frames(self.num_frames, pipeline.vae_scale_factor_temporal)
 
     @property
     def num_frames(self) -> int:

@@ -62,6 +62,16 @@ def wan_vae_decode(vae, latents: torch.Tensor, sigma_data: float = 1.0) -> torch
     return (video.float() / 2 + 0.5).clamp(0, 1).permute(0, 2, 1, 3, 4)
 
 
+def check_num_frames(num_frames: int, temporal: int) -> None:
+    """The Wan VAE (also Cosmos Predict2's) encodes `temporal * k + 1` frames: the first alone, then groups."""
+    if (num_frames - 1) % temporal:
+        raise ValueError(
+            f"num_frames={num_frames} is not {temporal}k + 1, which the Wan VAE needs (its first frame is encoded "
+            f"alone, then every {temporal} frames make one latent frame). Use for example "
+            f"{(num_frames - 1) // temporal * temporal + 1}."
+        )
+
+
 @torch.no_grad()
 def encode_t5_prompts(adapter: FlowMatchingAdapter, prompts: list[str], device: torch.device) -> Conditioning:
     """
@@ -110,13 +120,7 @@ class WanAdapter(FlowMatchingAdapter):
                 "mixture of experts); DDRLTrainer trains a single denoiser. Use a single-transformer Wan checkpoint "
                 "such as Wan-AI/Wan2.1-T2V-1.3B-Diffusers or Wan-AI/Wan2.2-TI2V-5B-Diffusers."
             )
-        temporal = pipeline.vae_scale_factor_temporal
-        if (self.num_frames - 1) % temporal:
-            raise ValueError(
-                f"num_frames={self.num_frames} is not {temporal}k + 1, which the Wan VAE needs (its first frame is "
-                f"encoded alone, then every {temporal} frames make one latent frame). Use for example "
-                f"{(self.num_frames - 1) // temporal * temporal + 1}."
-            )
+        check_num_frames(self.num_frames, pipeline.vae_scale_factor_temporal)
         height, width = self.resolution
         multiple = pipeline.vae_scale_factor_spatial * self.denoiser.config.patch_size[1]
         if height % multiple or width % multiple:
