@@ -445,3 +445,9 @@ def test_torch_compile_of_the_denoiser(tiny_sd3_path, tmp_path):
     assert changed(before, trainer.pipeline.transformer)
     # The compiled replay of the first micro-batch reproduces the (eager) rollout's log-probabilities.
     assert trainer.state.log_history[0]["ratio/mean"] == pytest.approx(1.0, abs=1e-3)
+
+
+def test_reward_names_are_readable_metric_keys():
+    funcs, names = DDRLTrainer._resolve_reward_funcs(["jpeg_compressibility", "http://127.0.0.1:8000", brightness])
+    assert names == ["jpeg_compressibility", "remote_127.0.0.1:8000", "brightness"]
+    assert all(callable(func) for func in funcs)

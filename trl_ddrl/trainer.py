@@ -15,6 +15,7 @@ from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import urlparse
 
 import torch
 from accelerate.utils import gather
@@ -401,7 +402,8 @@ class DDRLTrainer(_BaseTrainer):
         resolved, names = [], []
         for reward_func in reward_funcs:
             if isinstance(reward_func, str):
-                name = reward_func
+                # A server URL is logged by its host and port: `rewards/remote_127.0.0.1:8000/mean`.
+                name = f"remote_{urlparse(reward_func).netloc}" if "://" in reward_func else reward_func
                 reward_func = get_reward_function(reward_func)
             elif callable(reward_func):
                 name = getattr(reward_func, "name", None) or getattr(reward_func, "__name__", None)
