@@ -451,3 +451,12 @@ def test_reward_names_are_readable_metric_keys():
     funcs, names = DDRLTrainer._resolve_reward_funcs(["jpeg_compressibility", "http://127.0.0.1:8000", brightness])
     assert names == ["jpeg_compressibility", "remote_127.0.0.1:8000", "brightness"]
     assert all(callable(func) for func in funcs)
+
+
+def test_unique_with_index_maps_every_item_to_its_first_twin():
+    from trl_ddrl.trainer import unique_with_index
+
+    assert unique_with_index(["a", "b", "a", "c", "b"]) == (["a", "b", "c"], [0, 1, 0, 2, 1])
+    frames = [torch.ones(2), torch.zeros(2), torch.ones(2)]
+    unique, index = unique_with_index(frames, same=torch.equal)
+    assert len(unique) == 2 and index == [0, 1, 0]

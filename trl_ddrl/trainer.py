@@ -6,6 +6,7 @@ import copy
 import glob
 import json
 import math
+import operator
 import os
 import shutil
 import time
@@ -98,6 +99,18 @@ class RolloutBuffer:
             batch["data_latents"] = self.data_latents[sample]
             batch["data_conditioning"] = {key: value[sample] for key, value in self.data_conditioning.items()}
         return batch
+
+
+def unique_with_index(items: list, same: Callable[[Any, Any], bool] = operator.eq) -> tuple[list, list[int]]:
+    """The distinct items in first-seen order, and for each item the position of its distinct twin among them."""
+    unique, index = [], []
+    for item in items:
+        match = next((i for i, seen in enumerate(unique) if same(seen, item)), None)
+        if match is None:
+            unique.append(item)
+            match = len(unique) - 1
+        index.append(match)
+    return unique, index
 
 
 @contextlib.contextmanager
@@ -327,7 +340,11 @@ class DDRLTrainer(_BaseTrainer):
         self._buffer: RolloutBuffer | None = None
         self._step = 0
         self._last_images: torch.Tensor | None = None
-        self._last_prompts: list[str] = []
+        # Save-time switches: whether this save is the final one (whole pipeline), whether `push_to_hub` is running,
+        # and whether the frozen components were already exported for checkpoint pushes.
+        self._saving_final_model = False
+        self._pushing_final_model = False
+        self._hub_pipeline_exported = False
 
         super().__init__(
             model=denoiser,
@@ -482,21 +499,13 @@ class DDRLTrainer(_BaseTrainer):
 
     def _encode_unique(self, prompts: list[str]) -> Conditioning:
         """Encode each distinct prompt once and expand to one row per prompt."""
-        unique = list(dict.fromkeys(prompts))
+        unique, index = unique_with_index(prompts)
         encoded = self.adapter.encode_prompts(unique, self.accelerator.device)
-        index = torch.tensor([unique.index(prompt) for prompt in prompts], device=self.accelerator.device)
-        return {key: value[index] for key, value in encoded.items()}
+        return {key: value[torch.tensor(index, device=value.device)] for key, value in encoded.items()}
 
     def _encode_condition_frames(self, rows: list[dict], iteration: int) -> Conditioning:
         """Encode each distinct row's conditioning frames once, so that all samples of a group share one encoding."""
-        frames = self.data_collator_for_loss.condition_pixels(rows)
-        unique, index = [], []
-        for pixels in frames:
-            match = next((i for i, seen in enumerate(unique) if torch.equal(seen, pixels)), None)
-            if match is None:
-                unique.append(pixels)
-                match = len(unique) - 1
-            index.append(match)
+        unique, index = unique_with_index(list(self.data_collator_for_loss.condition_pixels(rows)), same=torch.equal)
         encoded = self.adapter.encode_condition_frames(torch.stack(unique), generator=self._generator(iteration, 4))
         return {key: value[torch.tensor(index, device=value.device)] for key, value in encoded.items()}
 
@@ -574,7 +583,7 @@ class DDRLTrainer(_BaseTrainer):
         order = torch.randperm(len(prompts) * num_steps, generator=self._generator(iteration, 3)).to(device)
 
         self._log_rollout_metrics(all_rewards, result, advantages, rollout_time, reward_wait_time)
-        self._last_images, self._last_prompts = images[:16].cpu(), prompts[:16]
+        self._last_images = images[:16].cpu()
         return RolloutBuffer(
             states=latents[:, steps],
             next_states=latents[:, steps + 1],
@@ -754,7 +763,7 @@ class DDRLTrainer(_BaseTrainer):
         self._loss_metrics.clear()
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
-        self._saving_final_model = not _internal_call or getattr(self, "_pushing_final_model", False)
+        self._saving_final_model = not _internal_call or self._pushing_final_model
         super().save_model(output_dir, _internal_call)
         if not _internal_call:
             self._write_model_card(output_dir or self.args.output_dir)
@@ -801,7 +810,7 @@ class DDRLTrainer(_BaseTrainer):
         """
         denoiser_folder = os.path.join(checkpoint_folder, self.adapter.denoiser_name)
         if os.path.isdir(denoiser_folder):
-            if self.args.save_full_pipeline and not getattr(self, "_hub_pipeline_exported", False):
+            if self.args.save_full_pipeline and not self._hub_pipeline_exported:
                 self.pipeline.save_pretrained(output_dir)
                 self._hub_pipeline_exported = True
             target = os.path.join(output_dir, self.adapter.denoiser_name)
@@ -826,7 +835,7 @@ class DDRLTrainer(_BaseTrainer):
         if self.is_peft:
             self._save_lora(denoiser, state_dict, output_dir)
         else:
-            if getattr(self, "_saving_final_model", False) and self.args.save_full_pipeline:
+            if self._saving_final_model and self.args.save_full_pipeline:
                 # Writes every component; the denoiser's folder is then rewritten from the (possibly gathered)
                 # state dict, which under ZeRO-3 is the only place the full weights exist.
                 self.pipeline.save_pretrained(output_dir)
