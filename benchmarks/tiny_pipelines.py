@@ -10,11 +10,8 @@ The tokenizers, text encoders and VAE are the tests' tiny ones (`tests/tiny_mode
 import os
 import sys
 
-import torch
 from diffusers import (
     DDIMScheduler,
-    FlowMatchEulerDiscreteScheduler,
-    SD3Transformer2DModel,
     StableDiffusion3Pipeline,
     StableDiffusionPipeline,
 )
@@ -23,9 +20,9 @@ from diffusers import (
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
 
 from tiny_models import (  # noqa: E402
-    tiny_clip_text_encoder,
     tiny_clip_text_model,
     tiny_clip_tokenizer,
+    tiny_sd3_pipeline,
     tiny_unet,
     tiny_vae,
 )
@@ -37,34 +34,16 @@ def bench_sd3_pipeline(
     """
     A random `StableDiffusion3Pipeline` with an MMDiT of `num_layers` blocks of width `num_heads * head_dim` on
     `[4, latent_size, latent_size]` latents (patch 2: `(latent_size / 2)^2` image tokens), two tiny CLIP encoders and
-    no T5.
+    no T5: the tests' builder at benchmark size.
     """
-    tokenizer = tiny_clip_tokenizer()
-    vocab_size = len(tokenizer)
-    torch.manual_seed(seed)
-    transformer = SD3Transformer2DModel(
-        sample_size=latent_size,
-        patch_size=2,
-        in_channels=4,
+    return tiny_sd3_pipeline(
+        seed=seed,
+        with_t5=False,
         num_layers=num_layers,
-        attention_head_dim=head_dim,
-        num_attention_heads=num_heads,
-        joint_attention_dim=32,
-        caption_projection_dim=num_heads * head_dim,
-        pooled_projection_dim=32,
-        out_channels=4,
-        pos_embed_max_size=latent_size,
-    )
-    return StableDiffusion3Pipeline(
-        transformer=transformer,
-        scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
-        vae=tiny_vae(seed=seed, shift_factor=0.0609, scaling_factor=1.5035),
-        text_encoder=tiny_clip_text_encoder(vocab_size, seed=seed + 1),
-        tokenizer=tokenizer,
-        text_encoder_2=tiny_clip_text_encoder(vocab_size, seed=seed + 2),
-        tokenizer_2=tiny_clip_tokenizer(),
-        text_encoder_3=None,
-        tokenizer_3=None,
+        latent_size=latent_size,
+        num_heads=num_heads,
+        head_dim=head_dim,
+        vae_scaling_factor=1.5035,
     )
 
 

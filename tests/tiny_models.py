@@ -75,23 +75,34 @@ def tiny_vae(latent_channels: int = 4, seed: int = 0, **kwargs) -> AutoencoderKL
     ).eval()
 
 
-def tiny_sd3_pipeline(seed: int = 0, with_t5: bool = True) -> StableDiffusion3Pipeline:
-    """A random `StableDiffusion3Pipeline` generating 16x16 images from 8x8x4 latents."""
+def tiny_sd3_pipeline(
+    seed: int = 0,
+    with_t5: bool = True,
+    num_layers: int = 1,
+    latent_size: int = 8,
+    num_heads: int = 2,
+    head_dim: int = 8,
+    vae_scaling_factor: float = 0.5,
+) -> StableDiffusion3Pipeline:
+    """
+    A random `StableDiffusion3Pipeline`: an MMDiT of `num_layers` blocks of width `num_heads * head_dim` on
+    `[4, latent_size, latent_size]` latents (16x16 images by default), two tiny CLIP encoders and, `with_t5`, a tiny T5.
+    """
     clip_tokenizer = tiny_clip_tokenizer()
     vocab_size = len(clip_tokenizer)
     torch.manual_seed(seed)
     transformer = SD3Transformer2DModel(
-        sample_size=8,
+        sample_size=latent_size,
         patch_size=2,
         in_channels=4,
-        num_layers=1,
-        attention_head_dim=8,
-        num_attention_heads=2,
+        num_layers=num_layers,
+        attention_head_dim=head_dim,
+        num_attention_heads=num_heads,
         joint_attention_dim=32,
-        caption_projection_dim=16,
+        caption_projection_dim=num_heads * head_dim,
         pooled_projection_dim=32,
         out_channels=4,
-        pos_embed_max_size=8,
+        pos_embed_max_size=latent_size,
     )
     text_encoder_3 = tokenizer_3 = None
     if with_t5:
@@ -111,7 +122,7 @@ def tiny_sd3_pipeline(seed: int = 0, with_t5: bool = True) -> StableDiffusion3Pi
     return StableDiffusion3Pipeline(
         transformer=transformer,
         scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
-        vae=tiny_vae(seed=seed, shift_factor=0.0609, scaling_factor=0.5),
+        vae=tiny_vae(seed=seed, shift_factor=0.0609, scaling_factor=vae_scaling_factor),
         text_encoder=tiny_clip_text_encoder(vocab_size, seed=seed + 1),
         tokenizer=clip_tokenizer,
         text_encoder_2=tiny_clip_text_encoder(vocab_size, seed=seed + 2),
