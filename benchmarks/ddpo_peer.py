@@ -16,6 +16,7 @@ import io
 import itertools
 import json
 import statistics
+import sys
 import tempfile
 import warnings
 
@@ -28,6 +29,8 @@ from PIL import Image
 from trl import DDPOConfig, DDPOTrainer, DefaultDDPOStableDiffusionPipeline
 
 
+# What the trainer's imports cost before anything is built (accelerate imports DeepSpeed later, when installed).
+RSS_AFTER_IMPORTS_MIB = current_rss_mib()
 TIMED_METHODS = {"iteration": "step", "rollout": "_generate_samples", "reward": "compute_rewards"}
 
 
@@ -137,6 +140,8 @@ def main() -> None:
                 "rss_before_training_mib": rss_before,
                 "peak_rss_training_mib": rss.peak_mib,
                 "process_peak_rss_mib": process_peak_rss_mib(),
+                "rss_after_imports_mib": RSS_AFTER_IMPORTS_MIB,
+                "deepspeed_imported": "deepspeed" in sys.modules,
                 "trained_parameters": sum(p.numel() for p in pipeline.unet.parameters() if p.requires_grad),
             }
         )

@@ -4,7 +4,8 @@
 # Creates benchmarks/.ddpo-venv (git-ignored) with TRL 0.23, the last TRL release that ships DDPOTrainer, for the
 # DDPO peer of benchmarks/compare_ddpo.py. TRL 0.23 needs transformers < 5 and an older diffusers, which cannot share
 # an environment with trl_ddrl, hence the separate venv. torch is pinned to the main environment's version so both
-# sides run the same kernels.
+# sides run the same kernels. DeepSpeed is installed on both sides (here as in trl_ddrl's `[test]` extra): accelerate
+# imports it whenever it is installed, so without it the DDPO process would be spared that import.
 #
 # Usage: bash benchmarks/setup_ddpo_venv.sh [python executable, default: python3]
 set -euo pipefail
@@ -27,7 +28,8 @@ fi
     "accelerate==1.10.1" \
     "psutil>=5.9" \
     "pillow>=10" \
-    "numpy<3"
+    "numpy<3" \
+    "deepspeed>=0.19,<0.20"
 "$VENV/bin/python" -c "import trl, diffusers, transformers, torch; from trl import DDPOTrainer; \
 print('DDPO venv ready: trl', trl.__version__, 'diffusers', diffusers.__version__, 'transformers', \
 transformers.__version__, 'torch', torch.__version__)"

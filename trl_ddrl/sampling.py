@@ -44,6 +44,16 @@ def broadcast_per_sample(value: torch.Tensor | float, like: torch.Tensor) -> tor
     return value.reshape(-1, *([1] * (like.ndim - 1)))
 
 
+def to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """
+    Move `tensor` to `device` as float32. A CPU-to-CUDA copy goes through pinned memory and does not block the host,
+    so that noise drawn by a CPU generator does not stall the sampler loop on the GPU stream.
+    """
+    if tensor.device.type == "cpu" and torch.device(device).type == "cuda":
+        return tensor.float().pin_memory().to(device, non_blocking=True)
+    return tensor.to(device, torch.float32)
+
+
 def gaussian_log_prob(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
     """
     Log-density of `x` under `N(mean, std^2)`, averaged over all but the first dimension.
@@ -79,7 +89,7 @@ def _finish_step(
         if noise is None:
             noise_device = generator.device if generator is not None else mean.device
             noise = torch.randn(mean.shape, generator=generator, device=noise_device, dtype=torch.float32)
-        prev_sample = mean + broadcast_per_sample(std, mean) * noise.to(mean.device, torch.float32)
+        prev_sample = mean + broadcast_per_sample(std, mean) * to_device(noise, mean.device)
     return StepOutput(
         prev_sample=prev_sample,
         mean=mean,

@@ -68,7 +68,8 @@ class RolloutBuffer:
     The transitions of one RL iteration on this process.
 
     `S` samples, `K` trained steps each. `order` is a permutation of the `S * K` (sample, step) pairs, cut into
-    micro-batches of `per_device_train_batch_size`.
+    micro-batches of `per_device_train_batch_size`; the data term of micro-batch `i` uses its first
+    `data_rows[i]` rows (known on the host, so that selecting them never waits for the device).
     """
 
     states: torch.Tensor  # [S, K, ...] state before each trained step
@@ -81,6 +82,7 @@ class RolloutBuffer:
     data_latents: torch.Tensor | None  # [S, ...]
     data_conditioning: Conditioning | None  # [S, ...] each
     order: torch.Tensor  # [S * K] flat indices sample * K + position
+    data_rows: list[int]  # per micro-batch: how many of its leading rows the data term uses
 
     def micro_batch(self, index: int, size: int) -> dict[str, Any]:
         flat = self.order[index * size : (index + 1) * size]
@@ -90,7 +92,7 @@ class RolloutBuffer:
             "next_states": self.next_states[sample, position],
             "old_log_probs": self.old_log_probs[sample, position],
             "step_index": self.step_indices[position],
-            "is_first_step": position == 0,
+            "num_data_rows": self.data_rows[index],
             "advantages": self.advantages[sample],
             "conditioning": {key: value[sample] for key, value in self.conditioning.items()},
             "initial_noise": self.initial_noise[sample],
@@ -99,6 +101,30 @@ class RolloutBuffer:
             batch["data_latents"] = self.data_latents[sample]
             batch["data_conditioning"] = {key: value[sample] for key, value in self.data_conditioning.items()}
         return batch
+
+
+def order_micro_batches(
+    order: torch.Tensor, num_steps: int, micro_batch_size: int, data_on_first_step_only: bool
+) -> tuple[torch.Tensor, list[int]]:
+    """
+    Cut a permutation of the flat `sample * num_steps + position` indices into micro-batches and count, per
+    micro-batch, the rows the data term uses: all of them, or with `data_on_first_step_only` the transitions of the
+    first trained step, which are moved to the front of their micro-batch (the losses are means over rows, so the
+    order within a micro-batch does not matter). Runs on the host.
+
+    Returns:
+        The reordered permutation and the number of data rows of each micro-batch.
+    """
+    chunks, data_rows = [], []
+    for chunk in order.split(micro_batch_size):
+        if data_on_first_step_only:
+            is_first = chunk % num_steps == 0
+            chunk = torch.cat([chunk[is_first], chunk[~is_first]])
+            data_rows.append(int(is_first.sum()))
+        else:
+            data_rows.append(len(chunk))
+        chunks.append(chunk)
+    return torch.cat(chunks), data_rows
 
 
 def unique_with_index(items: list, same: Callable[[Any, Any], bool] = operator.eq) -> tuple[list, list[int]]:
@@ -580,7 +606,12 @@ class DDRLTrainer(_BaseTrainer):
 
         steps = torch.tensor(args.train_timesteps, device=device)
         num_steps = len(args.train_timesteps)
-        order = torch.randperm(len(prompts) * num_steps, generator=self._generator(iteration, 3)).to(device)
+        order, data_rows = order_micro_batches(
+            torch.randperm(len(prompts) * num_steps, generator=self._generator(iteration, 3)),
+            num_steps,
+            args.per_device_train_batch_size,
+            args.data_on_first_step_only,
+        )
 
         self._log_rollout_metrics(all_rewards, result, advantages, rollout_time, reward_wait_time)
         self._last_images = images[:16].cpu()
@@ -594,7 +625,8 @@ class DDRLTrainer(_BaseTrainer):
             initial_noise=latents[:, 0],
             data_latents=data_latents,
             data_conditioning=data_conditioning,
-            order=order,
+            order=order.to(device),
+            data_rows=data_rows,
         )
 
     def _score(self, prompts: list[str], images: torch.Tensor, rows: list[dict]) -> tuple[torch.Tensor, float]:
@@ -682,19 +714,17 @@ class DDRLTrainer(_BaseTrainer):
 
     def _data_loss(self, model, inputs) -> torch.Tensor:
         """Diffusion loss on the data batch at the transitions' noise levels (mean over the transitions used)."""
-        select = (
-            inputs["is_first_step"] if self.args.data_on_first_step_only else torch.ones_like(inputs["is_first_step"])
-        )
-        if not select.any():
+        rows = inputs["num_data_rows"]  # the leading rows, counted on the host: no device read-back here
+        if rows == 0:
             # Keep every parameter in the graph so distributed gradient reduction stays in step.
             return sum(p.sum() for p in model.parameters() if p.requires_grad) * 0.0
-        x0 = inputs["data_latents"][select]
+        x0 = inputs["data_latents"][:rows]
         if self.args.data_noise == "rollout":
-            noise = inputs["initial_noise"][select]
+            noise = inputs["initial_noise"][:rows]
         else:
             noise = torch.randn_like(x0)
-        conditioning = {key: value[select] for key, value in inputs["data_conditioning"].items()}
-        return self.adapter.diffusion_loss(model, x0, conditioning, inputs["step_index"][select], noise).mean()
+        conditioning = {key: value[:rows] for key, value in inputs["data_conditioning"].items()}
+        return self.adapter.diffusion_loss(model, x0, conditioning, inputs["step_index"][:rows], noise).mean()
 
     @contextlib.contextmanager
     def _reference_denoiser(self):

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from ..losses import flow_matching_loss, flow_matching_noisy_sample
-from ..sampling import StepOutput, flow_sde_step
+from ..sampling import StepOutput, flow_sde_step, to_device
 
 
 Conditioning = dict[str, torch.Tensor]
@@ -168,7 +168,7 @@ class DiffusionAdapter(ABC):
     def sample_noise(self, batch_size: int, generator: torch.Generator | None = None) -> torch.Tensor:
         """Initial latents: standard normal noise `[batch_size, *latent_shape]`, float32, drawn on the CPU."""
         shape = (batch_size, *self.latent_shape())
-        return torch.randn(shape, generator=generator, dtype=torch.float32).to(self.device)
+        return to_device(torch.randn(shape, generator=generator, dtype=torch.float32), self.device)
 
     @torch.no_grad()
     def sample(
@@ -238,6 +238,8 @@ class FlowMatchingAdapter(DiffusionAdapter):
     def _sigma_table(self) -> torch.Tensor:
         if getattr(self, "_cached_sigmas", None) is None or self._cached_sigmas.device != self.device:
             self._cached_sigmas = self.sigmas()
+            # Read once here, so that no sampler step reads a device value back to the host.
+            self._noise_sigma_max = float(self._cached_sigmas[1])
         return self._cached_sigmas
 
     def predict(self, denoiser, latents, step_index, conditioning):
@@ -262,7 +264,7 @@ class FlowMatchingAdapter(DiffusionAdapter):
             eta=eta,
             # The SDE's noise diverges at sigma = 1: clamp it at the second noise level, as Flow-GRPO does, also for
             # schedules that start just below 1 (where the first level would give a huge first-step noise).
-            noise_sigma_max=float(sigmas[1]),
+            noise_sigma_max=self._noise_sigma_max,
             prev_sample=prev_sample,
             generator=generator,
         )
