@@ -141,7 +141,7 @@ def test_config_file_with_lora_and_data_folder(tiny_sd3_path, tmp_path, monkeypa
     prompts.write_text("\n".join(PROMPTS) + "\n\n")
     data = tmp_path / "data"
     data.mkdir()
-    for index, prompt in enumerate(PROMPTS):
+    for index in range(len(PROMPTS)):
         Image.new("RGB", (16, 16), (60 * index, 100, 200)).save(data / f"{index}.png")
     (data / "metadata.jsonl").write_text(
         "".join(f'{{"file_name": "{index}.png", "prompt": "{prompt}"}}\n' for index, prompt in enumerate(PROMPTS))

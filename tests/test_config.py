@@ -66,10 +66,16 @@ def test_bad_values_name_the_field(kwargs, field):
 def test_gradient_accumulation_must_divide_the_iteration():
     config = make(prompts_per_step=1, num_generations=2, num_inference_steps=4, per_device_train_batch_size=2)
     assert config.steps_per_generation == 2 and config.gradient_accumulation_steps == 2
-    assert make(
-        prompts_per_step=1, num_generations=2, num_inference_steps=4, per_device_train_batch_size=2,
-        gradient_accumulation_steps=1,
-    ).gradient_accumulation_steps == 1
+    assert (
+        make(
+            prompts_per_step=1,
+            num_generations=2,
+            num_inference_steps=4,
+            per_device_train_batch_size=2,
+            gradient_accumulation_steps=1,
+        ).gradient_accumulation_steps
+        == 1
+    )
 
 
 def test_kl_baseline_accepts_reference_updates():

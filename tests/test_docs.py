@@ -12,7 +12,9 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_every_ddrl_field_is_documented():
     docs = (ROOT / "docs" / "ddrl_trainer.md").read_text()
     base_fields = {f.name for f in dataclasses.fields(_BaseConfig)}
-    own = [f for f in dataclasses.fields(DDRLConfig) if f.name not in base_fields or f.name in DDRLConfig.__annotations__]
+    own = [
+        f for f in dataclasses.fields(DDRLConfig) if f.name not in base_fields or f.name in DDRLConfig.__annotations__
+    ]
     missing = [f.name for f in own if f"`{f.name}" not in docs]
     assert not missing, f"fields missing from docs/ddrl_trainer.md: {missing}"
     undocumented_help = [f.name for f in own if not f.metadata.get("help")]

@@ -64,7 +64,9 @@ def test_reward_weights_and_normalize_then_sum():
     summed = _adv(rewards, num_generations=2, scale_rewards="none", weights=weights)
     # totals: 2 + 5 = 7, 6 + 5 = 11, 0.5, 1.5 -> centred per group
     torch.testing.assert_close(summed.advantages, torch.tensor([-2.0, 2.0, -0.5, 0.5]))
-    per_func = _adv(rewards, num_generations=2, weights=weights, multi_objective_aggregation="normalize_then_sum", eps=1e-12)
+    per_func = _adv(
+        rewards, num_generations=2, weights=weights, multi_objective_aggregation="normalize_then_sum", eps=1e-12
+    )
     a = 1 / math.sqrt(2)
     torch.testing.assert_close(per_func.advantages, torch.tensor([-2 * a, 2 * a, -0.5 * a, 0.5 * a]))
 

@@ -322,11 +322,26 @@ def test_video_to_world_trains_from_each_rows_conditioning_frames(tmp_path):
     rng = np.random.default_rng(0)
     videos = [rng.random((5, 32, 32, 3), dtype=np.float32) for _ in PROMPTS]
     args = DDRLConfig(
-        output_dir=str(tmp_path), num_generations=2, prompts_per_step=2, num_inference_steps=3,
-        per_device_train_batch_size=2, eta=1.0, data_beta=0.1, learning_rate=1e-3, max_steps=2, report_to="none",
-        save_strategy="no", seed=0, max_sequence_length=16, height=32, width=32, num_frames=5,
+        output_dir=str(tmp_path),
+        num_generations=2,
+        prompts_per_step=2,
+        num_inference_steps=3,
+        per_device_train_batch_size=2,
+        eta=1.0,
+        data_beta=0.1,
+        learning_rate=1e-3,
+        max_steps=2,
+        report_to="none",
+        save_strategy="no",
+        seed=0,
+        max_sequence_length=16,
+        height=32,
+        width=32,
+        num_frames=5,
     )
-    trainer = DDRLTrainer(pipeline, mean_pixel, args=args, train_dataset=Dataset.from_dict({"prompt": PROMPTS, "image": videos}))
+    trainer = DDRLTrainer(
+        pipeline, mean_pixel, args=args, train_dataset=Dataset.from_dict({"prompt": PROMPTS, "image": videos})
+    )
     assert isinstance(trainer.adapter, Cosmos2VideoToWorldAdapter)
     sampled_conditions = []
     sample = trainer.adapter.sample
@@ -341,7 +356,9 @@ def test_video_to_world_trains_from_each_rows_conditioning_frames(tmp_path):
     condition = sampled_conditions[0]
     assert condition.shape[0] == 4 and not torch.equal(condition[0], condition[2])
     torch.testing.assert_close(condition[0], condition[1])
-    assert any(not torch.equal(value, pipeline.transformer.state_dict()[key]) for key, value in denoiser_before.items())
+    assert any(
+        not torch.equal(value, pipeline.transformer.state_dict()[key]) for key, value in denoiser_before.items()
+    )
 
     with pytest.raises(ValueError, match="conditioning frames"):
         DDRLTrainer(pipeline, mean_pixel, args=args, train_dataset=Dataset.from_dict({"prompt": PROMPTS}))

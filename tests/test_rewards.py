@@ -10,10 +10,10 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 from safetensors.torch import save_file
+from tiny_models import tiny_clip_tokenizer
 from torch import nn
 from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel
 
-from tiny_models import tiny_clip_tokenizer
 from trl_ddrl.rewards import (
     AestheticScore,
     CLIPScore,

@@ -49,7 +49,9 @@ def test_flow_sde_replay_gives_ratio_one():
     ratio = torch.exp(replay.log_prob - rollout.log_prob)
     assert torch.allclose(ratio, torch.ones_like(ratio), atol=1e-6)
     # a different velocity gives a different likelihood
-    moved = flow_sde_step(x, v + 0.1, sigma, sigma_next, eta=1.0, noise_sigma_max=0.95, prev_sample=rollout.prev_sample)
+    moved = flow_sde_step(
+        x, v + 0.1, sigma, sigma_next, eta=1.0, noise_sigma_max=0.95, prev_sample=rollout.prev_sample
+    )
     assert not torch.allclose(moved.log_prob, rollout.log_prob)
 
 
