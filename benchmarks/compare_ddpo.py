@@ -45,7 +45,7 @@ import trl_ddrl
 from trl_ddrl import DDRLConfig, DDRLTrainer
 
 
-# What the trainer's imports cost before anything is built (accelerate imports DeepSpeed later, when installed).
+# What the trainer's imports cost before anything is built (DeepSpeed, when imported, comes later).
 RSS_AFTER_IMPORTS_MIB = current_rss_mib()
 
 

@@ -29,7 +29,7 @@ from PIL import Image
 from trl import DDPOConfig, DDPOTrainer, DefaultDDPOStableDiffusionPipeline
 
 
-# What the trainer's imports cost before anything is built (accelerate imports DeepSpeed later, when installed).
+# What the trainer's imports cost before anything is built (DeepSpeed, when imported, comes later).
 RSS_AFTER_IMPORTS_MIB = current_rss_mib()
 TIMED_METHODS = {"iteration": "step", "rollout": "_generate_samples", "reward": "compute_rewards"}
 

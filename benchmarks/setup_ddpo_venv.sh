@@ -4,8 +4,8 @@
 # Creates benchmarks/.ddpo-venv (git-ignored) with TRL 0.23, the last TRL release that ships DDPOTrainer, for the
 # DDPO peer of benchmarks/compare_ddpo.py. TRL 0.23 needs transformers < 5 and an older diffusers, which cannot share
 # an environment with trl_ddrl, hence the separate venv. torch is pinned to the main environment's version so both
-# sides run the same kernels. DeepSpeed is installed on both sides (here as in trl_ddrl's `[test]` extra): accelerate
-# imports it whenever it is installed, so without it the DDPO process would be spared that import.
+# sides run the same kernels. DeepSpeed is installed on both sides (here as in trl_ddrl's `[test]` extra), so that
+# both environments hold the same optional packages; each side reports whether its process imported it.
 #
 # Usage: bash benchmarks/setup_ddpo_venv.sh [python executable, default: python3]
 set -euo pipefail
