@@ -447,6 +447,28 @@ def test_torch_compile_of_the_denoiser(tiny_sd3_path, tmp_path):
     assert trainer.state.log_history[0]["ratio/mean"] == pytest.approx(1.0, abs=1e-3)
 
 
+def test_activation_checkpointing_checkpoints_the_training_forwards(tiny_sd3_path, tmp_path, monkeypatch):
+    checkpointed = []
+    checkpoint = torch.utils.checkpoint.checkpoint
+
+    def counting_checkpoint(*args, **kwargs):
+        checkpointed.append(torch.is_grad_enabled())
+        return checkpoint(*args, **kwargs)
+
+    monkeypatch.setattr(torch.utils.checkpoint, "checkpoint", counting_checkpoint)
+    trainer = DDRLTrainer(
+        tiny_sd3_path,
+        brightness,
+        args=make_args(tmp_path, activation_checkpointing=True, data_beta=0.1),
+        train_dataset=prompt_dataset(with_images=True),
+    )
+    before = state_of(trainer.pipeline.transformer)
+    trainer.train()  # the rollouts pause checkpointing through diffusers' switch, not transformers'
+    assert checkpointed and all(checkpointed)
+    assert trainer.pipeline.transformer.is_gradient_checkpointing
+    assert changed(before, trainer.pipeline.transformer)
+
+
 def test_reward_names_are_readable_metric_keys():
     funcs, names = DDRLTrainer._resolve_reward_funcs(["jpeg_compressibility", "http://127.0.0.1:8000", brightness])
     assert names == ["jpeg_compressibility", "remote_127.0.0.1:8000", "brightness"]

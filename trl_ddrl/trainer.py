@@ -158,6 +158,25 @@ def _without_zero3_init():
         hf_deepspeed._hf_deepspeed_config_weak_ref = reference
 
 
+@contextlib.contextmanager
+def _gradient_checkpointing_paused(denoiser: nn.Module):
+    """
+    Turn a diffusers model's gradient checkpointing off for a rollout and back on after it.
+
+    TRL's `unwrap_model_for_generation` pauses checkpointing with transformers' method names
+    (`gradient_checkpointing_disable`), which diffusers models do not have; pausing it first with diffusers' own
+    switch keeps TRL from trying. Rollouts run without grad, where checkpointing does nothing anyway.
+    """
+    enabled = getattr(denoiser, "is_gradient_checkpointing", False)
+    if enabled:
+        denoiser.disable_gradient_checkpointing()
+    try:
+        yield
+    finally:
+        if enabled:
+            denoiser.enable_gradient_checkpointing()
+
+
 class EpochSeededRepeatSampler(RepeatSampler):
     """
     TRL's `RepeatSampler` with the shuffle order a pure function of `(seed, epoch)`.
@@ -547,7 +566,11 @@ class DDRLTrainer(_BaseTrainer):
         chunk = args.rollout_batch_size or len(prompts)
         start = time.perf_counter()
         latents, log_probs, images, scored = [], [], [], []
-        with unwrap_model_for_generation(self.model_wrapped, self.accelerator) as policy, self.accelerator.autocast():
+        with (
+            _gradient_checkpointing_paused(self.accelerator.unwrap_model(self.model)),
+            unwrap_model_for_generation(self.model_wrapped, self.accelerator) as policy,
+            self.accelerator.autocast(),
+        ):
             conditioning = self._encode_unique(prompts)
             if self.adapter.num_conditioning_frames:
                 # Video-to-world: every sample continues its row's ground-truth frames.
