@@ -38,6 +38,12 @@ def main() -> None:
     parser.add_argument("--output_dir", default="cosmos-predict2-2b-ddrl")
     parser.add_argument("--max_steps", type=int, default=500)
     parser.add_argument(
+        "--no_bf16", action="store_true", help="float32 weights and no bf16 autocast (GPUs without bf16, CPUs)."
+    )
+    parser.add_argument("--reward", default="ocr", help="Reward name (see docs/rewards.md).")
+    parser.add_argument("--height", type=int, default=None, help="Pixels; default 768 (images) or 704 (videos).")
+    parser.add_argument("--width", type=int, default=None, help="Pixels; default 1360 (images) or 1280 (videos).")
+    parser.add_argument(
         "--num_frames", type=int, default=None, help="Frames per video (93) for a Video2World model; unset for images."
     )
     args = parser.parse_args()
@@ -46,24 +52,24 @@ def main() -> None:
 
     config = DDRLConfig(
         output_dir=args.output_dir,
-        model_init_kwargs={"torch_dtype": "bfloat16"},
+        model_init_kwargs=None if args.no_bf16 else {"torch_dtype": "bfloat16"},
         num_generations=8,
         prompts_per_step=4,
         num_inference_steps=20,
         guidance_scale=1.0,
-        height=704 if args.num_frames else 768,
-        width=1280 if args.num_frames else 1360,
+        height=args.height or (704 if args.num_frames else 768),
+        width=args.width or (1280 if args.num_frames else 1360),
         num_frames=args.num_frames,
         data_beta=0.01,
         kl_beta=0.0,
         learning_rate=1e-5,
         max_steps=args.max_steps,
         activation_checkpointing=True,
-        bf16=True,
+        bf16=not args.no_bf16,
         logging_steps=1,
         save_steps=100,
     )
-    trainer = DDRLTrainer(model=args.model, reward_funcs="ocr", args=config, train_dataset=prompts)
+    trainer = DDRLTrainer(model=args.model, reward_funcs=args.reward, args=config, train_dataset=prompts)
     trainer.train()
     trainer.save_model()
 

@@ -36,6 +36,10 @@ def main() -> None:
     parser.add_argument("--output_dir", default="flux-dev-ddrl")
     parser.add_argument("--resolution", type=int, default=512, help="Training height and width in pixels.")
     parser.add_argument("--max_steps", type=int, default=500)
+    parser.add_argument(
+        "--no_bf16", action="store_true", help="float32 weights and no bf16 autocast (GPUs without bf16, CPUs)."
+    )
+    parser.add_argument("--reward", default="pickscore", help="Reward name (see docs/rewards.md).")
     parser.add_argument("--lora", action="store_true", help="Train a rank-64 LoRA instead of the full transformer.")
     args = parser.parse_args()
 
@@ -45,7 +49,7 @@ def main() -> None:
 
     config = DDRLConfig(
         output_dir=args.output_dir,
-        model_init_kwargs={"torch_dtype": "bfloat16"},
+        model_init_kwargs=None if args.no_bf16 else {"torch_dtype": "bfloat16"},
         # Rollouts: groups of 8 samples per prompt, 20 SDE steps, embedded guidance only (guidance_scale=1.0 keeps
         # FLUX.1-dev's default embedded guidance of 3.5).
         num_generations=8,
@@ -61,13 +65,13 @@ def main() -> None:
         learning_rate=1e-5,
         max_steps=args.max_steps,
         activation_checkpointing=True,
-        bf16=True,
+        bf16=not args.no_bf16,
         logging_steps=1,
         save_steps=100,
     )
     trainer = DDRLTrainer(
         model=args.model,
-        reward_funcs="pickscore",
+        reward_funcs=args.reward,
         args=config,
         train_dataset=prompts,
         data_dataset=data,

@@ -15,7 +15,7 @@ accelerate launch --config_file trl_ddrl/accelerate_configs/zero2.yaml examples/
 
 `--data_videos` is a JSON-lines file with a `video` (path to a video file; `.mp4` needs `pip install imageio[pyav]`,
 animated `.gif` works without it) and a `text` caption per line. Clips need at least `num_frames` frames; the first
-`num_frames` are used, resized to cover 480x832 and centre-cropped.
+`num_frames` are used, resized to cover `--height` x `--width` (480x832) and centre-cropped.
 """
 
 import argparse
@@ -33,6 +33,12 @@ def main() -> None:
     parser.add_argument("--output_dir", default="wan-1.3b-ddrl")
     parser.add_argument("--num_frames", type=int, default=33, help="Frames per video, 4k + 1.")
     parser.add_argument("--max_steps", type=int, default=500)
+    parser.add_argument(
+        "--no_bf16", action="store_true", help="float32 weights and no bf16 autocast (GPUs without bf16, CPUs)."
+    )
+    parser.add_argument("--reward", default="aesthetic", help="Reward name (see docs/rewards.md).")
+    parser.add_argument("--height", type=int, default=480, help="Video height in pixels.")
+    parser.add_argument("--width", type=int, default=832, help="Video width in pixels.")
     args = parser.parse_args()
 
     with open(args.prompts) as file:
@@ -41,14 +47,14 @@ def main() -> None:
 
     config = DDRLConfig(
         output_dir=args.output_dir,
-        model_init_kwargs={"torch_dtype": "bfloat16"},
+        model_init_kwargs=None if args.no_bf16 else {"torch_dtype": "bfloat16"},
         num_generations=8,
         prompts_per_step=4,
         rollout_batch_size=8,
         num_inference_steps=20,
         guidance_scale=1.0,
-        height=480,
-        width=832,
+        height=args.height,
+        width=args.width,
         num_frames=args.num_frames,
         max_sequence_length=512,
         data_beta=0.01,
@@ -58,14 +64,14 @@ def main() -> None:
         learning_rate=1e-5,
         max_steps=args.max_steps,
         activation_checkpointing=True,
-        bf16=True,
+        bf16=not args.no_bf16,
         logging_steps=1,
         save_steps=100,
     )
     trainer = DDRLTrainer(
         model=args.model,
         # Model-based image rewards score every frame of a video and average the scores.
-        reward_funcs="aesthetic",
+        reward_funcs=args.reward,
         args=config,
         train_dataset=prompts,
         data_dataset=data,

@@ -1,0 +1,108 @@
+# Copyright 2026 The trl_ddrl Authors. Licensed under the Apache License, Version 2.0.
+"""
+Every example script runs end to end, one optimizer step, on a tiny random pipeline of its family saved to disk.
+
+The scripts are run as `__main__` with their own argument parsing; only the model, the data, the reward (the scripts'
+defaults are Hub reward models), the resolution and the number of steps are changed from the command line.
+"""
+
+import json
+import os
+import runpy
+import sys
+
+import pytest
+import torch
+from diffusers import DiffusionPipeline
+from PIL import Image
+from safetensors.torch import load_file
+from tiny_models import (
+    tiny_cosmos2_pipeline,
+    tiny_flux_pipeline,
+    tiny_sd15_pipeline,
+    tiny_sdxl_pipeline,
+    tiny_wan_pipeline,
+)
+
+
+EXAMPLES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples")
+PROMPTS = ["a cat", "a dog", "a red car", "a tree"]
+
+
+@pytest.fixture(scope="module")
+def data_files(tmp_path_factory) -> dict[str, str]:
+    """A prompt file, an image folder with captions, a videos JSON-lines file and a Cosmos prompt/image file."""
+    root = tmp_path_factory.mktemp("example-data")
+    (root / "prompts.txt").write_text("\n".join(PROMPTS) + "\n")
+    images = root / "images"
+    images.mkdir()
+    videos, cosmos = [], []
+    for index, prompt in enumerate(PROMPTS):
+        Image.new("RGB", (32, 32), (60 * index, 100, 200)).save(images / f"{index}.png")
+        frames = [Image.new("RGB", (32, 32), (40 * index + 10 * k, 100, 200)) for k in range(5)]
+        frames[0].save(root / f"{index}.gif", save_all=True, append_images=frames[1:], duration=100, loop=0)
+        videos.append({"video": str(root / f"{index}.gif"), "text": prompt})
+        cosmos.append({"prompt": prompt, "image": str(images / f"{index}.png")})
+    (images / "metadata.jsonl").write_text(
+        "".join(
+            json.dumps({"file_name": f"{index}.png", "text": prompt}) + "\n" for index, prompt in enumerate(PROMPTS)
+        )
+    )
+    (root / "videos.jsonl").write_text("".join(json.dumps(row) + "\n" for row in videos))
+    (root / "cosmos.jsonl").write_text("".join(json.dumps(row) + "\n" for row in cosmos))
+    return {
+        "prompts": str(root / "prompts.txt"),
+        "images": str(images),
+        "videos": str(root / "videos.jsonl"),
+        "cosmos": str(root / "cosmos.jsonl"),
+    }
+
+
+def image_args(data: dict[str, str]) -> list[str]:
+    return ["--prompts", data["prompts"], "--data_dataset", data["images"], "--resolution", "16"]
+
+
+# script, tiny pipeline, denoiser folder, arguments beyond --model/--output_dir/--reward/--max_steps
+CASES = {
+    "sd15": ("train_sd15.py", tiny_sd15_pipeline, "unet", image_args),
+    "sd15-lora": ("train_sd15.py", tiny_sd15_pipeline, "unet", lambda data: [*image_args(data), "--lora"]),
+    "sdxl": ("train_sdxl.py", tiny_sdxl_pipeline, "unet", lambda data: [*image_args(data), "--no_bf16"]),
+    "flux": ("train_flux.py", tiny_flux_pipeline, "transformer", lambda data: [*image_args(data), "--no_bf16"]),
+    "wan": (
+        "train_wan.py",
+        tiny_wan_pipeline,
+        "transformer",
+        lambda data: (
+            ["--prompts", data["prompts"], "--data_videos", data["videos"], "--no_bf16"]
+            + ["--height", "32", "--width", "32", "--num_frames", "5"]
+        ),
+    ),
+    "cosmos": (
+        "train_cosmos.py",
+        tiny_cosmos2_pipeline,
+        "transformer",
+        lambda data: ["--prompts", data["cosmos"], "--height", "32", "--width", "32", "--no_bf16"],
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_example_trains_and_saves_a_loadable_result(case, data_files, tmp_path, monkeypatch):
+    script, make_pipeline, denoiser_name, extra_args = CASES[case]
+    model_dir, output_dir = tmp_path / "model", tmp_path / "out"
+    make_pipeline().save_pretrained(model_dir)
+    base_weights = load_file(model_dir / denoiser_name / "diffusion_pytorch_model.safetensors")
+    argv = [script, "--model", str(model_dir), "--output_dir", str(output_dir), "--reward", "jpeg_compressibility"]
+    monkeypatch.setattr(sys, "argv", [*argv, "--max_steps", "1", *extra_args(data_files)])
+
+    runpy.run_path(os.path.join(EXAMPLES, script), run_name="__main__")
+
+    pipeline = DiffusionPipeline.from_pretrained(model_dir if case.endswith("lora") else output_dir)
+    if case.endswith("lora"):
+        assert os.path.isfile(output_dir / "pytorch_lora_weights.safetensors")
+        before = {key: value.clone() for key, value in pipeline.unet.state_dict().items()}
+        pipeline.load_lora_weights(str(output_dir))
+        assert any(key not in before for key in pipeline.unet.state_dict())  # the LoRA layers are attached
+    else:
+        trained = getattr(pipeline, denoiser_name).state_dict()
+        assert any(not torch.equal(trained[key].float(), value.float()) for key, value in base_weights.items())
