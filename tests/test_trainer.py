@@ -469,6 +469,37 @@ def test_activation_checkpointing_checkpoints_the_training_forwards(tiny_sd3_pat
     assert changed(before, trainer.pipeline.transformer)
 
 
+def test_num_iterations_reuses_each_rollout_for_several_updates(tiny_sd3_path, tmp_path):
+    trainer = DDRLTrainer(
+        tiny_sd3_path,
+        brightness,
+        args=make_args(tmp_path, num_iterations=2, max_steps=4, logging_steps=1),
+        train_dataset=prompt_dataset(),
+    )
+    rollouts = []
+    generate = trainer._generate_and_score
+    trainer._generate_and_score = lambda *args: rollouts.append(args[1]) or generate(*args)
+    trainer.train()
+
+    assert rollouts == [0, 1]  # two rollouts for four optimizer steps
+    ratios = [entry["ratio/mean"] for entry in trainer.state.log_history if "ratio/mean" in entry]
+    # The first pass over a rollout replays it under the sampling policy; the second, after one update, does not.
+    assert ratios[0] == pytest.approx(1.0, abs=1e-5) and ratios[2] == pytest.approx(1.0, abs=1e-5)
+    assert abs(ratios[1] - 1.0) > 1e-5 and abs(ratios[3] - 1.0) > 1e-5
+
+
+def test_synchronous_rewards_independent_data_noise_and_denoiser_only_saves(tiny_sd3_path, tmp_path):
+    args = make_args(
+        tmp_path, async_rewards=False, data_beta=0.1, data_noise="independent", save_full_pipeline=False, max_steps=1
+    )
+    trainer = DDRLTrainer(tiny_sd3_path, brightness, args=args, train_dataset=prompt_dataset(with_images=True))
+    assert trainer._reward_executor is None
+    trainer.train()
+    assert trainer.state.log_history[0]["loss/data"] > 0
+    trainer.save_model()
+    assert os.path.isdir(tmp_path / "transformer") and not os.path.exists(tmp_path / "model_index.json")
+
+
 def test_reward_names_are_readable_metric_keys():
     funcs, names = DDRLTrainer._resolve_reward_funcs(["jpeg_compressibility", "http://127.0.0.1:8000", brightness])
     assert names == ["jpeg_compressibility", "remote_127.0.0.1:8000", "brightness"]
