@@ -178,48 +178,61 @@ class _StopAt(TrainerCallback):
             control.should_training_stop = True
 
 
-def test_resume_matches_uninterrupted_run(tiny_sd3_path, tmp_path):
-    common = dict(max_steps=4, save_strategy="steps", save_steps=2, data_beta=0.1)
-    full = DDRLTrainer(
-        tiny_sd3_path, brightness, args=make_args(tmp_path / "full", **common), train_dataset=prompt_dataset(True)
+def lora_config():
+    from peft import LoraConfig
+
+    return LoraConfig(
+        r=4, lora_alpha=8, target_modules=["to_q", "to_k", "to_v", "to_out.0"], init_lora_weights="gaussian"
     )
+
+
+@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
+def test_resume_matches_uninterrupted_run(lora, tiny_sd3_path, tmp_path):
+    common = dict(max_steps=4, save_strategy="steps", save_steps=2, data_beta=0.1)
+    if lora:
+        common["learning_rate"] = 1e-2
+
+    def trainer(output_dir, **kwargs):
+        return DDRLTrainer(
+            tiny_sd3_path,
+            brightness,
+            args=make_args(output_dir, **common),
+            train_dataset=prompt_dataset(True),
+            peft_config=lora_config() if lora else None,
+            **kwargs,
+        )
+
+    full = trainer(tmp_path / "full")
     full.train()
 
-    interrupted = DDRLTrainer(
-        tiny_sd3_path,
-        brightness,
-        args=make_args(tmp_path / "resumed", **common),
-        train_dataset=prompt_dataset(True),
-        callbacks=[_StopAt(2)],
-    )
+    interrupted = trainer(tmp_path / "resumed", callbacks=[_StopAt(2)])
     interrupted.train()
     assert interrupted.state.global_step == 2
     checkpoint = tmp_path / "resumed" / "checkpoint-2"
-    for name in ("optimizer.pt", "scheduler.pt", "trainer_state.json", "transformer/config.json"):
+    weights = "pytorch_lora_weights.safetensors" if lora else "transformer/config.json"
+    for name in ("optimizer.pt", "scheduler.pt", "trainer_state.json", weights):
         assert (checkpoint / name).exists(), name
 
-    resumed = DDRLTrainer(
-        tiny_sd3_path, brightness, args=make_args(tmp_path / "resumed", **common), train_dataset=prompt_dataset(True)
-    )
+    resumed = trainer(tmp_path / "resumed")
     resumed.train(resume_from_checkpoint=str(checkpoint))
     assert resumed.state.global_step == 4
     expected = full.pipeline.transformer.state_dict()
+    halfway = interrupted.pipeline.transformer.state_dict()
+    lora_keys = [key for key in expected if "lora" in key]
+    assert bool(lora_keys) == lora
     for key, value in resumed.pipeline.transformer.state_dict().items():
         torch.testing.assert_close(value, expected[key], atol=1e-6, rtol=0, msg=key)
+    # The last two steps moved the trained weights: matching the full run is not matching the checkpoint.
+    assert any(not torch.equal(halfway[key], expected[key]) for key in (lora_keys or expected))
 
 
 def test_lora_is_saved_in_diffusers_format_and_loads(tiny_sd3_path, tmp_path):
-    from peft import LoraConfig
-
-    lora = LoraConfig(
-        r=4, lora_alpha=8, target_modules=["to_q", "to_k", "to_v", "to_out.0"], init_lora_weights="gaussian"
-    )
     trainer = DDRLTrainer(
         tiny_sd3_path,
         brightness,
         args=make_args(tmp_path, learning_rate=1e-2),
         train_dataset=prompt_dataset(),
-        peft_config=lora,
+        peft_config=lora_config(),
     )
     base_weights = {k: v.clone() for k, v in trainer.pipeline.transformer.state_dict().items() if "lora" not in k}
     trainer.train()
