@@ -39,6 +39,11 @@ def test_wrong_type_names_the_column():
         to_pixel_tensor(123, 8, 8, 3, column="photo")
     with pytest.raises(ValueError, match="Column 'photo'"):
         to_pixel_tensor(np.zeros((8, 8, 7)), 8, 8, 3, column="photo")
+    for missing in ("no/such/image.png", "no/such/clip.mp4"):
+        with pytest.raises(
+            FileNotFoundError, match=f"Column 'photo' names the file '{missing}', which does not exist"
+        ):
+            to_pixel_tensor(missing, 8, 8, 3, column="photo")
 
 
 def test_nested_lists_from_datasets_array_columns():
@@ -64,5 +69,6 @@ def test_video_file_without_imageio_names_the_fix(tmp_path, monkeypatch):
     import sys
 
     monkeypatch.setitem(sys.modules, "imageio", None)
+    (tmp_path / "clip.mp4").write_bytes(b"")
     with pytest.raises(ImportError, match=r"Column 'video'.*imageio\[pyav\]"):
         to_pixel_tensor(str(tmp_path / "clip.mp4"), 4, 4, 3, column="video")

@@ -52,6 +52,13 @@ def settings(family: str, **overrides) -> SamplingSettings:
     return SamplingSettings(**kwargs)
 
 
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_resolution_off_the_models_grid_is_a_clear_error(family):
+    pipeline = FAMILIES[family][0]()
+    with pytest.raises(ValueError, match=r"height=31 and width=32 must be multiples of \d+ pixels .* Use for example"):
+        get_adapter(pipeline, settings(family, height=31, width=32))
+
+
 def mean_pixel(prompts, images, **kwargs):
     return images.flatten(1).mean(dim=1).tolist()
 

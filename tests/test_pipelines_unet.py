@@ -64,6 +64,12 @@ def test_adapter_is_chosen_from_the_pipeline_class(family, pipeline_class, adapt
     assert adapter.latent_shape() == (4, 8, 8) and adapter.resolution == (16, 16)
 
 
+@pytest.mark.parametrize("family", ["sd15", "sdxl"])
+def test_resolution_off_the_vae_grid_is_a_clear_error(family):
+    with pytest.raises(ValueError, match=r"height=31 and width=32 must be multiples of 2 pixels"):
+        get_adapter(BUILDERS[family](), SamplingSettings(num_inference_steps=3, eta=1.0, height=31, width=32))
+
+
 def test_unsupported_models_raise_errors_naming_the_field():
     pipeline = tiny_sd15_pipeline()
     pipeline.scheduler.register_to_config(prediction_type="sample")

@@ -321,6 +321,14 @@ def test_bad_inputs_have_clear_errors(tiny_sd3_path, tmp_path):
         DDRLTrainer(
             tiny_sd3_path, brightness, args=make_args(tmp_path), train_dataset=Dataset.from_dict({"text": ["a"]})
         )
+    with pytest.raises(ValueError, match="train_dataset has no rows"):
+        DDRLTrainer(
+            tiny_sd3_path, brightness, args=make_args(tmp_path), train_dataset=Dataset.from_dict({"prompt": []})
+        )
+    with pytest.raises(
+        ValueError, match=r"height=31 and width=16 must be multiples of 4 pixels .* height=32, width=16"
+    ):
+        DDRLTrainer(tiny_sd3_path, brightness, args=make_args(tmp_path, height=31), train_dataset=prompt_dataset())
     with pytest.raises(ValueError, match="data_beta=0.1 needs data images"):
         DDRLTrainer(tiny_sd3_path, brightness, args=make_args(tmp_path, data_beta=0.1), train_dataset=prompt_dataset())
     with pytest.raises(ValueError, match="reward_weights has 2 values"):

@@ -6,6 +6,7 @@ DDRL's regulariser is the ordinary diffusion loss on off-policy data. The collat
 loss needs: clean latents (through the pipeline's VAE) and prompt conditioning (through its text encoders).
 """
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -118,6 +119,11 @@ def to_pixel_tensor(value: Any, height: int, width: int, channels: int, column: 
     Returns:
         `torch.Tensor`: `[C, H, W]` for an image, `[F, C, H, W]` for a video, float32 in `[-1, 1]`.
     """
+    if isinstance(value, (str, Path)) and not Path(value).is_file():
+        raise FileNotFoundError(
+            f"Column '{column}' names the file {str(value)!r}, which does not exist (relative paths are read from the "
+            f"working directory, {os.getcwd()!r}). Fix the path, or store absolute paths or the images themselves."
+        )
     if isinstance(value, (str, Path)) and Path(value).suffix.lower() in VIDEO_EXTENSIONS:
         value = _read_video_file(value, column) or value
     if isinstance(value, (list, tuple)) and value and isinstance(value[0], (list, tuple)):

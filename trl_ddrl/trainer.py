@@ -309,6 +309,8 @@ class DDRLTrainer(_BaseTrainer):
                 f"train_dataset has no 'prompt' column (columns: {train_dataset.column_names}). Rename the prompt "
                 "column with dataset.rename_column(<name>, 'prompt')."
             )
+        if len(train_dataset) == 0:
+            raise ValueError("train_dataset has no rows: give it at least one prompt.")
 
         self.pipeline = pipeline
         self.model_id = str(model_id)

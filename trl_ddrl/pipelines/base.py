@@ -68,6 +68,7 @@ class DiffusionAdapter(ABC):
     def __init__(self, pipeline, settings: SamplingSettings):
         self.pipeline = pipeline
         self.settings = settings
+        self.check_resolution()
 
     # ---- components -------------------------------------------------------------------------------------------
 
@@ -142,6 +143,30 @@ class DiffusionAdapter(ABC):
         """(height, width) in pixels of the samples."""
 
     # ---- shared parts -------------------------------------------------------------------------------------------
+
+    @property
+    def resolution_multiple(self) -> int:
+        """Height and width must be multiples of this many pixels (the VAE's downsampling, times the patch size)."""
+        return 1
+
+    def check_resolution(self) -> None:
+        """
+        Raises:
+            `ValueError`: naming `height`/`width` and the nearest valid values, for a resolution the model cannot
+                sample.
+        """
+        height, width = self.resolution
+        multiple = self.resolution_multiple
+        if height % multiple or width % multiple:
+
+            def nearest(size: int) -> int:
+                return max(multiple, round(size / multiple) * multiple)
+
+            raise ValueError(
+                f"height={height} and width={width} must be multiples of {multiple} pixels for "
+                f"{type(self.pipeline).__name__} (its VAE downsampling times the denoiser's patch size). "
+                f"Use for example height={nearest(height)}, width={nearest(width)}."
+            )
 
     @property
     def num_frames(self) -> int | None:

@@ -48,15 +48,9 @@ class Cosmos2TextToImageAdapter(FlowMatchingAdapter):
     default_resolution = (768, 1360)
     default_max_sequence_length = 512
 
-    def __init__(self, pipeline, settings: SamplingSettings):
-        super().__init__(pipeline, settings)
-        height, width = self.resolution
-        multiple = pipeline.vae_scale_factor_spatial * self.denoiser.config.patch_size[1]
-        if height % multiple or width % multiple:
-            raise ValueError(
-                f"height={height} and width={width} must be multiples of {multiple} (VAE factor x patch size) for "
-                f"{type(pipeline).__name__}; set height and width accordingly."
-            )
+    @property
+    def resolution_multiple(self) -> int:
+        return self.pipeline.vae_scale_factor_spatial * self.denoiser.config.patch_size[1]
 
     @property
     def resolution(self) -> tuple[int, int]:

@@ -55,6 +55,11 @@ class FluxAdapter(FlowMatchingAdapter):
         default = self.pipeline.default_sample_size * self.pipeline.vae_scale_factor
         return self.settings.height or default, self.settings.width or default
 
+    @property
+    def resolution_multiple(self) -> int:
+        # Latents are packed in 2x2 patches.
+        return self.pipeline.vae_scale_factor * 2
+
     def _latent_size(self) -> tuple[int, int]:
         """Height and width of the unpacked VAE latents."""
         height, width = self.resolution

@@ -21,6 +21,10 @@ class StableDiffusion3Adapter(FlowMatchingAdapter):
         default = self.pipeline.default_sample_size * self.pipeline.vae_scale_factor
         return self.settings.height or default, self.settings.width or default
 
+    @property
+    def resolution_multiple(self) -> int:
+        return self.pipeline.vae_scale_factor * self.denoiser.config.patch_size
+
     def latent_shape(self) -> tuple[int, ...]:
         height, width = self.resolution
         factor = self.pipeline.vae_scale_factor

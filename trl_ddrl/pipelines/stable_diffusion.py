@@ -140,13 +140,14 @@ class DDIMAdapter(DiffusionAdapter):
         default = self.denoiser.config.sample_size * self.pipeline.vae_scale_factor
         return self.settings.height or default, self.settings.width or default
 
+    @property
+    def resolution_multiple(self) -> int:
+        # The UNet itself takes any latent size (it forwards upsampling sizes), so only the VAE constrains it.
+        return self.pipeline.vae_scale_factor
+
     def latent_shape(self) -> tuple[int, ...]:
         height, width = self.resolution
         factor = self.pipeline.vae_scale_factor
-        if height % factor or width % factor:
-            raise ValueError(
-                f"height={height} and width={width} must be multiples of the VAE's downsampling factor {factor}."
-            )
         return (self.denoiser.config.in_channels, height // factor, width // factor)
 
     def _latent_statistics(self, like: torch.Tensor) -> tuple[torch.Tensor | float, torch.Tensor | float]:

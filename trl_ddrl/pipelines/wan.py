@@ -121,13 +121,10 @@ class WanAdapter(FlowMatchingAdapter):
                 "such as Wan-AI/Wan2.1-T2V-1.3B-Diffusers or Wan-AI/Wan2.2-TI2V-5B-Diffusers."
             )
         check_num_frames(self.num_frames, pipeline.vae_scale_factor_temporal)
-        height, width = self.resolution
-        multiple = pipeline.vae_scale_factor_spatial * self.denoiser.config.patch_size[1]
-        if height % multiple or width % multiple:
-            raise ValueError(
-                f"height={height} and width={width} must be multiples of {multiple} (VAE factor x patch size) for "
-                f"{type(pipeline).__name__}; set height and width accordingly."
-            )
+
+    @property
+    def resolution_multiple(self) -> int:
+        return self.pipeline.vae_scale_factor_spatial * self.denoiser.config.patch_size[1]
 
     @property
     def num_frames(self) -> int:
