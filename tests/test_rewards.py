@@ -5,6 +5,7 @@ import math
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -95,6 +96,9 @@ def reference_logits(clip_dir, prompts: list[str], images: torch.Tensor) -> tupl
 def test_check_rewards_accepts_numbers_and_maps_none_to_nan():
     checked = check_rewards([1, 2.5, None, torch.tensor(0.5)], 4, "f", ["a", "b", "c", "d"])
     assert checked[:2] == [1.0, 2.5] and math.isnan(checked[2]) and checked[3] == 0.5
+    # 1-D arrays and tensors (any dtype) are lists of numbers too.
+    assert check_rewards(np.array([1, 2]), 2, "f", ["a", "b"]) == [1.0, 2.0]
+    assert check_rewards(torch.tensor([0.5, 1.5], dtype=torch.bfloat16), 2, "f", ["a", "b"]) == [0.5, 1.5]
 
 
 @pytest.mark.parametrize(
@@ -104,7 +108,7 @@ def test_check_rewards_accepts_numbers_and_maps_none_to_nan():
         ([1.0, float("nan")], "returned nan for the prompt 'b'"),
         ([float("inf"), 1.0], "returned inf for the prompt 'a'"),
         (["high", 1.0], "rewards must be numbers or None"),
-        (torch.ones(2), "returned Tensor"),
+        (torch.ones(2, 1), "returned Tensor of shape (2, 1)"),
     ],
 )
 def test_check_rewards_errors_name_the_function_and_prompt(values, message):

@@ -321,7 +321,11 @@ def test_bad_inputs_have_clear_errors(tiny_sd3_path, tmp_path):
         DDRLTrainer(
             tiny_sd3_path, brightness, args=make_args(tmp_path), train_dataset=Dataset.from_dict({"text": ["a"]})
         )
-    with pytest.raises(ValueError, match="train_dataset has no rows"):
+    with pytest.raises(ValueError, match="train_dataset has 1 rows, but prompts_per_step=2"):
+        DDRLTrainer(
+            tiny_sd3_path, brightness, args=make_args(tmp_path), train_dataset=Dataset.from_dict({"prompt": ["a"]})
+        )
+    with pytest.raises(ValueError, match="train_dataset has 0 rows"):
         DDRLTrainer(
             tiny_sd3_path, brightness, args=make_args(tmp_path), train_dataset=Dataset.from_dict({"prompt": []})
         )

@@ -309,8 +309,11 @@ class DDRLTrainer(_BaseTrainer):
                 f"train_dataset has no 'prompt' column (columns: {train_dataset.column_names}). Rename the prompt "
                 "column with dataset.rename_column(<name>, 'prompt')."
             )
-        if len(train_dataset) == 0:
-            raise ValueError("train_dataset has no rows: give it at least one prompt.")
+        if len(train_dataset) < args.prompts_per_step:
+            raise ValueError(
+                f"train_dataset has {len(train_dataset)} rows, but prompts_per_step={args.prompts_per_step} draws that "
+                "many distinct prompts per iteration: add prompts, or lower prompts_per_step."
+            )
 
         self.pipeline = pipeline
         self.model_id = str(model_id)
@@ -665,8 +668,6 @@ class DDRLTrainer(_BaseTrainer):
         for index, (reward_func, name) in enumerate(zip(self.reward_funcs, self.reward_func_names, strict=True)):
             try:
                 values = reward_func(prompts=prompts, images=images, trainer_state=self.state, **columns)
-                if isinstance(values, torch.Tensor):
-                    values = values.detach().float().cpu().tolist()
                 rewards[:, index] = torch.tensor(check_rewards(values, len(prompts), name, prompts))
             except Exception as error:
                 if self.args.reward_error_policy == "raise":

@@ -67,10 +67,13 @@ def check_rewards(values: Any, expected: int, name: str, prompts: list[str]) -> 
     Returns the values as floats with None mapped to NaN; raises [`RewardFunctionError`] naming the function and the
     prompt otherwise.
     """
+    if hasattr(values, "tolist") and getattr(values, "ndim", None) == 1:
+        values = values.tolist()  # a 1-D numpy array or torch tensor
     if not isinstance(values, (list, tuple)):
+        shape = f" of shape {tuple(values.shape)}" if hasattr(values, "shape") else ""
         raise RewardFunctionError(
-            f"Reward function '{name}' returned {type(values).__name__}; it must return a list of {expected} floats "
-            "(one per sample, None for no reward)."
+            f"Reward function '{name}' returned {type(values).__name__}{shape}; it must return a list (or 1-D array) "
+            f"of {expected} floats (one per sample, None for no reward)."
         )
     if len(values) != expected:
         raise RewardFunctionError(
