@@ -178,6 +178,79 @@ class _StopAt(TrainerCallback):
             control.should_training_stop = True
 
 
+def test_a_failure_saves_the_last_finished_step_and_the_same_trainer_resumes(tiny_sd3_path, tmp_path):
+    common = dict(max_steps=4, save_strategy="steps", save_steps=100, data_beta=0.1)
+    full = DDRLTrainer(
+        tiny_sd3_path, brightness, args=make_args(tmp_path / "full", **common), train_dataset=prompt_dataset(True)
+    )
+    full.train()
+
+    calls = []
+
+    def flaky_brightness(prompts, images, **kwargs):
+        calls.append(len(prompts))
+        if len(calls) == 3:  # the third iteration's scoring, after two finished optimizer steps
+            raise ConnectionError("reward server down")
+        return brightness(prompts, images)
+
+    output_dir = tmp_path / "flaky"
+    trainer = DDRLTrainer(
+        tiny_sd3_path, flaky_brightness, args=make_args(output_dir, **common), train_dataset=prompt_dataset(True)
+    )
+    with pytest.raises(RewardFunctionError, match="reward server down"):
+        trainer.train()
+    assert trainer.state.global_step == 2
+    assert {"optimizer.pt", "trainer_state.json", "transformer"} <= set(os.listdir(output_dir / "checkpoint-2"))
+
+    trainer.train(resume_from_checkpoint=True)  # the server is back
+    assert trainer.state.global_step == 4
+    expected = full.pipeline.transformer.state_dict()
+    for key, value in trainer.pipeline.transformer.state_dict().items():
+        torch.testing.assert_close(value, expected[key], atol=1e-6, rtol=0, msg=key)
+
+
+def test_ctrl_c_inside_an_iteration_saves_and_the_same_trainer_resumes(tiny_sd3_path, tmp_path):
+    # Micro-batches of 4 transitions: each iteration is several micro-batches, and Ctrl-C comes in the middle of one.
+    common = dict(max_steps=3, save_strategy="steps", save_steps=100, per_device_train_batch_size=4)
+    full = DDRLTrainer(
+        tiny_sd3_path, brightness, args=make_args(tmp_path / "full", **common), train_dataset=prompt_dataset()
+    )
+    full.train()
+    micro_batches_per_step = full.args.gradient_accumulation_steps
+    assert micro_batches_per_step > 1
+
+    trainer = DDRLTrainer(
+        tiny_sd3_path, brightness, args=make_args(tmp_path / "stopped", **common), train_dataset=prompt_dataset()
+    )
+    compute_loss, calls = trainer.compute_loss, []
+
+    def interrupted_loss(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == micro_batches_per_step + 2:  # the second micro-batch of the second optimizer step
+            raise KeyboardInterrupt
+        return compute_loss(*args, **kwargs)
+
+    trainer.compute_loss = interrupted_loss
+    with pytest.raises(KeyboardInterrupt):
+        trainer.train()
+    assert trainer.state.global_step == 1 and (tmp_path / "stopped" / "checkpoint-1" / "optimizer.pt").exists()
+
+    trainer.train(resume_from_checkpoint=True)
+    expected = full.pipeline.transformer.state_dict()
+    for key, value in trainer.pipeline.transformer.state_dict().items():
+        torch.testing.assert_close(value, expected[key], atol=1e-6, rtol=0, msg=key)
+
+
+def test_no_checkpoint_after_a_failure_when_saving_is_off(tiny_sd3_path, tmp_path):
+    def failing(prompts, images, **kwargs):
+        raise ValueError("broken reward")
+
+    trainer = DDRLTrainer(tiny_sd3_path, failing, args=make_args(tmp_path), train_dataset=prompt_dataset())
+    with pytest.raises(RewardFunctionError, match="broken reward"):
+        trainer.train()
+    assert not any(name.startswith("checkpoint-") for name in os.listdir(tmp_path))
+
+
 def lora_config():
     from peft import LoraConfig
 

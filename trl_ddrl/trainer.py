@@ -27,7 +27,8 @@ from safetensors.torch import load_file
 from torch import nn
 from transformers import TrainerCallback
 from transformers.trainer import TRAINING_ARGS_NAME
-from transformers.trainer_utils import HubStrategy
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, HubStrategy
+from transformers.utils import logging
 from trl.models.utils import prepare_deepspeed, prepare_fsdp, unwrap_model_for_generation
 from trl.trainer.base_trainer import _BaseTrainer
 from trl.trainer.utils import RepeatSampler
@@ -39,6 +40,9 @@ from .model_card import save_model_card
 from .pipelines import ADAPTERS, Conditioning, SamplingSettings, get_adapter
 from .rewards import RewardFunctionError, check_rewards, get_reward_function
 from .utils import image_grid, log_video_to_trackers, save_denoiser, save_video_grid_gif
+
+
+logger = logging.get_logger(__name__)
 
 
 RewardFunc = str | nn.Module | Callable[..., list[float | None]]
@@ -800,6 +804,40 @@ class DDRLTrainer(_BaseTrainer):
         """Copy the current policy weights into the reference model (full fine-tuning only)."""
         if self.ref_model is not None:
             self.ref_model.load_state_dict(self.accelerator.unwrap_model(self.model).state_dict())
+
+    # ---- training -------------------------------------------------------------------------------------------------
+
+    def train(self, *args, **kwargs):
+        # Every call starts from a fresh rollout, also a resume on this same trainer after a failure.
+        self._buffer = None
+        try:
+            return super().train(*args, **kwargs)
+        except (Exception, KeyboardInterrupt):
+            self._save_checkpoint_after_failure()
+            raise
+
+    def _save_checkpoint_after_failure(self) -> None:
+        """
+        When training stops on an error or Ctrl-C, save the last completed optimizer step as a regular checkpoint, so
+        that `train(resume_from_checkpoint=True)` continues from it and no finished step is lost.
+
+        Only in single-process runs (after one process fails, a save with collectives could hang the others), only
+        when checkpoints are saved at all (`save_strategy != "no"`), and never over an existing checkpoint. A failing
+        save is logged and does not hide the original error.
+        """
+        step = self.state.global_step
+        folder = os.path.join(self.args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{step}")
+        if step == 0 or self.args.save_strategy == "no" or self.accelerator.num_processes > 1 or os.path.isdir(folder):
+            return
+        try:
+            self._save_checkpoint(self.model, trial=None)
+        except Exception as error:
+            logger.error(f"Training stopped at step {step}, and saving {folder} failed as well: {error!r}")
+        else:
+            logger.warning(
+                f"Training stopped at step {step}; saved {folder}. Fix the cause and resume with "
+                "trainer.train(resume_from_checkpoint=True) (or --resume_from_checkpoint on the command line)."
+            )
 
     # ---- logging and saving ---------------------------------------------------------------------------------------
 
