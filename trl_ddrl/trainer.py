@@ -836,7 +836,7 @@ class DDRLTrainer(_BaseTrainer):
         else:
             logger.warning(
                 f"Training stopped at step {step}; saved {folder}. Fix the cause and resume with "
-                "trainer.train(resume_from_checkpoint=True) (or --resume_from_checkpoint on the command line)."
+                f"trainer.train(resume_from_checkpoint=True), or --resume_from_checkpoint {folder} on the command line."
             )
 
     # ---- logging and saving ---------------------------------------------------------------------------------------
