@@ -60,6 +60,11 @@ def changed(before: dict, module: torch.nn.Module) -> bool:
     return any(not torch.equal(before[key], value) for key, value in module.state_dict().items())
 
 
+def assert_same_weights(module: torch.nn.Module, expected: dict[str, torch.Tensor]) -> None:
+    for key, value in module.state_dict().items():
+        torch.testing.assert_close(value, expected[key], atol=1e-6, rtol=0, msg=key)
+
+
 def test_training_changes_the_transformer_only(tiny_sd3_path, tmp_path):
     trainer = DDRLTrainer(
         tiny_sd3_path, brightness, args=make_args(tmp_path, data_beta=0.1), train_dataset=prompt_dataset(True)
@@ -204,9 +209,7 @@ def test_a_failure_saves_the_last_finished_step_and_the_same_trainer_resumes(tin
 
     trainer.train(resume_from_checkpoint=True)  # the server is back
     assert trainer.state.global_step == 4
-    expected = full.pipeline.transformer.state_dict()
-    for key, value in trainer.pipeline.transformer.state_dict().items():
-        torch.testing.assert_close(value, expected[key], atol=1e-6, rtol=0, msg=key)
+    assert_same_weights(trainer.pipeline.transformer, full.pipeline.transformer.state_dict())
 
 
 def test_ctrl_c_inside_an_iteration_saves_and_the_same_trainer_resumes(tiny_sd3_path, tmp_path):
@@ -236,19 +239,7 @@ def test_ctrl_c_inside_an_iteration_saves_and_the_same_trainer_resumes(tiny_sd3_
     assert trainer.state.global_step == 1 and (tmp_path / "stopped" / "checkpoint-1" / "optimizer.pt").exists()
 
     trainer.train(resume_from_checkpoint=True)
-    expected = full.pipeline.transformer.state_dict()
-    for key, value in trainer.pipeline.transformer.state_dict().items():
-        torch.testing.assert_close(value, expected[key], atol=1e-6, rtol=0, msg=key)
-
-
-def test_no_checkpoint_after_a_failure_when_saving_is_off(tiny_sd3_path, tmp_path):
-    def failing(prompts, images, **kwargs):
-        raise ValueError("broken reward")
-
-    trainer = DDRLTrainer(tiny_sd3_path, failing, args=make_args(tmp_path), train_dataset=prompt_dataset())
-    with pytest.raises(RewardFunctionError, match="broken reward"):
-        trainer.train()
-    assert not any(name.startswith("checkpoint-") for name in os.listdir(tmp_path))
+    assert_same_weights(trainer.pipeline.transformer, full.pipeline.transformer.state_dict())
 
 
 def lora_config():
@@ -293,8 +284,7 @@ def test_resume_matches_uninterrupted_run(lora, tiny_sd3_path, tmp_path):
     halfway = interrupted.pipeline.transformer.state_dict()
     lora_keys = [key for key in expected if "lora" in key]
     assert bool(lora_keys) == lora
-    for key, value in resumed.pipeline.transformer.state_dict().items():
-        torch.testing.assert_close(value, expected[key], atol=1e-6, rtol=0, msg=key)
+    assert_same_weights(resumed.pipeline.transformer, expected)
     # The last two steps moved the trained weights: matching the full run is not matching the checkpoint.
     assert any(not torch.equal(halfway[key], expected[key]) for key in (lora_keys or expected))
 
@@ -356,12 +346,20 @@ def test_reverse_kl_with_reference_model(tiny_sd3_path, tmp_path):
 
 
 def test_failing_reward_names_the_function_and_prompt(tiny_sd3_path, tmp_path):
+    calls = []
+
     def broken(prompts, images, **kwargs):
-        raise ZeroDivisionError("boom")
+        calls.append(1)
+        if len(calls) == 2:  # after one finished optimizer step
+            raise ZeroDivisionError("boom")
+        return brightness(prompts, images)
 
     trainer = DDRLTrainer(tiny_sd3_path, broken, args=make_args(tmp_path), train_dataset=prompt_dataset())
     with pytest.raises(RewardFunctionError, match="'broken'.*ZeroDivisionError: boom"):
         trainer.train()
+    # save_strategy="no": no checkpoint is written after the failure either.
+    assert trainer.state.global_step == 1
+    assert not any(name.startswith("checkpoint-") for name in os.listdir(tmp_path))
 
 
 def test_drop_group_policy_skips_unscored_groups(tiny_sd3_path, tmp_path):
