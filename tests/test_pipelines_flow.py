@@ -15,9 +15,10 @@ from diffusers import (
     WanPipeline,
 )
 from PIL import Image
+from test_pipelines_unet import ddrl_config
 from tiny_models import tiny_cosmos2_pipeline, tiny_flux_pipeline, tiny_wan_pipeline
 
-from trl_ddrl import DDRLConfig, DDRLTrainer
+from trl_ddrl import DDRLTrainer
 from trl_ddrl.data import DiffusionDataCollator
 from trl_ddrl.pipelines import (
     Cosmos2TextToImageAdapter,
@@ -57,26 +58,6 @@ def test_resolution_off_the_models_grid_is_a_clear_error(family):
     pipeline = FAMILIES[family][0]()
     with pytest.raises(ValueError, match=r"height=31 and width=32 must be multiples of \d+ pixels .* Use for example"):
         get_adapter(pipeline, settings(family, height=31, width=32))
-
-
-def training_args(tmp_path, **sizes) -> DDRLConfig:
-    """Two iterations of two groups of two, three sampling steps, with the data term."""
-    return DDRLConfig(
-        output_dir=str(tmp_path),
-        num_generations=2,
-        prompts_per_step=2,
-        num_inference_steps=3,
-        per_device_train_batch_size=2,
-        eta=1.0,
-        data_beta=0.1,
-        learning_rate=1e-3,
-        max_steps=2,
-        report_to="none",
-        save_strategy="no",
-        seed=0,
-        max_sequence_length=16,
-        **sizes,
-    )
 
 
 def mean_pixel(prompts, images, **kwargs):
@@ -295,7 +276,7 @@ def test_two_training_steps_change_only_the_denoiser_and_the_saved_pipeline_samp
         if isinstance(module, torch.nn.Module) and name != "transformer"
     }
     denoiser_before = {key: value.clone() for key, value in pipeline.transformer.state_dict().items()}
-    args = training_args(tmp_path, **FAMILIES[family][3])
+    args = ddrl_config(tmp_path, max_sequence_length=16, **FAMILIES[family][3])
     dataset = Dataset.from_dict({"prompt": PROMPTS, "image": pixels_column(family)})
     trainer = DDRLTrainer(pipeline, mean_pixel, args=args, train_dataset=dataset)
     trainer.train()
@@ -333,7 +314,7 @@ def test_video_to_world_trains_from_each_rows_conditioning_frames(tmp_path):
     denoiser_before = {key: value.clone() for key, value in pipeline.transformer.state_dict().items()}
     rng = np.random.default_rng(0)
     videos = [rng.random((5, 32, 32, 3), dtype=np.float32) for _ in PROMPTS]
-    args = training_args(tmp_path, height=32, width=32, num_frames=5)
+    args = ddrl_config(tmp_path, max_sequence_length=16, height=32, width=32, num_frames=5)
     trainer = DDRLTrainer(
         pipeline, mean_pixel, args=args, train_dataset=Dataset.from_dict({"prompt": PROMPTS, "image": videos})
     )
