@@ -916,6 +916,9 @@ class DDRLTrainer(_BaseTrainer):
         self._write_model_card(output_dir)
 
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        # transformers >= 5.2x calls `_save` on every process (the gathers happen before it): only the writer writes.
+        if not self.args.should_save:
+            return
         output_dir = output_dir or self.args.output_dir
         os.makedirs(output_dir, exist_ok=True)
         denoiser = self.accelerator.unwrap_model(self.model)
