@@ -1,7 +1,14 @@
 # Copyright 2026 The trl_ddrl Authors. Licensed under the Apache License, Version 2.0.
 """Pipeline adapters, one per diffusers family, chosen from the pipeline's class."""
 
-from .base import Conditioning, DiffusionAdapter, FlowMatchingAdapter, SamplingSettings, Trajectory
+from .base import (
+    Conditioning,
+    DiffusionAdapter,
+    FlowMatchingAdapter,
+    SamplingSettings,
+    Trajectory,
+    VideoFlowMatchingAdapter,
+)
 from .cosmos import Cosmos2TextToImageAdapter, Cosmos2VideoToWorldAdapter
 from .digits import DigitsFlowAdapter
 from .flux import FluxAdapter
@@ -56,6 +63,7 @@ __all__ = [
     "StableDiffusionAdapter",
     "StableDiffusionXLAdapter",
     "Trajectory",
+    "VideoFlowMatchingAdapter",
     "WanAdapter",
     "get_adapter",
 ]

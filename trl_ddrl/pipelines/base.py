@@ -11,15 +11,29 @@ are decoded); the sampling loop and the step math are shared.
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 
+import numpy as np
 import torch
+from diffusers.pipelines.flux.pipeline_flux import calculate_shift
 from torch import nn
 
 from ..losses import flow_matching_loss, flow_matching_noisy_sample
 from ..sampling import StepOutput, flow_sde_step, to_device
+from .latents import normalized_vae_decode, normalized_vae_encode
 
 
 Conditioning = dict[str, torch.Tensor]
 """Batch-first tensors that condition the denoiser (prompt embeddings, pooled embeddings, ...), all `[B, ...]`."""
+
+
+def positive_conditioning(conditioning: Conditioning) -> Conditioning:
+    """The conditioning without its `negative_*` (CFG) entries."""
+    return {key: value for key, value in conditioning.items() if not key.startswith("negative_")}
+
+
+def negative_conditioning(conditioning: Conditioning) -> Conditioning:
+    """The `negative_*` (CFG) entries of the conditioning, under their names without the prefix."""
+    prefix = "negative_"
+    return {key[len(prefix) :]: value for key, value in conditioning.items() if key.startswith(prefix)}
 
 
 @dataclass
@@ -144,6 +158,26 @@ class DiffusionAdapter(ABC):
 
     # ---- shared parts -------------------------------------------------------------------------------------------
 
+    def guide(self, uncond: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        """Classifier-free guidance `uncond + g * (cond - uncond)` with `g = settings.guidance_scale`."""
+        return uncond + self.settings.guidance_scale * (cond - uncond)
+
+    def guided(
+        self, prediction, latents: torch.Tensor, level: torch.Tensor, conditioning: Conditioning
+    ) -> torch.Tensor:
+        """
+        `prediction(latents, level, conditioning)` (the denoiser's output at noise level or timestep `level`, `[B]`),
+        with CFG when `settings.guidance_scale > 1`: the negative and positive halves run as one doubled batch and are
+        combined by [`~DiffusionAdapter.guide`]. Every positive key needs its `negative_` counterpart.
+        """
+        positive = positive_conditioning(conditioning)
+        if self.settings.guidance_scale <= 1.0:
+            return prediction(latents, level, positive)
+        negative = negative_conditioning(conditioning)
+        both = {key: torch.cat([negative[key], positive[key]]) for key in positive}
+        uncond, cond = prediction(torch.cat([latents, latents]), torch.cat([level, level]), both).chunk(2)
+        return self.guide(uncond, cond)
+
     @property
     def resolution_multiple(self) -> int:
         """Height and width must be multiples of this many pixels (the VAE's downsampling, times the patch size)."""
@@ -244,21 +278,70 @@ class FlowMatchingAdapter(DiffusionAdapter):
     the SDE step and the data loss are handled here. The sigma schedule comes from the pipeline's scheduler.
     """
 
+    default_resolution: tuple[int, int] | None = None
+    """(height, width) when the config sets none; `None` uses `pipeline.default_sample_size * vae_scale_factor`."""
+
     @abstractmethod
     def velocity(
         self, denoiser: nn.Module, latents: torch.Tensor, sigma: torch.Tensor, conditioning: Conditioning
     ) -> torch.Tensor:
         """The denoiser's velocity prediction at noise level `sigma` (`[B]`), without guidance."""
 
+    @property
+    def resolution(self) -> tuple[int, int]:
+        if self.default_resolution is not None:
+            default_height, default_width = self.default_resolution
+        else:
+            default_height = default_width = self.pipeline.default_sample_size * self.pipeline.vae_scale_factor
+        return self.settings.height or default_height, self.settings.width or default_width
+
     def sigmas(self) -> torch.Tensor:
-        """The `num_inference_steps + 1` noise levels of the sampler, from 1 down to 0, float32 on `device`."""
+        """
+        The `num_inference_steps + 1` noise levels of the sampler, from 1 down to 0, float32 on `device`: the
+        scheduler's sigmas after `set_timesteps(num_inference_steps, **scheduler_kwargs())`.
+
+        A first level within one training timestep of 1 (UniPC's flow sigmas start at `shift(1 - 1 / 1000)`, 0.9997
+        for `flow_shift=3`) is pure noise in all but name and is set to 1, so that the SDE's noise coefficient, which
+        diverges at 1, is clamped at the second level as for the other schedules (at 0.9997 the first step's noise
+        would be ~7x larger).
+
+        Raises:
+            `ValueError`: for a scheduler whose sigmas are not decreasing flow-matching noise levels from 1 to 0.
+        """
         scheduler = self.pipeline.scheduler
         scheduler.set_timesteps(self.settings.num_inference_steps, device=self.device, **self.scheduler_kwargs())
-        return scheduler.sigmas.float().to(self.device)
+        sigmas = scheduler.sigmas.float().to(self.device).clone()
+        if sigmas[0] > 1 - 1 / scheduler.config.get("num_train_timesteps", 1000):
+            sigmas[0] = 1.0
+        if not (sigmas[0] <= 1.0 and sigmas[-1] == 0.0 and bool((sigmas[1:] < sigmas[:-1]).all())):
+            raise ValueError(
+                f"The scheduler of {type(self.pipeline).__name__} ({type(scheduler).__name__}) gives sigmas "
+                f"{sigmas.tolist()}, not flow-matching noise levels from 1 to 0. Use the checkpoint's own scheduler "
+                "(a FlowMatchEulerDiscreteScheduler, or UniPCMultistepScheduler with use_flow_sigmas=True and "
+                "prediction_type='flow_prediction')."
+            )
+        return sigmas
 
     def scheduler_kwargs(self) -> dict:
         """Extra arguments of `scheduler.set_timesteps` (for example `mu` for dynamically shifted schedules)."""
         return {}
+
+    def dynamic_shift_kwargs(self, image_seq_len: int) -> dict:
+        """
+        `scheduler_kwargs` of the resolution-dependent schedule of FLUX.1 and Qwen-Image: sigmas `linspace(1, 1 / T,
+        T)` shifted by `mu`, linear in the image's token count between the scheduler config's `base_shift` (at
+        `base_image_seq_len` tokens) and `max_shift` (at `max_image_seq_len`).
+        """
+        steps = self.settings.num_inference_steps
+        config = self.pipeline.scheduler.config
+        mu = calculate_shift(
+            image_seq_len,
+            config.get("base_image_seq_len", 256),
+            config.get("max_image_seq_len", 4096),
+            config.get("base_shift", 0.5),
+            config.get("max_shift", 1.15),
+        )
+        return {"sigmas": np.linspace(1.0, 1 / steps, steps), "mu": mu}
 
     def _sigma_table(self) -> torch.Tensor:
         if getattr(self, "_cached_sigmas", None) is None or self._cached_sigmas.device != self.device:
@@ -268,16 +351,10 @@ class FlowMatchingAdapter(DiffusionAdapter):
         return self._cached_sigmas
 
     def predict(self, denoiser, latents, step_index, conditioning):
-        sigma = self._sigma_table()[step_index]
-        if self.settings.guidance_scale <= 1.0:
+        def velocity(latents, sigma, conditioning):
             return self.velocity(denoiser, latents, sigma, conditioning)
-        negative = {
-            key[len("negative_") :]: value for key, value in conditioning.items() if key.startswith("negative_")
-        }
-        positive = {key: value for key, value in conditioning.items() if not key.startswith("negative_")}
-        both = {key: torch.cat([negative[key], positive[key]]) for key in positive}
-        uncond, cond = self.velocity(denoiser, torch.cat([latents, latents]), torch.cat([sigma, sigma]), both).chunk(2)
-        return uncond + self.settings.guidance_scale * (cond - uncond)
+
+        return self.guided(velocity, latents, self._sigma_table()[step_index], conditioning)
 
     def step(self, model_output, latents, step_index, eta, prev_sample=None, generator=None):
         sigmas = self._sigma_table()
@@ -297,6 +374,118 @@ class FlowMatchingAdapter(DiffusionAdapter):
     def diffusion_loss(self, denoiser, x0, conditioning, step_index, noise):
         sigma = self._sigma_table()[step_index]
         noisy = flow_matching_noisy_sample(x0.float(), noise.float(), sigma)
-        positive = {key: value for key, value in conditioning.items() if not key.startswith("negative_")}
-        velocity = self.velocity(denoiser, noisy, sigma, positive)
+        velocity = self.velocity(denoiser, noisy, sigma, positive_conditioning(conditioning))
         return flow_matching_loss(velocity, x0, noise)
+
+
+class VideoFlowMatchingAdapter(FlowMatchingAdapter):
+    """
+    Shared parts of flow families on a causal video VAE with per-channel latent statistics (`AutoencoderKLWan` and its
+    relatives): latents `[C, F', H', W']` for `num_frames = temporal * (F' - 1) + 1` frames (the first frame is
+    encoded alone, then every `temporal` frames make one latent frame), normalised as `(z - latents_mean) /
+    latents_std * sigma_data`, the frame-count check, and encoding/decoding. With `default_num_frames = None` the
+    family generates images on the same VAE: one latent frame `[C, 1, H', W']`, pixels `[B, C, H, W]`.
+    """
+
+    default_num_frames: int | None = None
+    """Frames per video when the config sets none; `None` for image models."""
+
+    def __init__(self, pipeline, settings: SamplingSettings):
+        super().__init__(pipeline, settings)
+        self.check_num_frames()
+
+    @property
+    def sigma_data(self) -> float:
+        """Scale of the normalised latents (the EDM data scale of Cosmos); 1 for the others."""
+        return 1.0
+
+    @property
+    def num_frames(self) -> int | None:
+        """Frames per generated video (conditioning frames included); `None` for image models."""
+        if self.default_num_frames is None:
+            return None
+        return self.settings.num_frames or self.default_num_frames
+
+    @property
+    def temporal_compression(self) -> int:
+        return self.pipeline.vae_scale_factor_temporal
+
+    @property
+    def spatial_compression(self) -> int:
+        return self.pipeline.vae_scale_factor_spatial
+
+    @property
+    def resolution_multiple(self) -> int:
+        return self.spatial_compression * self.denoiser.config.patch_size[1]
+
+    @property
+    def latent_channels(self) -> int:
+        """Channels of the latents (the denoiser's input channels, unless it also takes conditioning channels)."""
+        return self.denoiser.config.in_channels
+
+    def latent_frames(self) -> int:
+        """Latent frames per sample: `(num_frames - 1) // temporal + 1`, 1 for images."""
+        if self.num_frames is None:
+            return 1
+        return (self.num_frames - 1) // self.temporal_compression + 1
+
+    def latent_shape(self) -> tuple[int, ...]:
+        height, width = self.resolution
+        spatial = self.spatial_compression
+        return (self.latent_channels, self.latent_frames(), height // spatial, width // spatial)
+
+    def check_num_frames(self) -> None:
+        """
+        Raises:
+            `ValueError`: naming `num_frames` and the nearest valid count, for a count the VAE cannot encode.
+        """
+        num_frames, temporal = self.num_frames, self.temporal_compression
+        if num_frames is not None and (num_frames < 1 or (num_frames - 1) % temporal):
+            nearest = max(0, round((num_frames - 1) / temporal)) * temporal + 1
+            raise ValueError(
+                f"num_frames={num_frames} is not {temporal}k + 1, which the VAE of {type(self.pipeline).__name__} "
+                f"needs (its first frame is encoded alone, then every {temporal} frames make one latent frame). Use "
+                f"for example num_frames={nearest}."
+            )
+
+    @torch.no_grad()
+    def encode_video(self, video: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Videos `[B, F, C, H, W]` in `[-1, 1]` to normalised latents `[B, C', F', H', W']`, float32."""
+        return normalized_vae_encode(self.pipeline.vae, video.permute(0, 2, 1, 3, 4), generator, self.sigma_data)
+
+    @torch.no_grad()
+    def encode_pixels(self, pixels: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        expected = 4 if self.num_frames is None else 5
+        if pixels.ndim != expected:
+            what = "images [B, C, H, W]" if expected == 4 else "videos [B, F, C, H, W]"
+            raise ValueError(
+                f"{type(self.pipeline).__name__} trains on {what}; got pixels of shape {tuple(pixels.shape)}."
+                + (f" Give the data term videos of num_frames={self.num_frames} frames." if expected == 5 else "")
+            )
+        return self.encode_video(pixels[:, None] if expected == 4 else pixels, generator)
+
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        video = normalized_vae_decode(self.pipeline.vae, latents, self.sigma_data)
+        return video[:, 0] if self.num_frames is None else video
+
+
+@torch.no_grad()
+def encode_prompt_pairs(adapter: DiffusionAdapter, prompts: list[str], device: torch.device) -> Conditioning:
+    """
+    Prompt conditioning of the pipelines whose `encode_prompt(prompt, do_classifier_free_guidance,
+    max_sequence_length, device)` returns `(prompt_embeds, negative_prompt_embeds)` (Wan, Cosmos): the pipeline's
+    default negative prompt only when CFG is on. The sequence length is `settings.max_sequence_length`, or the
+    adapter's `default_max_sequence_length`.
+    """
+    use_cfg = adapter.settings.guidance_scale > 1.0
+    embeds, negative_embeds = adapter.pipeline.encode_prompt(
+        prompt=prompts,
+        do_classifier_free_guidance=use_cfg,
+        max_sequence_length=adapter.settings.max_sequence_length or adapter.default_max_sequence_length,
+        device=device,
+    )
+    conditioning = {"prompt_embeds": embeds}
+    if use_cfg:
+        conditioning["negative_prompt_embeds"] = negative_embeds
+    return conditioning

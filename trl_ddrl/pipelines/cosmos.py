@@ -29,11 +29,10 @@ need `torchvision` installed.
 import torch
 from torch import nn
 
-from .base import Conditioning, FlowMatchingAdapter, SamplingSettings
-from .wan import check_num_frames, encode_t5_prompts, wan_vae_decode, wan_vae_encode
+from .base import Conditioning, VideoFlowMatchingAdapter, encode_prompt_pairs
 
 
-class Cosmos2TextToImageAdapter(FlowMatchingAdapter):
+class Cosmos2TextToImageAdapter(VideoFlowMatchingAdapter):
     """
     `Cosmos2TextToImagePipeline`: T5-XXL prompt embeddings, Wan-VAE latents `[C, 1, H', W']` (an image is a one-frame
     video) normalised by `latents_mean` / `latents_std` and scaled by `sigma_data`.
@@ -49,32 +48,9 @@ class Cosmos2TextToImageAdapter(FlowMatchingAdapter):
     default_max_sequence_length = 512
 
     @property
-    def resolution_multiple(self) -> int:
-        return self.pipeline.vae_scale_factor_spatial * self.denoiser.config.patch_size[1]
-
-    @property
-    def resolution(self) -> tuple[int, int]:
-        default_height, default_width = self.default_resolution
-        return self.settings.height or default_height, self.settings.width or default_width
-
-    @property
     def sigma_data(self) -> float:
         """EDM data scale of the latents (1 for the released checkpoints)."""
         return self.pipeline.scheduler.config.get("sigma_data", 1.0)
-
-    @property
-    def latent_channels(self) -> int:
-        """Channels of the latents (the transformer's input channels, less the conditioning-mask channel if any)."""
-        return self.denoiser.config.in_channels
-
-    def _latent_frames(self) -> int:
-        """Latent frames per sample: an image is a one-frame video."""
-        return 1
-
-    def latent_shape(self) -> tuple[int, ...]:
-        height, width = self.resolution
-        spatial = self.pipeline.vae_scale_factor_spatial
-        return (self.latent_channels, self._latent_frames(), height // spatial, width // spatial)
 
     def sigmas(self) -> torch.Tensor:
         """The pipeline's EDM sigmas `s` (Karras schedule) as flow sigmas `s / (1 + s)`, then 0."""
@@ -96,7 +72,7 @@ class Cosmos2TextToImageAdapter(FlowMatchingAdapter):
         return super().sample_noise(batch_size, generator) * self._sigma_table()[0]
 
     def encode_prompts(self, prompts: list[str], device: torch.device) -> Conditioning:
-        return encode_t5_prompts(self, prompts, device)
+        return encode_prompt_pairs(self, prompts, device)
 
     def _padding_mask(self, like: torch.Tensor) -> torch.Tensor:
         """The pipeline's all-zero pixel padding mask `[1, 1, H, W]`."""
@@ -111,19 +87,6 @@ class Cosmos2TextToImageAdapter(FlowMatchingAdapter):
             padding_mask=self._padding_mask(embeds),
             return_dict=False,
         )[0]
-
-    @torch.no_grad()
-    def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        return wan_vae_decode(self.pipeline.vae, latents, self.sigma_data)[:, 0]
-
-    @torch.no_grad()
-    def encode_pixels(self, pixels: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        if pixels.ndim != 4:
-            raise ValueError(
-                f"{type(self.pipeline).__name__} trains on images [B, C, H, W]; got pixels of shape "
-                f"{tuple(pixels.shape)}."
-            )
-        return wan_vae_encode(self.pipeline.vae, pixels[:, :, None], generator, self.sigma_data)
 
 
 class Cosmos2VideoToWorldAdapter(Cosmos2TextToImageAdapter):
@@ -147,21 +110,10 @@ class Cosmos2VideoToWorldAdapter(Cosmos2TextToImageAdapter):
     sigma_conditioning = 1e-4
     fps = 16
 
-    def __init__(self, pipeline, settings: SamplingSettings):
-        super().__init__(pipeline, settings)
-        check_num_frames(self.num_frames, pipeline.vae_scale_factor_temporal)
-
-    @property
-    def num_frames(self) -> int:
-        """Frames per generated video, conditioning frames included."""
-        return self.settings.num_frames or self.default_num_frames
-
     @property
     def latent_channels(self) -> int:
+        # The transformer also takes the conditioning-mask channel.
         return self.denoiser.config.in_channels - 1
-
-    def _latent_frames(self) -> int:
-        return (self.num_frames - 1) // self.pipeline.vae_scale_factor_temporal + 1
 
     def _condition_indicator(self, like: torch.Tensor) -> torch.Tensor:
         """`[1, 1, F', 1, 1]`: 1 on the conditioning latent frames, 0 elsewhere."""
@@ -193,8 +145,7 @@ class Cosmos2VideoToWorldAdapter(Cosmos2TextToImageAdapter):
             )
         frames = pixels[:, : self.num_conditioning_frames]
         padding = frames[:, -1:].expand(-1, self.num_frames - frames.shape[1], -1, -1, -1)
-        video = torch.cat([frames, padding], dim=1).permute(0, 2, 1, 3, 4)
-        latents = wan_vae_encode(self.pipeline.vae, video, generator, self.sigma_data)
+        latents = self.encode_video(torch.cat([frames, padding], dim=1), generator)
         conditioning = {"condition_latents": latents}
         if self.settings.guidance_scale > 1.0:
             conditioning["negative_condition_latents"] = latents
@@ -229,16 +180,3 @@ class Cosmos2VideoToWorldAdapter(Cosmos2TextToImageAdapter):
     def diffusion_loss(self, denoiser, x0, conditioning, step_index, noise):
         conditioning = {**conditioning, "condition_latents": x0}
         return super().diffusion_loss(denoiser, x0, conditioning, step_index, noise)
-
-    @torch.no_grad()
-    def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        return wan_vae_decode(self.pipeline.vae, latents, self.sigma_data)
-
-    @torch.no_grad()
-    def encode_pixels(self, pixels: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        if pixels.ndim != 5:
-            raise ValueError(
-                f"{type(self.pipeline).__name__} trains on videos [B, F, C, H, W]; got pixels of shape "
-                f"{tuple(pixels.shape)}. Give the data term videos of num_frames={self.num_frames} frames."
-            )
-        return wan_vae_encode(self.pipeline.vae, pixels.permute(0, 2, 1, 3, 4), generator, self.sigma_data)

@@ -1,12 +1,11 @@
 # Copyright 2026 The trl_ddrl Authors. Licensed under the Apache License, Version 2.0.
 """Adapter for FLUX.1 (`FluxPipeline`): a guidance-distilled MMDiT rectified-flow transformer on packed latents."""
 
-import numpy as np
 import torch
-from diffusers.pipelines.flux.pipeline_flux import calculate_shift
 from torch import nn
 
-from .base import Conditioning, FlowMatchingAdapter, SamplingSettings
+from .base import Conditioning, FlowMatchingAdapter
+from .latents import pack_2x2, scaled_vae_decode, scaled_vae_encode, unpack_2x2
 
 
 class FluxAdapter(FlowMatchingAdapter):
@@ -30,16 +29,6 @@ class FluxAdapter(FlowMatchingAdapter):
     default_guidance = 3.5
     default_max_sequence_length = 512
 
-    def __init__(self, pipeline, settings: SamplingSettings):
-        super().__init__(pipeline, settings)
-        height, width = self.resolution
-        multiple = pipeline.vae_scale_factor * 2
-        if height % multiple or width % multiple:
-            raise ValueError(
-                f"height={height} and width={width} must be multiples of {multiple} (VAE factor x 2x2 packing) for "
-                "FluxPipeline; set height and width accordingly."
-            )
-
     @property
     def guidance_embeds(self) -> bool:
         """Whether the transformer takes the distilled guidance as an input (FLUX.1-dev) rather than using CFG."""
@@ -49,11 +38,6 @@ class FluxAdapter(FlowMatchingAdapter):
     def embedded_guidance(self) -> float:
         """The guidance value fed to a guidance-distilled transformer."""
         return self.settings.guidance_scale if self.settings.guidance_scale > 1.0 else self.default_guidance
-
-    @property
-    def resolution(self) -> tuple[int, int]:
-        default = self.pipeline.default_sample_size * self.pipeline.vae_scale_factor
-        return self.settings.height or default, self.settings.width or default
 
     @property
     def resolution_multiple(self) -> int:
@@ -70,16 +54,7 @@ class FluxAdapter(FlowMatchingAdapter):
         return ((height // 2) * (width // 2), self.denoiser.config.in_channels)
 
     def scheduler_kwargs(self) -> dict:
-        steps = self.settings.num_inference_steps
-        config = self.pipeline.scheduler.config
-        mu = calculate_shift(
-            self.latent_shape()[0],
-            config.get("base_image_seq_len", 256),
-            config.get("max_image_seq_len", 4096),
-            config.get("base_shift", 0.5),
-            config.get("max_shift", 1.15),
-        )
-        return {"sigmas": np.linspace(1.0, 1 / steps, steps), "mu": mu}
+        return self.dynamic_shift_kwargs(self.latent_shape()[0])
 
     @torch.no_grad()
     def encode_prompts(self, prompts: list[str], device: torch.device) -> Conditioning:
@@ -125,17 +100,8 @@ class FluxAdapter(FlowMatchingAdapter):
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        vae = self.pipeline.vae
-        height, width = self.resolution
-        latents = self.pipeline._unpack_latents(latents, height, width, self.pipeline.vae_scale_factor)
-        latents = latents.to(vae.dtype) / vae.config.scaling_factor + vae.config.shift_factor
-        images = vae.decode(latents, return_dict=False)[0]
-        return (images.float() / 2 + 0.5).clamp(0, 1)
+        return scaled_vae_decode(self.pipeline.vae, unpack_2x2(latents, *self._latent_size()))
 
     @torch.no_grad()
     def encode_pixels(self, pixels: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        vae = self.pipeline.vae
-        latents = vae.encode(pixels.to(vae.device, vae.dtype)).latent_dist.sample(generator=generator)
-        latents = ((latents - vae.config.shift_factor) * vae.config.scaling_factor).float()
-        batch, channels, height, width = latents.shape
-        return self.pipeline._pack_latents(latents, batch, channels, height, width)
+        return pack_2x2(scaled_vae_encode(self.pipeline.vae, pixels, generator))

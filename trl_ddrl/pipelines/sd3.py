@@ -5,6 +5,7 @@ import torch
 from torch import nn
 
 from .base import Conditioning, FlowMatchingAdapter
+from .latents import scaled_vae_decode, scaled_vae_encode
 
 
 class StableDiffusion3Adapter(FlowMatchingAdapter):
@@ -15,11 +16,6 @@ class StableDiffusion3Adapter(FlowMatchingAdapter):
 
     pipeline_class_names = ("StableDiffusion3Pipeline",)
     denoiser_name = "transformer"
-
-    @property
-    def resolution(self) -> tuple[int, int]:
-        default = self.pipeline.default_sample_size * self.pipeline.vae_scale_factor
-        return self.settings.height or default, self.settings.width or default
 
     @property
     def resolution_multiple(self) -> int:
@@ -61,14 +57,8 @@ class StableDiffusion3Adapter(FlowMatchingAdapter):
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        vae = self.pipeline.vae
-        latents = latents.to(vae.dtype) / vae.config.scaling_factor + (vae.config.shift_factor or 0.0)
-        images = vae.decode(latents, return_dict=False)[0]
-        return (images.float() / 2 + 0.5).clamp(0, 1)
+        return scaled_vae_decode(self.pipeline.vae, latents)
 
     @torch.no_grad()
     def encode_pixels(self, pixels: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        vae = self.pipeline.vae
-        distribution = vae.encode(pixels.to(vae.device, vae.dtype)).latent_dist
-        latents = distribution.sample(generator=generator)
-        return ((latents - (vae.config.shift_factor or 0.0)) * vae.config.scaling_factor).float()
+        return scaled_vae_encode(self.pipeline.vae, pixels, generator)

@@ -16,7 +16,7 @@ from torch import nn
 
 from ..losses import mse_per_sample
 from ..sampling import StepOutput, broadcast_per_sample, ddim_step
-from .base import Conditioning, DiffusionAdapter, SamplingSettings
+from .base import Conditioning, DiffusionAdapter, SamplingSettings, positive_conditioning
 
 
 PREDICTION_TYPES = ("epsilon", "v_prediction")
@@ -93,18 +93,10 @@ class DDIMAdapter(DiffusionAdapter):
     # ---- the adapter protocol ----------------------------------------------------------------------------------
 
     def predict(self, denoiser, latents, step_index, conditioning):
-        timestep = self._schedule()[0][step_index]
-        if self.settings.guidance_scale <= 1.0:
-            return self.noise_prediction(denoiser, latents, timestep, _positive(conditioning))
-        negative = {
-            key[len("negative_") :]: value for key, value in conditioning.items() if key.startswith("negative_")
-        }
-        positive = _positive(conditioning)
-        both = {key: torch.cat([negative[key], positive[key]]) for key in positive}
-        uncond, cond = self.noise_prediction(
-            denoiser, torch.cat([latents, latents]), torch.cat([timestep, timestep]), both
-        ).chunk(2)
-        return uncond + self.settings.guidance_scale * (cond - uncond)
+        def noise_prediction(latents, timestep, conditioning):
+            return self.noise_prediction(denoiser, latents, timestep, conditioning)
+
+        return self.guided(noise_prediction, latents, self._schedule()[0][step_index], conditioning)
 
     def step(self, model_output, latents, step_index, eta, prev_sample=None, generator=None) -> StepOutput:
         _, alpha_prod, alpha_prod_prev = self._schedule()
@@ -129,7 +121,7 @@ class DDIMAdapter(DiffusionAdapter):
         x0, noise = x0.float(), noise.float()
         a = broadcast_per_sample(alpha_prod[step_index], x0)
         noisy = torch.sqrt(a) * x0 + torch.sqrt(1 - a) * noise
-        output = self.noise_prediction(denoiser, noisy, timesteps[step_index], _positive(conditioning))
+        output = self.noise_prediction(denoiser, noisy, timesteps[step_index], positive_conditioning(conditioning))
         target = noise if self.prediction_type == "epsilon" else torch.sqrt(a) * noise - torch.sqrt(1 - a) * x0
         return mse_per_sample(output, target)
 
@@ -174,11 +166,6 @@ class DDIMAdapter(DiffusionAdapter):
         latents = vae.encode(pixels.to(vae.device, vae.dtype)).latent_dist.sample(generator=generator)
         mean, std = self._latent_statistics(latents)
         return ((latents - mean) * vae.config.scaling_factor / std).float()
-
-
-def _positive(conditioning: Conditioning) -> Conditioning:
-    """The conditioning without its `negative_*` (CFG) entries."""
-    return {key: value for key, value in conditioning.items() if not key.startswith("negative_")}
 
 
 class StableDiffusionAdapter(DDIMAdapter):
