@@ -6,6 +6,7 @@ The scripts are run as `__main__` with their own argument parsing; only the mode
 defaults are Hub reward models), the resolution and the number of steps are changed from the command line.
 """
 
+import functools
 import json
 import os
 import runpy
@@ -18,6 +19,7 @@ from PIL import Image
 from safetensors.torch import load_file
 from tiny_models import (
     tiny_cosmos2_pipeline,
+    tiny_flux2_pipeline,
     tiny_flux_pipeline,
     tiny_sd15_pipeline,
     tiny_sdxl_pipeline,
@@ -68,6 +70,13 @@ CASES = {
     "sd15-lora": ("train_sd15.py", tiny_sd15_pipeline, "unet", lambda data: [*image_args(data), "--lora"]),
     "sdxl": ("train_sdxl.py", tiny_sdxl_pipeline, "unet", lambda data: [*image_args(data), "--no_bf16"]),
     "flux": ("train_flux.py", tiny_flux_pipeline, "transformer", lambda data: [*image_args(data), "--no_bf16"]),
+    "flux2": ("train_flux2.py", tiny_flux2_pipeline, "transformer", lambda data: [*image_args(data), "--no_bf16"]),
+    "flux2-klein-lora": (
+        "train_flux2.py",
+        functools.partial(tiny_flux2_pipeline, klein=True),
+        "transformer",
+        lambda data: [*image_args(data), "--no_bf16", "--lora", "--guidance_scale", "2.0"],
+    ),
     "wan": (
         "train_wan.py",
         tiny_wan_pipeline,
@@ -100,9 +109,10 @@ def test_example_trains_and_saves_a_loadable_result(case, data_files, tmp_path, 
     pipeline = DiffusionPipeline.from_pretrained(model_dir if case.endswith("lora") else output_dir)
     if case.endswith("lora"):
         assert os.path.isfile(output_dir / "pytorch_lora_weights.safetensors")
-        before = {key: value.clone() for key, value in pipeline.unet.state_dict().items()}
+        denoiser = getattr(pipeline, denoiser_name)
+        before = {key: value.clone() for key, value in denoiser.state_dict().items()}
         pipeline.load_lora_weights(str(output_dir))
-        assert any(key not in before for key in pipeline.unet.state_dict())  # the LoRA layers are attached
+        assert any(key not in before for key in denoiser.state_dict())  # the LoRA layers are attached
     else:
         trained = getattr(pipeline, denoiser_name).state_dict()
         assert any(not torch.equal(trained[key].float(), value.float()) for key, value in base_weights.items())

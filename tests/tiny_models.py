@@ -374,3 +374,135 @@ def tiny_cosmos2_pipeline(seed: int = 0, video_to_world: bool = False):
         scheduler=FlowMatchEulerDiscreteScheduler(use_karras_sigmas=True),
         safety_checker=TinyCosmosSafetyChecker(),
     )
+
+
+CHAT_TEMPLATE = (
+    "{% for message in messages %}{% if message['role'] != 'system' %}{% if message['content'] is string %}"
+    "{{ message['content'] }}{% else %}{% for part in message['content'] %}{% if part['type'] == 'text' %}"
+    "{{ part['text'] }}{% endif %}{% endfor %}{% endif %}{% endif %}{% endfor %}"
+)
+"""A chat template that renders the user turns' text only, so that short prompts fit a 16-token window."""
+
+
+def tiny_chat_tokenizer():
+    """
+    A character-level `PreTrainedTokenizerFast` with a chat template, standing in for the chat tokenizers of
+    LLM text encoders (Mistral 3, Qwen 3): ids 0-4 are `<unk>`, `[IMG]`, `<s>`, `</s>`, `<pad>`.
+    """
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<unk>": 0, "[IMG]": 1, "<s>": 2, "</s>": 3, "<pad>": 4}
+    for character in CHARACTERS + " ":
+        vocab[character] = len(vocab)
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Split("", "isolated")
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        unk_token="<unk>",
+        pad_token="<pad>",
+        bos_token="<s>",
+        eos_token="</s>",
+        chat_template=CHAT_TEMPLATE,
+        model_max_length=64,
+    )
+
+
+def _tiny_llm_text_config(vocab_size: int, num_layers: int) -> dict:
+    return dict(
+        vocab_size=vocab_size,
+        hidden_size=16,
+        intermediate_size=16,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=8,
+        num_hidden_layers=num_layers,
+        max_position_embeddings=64,
+        bos_token_id=2,
+        eos_token_id=3,
+        pad_token_id=4,
+    )
+
+
+def tiny_flux2_vae(seed: int = 0):
+    """
+    An `AutoencoderKLFlux2` with 4 latent channels and a downsampling factor of 2, whose batch-norm statistics of the
+    2x2-patchified latents (16 channels) are set away from 0 / 1 so that the normalisation is exercised.
+    """
+    from diffusers import AutoencoderKLFlux2
+
+    torch.manual_seed(seed)
+    vae = AutoencoderKLFlux2(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+        block_out_channels=(8, 16),
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=2,
+        sample_size=16,
+    )
+    vae.bn.running_mean.copy_(torch.linspace(-0.5, 0.5, 16))
+    vae.bn.running_var.copy_(torch.linspace(0.5, 2.0, 16))
+    return vae.eval()
+
+
+def tiny_flux2_pipeline(seed: int = 0, klein: bool = False, is_distilled: bool = False):
+    """
+    A random `Flux2Pipeline` (guidance-embedded transformer, Mistral 3 text encoder) or with `klein` a
+    `Flux2KleinPipeline` (no guidance embedding, Qwen 3 text encoder), generating 16x16 images from [4, 8, 8] VAE
+    latents, patchified and packed into 16 tokens of 16 channels. The text encoders have as many layers as the
+    pipelines' default hidden-state taps need (30 and 27) at width 16, so prompt embeddings are 3 x 16 = 48 wide.
+    """
+    from diffusers import Flux2KleinPipeline, Flux2Pipeline, Flux2Transformer2DModel
+    from transformers import Mistral3Config, Mistral3ForConditionalGeneration, Qwen3Config, Qwen3ForCausalLM
+
+    tokenizer = tiny_chat_tokenizer()
+    torch.manual_seed(seed)
+    transformer = Flux2Transformer2DModel(
+        patch_size=1,
+        in_channels=16,
+        num_layers=1,
+        num_single_layers=1,
+        attention_head_dim=8,
+        num_attention_heads=2,
+        joint_attention_dim=48,
+        timestep_guidance_channels=16,
+        axes_dims_rope=(2, 2, 2, 2),
+        guidance_embeds=not klein,
+    )
+    # FLUX.2's scheduler config: the resolution-dependent shift `mu` comes from the pipeline.
+    scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True)
+    torch.manual_seed(seed + 1)
+    if klein:
+        text_encoder = Qwen3ForCausalLM(Qwen3Config(**_tiny_llm_text_config(len(tokenizer), 27))).eval()
+        return Flux2KleinPipeline(
+            scheduler=scheduler,
+            vae=tiny_flux2_vae(seed),
+            text_encoder=text_encoder,
+            tokenizer=tokenizer,
+            transformer=transformer,
+            is_distilled=is_distilled,
+        )
+    config = Mistral3Config(
+        text_config={"model_type": "mistral", **_tiny_llm_text_config(len(tokenizer), 30)},
+        vision_config={
+            "model_type": "pixtral",
+            "hidden_size": 16,
+            "num_hidden_layers": 1,
+            "num_attention_heads": 2,
+            "intermediate_size": 16,
+            "image_size": 12,
+            "patch_size": 6,
+            "num_channels": 3,
+        },
+        image_token_index=1,
+    )
+    return Flux2Pipeline(
+        scheduler=scheduler,
+        vae=tiny_flux2_vae(seed),
+        text_encoder=Mistral3ForConditionalGeneration(config).eval(),
+        tokenizer=tokenizer,
+        transformer=transformer,
+    )

@@ -12,6 +12,7 @@ from .base import (
 from .cosmos import Cosmos2TextToImageAdapter, Cosmos2VideoToWorldAdapter
 from .digits import DigitsFlowAdapter
 from .flux import FluxAdapter
+from .flux2 import Flux2Adapter
 from .sd3 import StableDiffusion3Adapter
 from .stable_diffusion import DDIMAdapter, StableDiffusionAdapter, StableDiffusionXLAdapter
 from .wan import WanAdapter
@@ -22,6 +23,7 @@ ADAPTERS: tuple[type[DiffusionAdapter], ...] = (
     StableDiffusionAdapter,
     StableDiffusionXLAdapter,
     FluxAdapter,
+    Flux2Adapter,
     WanAdapter,
     Cosmos2TextToImageAdapter,
     Cosmos2VideoToWorldAdapter,
@@ -57,6 +59,7 @@ __all__ = [
     "DigitsFlowAdapter",
     "DiffusionAdapter",
     "FlowMatchingAdapter",
+    "Flux2Adapter",
     "FluxAdapter",
     "SamplingSettings",
     "StableDiffusion3Adapter",

@@ -1,0 +1,92 @@
+# Copyright 2026 The trl_ddrl Authors. Licensed under the Apache License, Version 2.0.
+"""
+DDRL on FLUX.2 [klein] base 9B: reward a prompt set with PickScore, regularised by the flow-matching loss on
+image-caption data.
+
+`Flux2KleinPipeline` (Qwen 3 text encoder) and `Flux2Pipeline` (FLUX.2-dev, Mistral 3 text encoder) share one adapter.
+Rollouts use no guidance by default: klein-base takes CFG only with `--guidance_scale > 1` (twice the compute per
+step), and FLUX.2-dev keeps its embedded guidance (4.0, the pipeline's default). Settings follow the DDRL paper:
+groups of 8, 20 sampling steps, `data_beta=0.01`, `lr=1e-5`, no reverse KL. Pass `--lora` to train a LoRA adapter;
+the 32B FLUX.2-dev transformer needs LoRA or DeepSpeed ZeRO-3.
+
+```bash
+python examples/train_flux2.py --prompts prompts.txt --data_dataset ./images --lora --output_dir flux2-klein-ddrl
+accelerate launch --config_file trl_ddrl/accelerate_configs/zero3.yaml examples/train_flux2.py \
+    --model black-forest-labs/FLUX.2-dev --prompts prompts.txt --data_dataset my/image-caption-dataset
+```
+
+`--data_dataset` is a Hub dataset id or a local folder (`datasets.load_dataset`, e.g. an `imagefolder` with a
+`metadata.jsonl`) with an `image` column and a `text` caption column. The run writes a diffusers pipeline (or a LoRA)
+to `--output_dir`.
+"""
+
+import argparse
+
+import torch
+from datasets import Dataset, load_dataset
+from peft import LoraConfig
+
+from trl_ddrl import DDRLConfig, DDRLTrainer
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument(
+        "--model",
+        default="black-forest-labs/FLUX.2-klein-base-9B",
+        help="Hub id or local Flux2KleinPipeline / Flux2Pipeline.",
+    )
+    parser.add_argument("--prompts", required=True, help="Text file with one training prompt per line.")
+    parser.add_argument("--data_dataset", required=True, help="Image-caption data for the data term.")
+    parser.add_argument("--caption_column", default="text", help="Caption column of --data_dataset.")
+    parser.add_argument("--output_dir", default="flux2-klein-ddrl")
+    parser.add_argument("--resolution", type=int, default=512, help="Training height and width (multiple of 16).")
+    parser.add_argument("--guidance_scale", type=float, default=1.0, help="Rollout CFG (klein-base); 1.0: none.")
+    parser.add_argument("--max_steps", type=int, default=500)
+    parser.add_argument(
+        "--no_bf16", action="store_true", help="float32 weights and no bf16 autocast (GPUs without bf16, CPUs)."
+    )
+    parser.add_argument("--reward", default="pickscore", help="Reward name (see docs/rewards.md).")
+    parser.add_argument("--lora", action="store_true", help="Train a rank-64 LoRA instead of the full transformer.")
+    args = parser.parse_args()
+
+    with open(args.prompts) as file:
+        prompts = Dataset.from_dict({"prompt": [line.strip() for line in file if line.strip()]})
+    data = load_dataset(args.data_dataset, split="train")
+
+    config = DDRLConfig(
+        output_dir=args.output_dir,
+        model_init_kwargs=None if args.no_bf16 else {"torch_dtype": "bfloat16"},
+        num_generations=8,
+        prompts_per_step=4,
+        num_inference_steps=20,
+        guidance_scale=args.guidance_scale,
+        height=args.resolution,
+        width=args.resolution,
+        data_beta=0.01,
+        kl_beta=0.0,
+        caption_column=args.caption_column,
+        learning_rate=1e-5,
+        max_steps=args.max_steps,
+        activation_checkpointing=True,
+        bf16=not args.no_bf16,
+        logging_steps=1,
+        save_steps=100,
+    )
+    # The single-stream blocks fuse their attention and MLP input projections into `to_qkv_mlp_proj`.
+    lora = LoraConfig(r=64, lora_alpha=64, target_modules=["to_q", "to_k", "to_v", "to_out.0", "to_qkv_mlp_proj"])
+    trainer = DDRLTrainer(
+        model=args.model,
+        reward_funcs=args.reward,
+        args=config,
+        train_dataset=prompts,
+        data_dataset=data,
+        peft_config=lora if args.lora else None,
+    )
+    trainer.train()
+    trainer.save_model()
+
+
+if __name__ == "__main__":
+    torch.backends.cuda.matmul.allow_tf32 = True
+    main()
