@@ -64,6 +64,24 @@ def test_two_processes_keep_identical_weights_and_whole_groups(tiny_sd3_path, tm
     assert ranks[0]["records"][0]["weight_sum"] != ranks[0]["records"][1]["weight_sum"]
 
 
+@pytest.mark.slow
+def test_sigterm_on_one_process_saves_a_collective_checkpoint_on_all(tiny_sd3_path, tmp_path):
+    command = [
+        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines",
+        "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()), SCRIPT,
+        tiny_sd3_path, str(tmp_path),
+    ]  # fmt: skip
+    environment = {key: value for key, value in os.environ.items() if key != "ACCELERATE_USE_CPU"}
+    environment.update({"ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", "SIGTERM_RANK": "1"})
+    result = subprocess.run(command, env=environment, capture_output=True, text=True, timeout=400)
+    assert result.returncode != 0, "the processes should exit with status 143 after saving"
+    assert result.stderr.count("Stopped by SIGTERM at step 1") == 2, result.stderr[-5000:]
+    checkpoint = tmp_path / "checkpoint-1"
+    assert {"rng_state_0.pth", "rng_state_1.pth", "optimizer.pt", "trainer_state.json"} <= set(os.listdir(checkpoint))
+    assert json.loads((checkpoint / "trainer_state.json").read_text())["global_step"] == 1
+    assert not (tmp_path / "rank0.json").exists()  # neither process went on to step 2
+
+
 def test_deepspeed_zero3_trains_and_saves_full_weights(tiny_sd3_path, tmp_path):
     pytest.importorskip("deepspeed")
     config = {

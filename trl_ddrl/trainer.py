@@ -35,6 +35,17 @@ from trl.trainer.utils import RepeatSampler
 
 from .config import DDRLConfig
 from .data import DiffusionDataCollator
+from .fault_handling import (
+    DivergenceGuard,
+    PreemptionCallback,
+    cancel_pending_on_interrupt,
+    check_finite_state,
+    check_fresh_start,
+    check_lora_load,
+    check_resume_settings,
+    resolve_resume_checkpoint,
+    staged_checkpoint,
+)
 from .losses import clipped_policy_loss, compute_advantages, gaussian_kl
 from .model_card import save_model_card
 from .pipelines import ADAPTERS, Conditioning, SamplingSettings, get_adapter
@@ -399,6 +410,11 @@ class DDRLTrainer(_BaseTrainer):
         self._saving_final_model = False
         self._pushing_final_model = False
         self._hub_pipeline_exported = False
+        # Atomic saves (`staged_checkpoint`): the staging folder while a checkpoint is written, a push waiting for it,
+        # and the checkpoints this trainer wrote.
+        self._checkpoint_staging: str | None = None
+        self._deferred_push: str | None = None
+        self._checkpoints_written: set[str] = set()
 
         super().__init__(
             model=denoiser,
@@ -429,6 +445,9 @@ class DDRLTrainer(_BaseTrainer):
                 self.ref_model = self.ref_model.to(device)
         if args.update_ref_every is not None:
             self.add_callback(_ReferenceSyncCallback(self))
+        self._preemption, self._divergence = PreemptionCallback(self), DivergenceGuard(self)
+        self.add_callback(self._preemption)
+        self.add_callback(self._divergence)
 
     # ---- set-up helpers ---------------------------------------------------------------------------------------------
 
@@ -576,6 +595,7 @@ class DDRLTrainer(_BaseTrainer):
         start = time.perf_counter()
         latents, log_probs, images, scored = [], [], [], []
         with (
+            cancel_pending_on_interrupt(scored),
             _gradient_checkpointing_paused(self.accelerator.unwrap_model(self.model)),
             unwrap_model_for_generation(self.model_wrapped, self.accelerator) as policy,
             self.accelerator.autocast(),
@@ -594,6 +614,7 @@ class DDRLTrainer(_BaseTrainer):
                     generator=sampler_generator,
                 )
                 chunk_images = self.adapter.decode(trajectory.latents[:, -1])
+                self._divergence.check_samples(trajectory.latents, chunk_images, iteration)
                 latents.append(trajectory.latents)
                 log_probs.append(trajectory.log_probs)
                 images.append(chunk_images)
@@ -608,7 +629,8 @@ class DDRLTrainer(_BaseTrainer):
         latents, log_probs, images = torch.cat(latents), torch.cat(log_probs), torch.cat(images)
 
         start = time.perf_counter()
-        results = [item.result() if isinstance(item, Future) else item for item in scored]
+        with cancel_pending_on_interrupt(scored):
+            results = [item.result() if isinstance(item, Future) else item for item in scored]
         reward_wait_time = time.perf_counter() - start
         rewards_per_func = torch.cat([rewards for rewards, _ in results])
         self._metrics["time/reward"].append(sum(seconds for _, seconds in results))
@@ -724,6 +746,7 @@ class DDRLTrainer(_BaseTrainer):
             step.log_prob, inputs["old_log_probs"], inputs["advantages"], args.clip_range
         )
         loss = policy_loss.mean()
+        self._divergence.track_loss(loss)
         # Kept on the device and gathered once per logging step: no host sync or collective per micro-batch.
         self._loss_metrics["loss/policy"].append(loss.detach())
         self._loss_metrics["ratio/mean"].append(ratio.detach().mean())
@@ -807,14 +830,22 @@ class DDRLTrainer(_BaseTrainer):
 
     # ---- training -------------------------------------------------------------------------------------------------
 
-    def train(self, *args, **kwargs):
+    def train(self, resume_from_checkpoint: str | bool | None = None, *args, **kwargs):
+        # Resume only from a complete checkpoint with compatible settings; never start over on another run's.
+        resume_from_checkpoint = resolve_resume_checkpoint(self, resume_from_checkpoint)
+        if resume_from_checkpoint is None:
+            check_fresh_start(self)
+        else:
+            check_resume_settings(resume_from_checkpoint, self.args)
         # Every call starts from a fresh rollout, also a resume on this same trainer after a failure.
         self._buffer = None
         try:
-            return super().train(*args, **kwargs)
+            output = super().train(resume_from_checkpoint, *args, **kwargs)
         except (Exception, KeyboardInterrupt):
             self._save_checkpoint_after_failure()
             raise
+        self._preemption.exit_if_stopped()
+        return output
 
     def _save_checkpoint_after_failure(self) -> None:
         """
@@ -822,12 +853,13 @@ class DDRLTrainer(_BaseTrainer):
         that `train(resume_from_checkpoint=True)` continues from it and no finished step is lost.
 
         Only in single-process runs (after one process fails, a save with collectives could hang the others), only
-        when checkpoints are saved at all (`save_strategy != "no"`), and never over an existing checkpoint. A failing
-        save is logged and does not hide the original error.
+        when checkpoints are saved at all (`save_strategy != "no"`), and not when this trainer already saved this
+        step. A failing save is logged and does not hide the original error.
         """
         step = self.state.global_step
         folder = os.path.join(self.args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{step}")
-        if step == 0 or self.args.save_strategy == "no" or self.accelerator.num_processes > 1 or os.path.isdir(folder):
+        saved = os.path.abspath(folder) in self._checkpoints_written
+        if step == 0 or self.args.save_strategy == "no" or self.accelerator.num_processes > 1 or saved:
             return
         try:
             self._save_checkpoint(self.model, trial=None)
@@ -865,7 +897,11 @@ class DDRLTrainer(_BaseTrainer):
     def _save_checkpoint(self, model, trial):
         # As TRL's trainers do: keep the output directory's model card current with every checkpoint.
         self.create_model_card()
-        super()._save_checkpoint(model, trial)
+        with staged_checkpoint(self):  # written aside, renamed into place when complete
+            super()._save_checkpoint(model, trial)
+
+    def _get_output_dir(self, trial) -> str:
+        return self._checkpoint_staging or super()._get_output_dir(trial)
 
     def push_to_hub(
         self,
@@ -888,6 +924,9 @@ class DDRLTrainer(_BaseTrainer):
         # The Trainer copies transformers' files (config.json, model.safetensors, adapter_model.*) from the checkpoint
         # into `output_dir`, then uploads `output_dir`. DDRL checkpoints use the diffusers layout: copy that instead,
         # under the same condition as the Trainer (never while the previous upload is still reading `output_dir`).
+        if self._checkpoint_staging is not None:
+            self._deferred_push = checkpoint_folder  # pushed by `staged_checkpoint` once renamed into place
+            return
         if (
             self.is_world_process_zero()
             and self.args.hub_strategy != HubStrategy.END
@@ -924,7 +963,8 @@ class DDRLTrainer(_BaseTrainer):
         denoiser = self.accelerator.unwrap_model(self.model)
         if state_dict is None:
             state_dict = denoiser.state_dict()
-        elif not state_dict:
+        check_finite_state(state_dict, f"the weights to {output_dir}")
+        if not state_dict:
             # DeepSpeed ZeRO-3 without `stage3_gather_16bit_weights_on_model_save`: the Trainer writes a DeepSpeed
             # checkpoint instead, from which resume works; there are no full weights to write here.
             self._save_config(output_dir)
@@ -978,7 +1018,7 @@ class DDRLTrainer(_BaseTrainer):
                 raise ValueError(f"resume_from_checkpoint={resume_from_checkpoint!r} holds no {LORA_WEIGHT_NAME}.")
             prefix = f"{self.adapter.denoiser_name}."
             state = {key.removeprefix(prefix): value for key, value in load_file(path).items()}
-            set_peft_model_state_dict(denoiser, state)
+            check_lora_load(resume_from_checkpoint, set_peft_model_state_dict(denoiser, state), len(state))
             return
         folder = os.path.join(resume_from_checkpoint, self.adapter.denoiser_name)
         files = sorted(glob.glob(os.path.join(folder, "*.safetensors")))

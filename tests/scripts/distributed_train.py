@@ -4,10 +4,14 @@ Trains a tiny SD3 pipeline for 2 steps under `accelerate launch` and writes, per
 after every step plus the rewards and advantages it saw. Used by tests/test_distributed.py.
 
     python distributed_train.py <pipeline dir> <output dir> [deepspeed json]
+
+With `SIGTERM_RANK=<rank>` set, that rank alone sends itself SIGTERM while the first iteration is scored: every rank
+must then save `checkpoint-1` together and exit with status 143.
 """
 
 import json
 import os
+import signal
 import sys
 
 import torch
@@ -18,7 +22,13 @@ from trl_ddrl import DDRLConfig, DDRLTrainer
 
 
 def brightness(prompts, images, **kwargs):
+    if os.environ.get("SIGTERM_RANK") == os.environ.get("RANK") and not brightness.signalled:
+        brightness.signalled = True
+        os.kill(os.getpid(), signal.SIGTERM)
     return images.mean(dim=(1, 2, 3)).tolist()
+
+
+brightness.signalled = False
 
 
 class Fingerprint(TrainerCallback):
@@ -52,7 +62,8 @@ def main(pipeline_dir: str, output_dir: str, deepspeed: str | None = None) -> No
         learning_rate=1e-3,
         data_beta=0.0,
         report_to="none",
-        save_strategy="no",
+        save_strategy="steps" if "SIGTERM_RANK" in os.environ else "no",
+        save_steps=100,
         disable_tqdm=True,
         deepspeed=deepspeed,
     )

@@ -1,0 +1,194 @@
+# Copyright 2026 The trl_ddrl Authors. Licensed under the Apache License, Version 2.0.
+"""Failure handling: preemption, atomic checkpoints, resume checks, divergence and silently wrong inputs."""
+
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+
+import pytest
+from test_trainer import assert_same_weights, brightness, make_args, prompt_dataset
+
+from trl_ddrl import DDRLTrainer
+from trl_ddrl.fault_handling import CheckpointError
+
+
+SCRIPTS = os.path.join(os.path.dirname(__file__), "scripts")
+
+
+def fault_args(output_dir, **overrides):
+    """4 optimizer steps, a checkpoint every 2; the runs the tests interrupt and resume."""
+    settings = dict(max_steps=4, save_strategy="steps", save_steps=2, data_beta=0.1)
+    settings.update(overrides)
+    return make_args(output_dir, **settings)
+
+
+def fault_trainer(path, output_dir, reward=brightness, **overrides):
+    return DDRLTrainer(path, reward, args=fault_args(output_dir, **overrides), train_dataset=prompt_dataset(True))
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tiny_sd3_path, tmp_path_factory):
+    """The weights after the 4 steps of an uninterrupted run."""
+    trainer = fault_trainer(tiny_sd3_path, tmp_path_factory.mktemp("full"), save_strategy="no")
+    trainer.train()
+    return {key: value.clone() for key, value in trainer.pipeline.transformer.state_dict().items()}
+
+
+@pytest.fixture
+def capture_warnings(caplog):
+    """The trainer's warnings (transformers' loggers do not propagate to the root logger by default)."""
+    logger = logging.getLogger("trl_ddrl")
+    propagate, logger.propagate = logger.propagate, True
+    with caplog.at_level(logging.WARNING, logger="trl_ddrl"):
+        yield caplog
+    logger.propagate = propagate
+
+
+def test_sigterm_saves_the_finished_step_exits_143_and_resumes_exactly(tiny_sd3_path, tmp_path, uninterrupted):
+    output_dir = tmp_path / "preempted"
+    environment = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.getcwd()}
+    result = subprocess.run(
+        [sys.executable, os.path.join(SCRIPTS, "sigterm_train.py"), tiny_sd3_path, str(output_dir)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=environment,
+    )
+    assert result.returncode == 128 + signal.SIGTERM, result.stderr[-3000:]
+    assert "Stopped by SIGTERM at step 3" in result.stderr, result.stderr[-3000:]
+    # SIGTERM came while step 3 was being scored: step 3 finished, then was saved beside the regular checkpoint-2.
+    assert {"optimizer.pt", "trainer_state.json", "transformer"} <= set(os.listdir(output_dir / "checkpoint-3"))
+    assert json.loads((output_dir / "checkpoint-3" / "trainer_state.json").read_text())["global_step"] == 3
+
+    resumed = fault_trainer(tiny_sd3_path, output_dir)
+    resumed.train(resume_from_checkpoint=True)
+    assert resumed.state.global_step == 4
+    assert_same_weights(resumed.pipeline.transformer, uninterrupted)
+
+
+class _Killed(BaseException):
+    """Stands for kill -9: not an Exception, so no failure save runs."""
+
+
+def test_a_kill_during_a_save_leaves_the_last_good_checkpoint_to_resume_from(
+    tiny_sd3_path, tmp_path, uninterrupted, capture_warnings
+):
+    trainer = fault_trainer(tiny_sd3_path, tmp_path, save_total_limit=1)
+    save_rng_state = trainer._save_rng_state
+
+    def killed_at_step_4(output_dir):
+        if trainer.state.global_step == 4:
+            raise _Killed  # after the weights and the optimizer state of checkpoint-4 were written
+        save_rng_state(output_dir)
+
+    trainer._save_rng_state = killed_at_step_4
+    with pytest.raises(_Killed):
+        trainer.train()
+    # The half-written checkpoint is not a checkpoint-N, and save_total_limit=1 kept checkpoint-2.
+    assert sorted(name for name in os.listdir(tmp_path) if name.startswith("checkpoint-")) == ["checkpoint-2"]
+
+    resumed = fault_trainer(tiny_sd3_path, tmp_path)
+    resumed.train(resume_from_checkpoint=True)
+    assert resumed.state.global_step == 4
+    assert_same_weights(resumed.pipeline.transformer, uninterrupted)
+    assert sorted(name for name in os.listdir(tmp_path) if name.startswith("checkpoint-")) == [
+        "checkpoint-2",
+        "checkpoint-4",
+    ]
+
+
+@pytest.mark.parametrize("damage", ["no_trainer_state", "truncated_weights", "truncated_optimizer"])
+def test_resume_skips_an_incomplete_checkpoint_and_names_the_one_used(
+    damage, tiny_sd3_path, tmp_path, capture_warnings
+):
+    fault_trainer(tiny_sd3_path, tmp_path).train()
+    latest = tmp_path / "checkpoint-4"
+    if damage == "no_trainer_state":
+        (latest / "trainer_state.json").unlink()
+    else:
+        path = latest / ("optimizer.pt" if damage == "truncated_optimizer" else "transformer")
+        if path.is_dir():
+            path = next(path.glob("*.safetensors"))
+        path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+    trainer = fault_trainer(tiny_sd3_path, tmp_path, max_steps=4)
+    with pytest.raises(CheckpointError, match="checkpoint-4.*The newest complete one is .*checkpoint-2"):
+        trainer.train(resume_from_checkpoint=str(latest))
+    trainer.train(resume_from_checkpoint=True)
+    assert trainer.state.global_step == 4
+    assert "Skipping incomplete checkpoints: checkpoint-4" in capture_warnings.text
+    assert f"Resuming from {tmp_path / 'checkpoint-2'}" in capture_warnings.text
+
+
+def test_a_new_run_refuses_an_output_dir_with_another_runs_checkpoints(tiny_sd3_path, tmp_path):
+    fault_trainer(tiny_sd3_path, tmp_path, max_steps=2).train()
+    with pytest.raises(CheckpointError, match=r"already holds checkpoints of an earlier run \(checkpoint-2\)"):
+        fault_trainer(tiny_sd3_path, tmp_path).train()
+
+
+@pytest.mark.parametrize(
+    "changes, field",
+    [
+        ({"learning_rate": 2e-3}, "learning_rate"),
+        ({"max_steps": 6}, "max_steps"),
+        ({"lr_scheduler_type": "cosine"}, "lr_scheduler_type"),
+    ],
+)
+def test_resume_refuses_a_changed_learning_rate_schedule(changes, field, tiny_sd3_path, tmp_path):
+    fault_trainer(tiny_sd3_path, tmp_path).train()
+    trainer = fault_trainer(tiny_sd3_path, tmp_path, **changes)
+    with pytest.raises(CheckpointError, match=f"changed learning-rate schedule \\({field}: "):
+        trainer.train(resume_from_checkpoint=True)
+
+
+def test_resume_warns_about_changed_sampling_settings(tiny_sd3_path, tmp_path, capture_warnings):
+    fault_trainer(tiny_sd3_path, tmp_path, max_steps=2).train()
+    trainer = fault_trainer(tiny_sd3_path, tmp_path, max_steps=2, num_inference_steps=6)
+    trainer.train(resume_from_checkpoint=True)
+    assert "num_inference_steps: 4 -> 6" in capture_warnings.text
+
+
+def test_resume_refuses_a_lora_checkpoint_of_other_target_modules(tiny_sd3_path, tmp_path):
+    from peft import LoraConfig
+
+    def lora(targets):
+        return LoraConfig(r=4, lora_alpha=8, target_modules=targets, init_lora_weights="gaussian")
+
+    args = fault_args(tmp_path, max_steps=2)
+    DDRLTrainer(
+        tiny_sd3_path, brightness, args=args, train_dataset=prompt_dataset(True), peft_config=lora(["to_q"])
+    ).train()
+    trainer = DDRLTrainer(
+        tiny_sd3_path, brightness, args=args, train_dataset=prompt_dataset(True), peft_config=lora(["to_k"])
+    )
+    with pytest.raises(CheckpointError, match="other LoRA target_modules"):
+        trainer.train(resume_from_checkpoint=True)
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"data_beta": float("nan")}, "data_beta=nan must be a finite number"),
+        ({"eta": float("nan")}, "eta=nan must be a finite number"),
+        ({"train_timesteps": []}, r"train_timesteps=\[\] is empty"),
+        ({"train_timesteps": 2}, "train_timesteps=2 must be a list"),
+        ({"num_generations": "8"}, "num_generations='8' must be an integer, not the string '8'"),
+        ({"num_generations": 4.5}, "num_generations=4.5 must be a whole number"),
+        ({"max_steps": 1.7}, "max_steps=1.7 must be a whole number"),
+        ({"data_beta": [0.1]}, r"data_beta=\[0.1\] must be a number, not a list"),
+        ({"reward_weights": [1.0, "2"]}, "reward_weights=.* the item '2' must be a number"),
+        ({"async_rewards": "no"}, "async_rewards='no' must be True or False"),
+        ({"height": -16}, "height=-16 must be a positive number of pixels"),
+    ],
+)
+def test_wrong_config_values_name_the_field(kwargs, message, tmp_path):
+    with pytest.raises(ValueError, match=message):
+        make_args(tmp_path, **kwargs)
+
+
+def test_whole_floats_become_integers(tmp_path):
+    args = make_args(tmp_path, num_generations=4.0, max_steps=2.0)
+    assert type(args.num_generations) is int and type(args.max_steps) is int
