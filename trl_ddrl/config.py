@@ -7,6 +7,8 @@ from dataclasses import dataclass, field
 import torch
 from trl.trainer.base_config import _BaseConfig
 
+from .config_checks import validate_types
+
 
 SCALE_REWARDS_CHOICES = ("group", "batch", "none")
 DATA_NOISE_CHOICES = ("rollout", "independent")
@@ -285,6 +287,7 @@ class DDRLConfig(_BaseConfig):
     )
 
     def __post_init__(self):
+        validate_types(self)  # wrong types and NaNs first, naming the field (trl_ddrl/config_checks.py)
         if self.bf16 is None:
             self.bf16 = bool(torch.cuda.is_available() and torch.cuda.is_bf16_supported()) and not self.fp16
         derive_gradient_accumulation = self.gradient_accumulation_steps is None

@@ -1,0 +1,121 @@
+# Copyright 2026 The trl_ddrl Authors. Licensed under the Apache License, Version 2.0.
+"""
+Type checks of `DDRLConfig` values, run first in its `__post_init__`.
+
+Values from Python, a YAML `--config` file or a dict reach the config unconverted: `num_generations="8"`,
+`max_steps: 1.7`, `data_beta: [0.1]` or `data_beta=float("nan")` would otherwise flow into the training loop (a NaN
+`data_beta` silently turns the data term off). Each field is checked against its annotation; the error names the field,
+the value and the fix.
+"""
+
+import dataclasses
+import math
+import types
+import typing
+from typing import Any
+
+
+# TrainingArguments fields that DDRL relies on, checked like DDRL's own.
+_TRAINING_FIELDS: dict[str, Any] = {
+    "max_steps": int,
+    "seed": int,
+    "learning_rate": float,
+    "weight_decay": float,
+    "max_grad_norm": float,
+    "num_train_epochs": float,
+}
+# Sizes that must be positive when set.
+_POSITIVE_WHEN_SET = ("height", "width", "num_frames", "max_sequence_length")
+
+
+def _expected(annotation: Any) -> tuple[Any, bool] | None:
+    """`(type, optional)` for the annotations checked here (`int`, `float`, `bool`, `str`, `list[int|float]`)."""
+    optional = False
+    if isinstance(annotation, types.UnionType) or typing.get_origin(annotation) is typing.Union:
+        members = [arg for arg in typing.get_args(annotation) if arg is not type(None)]
+        optional = len(members) < len(typing.get_args(annotation))
+        if len(members) != 1:
+            return None
+        annotation = members[0]
+    if annotation in (int, float, bool, str):
+        return annotation, optional
+    if typing.get_origin(annotation) is list and typing.get_args(annotation) in ((int,), (float,)):
+        return annotation, optional
+    return None
+
+
+def _number_problem(value: Any, kind: type) -> str | None:
+    """Why `value` is not a valid `kind` (int or float), with the fix, or None."""
+    noun = "an integer" if kind is int else "a number"
+    if isinstance(value, str):
+        try:
+            fixed = kind(float(value)) if kind is int else float(value)
+        except ValueError:
+            return f"must be {noun}, not the string {value!r}"
+        return f"must be {noun}, not the string {value!r}: write it without quotes ({fixed!r})"
+    if isinstance(value, (list, tuple)) and len(value) == 1:
+        return f"must be {noun}, not a list: write {value[0]!r} without the brackets"
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return f"must be {noun}, not a {type(value).__name__}"
+    if not math.isfinite(value):
+        return "must be a finite number (not NaN or infinity)"
+    if kind is int and isinstance(value, float) and not value.is_integer():
+        return f"must be a whole number (for example {math.ceil(value)})"
+    return None
+
+
+def _check(name: str, value: Any, kind: Any, optional: bool) -> Any:
+    """The value, converted where lossless (`4.0` -> `4` for an int); raise a `ValueError` naming `name` if wrong."""
+    if value is None:
+        if optional:
+            return None
+        raise ValueError(f"{name}=None is not allowed: give a value or leave {name} out to use its default.")
+    if kind is bool:
+        if not isinstance(value, bool):
+            raise ValueError(f"{name}={value!r} must be True or False.")
+        return value
+    if kind is str:
+        if not isinstance(value, str):
+            raise ValueError(f"{name}={value!r} must be a string.")
+        return value
+    if kind in (int, float):
+        problem = _number_problem(value, kind)
+        if problem:
+            raise ValueError(f"{name}={value!r} {problem}.")
+        return int(value) if kind is int else value
+    (item_kind,) = typing.get_args(kind)
+    if not isinstance(value, (list, tuple)):
+        raise ValueError(
+            f"{name}={value!r} must be a list of {'integers' if item_kind is int else 'numbers'}, e.g. {name}=[{value!r}]."
+        )
+    if not value:
+        raise ValueError(f"{name}=[] is empty: give at least one value, or leave {name} unset (None) for the default.")
+    items = []
+    for item in value:
+        problem = _number_problem(item, item_kind)
+        if problem:
+            raise ValueError(f"{name}={list(value)!r}: the item {item!r} {problem}.")
+        items.append(int(item) if item_kind is int else item)
+    return items
+
+
+def validate_types(config: Any) -> None:
+    """
+    Check and normalise the values of `config` (a `DDRLConfig`) against its field annotations, in place.
+
+    Raises:
+        `ValueError`: naming the first wrong field, its value and the fix.
+    """
+    own = {f.name: f.type for f in dataclasses.fields(config) if f.name in type(config).__annotations__}
+    fields = {**_TRAINING_FIELDS, **own}
+    for name, annotation in fields.items():
+        expected = _expected(annotation)
+        if expected is None or not hasattr(config, name):
+            continue
+        setattr(config, name, _check(name, getattr(config, name), *expected))
+    for name in _POSITIVE_WHEN_SET:
+        value = getattr(config, name, None)
+        if value is not None and value < 1:
+            raise ValueError(
+                f"{name}={value} must be a positive number of {'frames' if name == 'num_frames' else 'pixels' if name in ('height', 'width') else 'tokens'}, or None for the pipeline's default."
+            )
