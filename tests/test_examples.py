@@ -18,6 +18,7 @@ from diffusers import DiffusionPipeline
 from PIL import Image
 from safetensors.torch import load_file
 from tiny_models import (
+    tiny_cosmos2_5_pipeline,
     tiny_cosmos2_pipeline,
     tiny_flux2_pipeline,
     tiny_flux_pipeline,
@@ -91,6 +92,15 @@ CASES = {
         tiny_cosmos2_pipeline,
         "transformer",
         lambda data: ["--prompts", data["cosmos"], "--height", "32", "--width", "32", "--no_bf16"],
+    ),
+    "cosmos2.5": (
+        "train_cosmos2_5.py",
+        tiny_cosmos2_5_pipeline,
+        "transformer",
+        lambda data: (
+            ["--data", data["videos"], "--num_conditioning_frames", "1", "--no_bf16"]
+            + ["--height", "32", "--width", "32", "--num_frames", "5"]
+        ),
     ),
 }
 

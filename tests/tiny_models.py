@@ -506,3 +506,102 @@ def tiny_flux2_pipeline(seed: int = 0, klein: bool = False, is_distilled: bool =
         tokenizer=tokenizer,
         transformer=transformer,
     )
+
+
+QWEN_SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+# Renders the `[{"role", "content": [{"type": "text", "text"}]}]` conversations of Cosmos Predict2.5's prompt encoder.
+QWEN_CHAT_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
+    "{% for part in message['content'] %}{{ part['text'] }}{% endfor %}<|im_end|>\n{% endfor %}"
+)
+
+
+def tiny_qwen_tokenizer():
+    """A byte-level `Qwen2Tokenizer` without merges (one token per byte) plus Qwen's chat special tokens."""
+    from transformers import Qwen2Tokenizer
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    vocab = {character: index for index, character in enumerate(bytes_to_unicode().values())}
+    for token in QWEN_SPECIAL_TOKENS:
+        vocab[token] = len(vocab)
+    tokenizer = Qwen2Tokenizer(
+        vocab=vocab, merges=[], unk_token=None, bos_token=None, eos_token="<|im_end|>", pad_token="<|endoftext|>"
+    )
+    tokenizer.add_tokens(QWEN_SPECIAL_TOKENS, special_tokens=True)
+    tokenizer.chat_template = QWEN_CHAT_TEMPLATE
+    return tokenizer
+
+
+def tiny_qwen2_5_vl_text_encoder(vocab_size: int, seed: int = 0, hidden_size: int = 16, num_layers: int = 2):
+    """A `Qwen2_5_VLForConditionalGeneration` of `num_layers` text layers of width `hidden_size` (and a 1-block ViT)."""
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    special = {"bos_token_id": vocab_size - 2, "eos_token_id": vocab_size - 1, "pad_token_id": vocab_size - 3}
+    config = Qwen2_5_VLConfig(
+        text_config=dict(
+            vocab_size=vocab_size,
+            hidden_size=hidden_size,
+            intermediate_size=2 * hidden_size,
+            num_hidden_layers=num_layers,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+            max_position_embeddings=2048,
+            rope_scaling={"type": "mrope", "mrope_section": [1, 1, 2]},
+            **special,
+        ),
+        vision_config=dict(
+            depth=1,
+            hidden_size=16,
+            intermediate_size=16,
+            num_heads=2,
+            out_hidden_size=hidden_size,
+            fullatt_block_indexes=[0],
+        ),
+        **special,
+    )
+    torch.manual_seed(seed)
+    return Qwen2_5_VLForConditionalGeneration(config).eval()
+
+
+def tiny_cosmos2_5_pipeline(seed: int = 0, euler: bool = False):
+    """
+    A random `Cosmos2_5_PredictBasePipeline` (5-frame 32x32 videos from [4, 2, 4, 4] latents) with a tiny Qwen2.5-VL
+    prompt encoder (2 layers of 16, so 32-dimensional prompt embeddings) and the checkpoints' UniPC flow scheduler, or
+    with `euler` a `FlowMatchEulerDiscreteScheduler` (whose deterministic sampler the adapter reproduces exactly).
+    """
+    from diffusers import Cosmos2_5_PredictBasePipeline, CosmosTransformer3DModel, UniPCMultistepScheduler
+
+    tokenizer = tiny_qwen_tokenizer()
+    torch.manual_seed(seed)
+    transformer = CosmosTransformer3DModel(
+        in_channels=4 + 1,
+        out_channels=4,
+        num_attention_heads=2,
+        attention_head_dim=16,
+        num_layers=1,
+        mlp_ratio=2,
+        text_embed_dim=32,
+        adaln_lora_dim=4,
+        max_size=(4, 8, 8),
+        patch_size=(1, 2, 2),
+        rope_scale=(1.0, 3.0, 3.0),
+        concat_padding_mask=False,
+        extra_pos_embed_type=None,
+        use_crossattn_projection=True,
+        crossattn_proj_in_channels=32,
+        encoder_hidden_states_channels=32,
+    )
+    if euler:
+        scheduler = FlowMatchEulerDiscreteScheduler(shift=5.0)
+    else:
+        scheduler = UniPCMultistepScheduler(
+            prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=5.0, num_train_timesteps=1000
+        )
+    return Cosmos2_5_PredictBasePipeline(
+        text_encoder=tiny_qwen2_5_vl_text_encoder(len(tokenizer), seed=seed + 1),
+        tokenizer=tokenizer,
+        transformer=transformer,
+        vae=tiny_wan_vae(seed),
+        scheduler=scheduler,
+        safety_checker=TinyCosmosSafetyChecker(),
+    )

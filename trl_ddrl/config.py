@@ -108,6 +108,10 @@ class DDRLConfig(_BaseConfig):
             Number of frames for video pipelines. Ignored by image pipelines.
         max_sequence_length (`int`, *optional*):
             Maximum prompt length in tokens for the pipeline's text encoders. Defaults to the pipeline's default.
+        num_conditioning_frames (`int`, *optional*):
+            Ground-truth frames each video continues, taken from each row's `image_column` (an image or a clip), for
+            pipelines with several modes. Cosmos Predict2.5: `0` text-to-world (the default), `1` image-to-world, `5`
+            video-to-world (two latent frames). Defaults to the family's own (Cosmos Predict2 Video2World: 1).
 
         > Parameters that control the loss
 
@@ -231,6 +235,15 @@ class DDRLConfig(_BaseConfig):
     num_frames: int | None = field(default=None, metadata={"help": "Frames per sample for video pipelines."})
     max_sequence_length: int | None = field(
         default=None, metadata={"help": "Maximum prompt length in tokens (pipeline default)."}
+    )
+
+    # Model families
+    num_conditioning_frames: int | None = field(
+        default=None,
+        metadata={
+            "help": "Given frames each video continues (Cosmos Predict2.5: 0 text-, 1 image-, 5 video-to-world); "
+            "family default."
+        },
     )
 
     # Loss

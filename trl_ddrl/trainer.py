@@ -342,6 +342,7 @@ class DDRLTrainer(_BaseTrainer):
                 width=args.width,
                 num_frames=args.num_frames,
                 max_sequence_length=args.max_sequence_length,
+                num_conditioning_frames=args.num_conditioning_frames,
             ),
         )
         for module in self.adapter.frozen_modules():

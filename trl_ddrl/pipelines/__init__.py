@@ -10,6 +10,7 @@ from .base import (
     VideoFlowMatchingAdapter,
 )
 from .cosmos import Cosmos2TextToImageAdapter, Cosmos2VideoToWorldAdapter
+from .cosmos2_5 import Cosmos2_5PredictAdapter
 from .digits import DigitsFlowAdapter
 from .flux import FluxAdapter
 from .flux2 import Flux2Adapter
@@ -27,6 +28,7 @@ ADAPTERS: tuple[type[DiffusionAdapter], ...] = (
     WanAdapter,
     Cosmos2TextToImageAdapter,
     Cosmos2VideoToWorldAdapter,
+    Cosmos2_5PredictAdapter,
     DigitsFlowAdapter,
 )
 
@@ -55,6 +57,7 @@ __all__ = [
     "Conditioning",
     "Cosmos2TextToImageAdapter",
     "Cosmos2VideoToWorldAdapter",
+    "Cosmos2_5PredictAdapter",
     "DDIMAdapter",
     "DigitsFlowAdapter",
     "DiffusionAdapter",

@@ -61,6 +61,7 @@ class SamplingSettings:
     width: int | None = None
     num_frames: int | None = None
     max_sequence_length: int | None = None
+    num_conditioning_frames: int | None = None
 
 
 class DiffusionAdapter(ABC):
@@ -449,9 +450,16 @@ class VideoFlowMatchingAdapter(FlowMatchingAdapter):
             )
 
     @torch.no_grad()
-    def encode_video(self, video: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        """Videos `[B, F, C, H, W]` in `[-1, 1]` to normalised latents `[B, C', F', H', W']`, float32."""
-        return normalized_vae_encode(self.pipeline.vae, video.permute(0, 2, 1, 3, 4), generator, self.sigma_data)
+    def encode_video(
+        self, video: torch.Tensor, generator: torch.Generator | None = None, mode: bool = False
+    ) -> torch.Tensor:
+        """
+        Videos `[B, F, C, H, W]` in `[-1, 1]` to normalised latents `[B, C', F', H', W']`, float32: a posterior
+        sample, or with `mode` the posterior's mode.
+        """
+        return normalized_vae_encode(
+            self.pipeline.vae, video.permute(0, 2, 1, 3, 4), generator, self.sigma_data, mode=mode
+        )
 
     @torch.no_grad()
     def encode_pixels(self, pixels: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:

@@ -29,7 +29,7 @@ need `torchvision` installed.
 import torch
 from torch import nn
 
-from .base import Conditioning, VideoFlowMatchingAdapter, encode_prompt_pairs
+from .base import Conditioning, SamplingSettings, VideoFlowMatchingAdapter, encode_prompt_pairs
 
 
 class Cosmos2TextToImageAdapter(VideoFlowMatchingAdapter):
@@ -89,44 +89,70 @@ class Cosmos2TextToImageAdapter(VideoFlowMatchingAdapter):
         )[0]
 
 
-class Cosmos2VideoToWorldAdapter(Cosmos2TextToImageAdapter):
+class CosmosFrameConditioning:
     """
-    `Cosmos2VideoToWorldPipeline`: videos of `num_frames = 4k + 1` frames (93 by default) continuing the first
-    `num_conditioning_frames` frames (1: image-to-world).
+    Conditioning on given frames, shared by the Cosmos Predict video adapters (mixed in before a
+    [`VideoFlowMatchingAdapter`] subclass).
 
-    As in the pipeline, the first `(num_conditioning_frames - 1) // 4 + 1` latent frames are the ground truth: the
-    transformer sees the clean conditioning latents there, at noise level `t = sigma_conditioning / (1 +
-    sigma_conditioning)`, with a conditioning-mask channel of ones; and the denoised estimate there is replaced by the
-    conditioning latents, which in velocity form is `v = (x_t - c) / t`. The same replacement applies in rollouts and
-    in the data term, where the conditioning latents are the data video's own first latent frames, so the
-    conditioning frames carry no loss. Rollouts need the conditioning latents under `condition_latents` (and
-    `negative_condition_latents` with CFG), from [`~Cosmos2VideoToWorldAdapter.encode_condition_frames`].
+    The first `(num_conditioning_frames - 1) // 4 + 1` latent frames are the ground truth, as in the pipelines: the
+    transformer sees the clean conditioning latents there, at flow noise level `condition_sigma`, with a
+    conditioning-mask channel of ones; and the denoised estimate there is replaced by the conditioning latents, which
+    in velocity form is `v = (x_t - c) / t`. The same replacement applies in rollouts and in the data term, where the
+    conditioning latents are the data video's own first latent frames, so the conditioning frames carry no loss.
+    Rollouts need the conditioning latents under `condition_latents` (and `negative_condition_latents` with CFG),
+    from `encode_condition_frames`. With `num_conditioning_frames = 0` (text-to-world) the mask is all zeros and no
+    conditioning latents are needed.
+
+    `settings.num_conditioning_frames` overrides the class default; it must be one of `conditioning_frame_choices`.
     """
 
-    pipeline_class_names = ("Cosmos2VideoToWorldPipeline",)
-    default_resolution = (704, 1280)
-    default_num_frames = 93
-    num_conditioning_frames = 1
-    sigma_conditioning = 1e-4
-    fps = 16
+    num_conditioning_frames: int = 1
+    conditioning_frame_choices: tuple[int, ...] = (1,)
+    condition_sigma: float
+    """Flow noise level at which the transformer sees the conditioning frames."""
+    fps: int | None = None
+    """Frame rate given to the transformer's rotary embedding; `None` for the transformer's default."""
+
+    def __init__(self, pipeline, settings: SamplingSettings):
+        super().__init__(pipeline, settings)
+        if settings.num_conditioning_frames is not None:
+            self.num_conditioning_frames = settings.num_conditioning_frames
+        if self.num_conditioning_frames not in self.conditioning_frame_choices:
+            raise ValueError(
+                f"num_conditioning_frames={self.num_conditioning_frames} is not supported by "
+                f"{type(pipeline).__name__}; use one of {list(self.conditioning_frame_choices)}."
+            )
+        if self.num_conditioning_frames >= self.num_frames:
+            raise ValueError(
+                f"num_conditioning_frames={self.num_conditioning_frames} leaves nothing to generate in "
+                f"num_frames={self.num_frames} frames; raise num_frames."
+            )
 
     @property
     def latent_channels(self) -> int:
         # The transformer also takes the conditioning-mask channel.
         return self.denoiser.config.in_channels - 1
 
+    def condition_latent_frames(self) -> int:
+        """Latent frames that hold the given frames: `(num_conditioning_frames - 1) // 4 + 1`, 0 without any."""
+        if self.num_conditioning_frames == 0:
+            return 0
+        return (self.num_conditioning_frames - 1) // self.temporal_compression + 1
+
     def _condition_indicator(self, like: torch.Tensor) -> torch.Tensor:
         """`[1, 1, F', 1, 1]`: 1 on the conditioning latent frames, 0 elsewhere."""
-        frames = (self.num_conditioning_frames - 1) // self.pipeline.vae_scale_factor_temporal + 1
         indicator = like.new_zeros(1, 1, like.shape[2], 1, 1)
-        indicator[:, :, :frames] = 1.0
+        indicator[:, :, : self.condition_latent_frames()] = 1.0
         return indicator
+
+    def encode_conditioning_video(self, frames: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+        """The conditioning latents `[B, *latent_shape]` of the given frames `[B, num_conditioning_frames, C, H, W]`."""
+        raise NotImplementedError
 
     @torch.no_grad()
     def encode_condition_frames(self, pixels: torch.Tensor, generator: torch.Generator | None = None) -> Conditioning:
         """
-        Encode conditioning frames as the pipeline does: the last frame is repeated up to `num_frames` and the whole
-        video encoded.
+        Encode conditioning frames as the pipeline does.
 
         Args:
             pixels (`torch.Tensor`): `[B, C, H, W]` (an image) or `[B, F_c, C, H, W]` in `[-1, 1]`, with `F_c >=
@@ -143,31 +169,31 @@ class Cosmos2VideoToWorldAdapter(Cosmos2TextToImageAdapter):
             raise ValueError(
                 f"Got {pixels.shape[1]} conditioning frames but num_conditioning_frames={self.num_conditioning_frames}."
             )
-        frames = pixels[:, : self.num_conditioning_frames]
-        padding = frames[:, -1:].expand(-1, self.num_frames - frames.shape[1], -1, -1, -1)
-        latents = self.encode_video(torch.cat([frames, padding], dim=1), generator)
+        latents = self.encode_conditioning_video(pixels[:, : self.num_conditioning_frames], generator)
         conditioning = {"condition_latents": latents}
         if self.settings.guidance_scale > 1.0:
             conditioning["negative_condition_latents"] = latents
         return conditioning
 
     def velocity(self, denoiser: nn.Module, latents, sigma, conditioning):
-        if "condition_latents" not in conditioning:
+        latents = latents.float()
+        if "condition_latents" in conditioning:
+            condition = conditioning["condition_latents"].float()
+        elif self.num_conditioning_frames == 0:
+            condition = torch.zeros_like(latents)
+        else:
             raise ValueError(
-                "Cosmos2VideoToWorldPipeline needs the conditioning frames: add the output of "
-                "adapter.encode_condition_frames(pixels) to the conditioning."
+                f"{type(self.pipeline).__name__} with num_conditioning_frames={self.num_conditioning_frames} needs the "
+                "conditioning frames: add the output of adapter.encode_condition_frames(pixels) to the conditioning."
             )
         embeds = conditioning["prompt_embeds"]
-        latents = latents.float()
-        condition = conditioning["condition_latents"].float()
         indicator = self._condition_indicator(latents)
         sigma_b = sigma.float().view(-1, 1, 1, 1, 1)
-        t_condition = self.sigma_conditioning / (1 + self.sigma_conditioning)
         model_input = indicator * condition + (1 - indicator) * latents
-        timestep = (indicator * t_condition + (1 - indicator) * sigma_b).expand(-1, -1, latents.shape[2], -1, -1)
+        timestep = indicator * self.condition_sigma + (1 - indicator) * sigma_b
         output = denoiser(
             hidden_states=model_input.to(embeds.dtype),
-            timestep=timestep.to(embeds.dtype),
+            timestep=timestep.expand(-1, -1, latents.shape[2], -1, -1).to(embeds.dtype),
             encoder_hidden_states=embeds,
             fps=self.fps,
             condition_mask=indicator.expand(latents.shape[0], 1, -1, *latents.shape[3:]).to(embeds.dtype),
@@ -180,3 +206,22 @@ class Cosmos2VideoToWorldAdapter(Cosmos2TextToImageAdapter):
     def diffusion_loss(self, denoiser, x0, conditioning, step_index, noise):
         conditioning = {**conditioning, "condition_latents": x0}
         return super().diffusion_loss(denoiser, x0, conditioning, step_index, noise)
+
+
+class Cosmos2VideoToWorldAdapter(CosmosFrameConditioning, Cosmos2TextToImageAdapter):
+    """
+    `Cosmos2VideoToWorldPipeline`: videos of `num_frames = 4k + 1` frames (93 by default) continuing the first
+    `num_conditioning_frames` frames (1: image-to-world), as described in [`CosmosFrameConditioning`]. The given
+    frames are seen at EDM noise level `1e-4` (flow `1e-4 / (1 + 1e-4)`); they are encoded as the pipeline does, the
+    last frame repeated up to `num_frames` and the whole video encoded (a posterior sample).
+    """
+
+    pipeline_class_names = ("Cosmos2VideoToWorldPipeline",)
+    default_resolution = (704, 1280)
+    default_num_frames = 93
+    condition_sigma = 1e-4 / (1 + 1e-4)
+    fps = 16
+
+    def encode_conditioning_video(self, frames, generator):
+        padding = frames[:, -1:].expand(-1, self.num_frames - frames.shape[1], -1, -1, -1)
+        return self.encode_video(torch.cat([frames, padding], dim=1), generator)
