@@ -178,6 +178,22 @@ class DDRLConfig(_BaseConfig):
         save_full_pipeline (`bool`, *optional*, defaults to `True`):
             `save_model` writes the whole diffusers pipeline (loadable with `DiffusionPipeline.from_pretrained`).
             Intermediate checkpoints always hold only the trained weights.
+
+        > Parameters that control evaluation and sample logging
+
+        eval_num_generations (`int`, *optional*, defaults to `4`):
+            Samples per prompt of `eval_dataset`, each from its own fixed noise and with the deterministic sampler
+            (eta 0), so that evaluations are comparable across steps and runs. `eval_diversity` needs at least 2.
+            `per_device_eval_batch_size` is the number of samples denoised at once during evaluation.
+        eval_seed (`int`, *optional*, defaults to `0`):
+            Seed of the evaluation noise (per prompt and sample) and of the held-out data loss's noise. Independent of
+            `seed`, so that runs with different seeds are evaluated on the same noise.
+        log_samples_steps (`int`, *optional*, defaults to `50`):
+            Every this many optimizer steps, send a grid of the latest training samples and a table of their prompts
+            and rewards to every `report_to` tracker that takes media (wandb, tensorboard, trackio, mlflow, comet).
+            Evaluation samples are sent with every evaluation. `0` sends none.
+        num_samples_to_log (`int`, *optional*, defaults to `16`):
+            Samples in each logged grid and table.
     """
 
     _VALID_DICT_FIELDS = _BaseConfig._VALID_DICT_FIELDS + ["model_init_kwargs"]
@@ -299,6 +315,17 @@ class DDRLConfig(_BaseConfig):
         default=True, metadata={"help": "save_model writes the whole diffusers pipeline, not only the denoiser."}
     )
 
+    # Evaluation and sample logging
+    eval_num_generations: int = field(
+        default=4, metadata={"help": "Samples per eval prompt, each from fixed noise with the deterministic sampler."}
+    )
+    eval_seed: int = field(default=0, metadata={"help": "Seed of the evaluation noise, independent of `seed`."})
+    log_samples_steps: int = field(
+        default=50,
+        metadata={"help": "Send a sample grid and table to the media trackers every N optimizer steps; 0 = never."},
+    )
+    num_samples_to_log: int = field(default=16, metadata={"help": "Samples in each logged grid and table."})
+
     def __post_init__(self):
         validate_types(self)  # wrong types and NaNs first, naming the field (trl_ddrl/config_checks.py)
         if self.bf16 is None:
@@ -383,6 +410,11 @@ class DDRLConfig(_BaseConfig):
             )
         if self.rollout_batch_size is not None and self.rollout_batch_size < 1:
             raise ValueError(f"rollout_batch_size={self.rollout_batch_size} must be >= 1 or unset.")
+
+        # Evaluation and sample logging
+        self._check_positive("eval_num_generations")
+        self._check_positive("log_samples_steps", minimum=0, why="0 logs no samples")
+        self._check_positive("num_samples_to_log", minimum=0, why="0 logs no samples")
 
     def _check_choice(self, name: str, choices: tuple[str, ...]) -> None:
         value = getattr(self, name)

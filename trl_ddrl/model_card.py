@@ -1,13 +1,33 @@
 # Copyright 2026 The trl_ddrl Authors. Licensed under the Apache License, Version 2.0.
 """Model cards of DDRL-trained pipelines and LoRA adapters."""
 
+import json
 import os
+import re
 from importlib import resources
 from importlib.metadata import version
 
 from huggingface_hub import ModelCard, ModelCardData
+from huggingface_hub.utils import HFValidationError, validate_repo_id
 
 from .config import DDRLConfig
+
+
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
+
+
+def hub_base_model(model_id: str | None) -> str | None:
+    """
+    `model_id` when it is a Hub repo id (`owner/name`, not an existing local path), else `None`: a local path, or the
+    class name that stands for a pipeline passed without a `name_or_path`, is no `base_model` of a model card.
+    """
+    if not model_id or not _HUB_ID.fullmatch(model_id) or os.path.exists(model_id):
+        return None
+    try:
+        validate_repo_id(model_id)
+    except HFValidationError:
+        return None
+    return model_id
 
 
 def save_model_card(
@@ -22,15 +42,26 @@ def save_model_card(
     is_lora: bool,
     paper: dict[str, str],
     has_samples: bool,
+    example_prompt: str,
+    pipeline_class: type,
+    is_video: bool = False,
 ) -> ModelCard:
-    """Write `README.md` in `output_dir`: a diffusers model card citing DDRL, listing the rewards and settings."""
+    """
+    Write `README.md` in `output_dir`: a diffusers model card citing DDRL, listing the rewards and settings, whose
+    quick start loads the model with `pipeline_class` (diffusers' `DiffusionPipeline` for diffusers' own pipelines)
+    and samples `example_prompt` (one of the training prompts).
+    """
+    if pipeline_class.__module__.split(".")[0] == "diffusers":
+        pipeline_import, pipeline_name = "diffusers", "DiffusionPipeline"
+    else:
+        pipeline_import, pipeline_name = pipeline_class.__module__, pipeline_class.__name__
     card_data = ModelCardData(
         base_model=base_model,
         datasets=dataset_name,
         library_name="diffusers",
         license="other",
         model_name=model_name,
-        pipeline_tag="text-to-image",
+        pipeline_tag="text-to-video" if is_video else "text-to-image",
         tags=sorted({"generated_from_trainer", *tags, *(["lora"] if is_lora else [])}),
     )
     card = ModelCard.from_template(
@@ -41,6 +72,10 @@ def save_model_card(
         hub_model_id=hub_model_id,
         is_lora=is_lora,
         has_samples=has_samples,
+        example_prompt=json.dumps(example_prompt),  # a valid Python string literal
+        pipeline_import=pipeline_import,
+        pipeline_name=pipeline_name,
+        output_attribute="frames" if is_video else "images",
         config=config,
         reward_names=reward_names,
         paper_title=paper["title"],

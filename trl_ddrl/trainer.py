@@ -35,6 +35,7 @@ from trl.trainer.utils import RepeatSampler
 
 from .config import DDRLConfig
 from .data import DiffusionDataCollator
+from .evaluation import Evaluator
 from .fault_handling import (
     DivergenceGuard,
     PreemptionCallback,
@@ -47,10 +48,11 @@ from .fault_handling import (
     staged_checkpoint,
 )
 from .losses import clipped_policy_loss, compute_advantages, gaussian_kl
-from .model_card import save_model_card
+from .model_card import hub_base_model, save_model_card
 from .pipelines import ADAPTERS, Conditioning, SamplingSettings, get_adapter
 from .rewards import RewardFunctionError, check_rewards, get_reward_function
-from .utils import image_grid, log_video_to_trackers, save_denoiser, save_video_grid_gif
+from .tracking import SampleLoggingCallback, Samples, expose_config_to_trackers
+from .utils import image_grid, save_denoiser, save_video_grid_gif
 
 
 logger = logging.get_logger(__name__)
@@ -284,6 +286,12 @@ class DDRLTrainer(_BaseTrainer):
             precedence over images in `train_dataset`.
         peft_config ([`~peft.PeftConfig`], *optional*):
             Train a LoRA adapter on the denoiser instead of all its weights.
+        eval_dataset ([`~datasets.Dataset`] or `dict[str, Dataset]`, *optional*):
+            Held-out prompts in a `prompt` column, evaluated by [`~DDRLTrainer.evaluate`] (and during training with
+            `eval_strategy`); with an `args.image_column` column also the held-out diffusion loss. See
+            [`trl_ddrl.evaluation`] for the metrics.
+        eval_reward_funcs (`RewardFunc` or `list[RewardFunc]`, *optional*):
+            Extra judges scored at evaluation only, never trained on (same forms as `reward_funcs`).
         callbacks, optimizers: As in [`~transformers.Trainer`].
     """
 
@@ -302,6 +310,8 @@ class DDRLTrainer(_BaseTrainer):
         peft_config: Any | None = None,
         callbacks: list[TrainerCallback] | None = None,
         optimizers: tuple = (None, None),
+        eval_dataset: Dataset | dict[str, Dataset] | None = None,
+        eval_reward_funcs: RewardFunc | list[RewardFunc] | None = None,
     ):
         if isinstance(model, str):
             model_id = model
@@ -367,6 +377,7 @@ class DDRLTrainer(_BaseTrainer):
                 f"functions ({', '.join(self.reward_func_names)}). Give one weight per function."
             )
         self.reward_weights = torch.tensor(args.reward_weights or [1.0] * len(self.reward_funcs), dtype=torch.float32)
+        self.evaluator = Evaluator(self, args, eval_reward_funcs, eval_dataset)
 
         self.data_dataset = data_dataset
         if self.adapter.num_conditioning_frames and args.image_column not in train_dataset.column_names:
@@ -406,6 +417,7 @@ class DDRLTrainer(_BaseTrainer):
         self._buffer: RolloutBuffer | None = None
         self._step = 0
         self._last_images: torch.Tensor | None = None
+        self._last_samples: Samples | None = None
         # Save-time switches: whether this save is the final one (whole pipeline), whether `push_to_hub` is running,
         # and whether the frozen components were already exported for checkpoint pushes.
         self._saving_final_model = False
@@ -422,14 +434,16 @@ class DDRLTrainer(_BaseTrainer):
             args=args,
             data_collator=lambda rows: rows,
             train_dataset=train_dataset,
+            eval_dataset=eval_dataset,
             callbacks=callbacks,
             optimizers=optimizers,
         )
+        self.add_callback(SampleLoggingCallback(self))
 
         device = self.accelerator.device
         for module in self.adapter.frozen_modules():
             module.to(device)
-        for reward_func in self.reward_funcs:
+        for reward_func in self.evaluator.reward_funcs:
             if isinstance(reward_func, nn.Module):
                 reward_func.to(device).eval().requires_grad_(False)
 
@@ -670,6 +684,9 @@ class DDRLTrainer(_BaseTrainer):
 
         self._log_rollout_metrics(all_rewards, result, advantages, rollout_time, reward_wait_time)
         self._last_images = images[:16].cpu()
+        self._last_samples = Samples.first(
+            args.num_samples_to_log, images, prompts, rewards_per_func, self.reward_func_names
+        )
         return RolloutBuffer(
             states=latents[:, steps],
             next_states=latents[:, steps + 1],
@@ -840,6 +857,7 @@ class DDRLTrainer(_BaseTrainer):
             check_resume_settings(resume_from_checkpoint, self.args)
         # Every call starts from a fresh rollout, also a resume on this same trainer after a failure.
         self._buffer = None
+        expose_config_to_trackers(self.model)
         try:
             output = super().train(resume_from_checkpoint, *args, **kwargs)
         except (Exception, KeyboardInterrupt):
@@ -874,7 +892,23 @@ class DDRLTrainer(_BaseTrainer):
 
     # ---- logging and saving ---------------------------------------------------------------------------------------
 
+    def evaluate(
+        self,
+        eval_dataset: Dataset | dict[str, Dataset] | None = None,
+        ignore_keys: list[str] | None = None,
+        metric_key_prefix: str = "eval",
+    ) -> dict[str, float]:
+        """
+        Sample every prompt of `eval_dataset` (default: the trainer's) from fixed noise with the deterministic
+        sampler, score the samples and, when the rows carry images or videos, compute the held-out diffusion loss;
+        log the metrics and return them. See [`trl_ddrl.evaluation`] for each metric. `ignore_keys` is unused.
+        """
+        return self.evaluator.run(eval_dataset if eval_dataset is not None else self.eval_dataset, metric_key_prefix)
+
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        if any(key.startswith("eval_") for key in logs):
+            # Evaluation metrics go alone; the training metrics wait for the next training log.
+            return super().log(logs, start_time)
         metrics = {}
         for key, values in self._metrics.items():
             valid = [value for value in values if not math.isnan(value)]
@@ -981,9 +1015,7 @@ class DDRLTrainer(_BaseTrainer):
         if self._last_images is not None:
             image_grid(self._last_images).save(os.path.join(output_dir, SAMPLES_NAME))
             if self._last_images.ndim == 5:
-                gif_path = os.path.join(output_dir, SAMPLES_GIF_NAME)
-                save_video_grid_gif(self._last_images, gif_path)
-                log_video_to_trackers(gif_path, self.args.report_to, self.state.global_step)
+                save_video_grid_gif(self._last_images, os.path.join(output_dir, SAMPLES_GIF_NAME))
         self._save_config(output_dir)
 
     def _save_config(self, output_dir: str) -> None:
@@ -1053,7 +1085,7 @@ class DDRLTrainer(_BaseTrainer):
             model_name = (self.args.hub_model_id or os.path.basename(os.path.normpath(output_dir))).split("/")[-1]
         save_model_card(
             output_dir=output_dir,
-            base_model=self.model_id if not os.path.isdir(self.model_id) else None,
+            base_model=hub_base_model(self.model_id),
             model_name=model_name,
             hub_model_id=self.hub_model_id,
             dataset_name=dataset_name,
@@ -1063,4 +1095,7 @@ class DDRLTrainer(_BaseTrainer):
             is_lora=self.is_peft,
             paper=self._paper,
             has_samples=os.path.exists(os.path.join(output_dir, SAMPLES_NAME)),
+            example_prompt=self.train_dataset[0]["prompt"],
+            pipeline_class=type(self.pipeline),
+            is_video=self.adapter.num_frames is not None,
         )

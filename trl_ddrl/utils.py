@@ -57,22 +57,6 @@ def save_video_grid_gif(videos: torch.Tensor, path: str, fps: int = 8, columns: 
     frames[0].save(path, save_all=True, append_images=frames[1:], duration=round(1000 / fps), loop=0)
 
 
-def log_video_to_trackers(path: str, report_to: list[str] | str | None, step: int, key: str = "samples") -> None:
-    """
-    Log a video file (such as the GIF of [`save_video_grid_gif`]) to the experiment trackers that take videos: today
-    Weights & Biases, when it is among `report_to` and a run is active. Other trackers are left alone.
-    """
-    trackers = [report_to] if isinstance(report_to, str) else (report_to or [])
-    if "wandb" in trackers or "all" in trackers:
-        try:
-            import wandb
-        except ImportError:
-            return
-        if wandb.run is not None:
-            # Same x-axis as transformers' WandbCallback, which logs `train/global_step` with every record.
-            wandb.log({key: wandb.Video(path, format="gif"), "train/global_step": step})
-
-
 def save_denoiser(denoiser: nn.Module, state_dict: dict[str, torch.Tensor], folder: str) -> None:
     """
     Write a diffusers model folder (`config.json` and `diffusion_pytorch_model*.safetensors`, sharded with an index

@@ -1,0 +1,147 @@
+# Copyright 2026 The trl_ddrl Authors. Licensed under the Apache License, Version 2.0.
+"""DDRLTrainer.evaluate(): fixed-noise deterministic samples, held-out rewards, diversity and data loss."""
+
+import numpy as np
+import pytest
+import torch
+from datasets import Dataset
+from test_trainer import brightness, make_args, prompt_dataset, state_of
+
+from trl_ddrl import DDRLTrainer
+from trl_ddrl.evaluation import shard_positions
+
+
+EVAL_PROMPTS = ["a blue bird", "a house"]
+
+
+def eval_dataset(with_images: bool = True) -> Dataset:
+    columns = {"prompt": EVAL_PROMPTS}
+    if with_images:
+        rng = np.random.default_rng(1)
+        columns["image"] = [rng.random((16, 16, 3), dtype=np.float32) for _ in EVAL_PROMPTS]
+    return Dataset.from_dict(columns)
+
+
+def contrast(prompts, images, **kwargs):
+    return images.std(dim=(1, 2, 3)).tolist()
+
+
+def make_trainer(tiny_sd3_path, tmp_path, **overrides):
+    args = make_args(tmp_path, eval_num_generations=2, per_device_eval_batch_size=4, **overrides)
+    return DDRLTrainer(
+        tiny_sd3_path,
+        brightness,
+        args=args,
+        train_dataset=prompt_dataset(),
+        eval_dataset=eval_dataset(),
+        eval_reward_funcs=[contrast],
+    )
+
+
+def test_evaluate_is_deterministic_for_equal_weights_and_moves_with_the_model(tiny_sd3_path, tmp_path):
+    trainer = make_trainer(tiny_sd3_path, tmp_path)
+    first = trainer.evaluate()
+    for key in (
+        "eval_rewards/brightness/mean",
+        "eval_rewards/contrast/mean",
+        "eval_reward",
+        "eval_diversity",
+        "eval_data_loss",
+    ):
+        assert np.isfinite(first[key]), key
+    assert first["eval_reward"] == pytest.approx(first["eval_rewards/brightness/mean"])
+    # The first evaluation is the baseline of the drift indicators.
+    assert first["eval_data_loss_drift"] == 0 and first["eval_diversity_drop"] == 0
+    assert "eval_reward_gap" not in first  # no training reward logged yet
+    assert trainer.state.log_history[-1]["eval_data_loss"] == first["eval_data_loss"]
+
+    denoiser = trainer.accelerator.unwrap_model(trainer.model)
+    weights = state_of(denoiser)
+    with torch.no_grad():
+        for parameter in denoiser.parameters():
+            parameter.add_(torch.randn_like(parameter) * 0.05)
+    moved = trainer.evaluate()
+    for key in ("eval_rewards/brightness/mean", "eval_diversity", "eval_data_loss"):
+        assert moved[key] != first[key], key
+    assert moved["eval_data_loss_drift"] == pytest.approx(moved["eval_data_loss"] / first["eval_data_loss"] - 1)
+
+    denoiser.load_state_dict(weights)
+    again = trainer.evaluate()
+    for key, value in first.items():
+        if key not in ("eval_runtime", "eval_data_loss_drift", "eval_diversity_drop"):
+            assert again[key] == value, key
+
+
+def fit_to(trainer, rows: list[dict], steps: int, latent_shift: float = 0.0) -> None:
+    """Train the denoiser on the diffusion loss of `rows` alone, their latents shifted by `latent_shift`."""
+    denoiser = trainer.accelerator.unwrap_model(trainer.model)
+    optimizer = torch.optim.Adam(denoiser.parameters(), lr=1e-2)
+    batch = trainer.data_collator_for_loss(rows)
+    latents = batch["latents"] + latent_shift
+    generator = torch.Generator().manual_seed(0)
+    for step in range(steps):
+        noise = torch.randn(latents.shape, generator=generator)
+        indices = torch.full((len(rows),), step % 3)
+        loss = trainer.adapter.diffusion_loss(denoiser, latents, batch["conditioning"], indices, noise)
+        optimizer.zero_grad()
+        loss.mean().backward()
+        optimizer.step()
+
+
+def test_held_out_data_loss_rises_when_the_model_is_pushed_off_the_data(tiny_sd3_path, tmp_path):
+    trainer = make_trainer(tiny_sd3_path, tmp_path)
+    held_out = eval_dataset()
+    rows = [held_out[i] for i in range(len(held_out))]
+    fit_to(trainer, rows, steps=30)
+    on_data = trainer.evaluate()["eval_data_loss"]
+    # Trained on the same data moved away in latent space, the model no longer fits the held-out data.
+    fit_to(trainer, rows, steps=30, latent_shift=1.0)
+    off_data = trainer.evaluate()
+    assert off_data["eval_data_loss"] > 1.5 * on_data
+    assert off_data["eval_data_loss_drift"] == pytest.approx(off_data["eval_data_loss"] / on_data - 1)
+
+
+def test_eval_strategy_steps_evaluates_during_training_and_reports_the_reward_gap(tiny_sd3_path, tmp_path):
+    trainer = make_trainer(tiny_sd3_path, tmp_path, eval_strategy="steps", eval_steps=1, eval_on_start=True)
+    trainer.train()
+    evals = [entry for entry in trainer.state.log_history if "eval_reward" in entry]
+    assert [entry["step"] for entry in evals] == [0, 1, 2]
+    assert evals[0]["eval_data_loss_drift"] == 0
+    train_rewards = [entry["reward"] for entry in trainer.state.log_history if "reward" in entry]
+    assert evals[1]["eval_reward_gap"] == pytest.approx(train_rewards[0] - evals[1]["eval_reward"])
+    # Evaluation logs carry no training metrics, and training logs no evaluation metrics.
+    assert all("reward" not in entry for entry in evals)
+
+
+def test_prompts_only_eval_dataset_has_no_data_loss_and_bad_inputs_fail_clearly(tiny_sd3_path, tmp_path):
+    trainer = DDRLTrainer(
+        tiny_sd3_path, brightness, args=make_args(tmp_path, eval_num_generations=1), train_dataset=prompt_dataset()
+    )
+    metrics = trainer.evaluate(eval_dataset(with_images=False))
+    assert "eval_data_loss" not in metrics and "eval_diversity" not in metrics  # one sample per prompt: no spread
+    assert "eval_rewards/brightness/mean" in metrics
+    with pytest.raises(ValueError, match="needs an eval_dataset"):
+        trainer.evaluate()
+    with pytest.raises(ValueError, match="no 'prompt' column"):
+        DDRLTrainer(
+            tiny_sd3_path,
+            brightness,
+            args=make_args(tmp_path),
+            train_dataset=prompt_dataset(),
+            eval_dataset=Dataset.from_dict({"text": ["a"]}),
+        )
+    with pytest.raises(ValueError, match="repeat the reward names"):
+        DDRLTrainer(
+            tiny_sd3_path,
+            brightness,
+            args=make_args(tmp_path),
+            train_dataset=prompt_dataset(),
+            eval_reward_funcs=brightness,
+        )
+
+
+def test_shards_cover_every_prompt_once_with_equal_padded_lengths():
+    shards = [shard_positions(5, 3, rank) for rank in range(3)]
+    assert {len(positions) for positions, _ in shards} == {2}
+    real = [p for positions, valid in shards for p, keep in zip(positions, valid) if keep]
+    assert real == [0, 1, 2, 3, 4]

@@ -1,0 +1,288 @@
+# Copyright 2026 The trl_ddrl Authors. Licensed under the Apache License, Version 2.0.
+"""
+Evaluation of a DDRL run on held-out prompts (and data): what `DDRLTrainer.evaluate()` computes.
+
+Every eval prompt is sampled `eval_num_generations` times, each sample from its own fixed noise (seeded by
+`eval_seed`, the prompt's position and the sample's index) with the deterministic sampler (eta 0), so two evaluations
+of the same weights give the same samples and the curves of different steps and runs are comparable. The metrics,
+with the Trainer's `eval_` prefix (trackers show them as `eval/...`):
+
+- `eval_rewards/<name>/mean`, `/std`: every training reward and every extra judge of `eval_reward_funcs` (never
+  trained on); `eval_reward`: the weighted sum of the training rewards, defined as the training metric `reward`.
+- `eval_reward_gap`: the last logged training `reward` minus `eval_reward`. Training samples use the stochastic
+  sampler on training prompts, so the gap has an offset at the start; its growth means the policy is learning
+  something that does not carry over to held-out prompts.
+- `eval_diversity`: the within-prompt spread, the per-pixel standard deviation across the samples of one prompt in
+  `[0, 1]` pixel space, averaged over pixels and prompts; `eval_diversity_drop` is `1 - diversity / first`, its fall
+  from the first evaluation of the run (a collapse to one image per prompt gives 1).
+- `eval_data_loss` (when the eval rows carry images or videos in `image_column`): the diffusion loss on those held-out
+  data at every trained sampling step (`train_timesteps`) with fixed noise, which is DDRL's own fidelity measure (the
+  forward KL to the data, up to a constant); `eval_data_loss_drift` is `loss / first - 1`, its relative rise from the
+  first evaluation. Set `eval_on_start=True` to make that first evaluation the step-0 model.
+
+Each process samples and scores its shard of the prompts; the per-sample values are gathered, so every process
+returns the same metrics.
+"""
+
+import contextlib
+import math
+import time
+import zlib
+from typing import TYPE_CHECKING, Any
+
+import torch
+from datasets import Dataset
+from trl.models.utils import unwrap_model_for_generation
+
+from .rewards import RewardFunctionError, check_rewards
+from .tracking import Samples
+
+
+if TYPE_CHECKING:
+    from .trainer import DDRLTrainer
+
+
+def eval_noise_seed(eval_seed: int, position: int, generation: int) -> int:
+    """Seed of the initial noise of sample `generation` of the eval prompt at `position` of the eval dataset."""
+    return (eval_seed * 1_000_003 + position * 1_009 + generation) % (2**63)
+
+
+def shard_positions(size: int, num_processes: int, process_index: int) -> tuple[list[int], list[bool]]:
+    """
+    This process's contiguous share of `range(size)`, padded (with position 0) to the same length on every process
+    so that the gathered tensors line up; the second list says which entries are real.
+    """
+    per_process = math.ceil(size / num_processes)
+    positions = list(range(process_index * per_process, min(size, (process_index + 1) * per_process)))
+    valid = [True] * len(positions) + [False] * (per_process - len(positions))
+    return positions + [0] * (per_process - len(positions)), valid
+
+
+def _score(
+    reward_funcs: list, names: list[str], prompts: list[str], images: torch.Tensor, rows: list[dict], trainer
+) -> torch.Tensor:
+    """Rewards `[S, R]` of the samples, NaN where a function gave None (or failed, with `drop_group`)."""
+    columns = {key: [row[key] for row in rows] for key in rows[0] if key != "prompt"}
+    rewards = torch.full((len(prompts), len(reward_funcs)), float("nan"))
+    for index, (reward_func, name) in enumerate(zip(reward_funcs, names, strict=True)):
+        try:
+            values = reward_func(prompts=prompts, images=images, trainer_state=trainer.state, **columns)
+            rewards[:, index] = torch.tensor(check_rewards(values, len(prompts), name, prompts))
+        except Exception as error:
+            if trainer.args.reward_error_policy == "raise":
+                if isinstance(error, RewardFunctionError):
+                    raise
+                raise RewardFunctionError(
+                    f"Reward function '{name}' failed during evaluation on prompts starting with {prompts[0]!r}: "
+                    f"{type(error).__name__}: {error}."
+                ) from error
+    return rewards
+
+
+def _first_logged(log_history: list[dict[str, Any]], key: str) -> float | None:
+    return next((entry[key] for entry in log_history if entry.get(key) is not None), None)
+
+
+def _last_logged(log_history: list[dict[str, Any]], key: str) -> float | None:
+    return next((entry[key] for entry in reversed(log_history) if entry.get(key) is not None), None)
+
+
+def _nanmean(values: torch.Tensor) -> float | None:
+    values = values[~torch.isnan(values)]
+    return values.mean().item() if values.numel() else None
+
+
+def _nanstd(values: torch.Tensor) -> float | None:
+    values = values[~torch.isnan(values)]
+    return values.std().item() if values.numel() > 1 else None
+
+
+class Evaluator:
+    """
+    Held-out evaluation of a [`DDRLTrainer`]'s policy; see the module docstring for the metrics.
+
+    Args:
+        trainer ([`DDRLTrainer`]): The trainer (its adapter, rewards, accelerator and state are used).
+        args ([`DDRLConfig`]): Its configuration (the trainer is still being built).
+        eval_reward_funcs: Extra judges, in any form `reward_funcs` takes, or `None`.
+        eval_dataset: The trainer's eval dataset(s), checked here.
+    """
+
+    def __init__(
+        self, trainer: "DDRLTrainer", args, eval_reward_funcs, eval_dataset: Dataset | dict[str, Dataset] | None
+    ):
+        self.trainer = trainer
+        self.image_column = args.image_column
+        eval_reward_funcs, eval_reward_names = (
+            trainer._resolve_reward_funcs(eval_reward_funcs) if eval_reward_funcs else ([], [])
+        )
+        self.reward_funcs = [*trainer.reward_funcs, *eval_reward_funcs]
+        self.reward_names = [*trainer.reward_func_names, *eval_reward_names]
+        clashes = sorted(set(trainer.reward_func_names) & set(eval_reward_names))
+        if clashes or len(set(eval_reward_names)) != len(eval_reward_names):
+            raise ValueError(
+                f"eval_reward_funcs repeat the reward names {clashes or eval_reward_names}: the training rewards are "
+                "evaluated anyway; give each extra judge its own name (a `name` attribute or function name)."
+            )
+        self.last_samples: Samples | None = None
+        for name, dataset in (eval_dataset if isinstance(eval_dataset, dict) else {"": eval_dataset}).items():
+            if dataset is not None:
+                self.check_dataset(dataset, f"eval_dataset[{name!r}]" if name else "eval_dataset")
+
+    def check_dataset(self, dataset: Dataset, name: str = "eval_dataset") -> None:
+        if "prompt" not in dataset.column_names:
+            raise ValueError(
+                f"{name} has no 'prompt' column (columns: {dataset.column_names}). Rename the prompt column with "
+                "dataset.rename_column(<name>, 'prompt')."
+            )
+        if len(dataset) == 0:
+            raise ValueError(f"{name} is empty: give it at least one prompt.")
+        image_column = self.image_column
+        if self.trainer.adapter.num_conditioning_frames and image_column not in dataset.column_names:
+            raise ValueError(
+                f"{type(self.trainer.pipeline).__name__} generates from conditioning frames, but {name} has no "
+                f"'{image_column}' column (columns: {dataset.column_names}). Add an image or video per prompt."
+            )
+
+    def run(self, dataset: Dataset | dict[str, Dataset] | None, metric_key_prefix: str = "eval") -> dict[str, float]:
+        """What `DDRLTrainer.evaluate` does: evaluate each dataset (a dict: `<prefix>_<name>_...`), log, return."""
+        trainer = self.trainer
+        if dataset is None:
+            raise ValueError("evaluate() needs an eval_dataset: pass one to DDRLTrainer or to evaluate().")
+        if isinstance(dataset, dict):
+            metrics = {}
+            for name, part in dataset.items():
+                metrics.update(self.run(part, f"{metric_key_prefix}_{name}"))
+            return metrics
+        metrics = self.evaluate(dataset, metric_key_prefix)
+        trainer.log(metrics)
+        trainer.control = trainer.callback_handler.on_evaluate(trainer.args, trainer.state, trainer.control, metrics)
+        return metrics
+
+    @torch.no_grad()
+    def evaluate(self, dataset: Dataset, metric_key_prefix: str = "eval") -> dict[str, float]:
+        """Sample, score and (with data) compute the held-out loss; returns the metrics, the same on every process."""
+        trainer, args = self.trainer, self.trainer.args
+        accelerator = trainer.accelerator
+        self.check_dataset(dataset)
+        start = time.perf_counter()
+        positions, valid = shard_positions(len(dataset), accelerator.num_processes, accelerator.process_index)
+        rows = [dataset[position] for position in positions]
+        with self._policy() as policy:
+            images, rewards = self._sample_and_score(policy, rows, positions)
+            data_loss = None
+            if args.image_column in dataset.column_names:
+                data_loss = self._data_loss(policy, rows, positions)
+
+        generations = args.eval_num_generations
+        is_real = torch.tensor(valid, device=accelerator.device)
+        sample_is_real = is_real.repeat_interleave(generations)
+        nan = torch.tensor(float("nan"), device=accelerator.device)
+        rewards = accelerator.gather(torch.where(sample_is_real[:, None], rewards.to(accelerator.device), nan)).cpu()
+        prefix = f"{metric_key_prefix}_"
+        metrics: dict[str, float] = {}
+        for index, name in enumerate(self.reward_names):
+            metrics[f"{prefix}rewards/{name}/mean"] = _nanmean(rewards[:, index])
+            metrics[f"{prefix}rewards/{name}/std"] = _nanstd(rewards[:, index])
+        trained = rewards[:, : len(trainer.reward_funcs)]
+        scored = ~torch.isnan(trained)
+        total = torch.where(scored, trained * trainer.reward_weights, torch.zeros_like(trained)).sum(dim=1)
+        metrics[f"{prefix}reward"] = _nanmean(torch.where(scored.any(dim=1), total, torch.nan))
+        train_reward = _last_logged(trainer.state.log_history, "reward")
+        if train_reward is not None and metrics[f"{prefix}reward"] is not None:
+            metrics[f"{prefix}reward_gap"] = train_reward - metrics[f"{prefix}reward"]
+
+        if generations > 1:
+            spread = images.float().flatten(1).view(len(positions), generations, -1).std(dim=1).mean(dim=1)
+            spread = accelerator.gather(torch.where(is_real, spread.to(accelerator.device), nan)).cpu()
+            self._add_with_baseline(metrics, f"{prefix}diversity", _nanmean(spread), relative_drop=True)
+        if data_loss is not None:
+            data_loss = accelerator.gather(torch.where(is_real, data_loss.to(accelerator.device), nan)).cpu()
+            self._add_with_baseline(metrics, f"{prefix}data_loss", _nanmean(data_loss), relative_drop=False)
+        metrics[f"{prefix}runtime"] = time.perf_counter() - start
+
+        count = min(args.num_samples_to_log, len(images))
+        prompts = [rows[index // generations]["prompt"] for index in range(count)]
+        self.last_samples = Samples.first(count, images, prompts, rewards, self.reward_names)
+        return {key: value for key, value in metrics.items() if value is not None}
+
+    def _add_with_baseline(self, metrics: dict, key: str, value: float | None, relative_drop: bool) -> None:
+        """Add `key` and its change from its first logged value: `_drop` (1 - v / v0) or `_drift` (v / v0 - 1)."""
+        if value is None:
+            return
+        metrics[key] = value
+        first = _first_logged(self.trainer.state.log_history, key)
+        first = value if first is None else first
+        if first != 0:
+            metrics[f"{key}_drop" if relative_drop else f"{key}_drift"] = (
+                1 - value / first if relative_drop else value / first - 1
+            )
+
+    @contextlib.contextmanager
+    def _policy(self):
+        """The denoiser to evaluate, gathered for generation (ZeRO-3), with checkpointing paused."""
+        from .trainer import _gradient_checkpointing_paused
+
+        trainer = self.trainer
+        with (
+            _gradient_checkpointing_paused(trainer.accelerator.unwrap_model(trainer.model)),
+            unwrap_model_for_generation(trainer.model_wrapped, trainer.accelerator) as policy,
+            trainer.accelerator.autocast(),
+        ):
+            yield policy
+
+    def _sample_and_score(self, policy, rows: list[dict], positions: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Images `[P * G, ...]` on the CPU (prompt-major) and rewards `[P * G, R]` of this process's rows."""
+        trainer, args = self.trainer, self.trainer.args
+        adapter = trainer.adapter
+        generations = args.eval_num_generations
+        items = [(row, position, g) for row, position in zip(rows, positions, strict=True) for g in range(generations)]
+        batch = args.per_device_eval_batch_size
+        images, rewards = [], []
+        for i in range(0, len(items), batch):
+            chunk = items[i : i + batch]
+            chunk_rows = [row for row, _, _ in chunk]
+            prompts = [row["prompt"] for row in chunk_rows]
+            conditioning = trainer._encode_unique(prompts)
+            if adapter.num_conditioning_frames:
+                pixels = trainer.data_collator_for_loss.condition_pixels(chunk_rows)
+                generator = torch.Generator().manual_seed(eval_noise_seed(args.eval_seed, chunk[0][1], 0) + 1)
+                conditioning.update(adapter.encode_condition_frames(pixels, generator=generator))
+            noise = torch.cat(
+                [
+                    adapter.sample_noise(
+                        1, generator=torch.Generator().manual_seed(eval_noise_seed(args.eval_seed, position, g))
+                    )
+                    for _, position, g in chunk
+                ]
+            )
+            trajectory = adapter.sample(policy, conditioning, noise, eta=0.0)
+            chunk_images = adapter.decode(trajectory.latents[:, -1]).float()
+            rewards.append(_score(self.reward_funcs, self.reward_names, prompts, chunk_images, chunk_rows, trainer))
+            images.append(chunk_images.cpu())
+        return torch.cat(images), torch.cat(rewards)
+
+    def _data_loss(self, policy, rows: list[dict], positions: list[int]) -> torch.Tensor:
+        """Per row `[P]`: the diffusion loss on its image/video, averaged over `train_timesteps`, with fixed noise."""
+        trainer, args = self.trainer, self.trainer.args
+        adapter = trainer.adapter
+        device = trainer.accelerator.device
+        losses = []
+        batch = args.per_device_eval_batch_size
+        for i in range(0, len(rows), batch):
+            chunk_rows = [{**row, args.caption_column: row["prompt"]} for row in rows[i : i + batch]]
+            chunk_positions = positions[i : i + batch]
+            seeds = [zlib.crc32(f"data-{args.eval_seed}-{position}".encode()) for position in chunk_positions]
+            data = trainer.data_collator_for_loss(chunk_rows, generator=torch.Generator().manual_seed(seeds[0]))
+            x0 = data["latents"]
+            noise = torch.cat(
+                [torch.randn((1, *x0.shape[1:]), generator=torch.Generator().manual_seed(seed)) for seed in seeds]
+            ).to(device)
+            per_step = [
+                adapter.diffusion_loss(
+                    policy, x0, data["conditioning"], torch.full((len(x0),), step, device=device), noise
+                ).float()
+                for step in args.train_timesteps
+            ]
+            losses.append(torch.stack(per_step).mean(dim=0).cpu())
+        return torch.cat(losses)
