@@ -11,6 +11,7 @@ from diffusers.pipelines.flux2.pipeline_flux2 import compute_empirical_mu
 from torch import nn
 
 from .base import Conditioning, FlowMatchingAdapter, SamplingSettings
+from .latents import pack_2x2, to_unit_range, unpack_2x2
 
 
 class Flux2Adapter(FlowMatchingAdapter):
@@ -49,11 +50,6 @@ class Flux2Adapter(FlowMatchingAdapter):
     def guidance_embeds(self) -> bool:
         """Whether the transformer takes the distilled guidance as an input (FLUX.2-dev) rather than using CFG."""
         return bool(self.denoiser.config.guidance_embeds)
-
-    @property
-    def resolution(self) -> tuple[int, int]:
-        default = self.pipeline.default_sample_size * self.pipeline.vae_scale_factor
-        return self.settings.height or default, self.settings.width or default
 
     @property
     def resolution_multiple(self) -> int:
@@ -121,26 +117,25 @@ class Flux2Adapter(FlowMatchingAdapter):
         )[0]
 
     def _batch_norm_statistics(self, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The VAE's batch-norm mean and std of the patchified latents, `[1, 4 C, 1, 1]` each."""
+        """The VAE's batch-norm mean and std of the token channels (the 2x2-patchified latents), `[1, 1, 4 C]` each."""
         vae = self.pipeline.vae
-        mean = vae.bn.running_mean.view(1, -1, 1, 1).to(like.device, like.dtype)
-        std = torch.sqrt(vae.bn.running_var.view(1, -1, 1, 1) + vae.config.batch_norm_eps).to(like.device, like.dtype)
+        mean = vae.bn.running_mean.view(1, 1, -1).to(like.device, like.dtype)
+        std = torch.sqrt(vae.bn.running_var.view(1, 1, -1) + vae.config.batch_norm_eps).to(like.device, like.dtype)
         return mean, std
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         vae = self.pipeline.vae
         height, width = self._token_grid()
-        patches = latents.float().transpose(1, 2).reshape(latents.shape[0], -1, height, width)
-        mean, std = self._batch_norm_statistics(patches)
-        patches = patches * std + mean
-        images = vae.decode(self.pipeline._unpatchify_latents(patches).to(vae.dtype), return_dict=False)[0]
-        return (images.float() / 2 + 0.5).clamp(0, 1)
+        mean, std = self._batch_norm_statistics(latents.float())
+        latents = unpack_2x2(latents.float() * std + mean, 2 * height, 2 * width)
+        return to_unit_range(vae.decode(latents.to(vae.dtype), return_dict=False)[0])
 
     @torch.no_grad()
     def encode_pixels(self, pixels: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        # `pack_2x2` is the pipelines' `_patchify_latents` followed by `_pack_latents`: the same token layout.
         vae = self.pipeline.vae
         latents = vae.encode(pixels.to(vae.device, vae.dtype)).latent_dist.sample(generator=generator).float()
-        patches = self.pipeline._patchify_latents(latents)
-        mean, std = self._batch_norm_statistics(patches)
-        return self.pipeline._pack_latents((patches - mean) / std)
+        tokens = pack_2x2(latents)
+        mean, std = self._batch_norm_statistics(tokens)
+        return (tokens - mean) / std
