@@ -22,6 +22,7 @@ from tiny_models import (
     tiny_cosmos2_pipeline,
     tiny_flux2_pipeline,
     tiny_flux_pipeline,
+    tiny_hunyuan_video15_pipeline,
     tiny_sd15_pipeline,
     tiny_sdxl_pipeline,
     tiny_wan_pipeline,
@@ -81,6 +82,15 @@ CASES = {
     "wan": (
         "train_wan.py",
         tiny_wan_pipeline,
+        "transformer",
+        lambda data: (
+            ["--prompts", data["prompts"], "--data_videos", data["videos"], "--no_bf16"]
+            + ["--height", "32", "--width", "32", "--num_frames", "5"]
+        ),
+    ),
+    "hunyuan_video15": (
+        "train_hunyuan_video15.py",
+        tiny_hunyuan_video15_pipeline,
         "transformer",
         lambda data: (
             ["--prompts", data["prompts"], "--data_videos", data["videos"], "--no_bf16"]

@@ -379,15 +379,22 @@ def tiny_cosmos2_pipeline(seed: int = 0, video_to_world: bool = False):
 CHAT_TEMPLATE = (
     "{% for message in messages %}{% if message['role'] != 'system' %}{% if message['content'] is string %}"
     "{{ message['content'] }}{% else %}{% for part in message['content'] %}{% if part['type'] == 'text' %}"
-    "{{ part['text'] }}{% endif %}{% endfor %}{% endif %}{% endif %}{% endfor %}"
+    "{{ part['text'] }}{% endif %}{% endfor %}{% endif %}"
+    "{% elif system_characters %}{{ (message['content'] ~ ' ' * system_characters)[:system_characters] }}"
+    "{% endif %}{% endfor %}"
 )
-"""A chat template that renders the user turns' text only, so that short prompts fit a 16-token window."""
+"""
+A chat template that renders the user turns' text only, so that short prompts fit a 16-token window; with the template
+variable `system_characters` set, the system message is cut or padded to that many characters (one token each).
+"""
 
 
-def tiny_chat_tokenizer():
+def tiny_chat_tokenizer(system_tokens: int = 0):
     """
     A character-level `PreTrainedTokenizerFast` with a chat template, standing in for the chat tokenizers of
-    LLM text encoders (Mistral 3, Qwen 3): ids 0-4 are `<unk>`, `[IMG]`, `<s>`, `</s>`, `<pad>`.
+    LLM text encoders (Mistral 3, Qwen 3, Qwen2.5-VL): ids 0-4 are `<unk>`, `[IMG]`, `<s>`, `</s>`, `<pad>`. With
+    `system_tokens`, the system message takes exactly that many tokens, as the pipelines that crop a fixed-length
+    system prompt off the encoding (`prompt_template_encode_start_idx`) expect.
     """
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
@@ -403,7 +410,7 @@ def tiny_chat_tokenizer():
         pad_token="<pad>",
         bos_token="<s>",
         eos_token="</s>",
-        chat_template=CHAT_TEMPLATE,
+        chat_template=CHAT_TEMPLATE.replace("system_characters", str(system_tokens)),
         model_max_length=64,
     )
 
@@ -604,4 +611,63 @@ def tiny_cosmos2_5_pipeline(seed: int = 0, euler: bool = False):
         vae=tiny_wan_vae(seed),
         scheduler=scheduler,
         safety_checker=TinyCosmosSafetyChecker(),
+    )
+
+
+def tiny_hunyuan_video15_pipeline(seed: int = 0):
+    """
+    A random `HunyuanVideo15Pipeline` generating 5-frame 32x32 videos from [4, 2, 4, 4] latents (a VAE with 8x
+    spatial compression, where the real one has 16x): a 3-layer Qwen2.5-VL text model whose tokenizer gives the system
+    prompt exactly the 108 tokens the pipeline crops, a one-layer ByT5 encoder, and the checkpoints' CFG guider
+    (`guidance_scale=6.0`).
+    """
+    from diffusers import (
+        AutoencoderKLHunyuanVideo15,
+        ClassifierFreeGuidance,
+        HunyuanVideo15Pipeline,
+        HunyuanVideo15Transformer3DModel,
+    )
+    from transformers import ByT5Tokenizer
+    from transformers.models.qwen2_5_vl import Qwen2_5_VLTextConfig, Qwen2_5_VLTextModel
+
+    tokenizer = tiny_chat_tokenizer(system_tokens=108)
+    torch.manual_seed(seed)
+    transformer = HunyuanVideo15Transformer3DModel(
+        in_channels=9,
+        out_channels=4,
+        num_attention_heads=2,
+        attention_head_dim=8,
+        num_layers=1,
+        num_refiner_layers=1,
+        mlp_ratio=2.0,
+        text_embed_dim=16,
+        text_embed_2_dim=16,
+        image_embed_dim=8,
+        rope_axes_dim=(2, 2, 4),
+        target_size=32,
+        task_type="t2v",
+    )
+    torch.manual_seed(seed + 1)
+    vae = AutoencoderKLHunyuanVideo15(
+        latent_channels=4, block_out_channels=(8, 8, 8, 8), layers_per_block=1, spatial_compression_ratio=8
+    ).eval()
+    torch.manual_seed(seed + 2)
+    text_config = Qwen2_5_VLTextConfig(
+        **_tiny_llm_text_config(len(tokenizer), 3),
+        rope_parameters={"rope_type": "default", "mrope_section": [1, 1, 2]},
+    )
+    text_encoder = Qwen2_5_VLTextModel(text_config).eval()
+    glyph_tokenizer = ByT5Tokenizer()
+    glyph_encoder = T5EncoderModel(
+        T5Config(vocab_size=len(glyph_tokenizer), d_model=16, d_kv=8, d_ff=16, num_layers=1, num_heads=2)
+    ).eval()
+    return HunyuanVideo15Pipeline(
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        transformer=transformer,
+        vae=vae,
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=5.0),
+        text_encoder_2=glyph_encoder,
+        tokenizer_2=glyph_tokenizer,
+        guider=ClassifierFreeGuidance(guidance_scale=6.0),
     )

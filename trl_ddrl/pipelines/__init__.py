@@ -14,6 +14,7 @@ from .cosmos2_5 import Cosmos2_5PredictAdapter
 from .digits import DigitsFlowAdapter
 from .flux import FluxAdapter
 from .flux2 import Flux2Adapter
+from .hunyuan_video15 import HunyuanVideo15Adapter
 from .sd3 import StableDiffusion3Adapter
 from .stable_diffusion import DDIMAdapter, StableDiffusionAdapter, StableDiffusionXLAdapter
 from .wan import WanAdapter
@@ -26,6 +27,7 @@ ADAPTERS: tuple[type[DiffusionAdapter], ...] = (
     FluxAdapter,
     Flux2Adapter,
     WanAdapter,
+    HunyuanVideo15Adapter,
     Cosmos2TextToImageAdapter,
     Cosmos2VideoToWorldAdapter,
     Cosmos2_5PredictAdapter,
@@ -64,6 +66,7 @@ __all__ = [
     "FlowMatchingAdapter",
     "Flux2Adapter",
     "FluxAdapter",
+    "HunyuanVideo15Adapter",
     "SamplingSettings",
     "StableDiffusion3Adapter",
     "StableDiffusionAdapter",
