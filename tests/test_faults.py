@@ -9,10 +9,12 @@ import subprocess
 import sys
 
 import pytest
+import torch
+from safetensors.torch import load_file
 from test_trainer import assert_same_weights, brightness, make_args, prompt_dataset
 
 from trl_ddrl import DDRLTrainer
-from trl_ddrl.fault_handling import CheckpointError
+from trl_ddrl.fault_handling import CheckpointError, TrainingDiverged
 
 
 SCRIPTS = os.path.join(os.path.dirname(__file__), "scripts")
@@ -192,3 +194,50 @@ def test_wrong_config_values_name_the_field(kwargs, message, tmp_path):
 def test_whole_floats_become_integers(tmp_path):
     args = make_args(tmp_path, num_generations=4.0, max_steps=2.0)
     assert type(args.num_generations) is int and type(args.max_steps) is int
+
+
+def all_finite(folder) -> bool:
+    return all(
+        bool(value.isfinite().all()) for path in folder.rglob("*.safetensors") for value in load_file(path).values()
+    )
+
+
+def test_a_diverging_policy_stops_before_its_nan_images_are_scored(tiny_sd3_path, tmp_path):
+    scored = []
+
+    def image_reward(prompts, images, **kwargs):
+        scored.append(bool(images.isfinite().all()))
+        return images.mean(dim=(1, 2, 3)).tolist()
+
+    trainer = fault_trainer(tiny_sd3_path, tmp_path, image_reward, learning_rate=1e6, save_steps=1)
+    with pytest.raises(TrainingDiverged, match=r"non-finite latents.*not to blame.*learning_rate=1e\+06 too high"):
+        trainer.train()
+    assert scored == [True]  # the second rollout's NaN images never reached the reward function
+    checkpoints = sorted(tmp_path.glob("checkpoint-*"))
+    assert checkpoints and all(all_finite(folder) for folder in checkpoints)
+
+
+def test_a_non_finite_loss_stops_before_the_optimizer_applies_it(tiny_sd3_path, tmp_path):
+    trainer = fault_trainer(tiny_sd3_path, tmp_path, save_steps=100)
+    diffusion_loss = trainer.adapter.diffusion_loss
+
+    def nan_from_step_2(*args, **kwargs):
+        loss = diffusion_loss(*args, **kwargs)
+        return loss * float("nan") if trainer.state.global_step == 1 else loss
+
+    trainer.adapter.diffusion_loss = nan_from_step_2
+    with pytest.raises(TrainingDiverged, match=r"optimizer step 2: the loss is nan .*loss/data.*gradients of"):
+        trainer.train()
+    assert trainer.state.global_step == 1
+    assert all(bool(value.isfinite().all()) for value in trainer.pipeline.transformer.state_dict().values())
+    assert all_finite(tmp_path / "checkpoint-1")  # the failure save of the last finished step
+
+
+def test_non_finite_weights_are_never_saved(tiny_sd3_path, tmp_path):
+    trainer = fault_trainer(tiny_sd3_path, tmp_path, max_steps=1)
+    trainer.train()
+    with torch.no_grad():
+        next(trainer.pipeline.transformer.parameters()).fill_(float("nan"))
+    with pytest.raises(TrainingDiverged, match="Not saving the weights .* hold NaN or inf"):
+        trainer.save_model(str(tmp_path / "final"))
+    assert not list((tmp_path / "final").rglob("*.safetensors"))

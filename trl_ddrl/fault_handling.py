@@ -422,13 +422,16 @@ def check_lora_load(checkpoint: str, result: Any, loaded: int) -> None:
 # ---- divergence ---------------------------------------------------------------------------------------------------
 
 
-def _likely_causes(args) -> str:
-    dtype = "fp16" if args.fp16 else "bf16" if args.bf16 else "fp32"
-    return (
-        f"Likely causes: learning_rate={args.learning_rate:g} too high (lower it; see grad_norm and loss in the last "
-        f"logs), eta={args.eta:g} (the sampler noise; keep it in (0, 1]), or an overflow in {dtype} (train in bf16 or "
-        "fp32, keep max_grad_norm > 0)."
-    )
+def _likely_causes(trainer: "DDRLTrainer") -> str:
+    args = trainer.args
+    causes = [
+        f"learning_rate={args.learning_rate:g} too high (lower it; see loss and grad_norm in the last logs)",
+        f"eta={args.eta:g} (the sampler noise; keep it in (0, 1])",
+    ]
+    dtype = next(trainer.accelerator.unwrap_model(trainer.model).parameters()).dtype
+    if args.fp16 or dtype == torch.float16:
+        causes.append("an overflow in float16 (train in bf16 or fp32)")
+    return f"Likely causes: {', or '.join(causes)}."
 
 
 class DivergenceGuard(TrainerCallback):
@@ -484,7 +487,7 @@ class DivergenceGuard(TrainerCallback):
         what = " and ".join(parts) or "the loss or gradients on another process"
         raise TrainingDiverged(
             f"Training diverged at optimizer step {step}: {what} are not finite. The step was not applied; the "
-            f"weights are those of step {state.global_step}. {_likely_causes(args)}"
+            f"weights are those of step {state.global_step}. {_likely_causes(self.trainer)}"
         )
 
     def _loss_terms(self) -> str:
@@ -501,7 +504,6 @@ class DivergenceGuard(TrainerCallback):
         """
         if bool(torch.isfinite(latents[:, -1]).all() & torch.isfinite(images).all()):
             return
-        args = self.trainer.args
         per_step = torch.isfinite(latents.flatten(2)).all(dim=2).all(dim=0)  # [T + 1]
         if bool(per_step.all()):
             raise TrainingDiverged(
@@ -513,7 +515,7 @@ class DivergenceGuard(TrainerCallback):
         raise TrainingDiverged(
             f"The sampler produced non-finite latents (NaN or inf) at step {first} of {latents.shape[1] - 1} in the "
             f"rollout of iteration {iteration}, before any reward was computed (the reward functions are not to "
-            f"blame). {_likely_causes(args)}"
+            f"blame). {_likely_causes(self.trainer)}"
         )
 
 

@@ -764,7 +764,6 @@ class DDRLTrainer(_BaseTrainer):
             step.log_prob, inputs["old_log_probs"], inputs["advantages"], args.clip_range
         )
         loss = policy_loss.mean()
-        self._divergence.track_loss(loss)
         # Kept on the device and gathered once per logging step: no host sync or collective per micro-batch.
         self._loss_metrics["loss/policy"].append(loss.detach())
         self._loss_metrics["ratio/mean"].append(ratio.detach().mean())
@@ -781,6 +780,7 @@ class DDRLTrainer(_BaseTrainer):
             kl = gaussian_kl(step.mean, ref_step.mean, step.std).mean()
             loss = loss + args.kl_beta * kl
             self._loss_metrics["kl"].append(kl.detach())
+        self._divergence.track_loss(loss)  # checked with the gradients, once per optimizer step
         return loss
 
     def _data_loss(self, model, inputs) -> torch.Tensor:
