@@ -241,3 +241,26 @@ def test_non_finite_weights_are_never_saved(tiny_sd3_path, tmp_path):
     with pytest.raises(TrainingDiverged, match="Not saving the weights .* hold NaN or inf"):
         trainer.save_model(str(tmp_path / "final"))
     assert not list((tmp_path / "final").rglob("*.safetensors"))
+
+
+def test_the_command_line_checks_yaml_values_and_reads_a_scalar_reward(tmp_path, capsys):
+    from trl_ddrl.scripts.ddrl import make_parser
+
+    config = tmp_path / "config.yaml"
+    config.write_text("reward_funcs: brightness\noutput_dir: out\n")
+    script_args, training_args, _ = make_parser().parse_args_and_config(["--config", str(config)])
+    assert script_args.reward_funcs == ["brightness"]  # not ['b', 'r', 'i', ...]
+    assert training_args.gradient_accumulation_steps == training_args.steps_per_generation
+
+    config.write_text("reward_funcs: brightness\noutput_dir: out\nmax_steps: 1.7\n")
+    with pytest.raises(SystemExit) as exit_info:
+        make_parser().parse_args_and_config(["--config", str(config)])
+    assert exit_info.value.code == 2
+    assert "max_steps=1.7 must be a whole number" in capsys.readouterr().err
+
+
+def test_a_missing_local_prompt_file_is_not_looked_up_on_the_hub(tmp_path):
+    from trl_ddrl.scripts.ddrl import UsageError, load_dataset_argument
+
+    with pytest.raises(UsageError, match="'missing.txt': file not found"):
+        load_dataset_argument("missing.txt", None, "train", "dataset_name")

@@ -8,11 +8,12 @@ Values from Python, a YAML `--config` file or a dict reach the config unconverte
 the value and the fix.
 """
 
-import dataclasses
 import math
 import types
 import typing
 from typing import Any
+
+from trl.trainer.base_config import _BaseConfig
 
 
 # TrainingArguments fields that DDRL relies on, checked like DDRL's own.
@@ -106,7 +107,12 @@ def validate_types(config: Any) -> None:
     Raises:
         `ValueError`: naming the first wrong field, its value and the fix.
     """
-    own = {f.name: f.type for f in dataclasses.fields(config) if f.name in type(config).__annotations__}
+    # The class annotations, not `dataclasses.fields(...).type`: transformers' HfArgumentParser rewrites the latter in
+    # place (`int | None` becomes `int`).
+    own = {}
+    for cls in reversed(type(config).__mro__):
+        if issubclass(cls, _BaseConfig) and cls is not _BaseConfig:
+            own.update(cls.__dict__.get("__annotations__", {}))
     fields = {**_TRAINING_FIELDS, **own}
     for name, annotation in fields.items():
         expected = _expected(annotation)

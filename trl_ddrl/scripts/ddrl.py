@@ -120,6 +120,11 @@ class DDRLScriptArguments:
         },
     )
 
+    def __post_init__(self):
+        # `reward_funcs: brightness` in a YAML file arrives as a string, which would be read as a list of letters.
+        if isinstance(self.reward_funcs, str):
+            self.reward_funcs = [self.reward_funcs]
+
 
 class DDRLParser(TrlParser):
     """
@@ -173,6 +178,12 @@ def load_dataset_argument(name: str, config: str | None, split: str, option: str
     from datasets import load_dataset
 
     extension = os.path.splitext(name)[1].lower()
+    looks_local = extension in LOCAL_FILE_BUILDERS or name.startswith(("./", "../", "/", "~"))
+    if looks_local and not os.path.exists(os.path.expanduser(name)):
+        raise UsageError(
+            f"--{option}={name!r}: file not found (relative paths are read from {os.getcwd()!r}). Fix the path; a Hub "
+            "dataset id has no file extension."
+        )
     if os.path.isfile(name) and extension not in LOCAL_FILE_BUILDERS:
         raise UsageError(
             f"--{option}={name!r} is a {extension or 'extension-less'} file; local files must end in "
