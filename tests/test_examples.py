@@ -23,6 +23,7 @@ from tiny_models import (
     tiny_flux2_pipeline,
     tiny_flux_pipeline,
     tiny_hunyuan_video15_pipeline,
+    tiny_qwenimage_pipeline,
     tiny_sd15_pipeline,
     tiny_sdxl_pipeline,
     tiny_wan_pipeline,
@@ -102,6 +103,15 @@ CASES = {
         tiny_cosmos2_pipeline,
         "transformer",
         lambda data: ["--prompts", data["cosmos"], "--height", "32", "--width", "32", "--no_bf16"],
+    ),
+    "qwenimage-lora": (
+        "train_qwenimage.py",
+        tiny_qwenimage_pipeline,
+        "transformer",
+        lambda data: (
+            ["--prompts", data["prompts"], "--data_dataset", data["images"], "--resolution", "32"]
+            + ["--lora", "--no_bf16"]
+        ),
     ),
     "cosmos2.5": (
         "train_cosmos2_5.py",

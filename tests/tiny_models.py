@@ -671,3 +671,61 @@ def tiny_hunyuan_video15_pipeline(seed: int = 0):
         tokenizer_2=glyph_tokenizer,
         guider=ClassifierFreeGuidance(guidance_scale=6.0),
     )
+def tiny_qwenimage_vae(seed: int = 0):
+    """An `AutoencoderKLQwenImage` with 4 latent channels and 8x spatial compression (one-frame videos)."""
+    from diffusers import AutoencoderKLQwenImage
+
+    torch.manual_seed(seed)
+    return AutoencoderKLQwenImage(
+        base_dim=3,
+        z_dim=4,
+        dim_mult=[1, 1, 1, 1],
+        num_res_blocks=1,
+        temperal_downsample=[False, True, True],
+        latents_mean=[0.1, -0.2, 0.3, 0.0],
+        latents_std=[1.5, 0.8, 2.0, 1.2],
+    ).eval()
+
+
+def tiny_qwenimage_pipeline(seed: int = 0):
+    """
+    A random `QwenImagePipeline` generating 32x32 images from [4, 4, 4] VAE latents, packed into 4 tokens of 16
+    channels, with a tiny Qwen2.5-VL text encoder (width 16) and Qwen-Image's dynamically shifted Euler scheduler
+    config.
+    """
+    from diffusers import QwenImagePipeline, QwenImageTransformer2DModel
+
+    tokenizer = tiny_qwen_tokenizer()
+    torch.manual_seed(seed)
+    transformer = QwenImageTransformer2DModel(
+        patch_size=2,
+        in_channels=16,
+        out_channels=4,
+        num_layers=1,
+        attention_head_dim=8,
+        num_attention_heads=2,
+        joint_attention_dim=16,
+        axes_dims_rope=(2, 2, 4),
+    )
+    scheduler = FlowMatchEulerDiscreteScheduler(
+        shift=1.0,
+        use_dynamic_shifting=True,
+        base_shift=0.5,
+        max_shift=0.9,
+        base_image_seq_len=256,
+        max_image_seq_len=8192,
+        shift_terminal=0.02,
+        time_shift_type="exponential",
+    )
+    pipeline = QwenImagePipeline(
+        scheduler=scheduler,
+        vae=tiny_qwenimage_vae(seed),
+        text_encoder=tiny_qwen2_5_vl_text_encoder(len(tokenizer), seed=seed + 1),
+        tokenizer=tokenizer,
+        transformer=transformer,
+    )
+    # The pipeline drops the chat template's system turn, 34 tokens with Qwen's tokenizer; more with this byte-level
+    # one, so that the embeddings are the prompts' (a pipeline attribute, back at 34 after `from_pretrained`).
+    prefix = pipeline.prompt_template_encode.split("{}")[0]
+    pipeline.prompt_template_encode_start_idx = len(tokenizer(prefix).input_ids)
+    return pipeline

@@ -15,6 +15,7 @@ from .digits import DigitsFlowAdapter
 from .flux import FluxAdapter
 from .flux2 import Flux2Adapter
 from .hunyuan_video15 import HunyuanVideo15Adapter
+from .qwenimage import QwenImageAdapter
 from .sd3 import StableDiffusion3Adapter
 from .stable_diffusion import DDIMAdapter, StableDiffusionAdapter, StableDiffusionXLAdapter
 from .wan import WanAdapter
@@ -26,6 +27,7 @@ ADAPTERS: tuple[type[DiffusionAdapter], ...] = (
     StableDiffusionXLAdapter,
     FluxAdapter,
     Flux2Adapter,
+    QwenImageAdapter,
     WanAdapter,
     HunyuanVideo15Adapter,
     Cosmos2TextToImageAdapter,
@@ -67,6 +69,7 @@ __all__ = [
     "Flux2Adapter",
     "FluxAdapter",
     "HunyuanVideo15Adapter",
+    "QwenImageAdapter",
     "SamplingSettings",
     "StableDiffusion3Adapter",
     "StableDiffusionAdapter",

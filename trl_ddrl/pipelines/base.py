@@ -219,7 +219,10 @@ class DiffusionAdapter(ABC):
     def pixel_channels(self) -> int:
         """Channels of the pixels the model generates: the VAE's input channels, or the latent channels without one."""
         vae = getattr(self.pipeline, "vae", None)
-        return vae.config.in_channels if vae is not None else self.latent_shape()[0]
+        if vae is None:
+            return self.latent_shape()[0]
+        # `AutoencoderKLQwenImage` names it `input_channels`.
+        return vae.config.get("in_channels", vae.config.get("input_channels"))
 
     @property
     def device(self) -> torch.device:
