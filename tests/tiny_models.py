@@ -671,6 +671,8 @@ def tiny_hunyuan_video15_pipeline(seed: int = 0):
         tokenizer_2=glyph_tokenizer,
         guider=ClassifierFreeGuidance(guidance_scale=6.0),
     )
+
+
 def tiny_qwenimage_vae(seed: int = 0):
     """An `AutoencoderKLQwenImage` with 4 latent channels and 8x spatial compression (one-frame videos)."""
     from diffusers import AutoencoderKLQwenImage
