@@ -4,7 +4,7 @@ import pytest
 import torch
 from diffusers import DDIMScheduler, FlowMatchEulerDiscreteScheduler
 
-from trl_ddrl.sampling import ddim_step, flow_sde_step, gaussian_log_prob
+from trl_ddrl.sampling import ddim_step, flow_cps_step, flow_sde_step, gaussian_log_prob
 
 
 def test_gaussian_log_prob_matches_torch_normal():
@@ -103,3 +103,65 @@ def test_ddim_step_std_matches_diffusers_variance_and_replays_exactly():
         x, eps, scheduler.alphas_cumprod[t], scheduler.alphas_cumprod[prev_t], eta=1.0, prev_sample=out.prev_sample
     )
     assert torch.allclose(torch.exp(replay.log_prob - out.log_prob), torch.ones(3), atol=1e-6)
+
+
+def test_flow_cps_step_mean_std_and_log_prob_follow_the_formula():
+    # Hand-sized: two samples of two values, re-derived from x0 = x - sigma v, x1 = x + (1 - sigma) v.
+    x = torch.tensor([[0.5, -1.0], [2.0, 0.0]])
+    v = torch.tensor([[1.0, 0.5], [-0.5, 2.0]])
+    sigma, sigma_next, eta = torch.tensor([0.8, 0.6]), torch.tensor([0.6, 0.3]), 0.8
+    noise = torch.tensor([[0.3, -1.2], [0.7, 0.1]])
+    out = flow_cps_step(x, v, sigma, sigma_next, eta=eta, noise=noise)
+    for b in range(2):
+        s, s_next = sigma[b].item(), sigma_next[b].item()
+        std = s_next * math.sin(eta * math.pi / 2)
+        for d in range(2):
+            x0 = x[b, d].item() - s * v[b, d].item()
+            x1 = x[b, d].item() + (1 - s) * v[b, d].item()
+            mean = (1 - s_next) * x0 + math.sqrt(s_next**2 - std**2) * x1
+            assert out.mean[b, d].item() == pytest.approx(mean, abs=1e-6)
+            assert out.prev_sample[b, d].item() == pytest.approx(mean + std * noise[b, d].item(), abs=1e-6)
+        assert out.std[b].item() == pytest.approx(std, rel=1e-6)
+        density = [
+            -((out.prev_sample[b, d].item() - out.mean[b, d].item()) ** 2) / (2 * std**2)
+            - math.log(std)
+            - 0.5 * math.log(2 * math.pi)
+            for d in range(2)
+        ]
+        assert out.log_prob[b].item() == pytest.approx(sum(density) / 2, rel=1e-5)
+
+
+def test_flow_cps_replay_gives_ratio_exactly_one():
+    torch.manual_seed(3)
+    x, v = torch.randn(5, 4, 6, 6), torch.randn(5, 4, 6, 6)
+    sigma, sigma_next = torch.rand(5) * 0.5 + 0.4, torch.rand(5) * 0.3 + 0.05
+    rollout = flow_cps_step(x, v, sigma, sigma_next, eta=0.8)
+    replay = flow_cps_step(x, v, sigma, sigma_next, eta=0.8, prev_sample=rollout.prev_sample)
+    assert torch.equal(torch.exp(replay.log_prob - rollout.log_prob), torch.ones(5))
+    moved = flow_cps_step(x, v + 0.1, sigma, sigma_next, eta=0.8, prev_sample=rollout.prev_sample)
+    assert not torch.allclose(moved.log_prob, rollout.log_prob)
+
+
+def test_flow_cps_preserves_the_flow_coefficients():
+    # With the exact velocity of a point x0 noised by eps, the next state is (1 - s') x0 plus noise of total std s'.
+    torch.manual_seed(4)
+    x0, eps = torch.randn(1, 20000), torch.randn(1, 20000)
+    s, s_next = 0.7, 0.4
+    x = (1 - s) * x0 + s * eps
+    out = flow_cps_step(x, eps - x0, s, s_next, eta=0.8)
+    residual = out.prev_sample - (1 - s_next) * x0
+    assert residual.std().item() == pytest.approx(s_next, rel=0.03)
+    # The Euler-Maruyama SDE at the same eta overshoots the schedule's noise level.
+    sde = flow_sde_step(x, eps - x0, s, s_next, eta=0.8, noise_sigma_max=0.9)
+    assert (sde.prev_sample - (1 - s_next) * x0).std().item() > 1.05 * s_next
+
+
+def test_flow_cps_with_eta_zero_or_a_last_step_is_the_euler_step():
+    torch.manual_seed(5)
+    x, v = torch.randn(3, 8), torch.randn(3, 8)
+    euler = flow_cps_step(x, v, 0.6, 0.2, eta=0.0)
+    torch.testing.assert_close(euler.prev_sample, x + v * (0.2 - 0.6))
+    assert torch.all(euler.std == 0) and torch.all(euler.log_prob == 0)
+    last = flow_cps_step(x, v, 0.3, 0.0, eta=0.8)
+    torch.testing.assert_close(last.prev_sample, x - 0.3 * v)
+    assert torch.all(last.std == 0) and torch.all(last.log_prob == 0)

@@ -8,6 +8,7 @@ import torch
 from trl.trainer.base_config import _BaseConfig
 
 from .config_checks import validate_types
+from .sde_window import SDE_WINDOW_POSITION_CHOICES, resolve_sde_window_range
 
 
 SCALE_REWARDS_CHOICES = ("group", "batch", "none")
@@ -15,6 +16,7 @@ DATA_NOISE_CHOICES = ("rollout", "independent")
 MULTI_OBJECTIVE_CHOICES = ("sum_then_normalize", "normalize_then_sum")
 REWARD_ERROR_POLICY_CHOICES = ("raise", "drop_group")
 DATA_SOURCE_CHOICES = ("dataset", "base_model")
+SAMPLER_CHOICES = ("flow_sde", "cps")
 
 
 def resolve_train_timesteps(num_inference_steps: int, fraction: float, explicit: list[int] | None) -> list[int]:
@@ -92,12 +94,20 @@ class DDRLConfig(_BaseConfig):
             Number of sampling steps of a rollout.
         train_timesteps (`list[int]`, *optional*):
             Explicit indices of the sampling steps to train on (0 is the noisiest). Overrides
-            `train_timestep_fraction`. The final step is deterministic and can never be trained.
+            `train_timestep_fraction`. The final step is deterministic and can never be trained. After
+            initialisation it holds the resolved indices, or `None` with `sde_window_size` (the window is trained);
+            `num_trained_steps` holds their number in both cases.
         train_timestep_fraction (`float`, *optional*, defaults to `0.5`):
             Fraction of the stochastic sampling steps to train on, evenly spread: `0.5` trains every other step.
         eta (`float`, *optional*, defaults to `0.7`):
-            Noise level of the stochastic sampler (SDE eta for flow matching, DDIM eta for epsilon/v models).
-            Must be positive: a deterministic sampler has no likelihood to optimise.
+            Noise level of the stochastic sampler (SDE eta for flow matching, DDIM eta for epsilon/v models, the
+            fresh-noise share of CPS). Must be positive: a deterministic sampler has no likelihood to optimise.
+        sampler (`str`, *optional*, defaults to `"flow_sde"`):
+            Stochastic sampler of flow-matching families. `"flow_sde"`: Euler-Maruyama steps of the reverse SDE
+            (Flow-GRPO's `sde`). `"cps"`: coefficients-preserving sampling (Flow-GRPO's `sde_type="cps"`,
+            arXiv 2509.05952): each step keeps the flow's signal and noise coefficients exactly and replaces a
+            `sin(eta * pi / 2)` share of the noise with fresh noise; needs `eta <= 1` (Flow-GRPO uses 0.8). UNet
+            (epsilon / v) families always sample with DDIM and accept only the default.
         guidance_scale (`float`, *optional*, defaults to `1.0`):
             Classifier-free guidance scale during rollouts. `1.0` disables CFG, as in the authors' release.
         height (`int`, *optional*):
@@ -112,6 +122,27 @@ class DDRLConfig(_BaseConfig):
             Ground-truth frames each video continues, taken from each row's `image_column` (an image or a clip), for
             pipelines with several modes. Cosmos Predict2.5: `0` text-to-world (the default), `1` image-to-world, `5`
             video-to-world (two latent frames). Defaults to the family's own (Cosmos Predict2 Video2World: 1).
+
+        > Parameters that control the SDE window
+
+        sde_window_size (`int`, *optional*):
+            Make only this many consecutive sampling steps stochastic and train on exactly those (Flow-GRPO-Fast,
+            MixGRPO); the other steps use the deterministic sampler (`eta = 0`). Replaces `train_timesteps` and
+            `train_timestep_fraction`, which must then stay unset / default. Unset: every step but the last is
+            stochastic and `train_timesteps` are trained.
+        sde_window_position (`str`, *optional*, defaults to `"random"`):
+            Where the window lies in each RL iteration: `"random"` draws its first step per iteration, seeded by
+            `seed` and the iteration (Flow-GRPO-Fast); `"sliding"` starts at the range's first step and moves one step
+            later every `sde_window_shift_every` iterations, wrapping around (MixGRPO). Both resume exactly.
+        sde_window_range (`list[int]`, *optional*):
+            Half-open range `[first, end)` of the steps the window may cover. Defaults to every stochastic step,
+            `[0, num_inference_steps - 1)`; Flow-GRPO-Fast uses `[0, num_inference_steps // 2]`.
+        sde_window_shift_every (`int`, *optional*, defaults to `1`):
+            Iterations between two moves of a `"sliding"` window.
+        sde_window_share_prefix (`bool`, *optional*, defaults to `False`):
+            Start all samples of a group from the same initial noise, so that the deterministic steps before the
+            window are identical within the group and are computed once per prompt instead of `num_generations`
+            times. The group's samples then differ only by the window's noise. Needs `sde_window_size`.
 
         > Parameters that control the loss
 
@@ -245,6 +276,10 @@ class DDRLConfig(_BaseConfig):
         default=0.5, metadata={"help": "Fraction of the stochastic steps to train on; 0.5 = every other step."}
     )
     eta: float = field(default=0.7, metadata={"help": "Noise level of the stochastic sampler (SDE or DDIM eta), > 0."})
+    sampler: str = field(
+        default="flow_sde",
+        metadata={"help": "Flow-matching sampler: 'flow_sde' (reverse SDE) or 'cps' (coefficients-preserving)."},
+    )
     guidance_scale: float = field(default=1.0, metadata={"help": "CFG scale during rollouts; 1.0 disables CFG."})
     height: int | None = field(default=None, metadata={"help": "Sample height in pixels (pipeline default)."})
     width: int | None = field(default=None, metadata={"help": "Sample width in pixels (pipeline default)."})
@@ -260,6 +295,27 @@ class DDRLConfig(_BaseConfig):
             "help": "Given frames each video continues (Cosmos Predict2.5: 0 text-, 1 image-, 5 video-to-world); "
             "family default."
         },
+    )
+
+    # SDE window
+    sde_window_size: int | None = field(
+        default=None,
+        metadata={"help": "Only this many consecutive steps are stochastic and trained (Flow-GRPO-Fast). Unset: all."},
+    )
+    sde_window_position: str = field(
+        default="random",
+        metadata={"help": "'random': window drawn per iteration (seeded); 'sliding': moves one step at a time."},
+    )
+    sde_window_range: list[int] | None = field(
+        default=None,
+        metadata={"help": "Half-open [first, end) range of steps the window may cover (default: all stochastic)."},
+    )
+    sde_window_shift_every: int = field(
+        default=1, metadata={"help": "Iterations between two moves of a 'sliding' window."}
+    )
+    sde_window_share_prefix: bool = field(
+        default=False,
+        metadata={"help": "One initial noise per group: the steps before the window are computed once per prompt."},
     )
 
     # Loss
@@ -340,6 +396,8 @@ class DDRLConfig(_BaseConfig):
         self._check_choice("data_source", DATA_SOURCE_CHOICES)
         self._check_choice("multi_objective_aggregation", MULTI_OBJECTIVE_CHOICES)
         self._check_choice("reward_error_policy", REWARD_ERROR_POLICY_CHOICES)
+        self._check_choice("sampler", SAMPLER_CHOICES)
+        self._check_choice("sde_window_position", SDE_WINDOW_POSITION_CHOICES)
         self._check_positive("num_generations", minimum=2, why="advantages compare samples within a group")
         self._check_positive("prompts_per_step")
         self._check_positive("num_inference_steps", minimum=2, why="the last step is deterministic")
@@ -349,6 +407,11 @@ class DDRLConfig(_BaseConfig):
             raise ValueError(
                 f"eta={self.eta} must be > 0: a deterministic sampler has no likelihood ratio to optimise. "
                 "The authors use 0.7 for flow matching and 1.0 for DDIM."
+            )
+        if self.sampler == "cps" and self.eta > 1:
+            raise ValueError(
+                f"eta={self.eta} with sampler='cps' must be in (0, 1]: it is the fresh-noise share sin(eta * pi / 2) "
+                "of each step's noise level (Flow-GRPO uses 0.8)."
             )
         if self.clip_range <= 0:
             raise ValueError(f"clip_range={self.clip_range} must be > 0 (the authors use 1e-4).")
@@ -381,9 +444,7 @@ class DDRLConfig(_BaseConfig):
                 "remove_unused_columns=True would drop the prompt and image columns that DDRL needs. Set it to False."
             )
 
-        self.train_timesteps = resolve_train_timesteps(
-            self.num_inference_steps, self.train_timestep_fraction, self.train_timesteps
-        )
+        self._check_sde_window()
         num_processes = self.world_size
         samples_per_step = self.prompts_per_step * self.num_generations
         if samples_per_step % num_processes:
@@ -392,11 +453,11 @@ class DDRLConfig(_BaseConfig):
                 f"the number of processes ({num_processes}). Change prompts_per_step."
             )
         self.samples_per_process = samples_per_step // num_processes
-        transitions = self.samples_per_process * len(self.train_timesteps)
+        transitions = self.samples_per_process * self.num_trained_steps
         if transitions % self.per_device_train_batch_size:
             raise ValueError(
                 f"Each process trains on {transitions} transitions per iteration ({self.samples_per_process} samples x "
-                f"{len(self.train_timesteps)} trained steps), which per_device_train_batch_size="
+                f"{self.num_trained_steps} trained steps), which per_device_train_batch_size="
                 f"{self.per_device_train_batch_size} does not divide. Pick a divisor of {transitions}."
             )
         self.steps_per_generation = transitions // self.per_device_train_batch_size
@@ -415,6 +476,34 @@ class DDRLConfig(_BaseConfig):
         self._check_positive("eval_num_generations")
         self._check_positive("log_samples_steps", minimum=0, why="0 logs no samples")
         self._check_positive("num_samples_to_log", minimum=0, why="0 logs no samples")
+
+    def _check_sde_window(self) -> None:
+        """
+        Resolve the trained steps: the fixed `train_timesteps`, or with an SDE window `train_timesteps=None` (the
+        window, drawn per iteration, is trained) and `num_trained_steps = sde_window_size`.
+        """
+        if self.sde_window_size is None:
+            if self.sde_window_share_prefix:
+                raise ValueError(
+                    "sde_window_share_prefix=True needs sde_window_size: without a window every step is stochastic, "
+                    "so no step before it is shared by a group. Set sde_window_size (for example 2) or leave "
+                    "sde_window_share_prefix=False."
+                )
+            self.train_timesteps = resolve_train_timesteps(
+                self.num_inference_steps, self.train_timestep_fraction, self.train_timesteps
+            )
+            self.num_trained_steps = len(self.train_timesteps)
+            return
+        if self.train_timesteps or self.train_timestep_fraction != 0.5:
+            raise ValueError(
+                f"sde_window_size={self.sde_window_size} trains exactly the window's steps, so train_timesteps="
+                f"{self.train_timesteps} and train_timestep_fraction={self.train_timestep_fraction} would be ignored. "
+                "Leave them unset, or unset sde_window_size."
+            )
+        self._check_positive("sde_window_shift_every")
+        resolve_sde_window_range(self.num_inference_steps, self.sde_window_size, self.sde_window_range)
+        self.train_timesteps = None
+        self.num_trained_steps = self.sde_window_size
 
     def _check_choice(self, name: str, choices: tuple[str, ...]) -> None:
         value = getattr(self, name)

@@ -51,6 +51,7 @@ from .losses import clipped_policy_loss, compute_advantages, gaussian_kl
 from .model_card import hub_base_model, save_model_card
 from .pipelines import ADAPTERS, Conditioning, SamplingSettings, get_adapter
 from .rewards import RewardFunctionError, check_rewards, get_reward_function
+from .sde_window import group_index, group_noise_generator, join_prefix, rollout_steps, sample_shared_prefix
 from .tracking import SampleLoggingCallback, Samples, expose_config_to_trackers
 from .utils import image_grid, save_denoiser, save_video_grid_gif
 
@@ -347,6 +348,7 @@ class DDRLTrainer(_BaseTrainer):
             SamplingSettings(
                 num_inference_steps=args.num_inference_steps,
                 eta=args.eta,
+                sampler=args.sampler,
                 guidance_scale=args.guidance_scale,
                 height=args.height,
                 width=args.width,
@@ -619,7 +621,19 @@ class DDRLTrainer(_BaseTrainer):
             if self.adapter.num_conditioning_frames:
                 # Video-to-world: every sample continues its row's ground-truth frames.
                 conditioning.update(self._encode_condition_frames(rows, iteration))
-            noise = self.adapter.sample_noise(len(prompts), generator=self._generator(iteration, 0))
+            schedule = rollout_steps(args, iteration)
+            if schedule.prefix:
+                # One initial noise and one deterministic prefix per group; the samples branch at the window.
+                groups = group_index(len(prompts), args.num_generations, self.accelerator.process_index)
+                group_noise = self.adapter.sample_noise(
+                    args.prompts_per_step, generator=group_noise_generator(args.seed, iteration)
+                )
+                prefix = sample_shared_prefix(
+                    self.adapter, policy, conditioning, group_noise, groups, schedule.prefix, chunk
+                )
+                noise = prefix[:, -1]
+            else:
+                noise = self.adapter.sample_noise(len(prompts), generator=self._generator(iteration, 0))
             sampler_generator = self._generator(iteration, 1)
             for i in range(0, len(prompts), chunk):
                 trajectory = self.adapter.sample(
@@ -627,11 +641,16 @@ class DDRLTrainer(_BaseTrainer):
                     {key: value[i : i + chunk] for key, value in conditioning.items()},
                     noise[i : i + chunk],
                     generator=sampler_generator,
+                    steps=range(schedule.prefix, args.num_inference_steps),
+                    stochastic_steps=schedule.stochastic,
                 )
-                chunk_images = self.adapter.decode(trajectory.latents[:, -1])
-                self._divergence.check_samples(trajectory.latents, chunk_images, iteration)
-                latents.append(trajectory.latents)
-                log_probs.append(trajectory.log_probs)
+                chunk_latents, chunk_log_probs = trajectory.latents, trajectory.log_probs
+                if schedule.prefix:
+                    chunk_latents, chunk_log_probs = join_prefix(prefix[i : i + chunk], chunk_latents, chunk_log_probs)
+                chunk_images = self.adapter.decode(chunk_latents[:, -1])
+                self._divergence.check_samples(chunk_latents, chunk_images, iteration)
+                latents.append(chunk_latents)
+                log_probs.append(chunk_log_probs)
                 images.append(chunk_images)
                 # Scoring this chunk overlaps the sampling of the next one.
                 score_args = (prompts[i : i + chunk], chunk_images, rows[i : i + chunk])
@@ -673,8 +692,8 @@ class DDRLTrainer(_BaseTrainer):
             )
             data_latents, data_conditioning = data_batch["latents"], data_batch["conditioning"]
 
-        steps = torch.tensor(args.train_timesteps, device=device)
-        num_steps = len(args.train_timesteps)
+        steps = torch.tensor(schedule.trained, device=device)
+        num_steps = len(schedule.trained)
         order, data_rows = order_micro_batches(
             torch.randperm(len(prompts) * num_steps, generator=self._generator(iteration, 3)),
             num_steps,
@@ -683,6 +702,8 @@ class DDRLTrainer(_BaseTrainer):
         )
 
         self._log_rollout_metrics(all_rewards, result, advantages, rollout_time, reward_wait_time)
+        if schedule.stochastic is not None:
+            self._metrics["sde_window/first_step"].append(float(schedule.stochastic[0]))
         self._last_images = images[:16].cpu()
         self._last_samples = Samples.first(
             args.num_samples_to_log, images, prompts, rewards_per_func, self.reward_func_names

@@ -9,6 +9,7 @@ are decoded); the sampling loop and the step math are shared.
 """
 
 from abc import ABC, abstractmethod
+from collections.abc import Collection
 from dataclasses import dataclass
 
 import numpy as np
@@ -17,7 +18,7 @@ from diffusers.pipelines.flux.pipeline_flux import calculate_shift
 from torch import nn
 
 from ..losses import flow_matching_loss, flow_matching_noisy_sample
-from ..sampling import StepOutput, flow_sde_step, to_device
+from ..sampling import StepOutput, flow_cps_step, flow_sde_step, to_device
 from .latents import normalized_vae_decode, normalized_vae_encode
 
 
@@ -56,6 +57,7 @@ class SamplingSettings:
 
     num_inference_steps: int
     eta: float
+    sampler: str = "flow_sde"
     guidance_scale: float = 1.0
     height: int | None = None
     width: int | None = None
@@ -241,22 +243,30 @@ class DiffusionAdapter(ABC):
         noise: torch.Tensor,
         generator: torch.Generator | None = None,
         eta: float | None = None,
+        steps: range | None = None,
+        stochastic_steps: Collection[int] | None = None,
     ) -> Trajectory:
         """
         Run the stochastic sampler from `noise`, recording every state and every transition's log-likelihood.
 
         Every step but the last is stochastic with `eta` (default `settings.eta`; 0 gives the deterministic sampler);
         the last one lands on the clean sample and is deterministic (its log-likelihood is 0 and it is never trained).
+        With `stochastic_steps` (an SDE window), only those steps use `eta` and all others are deterministic.
+
+        `steps` (default: all `num_inference_steps`) runs only a contiguous part of the schedule, from the state
+        `noise` at step `steps.start`: the returned trajectory then holds the `len(steps) + 1` states from there.
         """
         eta = self.settings.eta if eta is None else eta
         num_steps = self.settings.num_inference_steps
+        steps = range(num_steps) if steps is None else steps
         latents = [noise.float()]
         log_probs = []
         batch = noise.shape[0]
-        for i in range(num_steps):
+        for i in steps:
+            stochastic = i < num_steps - 1 and (stochastic_steps is None or i in stochastic_steps)
             step_index = torch.full((batch,), i, dtype=torch.long, device=noise.device)
             output = self.predict(denoiser, latents[-1], step_index, conditioning)
-            out = self.step(output, latents[-1], step_index, eta if i < num_steps - 1 else 0.0, generator=generator)
+            out = self.step(output, latents[-1], step_index, eta if stochastic else 0.0, generator=generator)
             latents.append(out.prev_sample)
             log_probs.append(out.log_prob)
         return Trajectory(latents=torch.stack(latents, dim=1), log_probs=torch.stack(log_probs, dim=1))
@@ -279,7 +289,8 @@ class FlowMatchingAdapter(DiffusionAdapter):
     Shared parts of rectified-flow families (`x_sigma = (1 - sigma) x0 + sigma * noise`, velocity `noise - x0`).
 
     Subclasses implement `velocity(denoiser, latents, sigma, conditioning)` for the conditional prediction; CFG,
-    the SDE step and the data loss are handled here. The sigma schedule comes from the pipeline's scheduler.
+    the sampler step (`settings.sampler`: the SDE step or CPS) and the data loss are handled here. The sigma schedule
+    comes from the pipeline's scheduler.
     """
 
     default_resolution: tuple[int, int] | None = None
@@ -362,6 +373,16 @@ class FlowMatchingAdapter(DiffusionAdapter):
 
     def step(self, model_output, latents, step_index, eta, prev_sample=None, generator=None):
         sigmas = self._sigma_table()
+        if self.settings.sampler == "cps":
+            return flow_cps_step(
+                latents,
+                model_output,
+                sigmas[step_index],
+                sigmas[step_index + 1],
+                eta=eta,
+                prev_sample=prev_sample,
+                generator=generator,
+            )
         return flow_sde_step(
             latents,
             model_output,

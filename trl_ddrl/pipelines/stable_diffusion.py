@@ -50,6 +50,12 @@ class DDIMAdapter(DiffusionAdapter):
                 "embedding (an LCM-style distillation), which DDRL's DDIM sampler does not feed. Train the base model "
                 "it was distilled from."
             )
+        if settings.sampler != "flow_sde":
+            raise ValueError(
+                f"sampler={settings.sampler!r} is a flow-matching sampler, but {type(pipeline).__name__} samples with "
+                "DDIM (whose eta-step already preserves the schedule's coefficients, which is what CPS restores for "
+                "flow models). Leave sampler at its default 'flow_sde' for this pipeline."
+            )
         self.prediction_type = prediction_type
 
     @abstractmethod
