@@ -80,6 +80,8 @@ def record_host_reads(trainer: DDRLTrainer) -> tuple[list[Counter], list[Counter
         ("sd3", dict(data_beta=0.1, data_on_first_step_only=True, kl_beta=0.1)),
         # DDIM with CFG and the data term on every transition.
         ("sd15", dict(data_beta=0.1, guidance_scale=3.0)),
+        # An SDE window with the CPS sampler.
+        ("sd3", dict(data_beta=0.1, sde_window_size=2, sampler="cps")),
     ],
 )
 def test_sampler_and_loss_do_not_read_device_values(family, overrides, tiny_sd3_path, tmp_path):

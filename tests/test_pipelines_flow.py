@@ -322,9 +322,9 @@ def test_video_to_world_trains_from_each_rows_conditioning_frames(tmp_path):
     sampled_conditions = []
     sample = trainer.adapter.sample
 
-    def recording_sample(denoiser, conditioning, noise, generator=None):
+    def recording_sample(denoiser, conditioning, noise, **kwargs):
         sampled_conditions.append(conditioning["condition_latents"].clone())
-        return sample(denoiser, conditioning, noise, generator=generator)
+        return sample(denoiser, conditioning, noise, **kwargs)
 
     trainer.adapter.sample = recording_sample
     trainer.train()
