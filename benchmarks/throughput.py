@@ -46,6 +46,10 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--num-generations", type=int, default=4)
     parser.add_argument("--num-inference-steps", type=int, default=10)
     parser.add_argument("--train-timestep-fraction", type=float, default=0.5)
+    parser.add_argument(
+        "--sde-window-size", type=int, default=None, help="Train an SDE window of this many steps instead."
+    )
+    parser.add_argument("--sampler", default="flow_sde", help="DDRLConfig.sampler: 'flow_sde' or 'cps'.")
     parser.add_argument("--batch-size", type=int, default=8, help="per_device_train_batch_size (transitions).")
     parser.add_argument("--data-beta", type=float, default=0.01, help="0 drops the data term (Flow-GRPO-like).")
     parser.add_argument("--iterations", type=int, default=4, help="Measured iterations (after one warm-up).")
@@ -118,6 +122,9 @@ def run(args: argparse.Namespace, output_dir: str) -> None:
         num_generations=args.num_generations,
         num_inference_steps=args.num_inference_steps,
         train_timestep_fraction=args.train_timestep_fraction,
+        sde_window_size=args.sde_window_size,
+        sampler=args.sampler,
+        eta=0.8 if args.sampler == "cps" else 0.7,
         per_device_train_batch_size=args.batch_size,
         data_beta=args.data_beta,
         max_sequence_length=MAX_SEQUENCE_LENGTH,
@@ -128,7 +135,7 @@ def run(args: argparse.Namespace, output_dir: str) -> None:
         disable_tqdm=True,
         seed=0,
     )
-    raw = sd3_raw_floor(args, pipeline, len(config.train_timesteps))
+    raw = sd3_raw_floor(args, pipeline, config.num_trained_steps)
     raw.iteration()  # warm-up, paired with the trainer's warm-up iteration
     timer = StepTimer(between=raw.iteration)
     resolution = args.latent_size * pipeline.vae_scale_factor
@@ -162,7 +169,8 @@ def run(args: argparse.Namespace, output_dir: str) -> None:
             "latent_shape": [4, args.latent_size, args.latent_size],
         },
         "settings": {key: value for key, value in vars(args).items() if key != "output"},
-        "train_timesteps": list(config.train_timesteps),
+        "train_timesteps": config.train_timesteps,
+        "num_trained_steps": config.num_trained_steps,
         "micro_batches_per_iteration": config.steps_per_generation,
         "trainer": {
             "iteration_s": summary(iteration),
@@ -199,7 +207,7 @@ def run(args: argparse.Namespace, output_dir: str) -> None:
     print(
         f"denoiser: SD3 MMDiT, {args.num_layers} blocks, {num_parameters / 1e6:.2f}M parameters, latents "
         f"{result['model']['latent_shape']}; {samples} samples x {args.num_inference_steps} steps, "
-        f"{len(config.train_timesteps)} trained steps, {config.steps_per_generation} micro-batches per iteration"
+        f"{config.num_trained_steps} trained steps, {config.steps_per_generation} micro-batches per iteration"
     )
     print(
         f"trainer, median of {args.iterations} iterations: {median('iteration_s'):.2f} s = rollout "

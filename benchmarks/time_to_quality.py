@@ -8,25 +8,29 @@ Every run starts from the same cached base generator with the same seed, reward 
 in the prompted digit), prompts, data term and hyper-parameters; only the sampler / window settings change:
 
 - `full_sde`: every step but the last stochastic (`eta=0.7`), every other step trained (today's default);
+- `cps`: every step stochastic with the coefficients-preserving sampler (`sampler="cps"`, `eta=0.8`);
 - `window`: `sde_window_size` consecutive steps stochastic and trained, drawn per iteration in the first half of
   the schedule (Flow-GRPO-Fast), the rest deterministic;
 - `window_cps`: the same window with the coefficients-preserving sampler (`sampler="cps"`, `eta=0.8`);
 - `window_cps_shared`: and every group shares its initial noise, so the steps before the window run once per prompt.
 
 Every `--eval-every` optimizer steps a callback samples fixed noise for every digit with the deterministic sampler and
-scores it with the training reward (outside the timed training). The first evaluation at or above `--target` stops
-the run; the fidelity (held-out `"eval"`-split classifier accuracy and Fréchet distance in its feature space, see
-`digits_metrics.py`) is measured on a larger fixed-noise sample at that point. Work is counted as denoiser rows: each
-sample a forward pass sees counts one, split into no-grad forwards (rollouts) and forwards with grad (each one also
-backpropagated).
+scores it with the training reward (outside the timed training). The **target** of a seed is full-SDE's own final
+quality: full-SDE runs first, for all `--max-steps`, and the target is the mean eval reward of its last
+`--final-evals` evaluations (or give `--target` / `--target-gain` for a fixed one). Each run's time to target is the
+training wall-clock until its first evaluation at or above the target; variants stop there. The fidelity at that
+point (held-out `"eval"`-split classifier accuracy and Fréchet distance in its feature space, see
+`digits_metrics.py`) is measured on a larger fixed-noise sample, for full-SDE from the weights kept at its hit. Work
+is counted as denoiser rows: each sample a forward pass sees counts one, split into no-grad forwards (rollouts) and
+forwards with grad (each one also backpropagated; `work_speedup` weighs them 1 and 3).
 
 `speedup` = the full-SDE mean time to target / the fastest variant's mean time among those that reached the target
-on every seed with fidelity no worse than full-SDE's (mean accuracy at most `--accuracy-tolerance` lower, mean FD at
-most `--fd-tolerance` relatively higher). The time ratios of each seed are measured in the same run, variants
-interleaved per seed so they see the same machine load.
+on every seed with fidelity no worse than full-SDE's at its hit (mean accuracy at most `--accuracy-tolerance` lower,
+mean FD at most `--fd-tolerance` relatively higher). Variants run interleaved per seed so that they see about the
+same machine load; one torch thread per process.
 
     python benchmarks/time_to_quality.py                  # 3 seeds, ~20 minutes on 2 busy cores
-    python benchmarks/time_to_quality.py --quick          # smoke run: 1 seed, 2 variants, a low target
+    python benchmarks/time_to_quality.py --quick          # smoke run: 1 seed, 2 variants, 4 steps
 """
 
 import argparse
@@ -60,6 +64,7 @@ def variants(opts) -> dict[str, dict]:
     window = dict(sde_window_size=opts.window_size, sde_window_range=[0, opts.num_inference_steps // 2])
     return {
         "full_sde": {},
+        "cps": {"sampler": "cps", "eta": opts.cps_eta},
         "window": window,
         "window_cps": {**window, "sampler": "cps", "eta": opts.cps_eta},
         "window_cps_shared": {**window, "sampler": "cps", "eta": opts.cps_eta, "sde_window_share_prefix": True},
@@ -85,11 +90,16 @@ class RowCounter:
 
 
 class TimeToTarget(TrainerCallback):
-    """Evaluate every `every` steps; at the first evaluation reward >= `target`, record the point and stop."""
+    """
+    Evaluate every `every` optimizer steps (outside the timed training). With a `target`, the first evaluation at or
+    above it is the hit: the run stops there. Without one (the full-SDE run that sets the target), every evaluation
+    keeps a copy of the denoiser's weights, so that the fidelity at the hit can be measured once the target is known.
+    """
 
-    def __init__(self, pipeline, reward, counter: RowCounter, opts, start_reward: float, target: float):
+    def __init__(self, pipeline, reward, counter: RowCounter, opts, start_reward: float, target: float | None):
         self.pipeline, self.reward, self.counter, self.opts, self.target = pipeline, reward, counter, opts, target
-        self.curve = [{"step": 0, "reward": start_reward, "train_time_s": 0.0}]
+        self.curve = [{"step": 0, "reward": start_reward, "train_time_s": 0.0, "rows_no_grad": 0, "rows_grad": 0}]
+        self.snapshots = {0: state_copy(pipeline.unet)} if target is None else {}
         self.eval_time = 0.0
         self.start = None
         self.hit = None
@@ -112,11 +122,17 @@ class TimeToTarget(TrainerCallback):
             "rows_grad": self.counter.grad,
         }
         self.curve.append(point)
-        if reward >= self.target and self.hit is None:
+        if self.target is None:
+            self.snapshots[state.global_step] = state_copy(self.pipeline.unet)
+        elif reward >= self.target and self.hit is None:
             self.hit = point
             control.should_training_stop = True
         self.counter.paused = False
         self.eval_time += time.perf_counter() - now
+
+
+def state_copy(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {key: value.detach().clone() for key, value in module.state_dict().items()}
 
 
 @torch.no_grad()
@@ -141,7 +157,13 @@ def evaluate_fidelity(pipeline, reward, judge: FidelityJudge, opts) -> dict[str,
     return {"reward": sum(values) / len(values), "accuracy": metrics["accuracy"], "fd": metrics["fd"]}
 
 
-def run_one(variant: str, overrides: dict, seed: int, reward, judge, opts, start_reward: float, target: float) -> dict:
+def run_one(
+    variant: str, overrides: dict, seed: int, reward, judge, opts, start_reward: float, target: float | None
+) -> dict:
+    """
+    Train one variant from the base model. With `target=None` (the full-SDE run) the run goes to `max_steps` and its
+    own final quality becomes the seed's target (see `matched_target`); otherwise it stops at the first hit.
+    """
     pipeline = load_or_pretrain_base(show_progress=False)
     pipeline.set_progress_bar_config(disable=True)
     counter = RowCounter(pipeline.unet)
@@ -175,10 +197,16 @@ def run_one(variant: str, overrides: dict, seed: int, reward, judge, opts, start
     trainer.train()
     total = time.perf_counter() - start - callback.eval_time
     counter.handle.remove()
+    if target is None:
+        target = matched_target(callback.curve, opts.final_evals)
+        callback.hit = next(point for point in callback.curve[1:] if point["reward"] >= target)
+        # The fidelity at the hit, from the weights kept at that evaluation.
+        pipeline.unet.load_state_dict(callback.snapshots[callback.hit["step"]])
     result = {
         "variant": variant,
         "seed": seed,
         "target": target,
+        "final_eval_reward": callback.curve[-1]["reward"],
         "overrides": overrides,
         "trained_steps_per_sample": args.num_trained_steps,
         "reached_target": callback.hit is not None,
@@ -201,6 +229,11 @@ def run_one(variant: str, overrides: dict, seed: int, reward, judge, opts, start
         flush=True,
     )
     return result
+
+
+def matched_target(curve: list[dict], final_evals: int) -> float:
+    """The full-SDE run's final quality: the mean eval reward of its last `final_evals` evaluations."""
+    return statistics.fmean(point["reward"] for point in curve[-final_evals:])
 
 
 def summarize(runs: list[dict], opts) -> dict:
@@ -255,11 +288,18 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument(
         "--target-gain",
         type=float,
-        default=0.02,
-        help="Target evaluation reward: the base model's (per seed: each seed trains its own reward classifier) plus this.",
+        default=None,
+        help="Target: the base model's eval reward (per seed: each seed trains its own reward classifier) plus this.",
     )
-    parser.add_argument("--target", type=float, default=None, help="An absolute target instead of --target-gain.")
-    parser.add_argument("--max-steps", type=int, default=20, help="Optimizer steps (= RL iterations) at most.")
+    parser.add_argument("--target", type=float, default=None, help="An absolute target eval reward.")
+    parser.add_argument(
+        "--final-evals",
+        type=int,
+        default=3,
+        help="Without --target/--target-gain, the target is full-SDE's final quality: the mean eval reward of its "
+        "last this many evaluations (full_sde runs first and all max_steps).",
+    )
+    parser.add_argument("--max-steps", type=int, default=24, help="Optimizer steps (= RL iterations) at most.")
     parser.add_argument("--eval-every", type=int, default=1)
     parser.add_argument("--eval-samples-per-digit", type=int, default=6)
     parser.add_argument("--fidelity-samples-per-digit", type=int, default=20)
@@ -282,7 +322,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     opts = parser.parse_args(argv)
     opts.argv = list(argv if argv is not None else sys.argv[1:])
     if opts.quick:
-        opts.seeds, opts.max_steps, opts.target = opts.seeds[:1], 4, 0.0
+        opts.seeds, opts.max_steps = opts.seeds[:1], 4
         opts.variants = opts.variants or ["full_sde", "window"]
         if opts.output == parser.get_default("output"):
             opts.output = "/tmp/trl_ddrl_time_to_quality_quick.json"
@@ -298,6 +338,10 @@ def main(argv=None) -> dict:
     chosen = variants(opts)
     if opts.variants:
         chosen = {name: chosen[name] for name in opts.variants}
+    if opts.target is None and opts.target_gain is None and next(iter(chosen)) != "full_sde":
+        raise ValueError(
+            "Without --target or --target-gain, full_sde must run first: its final quality is the target."
+        )
     judge = FidelityJudge(seed=0)
     base = load_or_pretrain_base(show_progress=False)
     base.set_progress_bar_config(disable=True)
@@ -306,10 +350,15 @@ def main(argv=None) -> dict:
         reward = DigitClassifierReward(seed=seed)
         start_reward = evaluate_reward(base, reward, opts)
         base_fidelity[str(seed)] = evaluate_fidelity(base, reward, judge, opts)
-        target = opts.target if opts.target is not None else start_reward + opts.target_gain
-        print(f"seed {seed}: base model eval reward {start_reward:.3f}, target {target:.3f}", flush=True)
+        target = opts.target
+        if opts.target_gain is not None:
+            target = start_reward + opts.target_gain
+        print(f"seed {seed}: base model eval reward {start_reward:.3f}", flush=True)
         for variant, overrides in chosen.items():
             runs.append(run_one(variant, overrides, seed, reward, judge, opts, start_reward, target))
+            if target is None:
+                target = runs[-1]["target"]
+                print(f"  target (full-SDE's final quality): eval reward {target:.4f}", flush=True)
             results = {
                 "command": "python benchmarks/time_to_quality.py " + " ".join(opts.argv),
                 "settings": {key: value for key, value in vars(opts).items() if key not in ("argv", "work_dir")},
