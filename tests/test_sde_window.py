@@ -213,3 +213,21 @@ def test_shared_prefix_is_identical_within_a_group_and_computed_once_per_prompt(
     # prefix steps once per prompt (2), the rest once per sample (8); one replay forward per transition
     assert spy.rows["no_grad"] == 2 * start + 8 * (STEPS - start)
     assert spy.rows["grad"] == 8
+
+
+def test_evaluation_data_loss_covers_the_steps_a_window_can_train(tmp_path):
+    args = make_args(tmp_path, sde_window_size=2, sde_window_range=[1, 4], eval_num_generations=2)
+    data = digits_dataset("eval").select(range(2))
+    trainer = DDRLTrainer(
+        random_digits_pipeline(seed=0), ink_reward, args=args, train_dataset=digits_dataset("base"), eval_dataset=data
+    )
+    steps = []
+    diffusion_loss = trainer.adapter.diffusion_loss
+
+    def spy(denoiser, x0, conditioning, step_index, noise):
+        steps.append(int(step_index[0]))
+        return diffusion_loss(denoiser, x0, conditioning, step_index, noise)
+
+    trainer.adapter.diffusion_loss = spy
+    metrics = trainer.evaluate()
+    assert "eval_data_loss" in metrics and sorted(set(steps)) == [1, 2, 3]

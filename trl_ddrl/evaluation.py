@@ -16,8 +16,8 @@ with the Trainer's `eval_` prefix (trackers show them as `eval/...`):
   `[0, 1]` pixel space, averaged over pixels and prompts; `eval_diversity_drop` is `1 - diversity / first`, its fall
   from the first evaluation of the run (a collapse to one image per prompt gives 1).
 - `eval_data_loss` (when the eval rows carry images or videos in `image_column`): the diffusion loss on those held-out
-  data at every trained sampling step (`train_timesteps`) with fixed noise, which is DDRL's own fidelity measure (the
-  forward KL to the data, up to a constant); `eval_data_loss_drift` is `loss / first - 1`, its relative rise from the
+  data at every trained sampling step (`train_timesteps`, or every step an SDE window may cover) with fixed noise,
+  which is DDRL's own fidelity measure (the forward KL to the data, up to a constant); `eval_data_loss_drift` is `loss / first - 1`, its relative rise from the
   first evaluation. Set `eval_on_start=True` to make that first evaluation the step-0 model.
 
 Each process samples and scores its shard of the prompts; the per-sample values are gathered, so every process
@@ -35,6 +35,7 @@ from datasets import Dataset
 from trl.models.utils import unwrap_model_for_generation
 
 from .rewards import RewardFunctionError, check_rewards
+from .sde_window import trainable_steps
 from .tracking import Samples
 
 
@@ -263,7 +264,10 @@ class Evaluator:
         return torch.cat(images), torch.cat(rewards)
 
     def _data_loss(self, policy, rows: list[dict], positions: list[int]) -> torch.Tensor:
-        """Per row `[P]`: the diffusion loss on its image/video, averaged over `train_timesteps`, with fixed noise."""
+        """
+        Per row `[P]`: the diffusion loss on its image/video, averaged over the trained steps (`train_timesteps`, or
+        every step an SDE window may cover), with fixed noise.
+        """
         trainer, args = self.trainer, self.trainer.args
         adapter = trainer.adapter
         device = trainer.accelerator.device
@@ -282,7 +286,7 @@ class Evaluator:
                 adapter.diffusion_loss(
                     policy, x0, data["conditioning"], torch.full((len(x0),), step, device=device), noise
                 ).float()
-                for step in args.train_timesteps
+                for step in trainable_steps(args)
             ]
             losses.append(torch.stack(per_step).mean(dim=0).cpu())
         return torch.cat(losses)

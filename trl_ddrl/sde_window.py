@@ -138,6 +138,18 @@ def rollout_steps(args, iteration: int) -> RolloutSteps:
     return RolloutSteps(trained=window, stochastic=window, prefix=window[0] if args.sde_window_share_prefix else 0)
 
 
+def trainable_steps(args) -> list[int]:
+    """
+    Every step a [`DDRLConfig`] `args` may train: `train_timesteps`, or with an SDE window every step of its range.
+    Fixed for a run, so that a measurement over the trained steps (the evaluation's data loss) compares across steps.
+    """
+    if args.sde_window_size is None:
+        return list(args.train_timesteps)
+    return list(
+        range(*resolve_sde_window_range(args.num_inference_steps, args.sde_window_size, args.sde_window_range))
+    )
+
+
 def group_noise_generator(seed: int, iteration: int) -> torch.Generator:
     """The generator of an iteration's per-group initial noise: the same on every process, a function of the seed."""
     return torch.Generator().manual_seed((seed * _GROUP_NOISE_SEED_STRIDE + iteration) % (2**63))
