@@ -4,8 +4,11 @@ Time to quality on the embedded digits model: how much wall-clock and denoiser w
 its SDE-window / CPS variants need until the evaluation reward first reaches a target, and the held-out fidelity of
 the model at that point.
 
-Every run starts from the same cached base generator with the same seed, reward (the digit classifier's confidence
-in the prompted digit), prompts, data term and hyper-parameters; only the sampler / window settings change:
+Every run starts from the same cached base generator with the same seed, reward, prompts, data term and
+hyper-parameters (those of `reward_hacking.py`); only the sampler / window settings change. The default reward is
+`ink` (mean pixel value), the hackable reward of `reward_hacking.py`: it has head-room above the base model (the
+classifier reward starts at about 0.95 of 1), and raising it trades against fidelity, so "fidelity no worse at the same
+reward" is a real test. `--reward classifier` uses the digit classifier's confidence in the prompted digit instead.
 
 - `full_sde`: every step but the last stochastic (`eta=0.7`), every other step trained (today's default);
 - `cps`: every step stochastic with the coefficients-preserving sampler (`sampler="cps"`, `eta=0.8`);
@@ -51,7 +54,13 @@ from digits_metrics import FidelityJudge  # noqa: E402
 
 from trl_ddrl import DDRLConfig, DDRLTrainer  # noqa: E402
 from trl_ddrl.config import resolve_train_timesteps  # noqa: E402
-from trl_ddrl.digits import DigitClassifierReward, digits_dataset, digits_prompt, load_or_pretrain_base  # noqa: E402
+from trl_ddrl.digits import (  # noqa: E402
+    DigitClassifierReward,
+    digits_dataset,
+    digits_prompt,
+    ink_reward,
+    load_or_pretrain_base,
+)
 from trl_ddrl.digits.evaluation import sample_digits  # noqa: E402
 
 
@@ -284,6 +293,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="Smoke run: 1 seed, full_sde and window, low target.")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--reward", choices=("ink", "classifier"), default="ink", help="Training and target reward.")
     parser.add_argument("--variants", nargs="+", default=None, help="Subset of the variants (default: all).")
     parser.add_argument(
         "--target-gain",
@@ -347,7 +357,7 @@ def main(argv=None) -> dict:
     base.set_progress_bar_config(disable=True)
     runs, base_fidelity = [], {}
     for seed in opts.seeds:
-        reward = DigitClassifierReward(seed=seed)
+        reward = DigitClassifierReward(seed=seed) if opts.reward == "classifier" else ink_reward
         start_reward = evaluate_reward(base, reward, opts)
         base_fidelity[str(seed)] = evaluate_fidelity(base, reward, judge, opts)
         target = opts.target
