@@ -23,6 +23,7 @@ from tiny_models import (
     tiny_flux2_pipeline,
     tiny_flux_pipeline,
     tiny_hunyuan_video15_pipeline,
+    tiny_qwenimage_edit_pipeline,
     tiny_qwenimage_pipeline,
     tiny_sd15_pipeline,
     tiny_sdxl_pipeline,
@@ -55,11 +56,17 @@ def data_files(tmp_path_factory) -> dict[str, str]:
     )
     (root / "videos.jsonl").write_text("".join(json.dumps(row) + "\n" for row in videos))
     (root / "cosmos.jsonl").write_text("".join(json.dumps(row) + "\n" for row in cosmos))
+    edits = [
+        {"source_image": str(images / f"{index}.png"), "image": str(images / f"{(index + 1) % 4}.png"), "prompt": p}
+        for index, p in enumerate(PROMPTS)
+    ]
+    (root / "edits.jsonl").write_text("".join(json.dumps(row) + "\n" for row in edits))
     return {
         "prompts": str(root / "prompts.txt"),
         "images": str(images),
         "videos": str(root / "videos.jsonl"),
         "cosmos": str(root / "cosmos.jsonl"),
+        "edits": str(root / "edits.jsonl"),
     }
 
 
@@ -112,6 +119,12 @@ CASES = {
             ["--prompts", data["prompts"], "--data_dataset", data["images"], "--resolution", "32"]
             + ["--lora", "--no_bf16"]
         ),
+    ),
+    "qwenimage-edit": (
+        "train_qwenimage_edit.py",
+        tiny_qwenimage_edit_pipeline,
+        "transformer",
+        lambda data: ["--edits", data["edits"], "--resolution", "32", "--no_bf16"],
     ),
     "cosmos2.5": (
         "train_cosmos2_5.py",

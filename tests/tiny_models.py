@@ -14,10 +14,12 @@ from transformers import (
     CLIPTextConfig,
     CLIPTextModelWithProjection,
     CLIPTokenizer,
+    Qwen2VLProcessor,
     T5Config,
     T5EncoderModel,
     T5Tokenizer,
 )
+from transformers.processing_utils import ProcessorMixin
 
 
 CHARACTERS = "abcdefghijklmnopqrstuvwxyz0123456789"
@@ -539,8 +541,13 @@ def tiny_qwen_tokenizer():
     return tokenizer
 
 
-def tiny_qwen2_5_vl_text_encoder(vocab_size: int, seed: int = 0, hidden_size: int = 16, num_layers: int = 2):
-    """A `Qwen2_5_VLForConditionalGeneration` of `num_layers` text layers of width `hidden_size` (and a 1-block ViT)."""
+def tiny_qwen2_5_vl_text_encoder(
+    vocab_size: int, seed: int = 0, hidden_size: int = 16, num_layers: int = 2, **config_kwargs
+):
+    """
+    A `Qwen2_5_VLForConditionalGeneration` of `num_layers` text layers of width `hidden_size` (and a 1-block ViT);
+    `config_kwargs` go to its `Qwen2_5_VLConfig` (the vision token ids of a tokenizer, for image inputs).
+    """
     from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
     special = {"bos_token_id": vocab_size - 2, "eos_token_id": vocab_size - 1, "pad_token_id": vocab_size - 3}
@@ -565,6 +572,7 @@ def tiny_qwen2_5_vl_text_encoder(vocab_size: int, seed: int = 0, hidden_size: in
             fullatt_block_indexes=[0],
         ),
         **special,
+        **config_kwargs,
     )
     torch.manual_seed(seed)
     return Qwen2_5_VLForConditionalGeneration(config).eval()
@@ -729,5 +737,57 @@ def tiny_qwenimage_pipeline(seed: int = 0):
     # The pipeline drops the chat template's system turn, 34 tokens with Qwen's tokenizer; more with this byte-level
     # one, so that the embeddings are the prompts' (a pipeline attribute, back at 34 after `from_pretrained`).
     prefix = pipeline.prompt_template_encode.split("{}")[0]
+    pipeline.prompt_template_encode_start_idx = len(tokenizer(prefix).input_ids)
+    return pipeline
+
+
+class TinyQwen2VLProcessor(Qwen2VLProcessor):
+    """
+    `Qwen2VLProcessor` without its video processor, which needs torchvision: images (Qwen2-VL's PIL image processor)
+    and text only, which is what the Qwen-Image-Edit pipeline uses. Module-level, so that
+    `DiffusionPipeline.from_pretrained` finds it again (`tiny_models.TinyQwen2VLProcessor`).
+    """
+
+    def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
+        self.image_token, self.video_token = "<|image_pad|>", "<|video_pad|>"
+        self.image_token_id = tokenizer.convert_tokens_to_ids(self.image_token)
+        self.video_token_id = tokenizer.convert_tokens_to_ids(self.video_token)
+        ProcessorMixin.__init__(self, image_processor, tokenizer, chat_template=chat_template)
+
+
+QWEN_VISION_TOKENS = ["<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"]
+
+
+def tiny_qwenimage_edit_pipeline(seed: int = 0):
+    """
+    A random `QwenImageEditPipeline` editing and generating 32x32 images ([4, 4, 4] VAE latents, 4 tokens of 16
+    channels; the source adds 4 more), with the tiny Qwen2.5-VL encoder seeing the source through its 1-block ViT
+    (images resized to 28x28, one merged vision token) and [`TinyQwen2VLProcessor`].
+    """
+    from diffusers import QwenImageEditPipeline
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    text_only = tiny_qwenimage_pipeline(seed)
+    tokenizer = tiny_qwen_tokenizer()
+    tokenizer.add_tokens(QWEN_VISION_TOKENS, special_tokens=True)
+    ids = {
+        f"{name}_token_id": tokenizer.convert_tokens_to_ids(f"<|{name}|>") for name in ("vision_start", "vision_end")
+    }
+    ids.update(image_token_id=tokenizer.convert_tokens_to_ids("<|image_pad|>"))
+    ids.update(video_token_id=tokenizer.convert_tokens_to_ids("<|video_pad|>"))
+    image_processor = Qwen2VLImageProcessorPil(
+        patch_size=14, merge_size=2, temporal_patch_size=2, min_pixels=28 * 28, max_pixels=28 * 28
+    )
+    pipeline = QwenImageEditPipeline(
+        scheduler=text_only.scheduler,
+        vae=text_only.vae,
+        text_encoder=tiny_qwen2_5_vl_text_encoder(len(tokenizer), seed=seed + 1, **ids),
+        tokenizer=tokenizer,
+        processor=TinyQwen2VLProcessor(image_processor=image_processor, tokenizer=tokenizer),
+        transformer=text_only.transformer,
+    )
+    # As for Qwen-Image: drop the system turn of the byte-level tokens (64 tokens with Qwen's tokenizer), keeping the
+    # vision tokens and the instruction.
+    prefix = pipeline.prompt_template_encode.split("<|vision_start|>")[0]
     pipeline.prompt_template_encode_start_idx = len(tokenizer(prefix).input_ids)
     return pipeline

@@ -197,6 +197,10 @@ class DDRLConfig(_BaseConfig):
             `train_dataset` or `data_dataset`.
         caption_column (`str`, *optional*, defaults to `"prompt"`):
             Column of `data_dataset` holding the captions of the data term.
+        source_image_column (`str`, *optional*, defaults to `"source_image"`):
+            Image editing (Qwen-Image-Edit): column holding each row's source image, in `train_dataset` (rollouts edit
+            it; reward functions receive it as a keyword argument) and in the data rows, whose `image_column` then
+            holds the edited target image.
 
         > Parameters that control the reference model
 
@@ -360,6 +364,12 @@ class DDRLConfig(_BaseConfig):
     )
     image_column: str = field(default="image", metadata={"help": "Column holding the data images or videos."})
     caption_column: str = field(default="prompt", metadata={"help": "Column of data_dataset holding the captions."})
+
+    # Image editing
+    source_image_column: str = field(
+        default="source_image",
+        metadata={"help": "Image editing: column of each row's source image (the data rows' targets: image_column)."},
+    )
 
     # Reference model
     update_ref_every: int | None = field(

@@ -149,6 +149,9 @@ class DiffusionDataCollator:
         adapter ([`~trl_ddrl.pipelines.DiffusionAdapter`]): The pipeline adapter (its VAE and text encoders are used).
         image_column (`str`, *optional*, defaults to `"image"`): Column with images or videos.
         caption_column (`str`, *optional*, defaults to `"prompt"`): Column with captions.
+        source_image_column (`str`, *optional*, defaults to `"source_image"`): For image-editing adapters
+            (`conditioned_on_source_image`), the column with each row's source image; a row is then (source image,
+            edited target image in `image_column`, caption), and the conditioning is the caption with the source.
 
     Calling it on a list of rows returns a dict with `latents` (`[B, ...]`, float32), `conditioning` (a dict of
     `[B, ...]` tensors) and `captions` (`list[str]`), on the adapter's device.
@@ -162,10 +165,17 @@ class DiffusionDataCollator:
     ```
     """
 
-    def __init__(self, adapter: DiffusionAdapter, image_column: str = "image", caption_column: str = "prompt"):
+    def __init__(
+        self,
+        adapter: DiffusionAdapter,
+        image_column: str = "image",
+        caption_column: str = "prompt",
+        source_image_column: str = "source_image",
+    ):
         self.adapter = adapter
         self.image_column = image_column
         self.caption_column = caption_column
+        self.source_image_column = source_image_column
 
     def pixels(self, rows: list[dict[str, Any]]) -> torch.Tensor:
         """
@@ -233,6 +243,46 @@ class DiffusionDataCollator:
             values.append(pixels[:needed])
         return torch.stack(values)
 
+    def source_pixels(self, rows: list[dict[str, Any]]) -> torch.Tensor:
+        """
+        The rows' source images (image editing) as model pixels `[B, C, H, W]` in `[-1, 1]`, resized to cover the
+        adapter's resolution and centre-cropped.
+        """
+        height, width = self.adapter.resolution
+        column = self.source_image_column
+        pipeline = type(self.adapter.pipeline).__name__
+        values = []
+        for index, row in enumerate(rows):
+            if row.get(column) is None:
+                raise KeyError(
+                    f"Row {index} has no '{column}' value (columns: {sorted(row)}). {pipeline} edits a source image: "
+                    "put each row's source image in that column, or set source_image_column to the column holding "
+                    "them."
+                )
+            pixels = to_pixel_tensor(row[column], height, width, self.adapter.pixel_channels, column)
+            if pixels.ndim != 3:
+                raise ValueError(f"Row {index}'s '{column}' is a video; {pipeline} edits images.")
+            values.append(pixels)
+        return torch.stack(values)
+
+    def conditioning(self, captions: list[str], rows: list[dict[str, Any]]) -> Conditioning:
+        """
+        The conditioning of `captions`: the adapter's prompt encoding, or for image-editing adapters the encoding of
+        each caption with its row's source image, each distinct (caption, source image) pair once.
+        """
+        device = self.adapter.device
+        if not self.adapter.conditioned_on_source_image:
+            return self.adapter.encode_prompts(captions, device)
+        sources = self.source_pixels(rows)
+        keys = [(caption, source.numpy().tobytes()) for caption, source in zip(captions, sources)]
+        unique = list(dict.fromkeys(keys))
+        first = [keys.index(key) for key in unique]
+        encoded = self.adapter.encode_prompts(
+            [captions[i] for i in first], device, source_images=sources[first].to(device)
+        )
+        index = torch.tensor([unique.index(key) for key in keys], device=device)
+        return {key: value[index.to(value.device)] for key, value in encoded.items()}
+
     def captions(self, rows: list[dict[str, Any]]) -> list[str]:
         captions = []
         for index, row in enumerate(rows):
@@ -250,5 +300,31 @@ class DiffusionDataCollator:
     ) -> dict[str, torch.Tensor | Conditioning | list[str]]:
         captions = self.captions(rows)
         latents = self.adapter.encode_pixels(self.pixels(rows).to(self.adapter.device), generator=generator)
-        conditioning = self.adapter.encode_prompts(captions, self.adapter.device)
-        return {"latents": latents, "conditioning": conditioning, "captions": captions}
+        return {"latents": latents, "conditioning": self.conditioning(captions, rows), "captions": captions}
+
+
+def check_source_image_column(adapter: DiffusionAdapter, args, train_dataset, data_dataset=None) -> None:
+    """
+    For image-editing adapters: `train_dataset` (and the data rows) must hold `args.source_image_column`.
+
+    Raises:
+        `ValueError`: naming the column, the dataset and the fix.
+    """
+    column = args.source_image_column
+    pipeline = type(adapter.pipeline).__name__
+    if column not in train_dataset.column_names:
+        raise ValueError(
+            f"{pipeline} edits a source image, but train_dataset has no '{column}' column (columns: "
+            f"{train_dataset.column_names}). Put each prompt's source image in that column, or set source_image_column."
+        )
+    if args.data_beta > 0 and args.data_source == "base_model":
+        raise ValueError(
+            f"data_source='base_model' caches one base-model sample per prompt, which does not know {pipeline}'s source "
+            "images. Use data_source='dataset' with (source image, edited image, caption) rows, or set data_beta=0."
+        )
+    if args.data_beta > 0 and data_dataset is not None and column not in data_dataset.column_names:
+        raise ValueError(
+            f"data_dataset has no '{column}' column (columns: {data_dataset.column_names}). {pipeline}'s data rows are "
+            f"(source image in '{column}', edited image in '{args.image_column}', caption): add the source images, or "
+            "set source_image_column."
+        )

@@ -244,7 +244,7 @@ class Evaluator:
             chunk = items[i : i + batch]
             chunk_rows = [row for row, _, _ in chunk]
             prompts = [row["prompt"] for row in chunk_rows]
-            conditioning = trainer._encode_unique(prompts)
+            conditioning = trainer._encode_unique(prompts, chunk_rows)
             if adapter.num_conditioning_frames:
                 pixels = trainer.data_collator_for_loss.condition_pixels(chunk_rows)
                 generator = torch.Generator().manual_seed(eval_noise_seed(args.eval_seed, chunk[0][1], 0) + 1)

@@ -34,7 +34,7 @@ from trl.trainer.base_trainer import _BaseTrainer
 from trl.trainer.utils import RepeatSampler
 
 from .config import DDRLConfig
-from .data import DiffusionDataCollator
+from .data import DiffusionDataCollator, check_source_image_column
 from .evaluation import Evaluator
 from .fault_handling import (
     DivergenceGuard,
@@ -408,7 +408,11 @@ class DDRLTrainer(_BaseTrainer):
                     f"data_dataset has no '{args.caption_column}' caption column (columns: "
                     f"{data_dataset.column_names}). Set caption_column."
                 )
-        self.data_collator_for_loss = DiffusionDataCollator(self.adapter, args.image_column, args.caption_column)
+        if self.adapter.conditioned_on_source_image:
+            check_source_image_column(self.adapter, args, train_dataset, data_dataset)
+        self.data_collator_for_loss = DiffusionDataCollator(
+            self.adapter, args.image_column, args.caption_column, args.source_image_column
+        )
 
         self._metrics: dict[str, list[float]] = defaultdict(list)
         self._loss_metrics: dict[str, list[torch.Tensor]] = defaultdict(list)
@@ -587,8 +591,13 @@ class DDRLTrainer(_BaseTrainer):
         self._step += 1
         return self._buffer.micro_batch(index, self.args.per_device_train_batch_size)
 
-    def _encode_unique(self, prompts: list[str]) -> Conditioning:
-        """Encode each distinct prompt once and expand to one row per prompt."""
+    def _encode_unique(self, prompts: list[str], rows: list[dict] | None = None) -> Conditioning:
+        """
+        Encode each distinct prompt once and expand to one row per prompt; for image editing, each distinct (prompt,
+        source image of its row) pair.
+        """
+        if self.adapter.conditioned_on_source_image:
+            return self.data_collator_for_loss.conditioning(prompts, rows)
         unique, index = unique_with_index(prompts)
         encoded = self.adapter.encode_prompts(unique, self.accelerator.device)
         return {key: value[torch.tensor(index, device=value.device)] for key, value in encoded.items()}
@@ -617,7 +626,7 @@ class DDRLTrainer(_BaseTrainer):
             unwrap_model_for_generation(self.model_wrapped, self.accelerator) as policy,
             self.accelerator.autocast(),
         ):
-            conditioning = self._encode_unique(prompts)
+            conditioning = self._encode_unique(prompts, rows)
             if self.adapter.num_conditioning_frames:
                 # Video-to-world: every sample continues its row's ground-truth frames.
                 conditioning.update(self._encode_condition_frames(rows, iteration))

@@ -16,6 +16,7 @@ from .flux import FluxAdapter
 from .flux2 import Flux2Adapter
 from .hunyuan_video15 import HunyuanVideo15Adapter
 from .qwenimage import QwenImageAdapter
+from .qwenimage_edit import QwenImageEditAdapter
 from .sd3 import StableDiffusion3Adapter
 from .stable_diffusion import DDIMAdapter, StableDiffusionAdapter, StableDiffusionXLAdapter
 from .wan import WanAdapter
@@ -28,6 +29,7 @@ ADAPTERS: tuple[type[DiffusionAdapter], ...] = (
     FluxAdapter,
     Flux2Adapter,
     QwenImageAdapter,
+    QwenImageEditAdapter,
     WanAdapter,
     HunyuanVideo15Adapter,
     Cosmos2TextToImageAdapter,
@@ -70,6 +72,7 @@ __all__ = [
     "FluxAdapter",
     "HunyuanVideo15Adapter",
     "QwenImageAdapter",
+    "QwenImageEditAdapter",
     "SamplingSettings",
     "StableDiffusion3Adapter",
     "StableDiffusionAdapter",

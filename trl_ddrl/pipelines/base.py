@@ -81,6 +81,11 @@ class DiffusionAdapter(ABC):
     pipeline_class_names: tuple[str, ...] = ()
     num_conditioning_frames: int = 0
     """Ground-truth frames each sample is conditioned on (video-to-world pipelines); 0 for text-conditioned models."""
+    conditioned_on_source_image: bool = False
+    """
+    Image editing: each sample is conditioned on a source image (the rows' `source_image_column`), which
+    `encode_prompts(prompts, device, source_images=...)` takes as `[B, C, H, W]` pixels in `[-1, 1]`.
+    """
 
     def __init__(self, pipeline, settings: SamplingSettings):
         self.pipeline = pipeline
