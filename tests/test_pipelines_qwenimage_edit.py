@@ -143,9 +143,9 @@ def test_one_step_edits_each_rows_source_and_trains_only_the_transformer(tmp_pat
     sampled = []
     sample = trainer.adapter.sample
 
-    def recording_sample(denoiser, conditioning, noise, generator=None):
+    def recording_sample(denoiser, conditioning, noise, **kwargs):
         sampled.append(conditioning["image_latents"].clone())
-        return sample(denoiser, conditioning, noise, generator=generator)
+        return sample(denoiser, conditioning, noise, **kwargs)
 
     trainer.adapter.sample = recording_sample
     trainer.train()
