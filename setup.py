@@ -75,8 +75,9 @@ setup(
     package_data={"trl_ddrl": ["templates/*.md", "accelerate_configs/*.yaml"]},
     python_requires=">=3.10",
     install_requires=[
-        # Capped at 2.13.0 so that a fresh install takes the CPU wheel where one is provided locally.
-        "torch>=2.6,<=2.13.0",
+        # No upper bound: installing trl_ddrl never replaces a user's torch. The README's set-up commands pin the tested
+        # version with `-c constraints.txt`.
+        "torch>=2.6",
         "trl>=1.16,<2",
         "transformers>=5,<6",
         "diffusers>=0.42,<0.50",

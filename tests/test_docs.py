@@ -26,5 +26,5 @@ def test_every_ddrl_field_is_documented():
 def test_ci_runs_the_readme_test_command():
     readme = (ROOT / "README.md").read_text()
     ci = (ROOT / ".ci" / "run").read_text()
-    command = 'pip install -e ".[test]" && python -m pytest'
+    command = 'pip install -c constraints.txt -e ".[test]" && python -m pytest'
     assert command in readme and command in ci
