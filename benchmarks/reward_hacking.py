@@ -10,8 +10,11 @@ only the regulariser changes:
 - `reverse_kl`: `data_beta=0, kl_beta>0` (the Flow-GRPO / DanceGRPO baseline);
 - `ddrl`: `data_beta>0`, the data term fed with real `"base"`-split digits of each group's prompted class.
 
-A callback samples fixed noise every `--eval-every` steps and scores the samples with the training reward and with
-fidelity metrics from a classifier trained on the held-out `"eval"` split (see `digits_metrics.py`). A `data_beta`
+Every `--eval-every` steps the trainer's own evaluation (`eval_dataset`, `DDRLTrainer.evaluate`) samples every digit
+from fixed noise with the deterministic sampler and scores the samples with the training reward and with a held-out
+judge (`eval_reward_funcs`): a classifier trained on the held-out `"eval"` split, whose samples also give the
+Fréchet distance and diversity of `digits_metrics.py`; the eval rows carry held-out digits, so each point also has the
+held-out diffusion loss (`data_loss`). A `data_beta`
 sweep and a `kl_beta` sweep trace the reward-vs-fidelity trade-off of each regulariser. Results go to `--output-dir` (default `docs/reward_hacking/`):
 `results.json`, `results.csv`, `curves.png`, `trajectories.png`, `pareto.png` and `samples.png`.
 
@@ -37,16 +40,17 @@ from transformers.utils import logging as hf_logging  # noqa: E402
 
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from digits_metrics import FidelityJudge  # noqa: E402
+from digits_metrics import FidelityJudge, frechet_distance, gaussian_stats, within_prompt_diversity  # noqa: E402
 
 from trl_ddrl import DDRLConfig, DDRLTrainer  # noqa: E402
 from trl_ddrl.digits import (  # noqa: E402
     DigitClassifierReward,
     digits_dataset,
-    digits_prompt,
     ink_reward,
     load_or_pretrain_base,
+    parse_digit,
 )
+from trl_ddrl.digits.default_job import held_out_eval_dataset  # noqa: E402
 from trl_ddrl.digits.evaluation import sample_digits  # noqa: E402
 from trl_ddrl.rewards import get_reward_function  # noqa: E402
 
@@ -75,50 +79,53 @@ def make_reward(name: str, seed: int):
     return get_reward_function("jpeg_incompressibility")
 
 
-class Evaluator:
-    """Samples every digit from fixed noise and scores the samples with the training reward and the held-out judge."""
+EVAL_ROWS_PER_DIGIT = 5
 
-    def __init__(self, judge: FidelityJudge, samples_per_digit: int, num_inference_steps: int):
+
+class HeldOutJudge:
+    """
+    The held-out judge as an eval-only reward function of the trainer: 1 when the `"eval"`-split classifier reads the
+    prompted digit, else 0. It keeps the samples of the running evaluation, from which `fidelity` adds the Fréchet
+    distance and the within-prompt diversity.
+    """
+
+    name = "held_out_accuracy"
+
+    def __init__(self, judge: FidelityJudge):
         self.judge = judge
-        self.samples_per_digit = samples_per_digit
-        self.num_inference_steps = num_inference_steps
+        self.images: list[torch.Tensor] = []
+        self.labels: list[torch.Tensor] = []
 
-    def __call__(self, pipeline, reward) -> tuple[dict[str, float], torch.Tensor]:
-        images, labels = sample_digits(
-            pipeline, self.samples_per_digit, seed=EVAL_NOISE_SEED, num_inference_steps=self.num_inference_steps
+    @torch.no_grad()
+    def __call__(self, prompts: list[str], images: torch.Tensor, **columns) -> list[float]:
+        labels = torch.tensor([parse_digit(prompt) for prompt in prompts])
+        self.images.append(images.float().cpu())
+        self.labels.append(labels)
+        return (self.judge.classifier(images.float().cpu()).argmax(dim=1) == labels).float().tolist()
+
+    def fidelity(self, metrics: dict[str, float]) -> tuple[dict[str, float], torch.Tensor]:
+        """The curve point of one evaluation (its `metrics`) and its samples `[N, 1, 16, 16]`, digit-major."""
+        images, labels = torch.cat(self.images), torch.cat(self.labels)
+        self.images, self.labels = [], []
+        point = {
+            "reward": metrics["eval_reward"],
+            "accuracy": metrics["eval_rewards/held_out_accuracy/mean"],
+            "fd": frechet_distance(*gaussian_stats(self.judge.features(images)), *self.judge.real_stats),
+            "diversity": within_prompt_diversity(images, labels),
+            "data_loss": metrics["eval_data_loss"],
+        }
+        return point, images
+
+
+def ddrl_args(opts, output_dir: str, seed: int, **overrides) -> DDRLConfig:
+    """The settings every run shares, including the evaluation: `eval_samples_per_digit` samples of every digit."""
+    if opts.eval_samples_per_digit % EVAL_ROWS_PER_DIGIT:
+        raise ValueError(
+            f"--eval-samples-per-digit={opts.eval_samples_per_digit} must be a multiple of {EVAL_ROWS_PER_DIGIT} (the "
+            "held-out images per digit, each sampled the same number of times)."
         )
-        rewards = reward([digits_prompt(label) for label in labels.tolist()], images)
-        metrics = {"reward": sum(rewards) / len(rewards), **self.judge(images, labels)}
-        return metrics, images
-
-
-class FidelityCallback(TrainerCallback):
-    """Evaluate the pipeline every `every` optimizer steps and at the end; the curve is `[{"step", *METRICS}]`."""
-
-    def __init__(self, pipeline, reward, evaluator: Evaluator, every: int, start: dict[str, float]):
-        self.pipeline, self.reward, self.evaluator, self.every = pipeline, reward, evaluator, every
-        self.curve = [{"step": 0, **start}]
-        self.images = None
-
-    def on_step_end(self, args, state, control, **kwargs):
-        if state.global_step % self.every == 0 or state.global_step == state.max_steps:
-            metrics, self.images = self.evaluator(self.pipeline, self.reward)
-            self.curve.append({"step": state.global_step, **metrics})
-            print(
-                f"    step {state.global_step:3d}  " + "  ".join(f"{name}={metrics[name]:.4f}" for name in METRICS),
-                flush=True,
-            )
-
-
-def run_one(
-    method: str, data_beta: float, kl_beta: float, seed: int, reward_name: str, opts, evaluator, base_eval
-) -> dict:
-    """Train one method from the base model and return its curve, final metrics, final samples and runtime."""
-    pipeline = load_or_pretrain_base(show_progress=False)
-    reward = make_reward(reward_name, seed)
-    callback = FidelityCallback(pipeline, reward, evaluator, opts.eval_every, base_eval[seed])
-    args = DDRLConfig(
-        output_dir=str(Path(opts.work_dir) / f"{method}-{data_beta}-{kl_beta}-{seed}"),
+    settings = dict(
+        output_dir=output_dir,
         max_steps=opts.steps,
         seed=seed,
         report_to="none",
@@ -129,16 +136,67 @@ def run_one(
         num_inference_steps=opts.num_inference_steps,
         train_timesteps=opts.train_timesteps,
         per_device_train_batch_size=opts.num_generations * opts.prompts_per_step * len(opts.train_timesteps),
-        data_beta=data_beta,
-        kl_beta=kl_beta,
         logging_steps=opts.eval_every,
+        eval_strategy="steps",
+        eval_steps=opts.eval_every,
+        eval_num_generations=opts.eval_samples_per_digit // EVAL_ROWS_PER_DIGIT,
+        eval_seed=EVAL_NOISE_SEED,
+        per_device_eval_batch_size=10 * opts.eval_samples_per_digit,
+        log_samples_steps=0,
         save_strategy="no",
         dataloader_pin_memory=False,
         disable_tqdm=True,
     )
-    trainer = DDRLTrainer(pipeline, reward, args=args, train_dataset=digits_dataset("base"), callbacks=[callback])
+    settings.update(overrides)
+    return DDRLConfig(**settings)
+
+
+def make_trainer(pipeline, reward, args: DDRLConfig, held_out: HeldOutJudge, callbacks=None) -> DDRLTrainer:
+    return DDRLTrainer(
+        pipeline,
+        reward,
+        args=args,
+        train_dataset=digits_dataset("base"),
+        eval_dataset=held_out_eval_dataset(EVAL_ROWS_PER_DIGIT),
+        eval_reward_funcs=held_out,
+        callbacks=callbacks,
+    )
+
+
+def evaluate_base(pipeline, reward, held_out: HeldOutJudge, opts, seed: int) -> tuple[dict[str, float], torch.Tensor]:
+    """The base model's curve point (step 0), from the trainer's evaluation."""
+    args = ddrl_args(opts, str(Path(opts.work_dir) / f"base-{seed}"), seed, eval_strategy="no")
+    return held_out.fidelity(make_trainer(pipeline, reward, args, held_out).evaluate())
+
+
+class FidelityCallback(TrainerCallback):
+    """Turn each of the trainer's evaluations into a curve point `{"step", *METRICS, "data_loss"}`."""
+
+    def __init__(self, held_out: HeldOutJudge, start: dict[str, float]):
+        self.held_out = held_out
+        self.curve = [{"step": 0, **start}]
+        self.images = None
+
+    def on_evaluate(self, args, state, control, metrics=None, **kwargs):
+        point, self.images = self.held_out.fidelity(metrics)
+        self.curve.append({"step": state.global_step, **point})
+        print(f"    step {state.global_step:3d}  " + "  ".join(f"{k}={v:.4f}" for k, v in point.items()), flush=True)
+
+
+def run_one(
+    method: str, data_beta: float, kl_beta: float, seed: int, reward_name: str, opts, held_out, base_eval
+) -> dict:
+    """Train one method from the base model and return its curve, final metrics, final samples and runtime."""
+    pipeline = load_or_pretrain_base(show_progress=False)
+    reward = make_reward(reward_name, seed)
+    callback = FidelityCallback(held_out, base_eval[seed])
+    output_dir = str(Path(opts.work_dir) / f"{method}-{data_beta}-{kl_beta}-{seed}")
+    args = ddrl_args(opts, output_dir, seed, data_beta=data_beta, kl_beta=kl_beta)
+    trainer = make_trainer(pipeline, reward, args, held_out, callbacks=[callback])
     start = time.perf_counter()
     trainer.train()
+    if callback.curve[-1]["step"] != trainer.state.global_step:
+        trainer.evaluate()  # the final point, when max_steps is not a multiple of eval_every
     return {
         "method": method,
         "data_beta": data_beta,
@@ -454,13 +512,13 @@ def main(argv: list[str] | None = None) -> dict:
         print(write_outputs(opts, runs, base_eval, base_images, real_metrics, settings, 0.0), flush=True)
         return json.loads((Path(opts.output_dir) / "results.json").read_text())
     judge = FidelityJudge(seed=0)
-    evaluator = Evaluator(judge, opts.eval_samples_per_digit, opts.num_inference_steps)
+    held_out = HeldOutJudge(judge)
     real_metrics = judge(judge.real_images, judge.real_labels)
     print(f"real eval digits: {real_metrics}", flush=True)
 
     base_eval, base_images = {}, None
     for seed in sorted(set(opts.seeds) | set(opts.sweep_seeds)):
-        metrics, images = evaluator(base_pipeline, make_reward(opts.reward, seed))
+        metrics, images = evaluate_base(base_pipeline, make_reward(opts.reward, seed), held_out, opts, seed)
         base_eval[seed], base_images = metrics, base_images if base_images is not None else images
         print(f"base model, seed {seed}: {metrics}", flush=True)
 
@@ -478,7 +536,7 @@ def main(argv: list[str] | None = None) -> dict:
             f"[{time.perf_counter() - start:6.0f}s] {method} seed={seed} data_beta={data_beta} kl_beta={kl_beta}",
             flush=True,
         )
-        runs.append(run_one(method, data_beta, kl_beta, seed, opts.reward, opts, evaluator, base_eval))
+        runs.append(run_one(method, data_beta, kl_beta, seed, opts.reward, opts, held_out, base_eval))
         Path(opts.work_dir).mkdir(parents=True, exist_ok=True)
         torch.save(runs, Path(opts.work_dir) / "runs.pt")
         table = write_outputs(opts, runs, base_eval, base_images, real_metrics, settings, time.perf_counter() - start)

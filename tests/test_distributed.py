@@ -28,6 +28,11 @@ def run(command: list[str], env: dict[str, str], timeout: int = 400) -> None:
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
 
 
+def brightness(prompts, images, **kwargs):
+    # The script's own `brightness` signals SIGTERM_RANK's process, which outside `accelerate launch` is this one.
+    return images.mean(dim=(1, 2, 3)).tolist()
+
+
 def test_two_processes_keep_identical_weights_and_whole_groups(tiny_sd3_path, tmp_path):
     command = [
         sys.executable,
@@ -62,6 +67,25 @@ def test_two_processes_keep_identical_weights_and_whole_groups(tiny_sd3_path, tm
         assert sum(group) == pytest.approx(0.0, abs=1e-5)
         assert abs(sum(first["advantages"])) > 1e-4
     assert ranks[0]["records"][0]["weight_sum"] != ranks[0]["records"][1]["weight_sum"]
+
+    # Evaluation: each rank sampled its shard (2 prompts, and 1 plus padding); the gathered metrics are the same on
+    # both ranks and equal to a single-process evaluation of the saved weights.
+    first, second = ({k: v for k, v in rank["eval"].items() if k != "eval_runtime"} for rank in ranks)
+    assert first == second
+    sys.path.insert(0, os.path.dirname(SCRIPT))
+    from distributed_train import EVAL_SETTINGS, eval_dataset
+
+    from trl_ddrl import DDRLConfig, DDRLTrainer
+
+    args = DDRLConfig(str(tmp_path / "single"), report_to="none", max_sequence_length=16, num_generations=4,
+                      prompts_per_step=1, num_inference_steps=4, per_device_train_batch_size=2, data_beta=0.0,
+                      **EVAL_SETTINGS)  # fmt: skip
+    single = DDRLTrainer(
+        str(tmp_path), brightness, args=args, train_dataset=eval_dataset(), eval_dataset=eval_dataset()
+    )
+    expected = single.evaluate()
+    for key in ("eval_rewards/brightness/mean", "eval_diversity", "eval_data_loss"):
+        assert ranks[0]["eval"][key] == pytest.approx(expected[key], rel=1e-4), key
 
 
 @pytest.mark.slow

@@ -246,9 +246,15 @@ class Evaluator:
             prompts = [row["prompt"] for row in chunk_rows]
             conditioning = trainer._encode_unique(prompts, chunk_rows)
             if adapter.num_conditioning_frames:
+                # One encoding per row, from a generator of its own: independent of batching and sharding.
                 pixels = trainer.data_collator_for_loss.condition_pixels(chunk_rows)
-                generator = torch.Generator().manual_seed(eval_noise_seed(args.eval_seed, chunk[0][1], 0) + 1)
-                conditioning.update(adapter.encode_condition_frames(pixels, generator=generator))
+                encoded = [
+                    adapter.encode_condition_frames(
+                        pixels[j : j + 1], generator=_row_generator(args, position, "frames")
+                    )
+                    for j, (_, position, _) in enumerate(chunk)
+                ]
+                conditioning.update({key: torch.cat([part[key] for part in encoded]) for key in encoded[0]})
             noise = torch.cat(
                 [
                     adapter.sample_noise(
@@ -274,19 +280,32 @@ class Evaluator:
         losses = []
         batch = args.per_device_eval_batch_size
         for i in range(0, len(rows), batch):
-            chunk_rows = [{**row, args.caption_column: row["prompt"]} for row in rows[i : i + batch]]
-            chunk_positions = positions[i : i + batch]
-            seeds = [zlib.crc32(f"data-{args.eval_seed}-{position}".encode()) for position in chunk_positions]
-            data = trainer.data_collator_for_loss(chunk_rows, generator=torch.Generator().manual_seed(seeds[0]))
-            x0 = data["latents"]
+            # Each row is encoded and noised with generators of its own, so its loss does not depend on the batching
+            # or on the number of processes.
+            data = [
+                trainer.data_collator_for_loss(
+                    [{**row, args.caption_column: row["prompt"]}], generator=_row_generator(args, position, "latents")
+                )
+                for row, position in zip(rows[i : i + batch], positions[i : i + batch], strict=True)
+            ]
+            x0 = torch.cat([part["latents"] for part in data])
+            conditioning = {
+                key: torch.cat([part["conditioning"][key] for part in data]) for key in data[0]["conditioning"]
+            }
             noise = torch.cat(
-                [torch.randn((1, *x0.shape[1:]), generator=torch.Generator().manual_seed(seed)) for seed in seeds]
+                [
+                    torch.randn((1, *x0.shape[1:]), generator=_row_generator(args, position, "noise"))
+                    for position in positions[i : i + batch]
+                ]
             ).to(device)
             per_step = [
-                adapter.diffusion_loss(
-                    policy, x0, data["conditioning"], torch.full((len(x0),), step, device=device), noise
-                ).float()
+                adapter.diffusion_loss(policy, x0, conditioning, torch.full((len(x0),), step, device=device), noise)
                 for step in trainable_steps(args)
             ]
-            losses.append(torch.stack(per_step).mean(dim=0).cpu())
+            losses.append(torch.stack(per_step).float().mean(dim=0).cpu())
         return torch.cat(losses)
+
+
+def _row_generator(args, position: int, stream: str) -> torch.Generator:
+    """A CPU generator for one eval row's `stream` (data latents, data noise, conditioning frames)."""
+    return torch.Generator().manual_seed(zlib.crc32(f"{stream}-{args.eval_seed}-{position}".encode()))

@@ -1,7 +1,8 @@
 # Copyright 2026 The trl_ddrl Authors. Licensed under the Apache License, Version 2.0.
 """
 Trains a tiny SD3 pipeline for 2 steps under `accelerate launch` and writes, per rank, a fingerprint of the weights
-after every step plus the rewards and advantages it saw. Used by tests/test_distributed.py.
+after every step plus the rewards and advantages it saw, and the metrics of a final `evaluate()` on `EVAL_DATASET`
+(3 prompts with images: the ranks hold 2 and 1 + padding). Used by tests/test_distributed.py.
 
     python distributed_train.py <pipeline dir> <output dir> [deepspeed json]
 
@@ -14,6 +15,7 @@ import os
 import signal
 import sys
 
+import numpy as np
 import torch
 from datasets import Dataset
 from transformers import TrainerCallback
@@ -29,6 +31,17 @@ def brightness(prompts, images, **kwargs):
 
 
 brightness.signalled = False
+
+
+def eval_dataset() -> Dataset:
+    rng = np.random.default_rng(3)
+    prompts = ["a blue bird", "a house", "a red car"]
+    return Dataset.from_dict(
+        {"prompt": prompts, "image": [rng.random((16, 16, 3), dtype=np.float32) for _ in prompts]}
+    )
+
+
+EVAL_SETTINGS = {"eval_num_generations": 2, "per_device_eval_batch_size": 2}
 
 
 class Fingerprint(TrainerCallback):
@@ -66,6 +79,7 @@ def main(pipeline_dir: str, output_dir: str, deepspeed: str | None = None) -> No
         save_steps=100,
         disable_tqdm=True,
         deepspeed=deepspeed,
+        **EVAL_SETTINGS,
     )
     fingerprint = Fingerprint()
     trainer = DDRLTrainer(
@@ -74,13 +88,16 @@ def main(pipeline_dir: str, output_dir: str, deepspeed: str | None = None) -> No
         args=args,
         train_dataset=Dataset.from_dict({"prompt": ["a cat", "a dog"]}),
         callbacks=[fingerprint],
+        eval_dataset=eval_dataset(),
     )
     fingerprint.trainer = trainer
     trainer.train()
+    metrics = trainer.evaluate()
     trainer.save_model()
     rank = trainer.accelerator.process_index
     with open(os.path.join(output_dir, f"rank{rank}.json"), "w") as file:
-        json.dump({"world_size": trainer.accelerator.num_processes, "records": fingerprint.records}, file)
+        record = {"world_size": trainer.accelerator.num_processes, "records": fingerprint.records, "eval": metrics}
+        json.dump(record, file)
 
 
 if __name__ == "__main__":

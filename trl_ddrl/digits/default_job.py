@@ -6,8 +6,12 @@ The default job of `trl-ddrl`: DDRL on the embedded digits generator, offline, o
 2. Train a reward classifier on the `"reward"` split and a held-out judge on the `"eval"` split.
 3. Run [`DDRLTrainer`] with the reward "confidence of the classifier in the prompted digit", the `"base"` split as
    prompts and as data for the data term.
-4. Save the trained pipeline (diffusers format), a before/after sample grid from the same noise, and `metrics.json`
-   (reward and held-out accuracy before and after, steps, runtime).
+   Every `EVAL_STEPS` steps (and at step 0) the trainer evaluates on held-out digits (`eval_dataset`: prompts and
+   images of the `"eval"` split): the reward and the held-out classifier on fixed-noise samples, the within-prompt
+   diversity and the held-out diffusion loss.
+4. Save the trained pipeline (diffusers format), a before/after sample grid from the same noise, `metrics.json`
+   (reward and held-out accuracy before and after, steps, runtime) and the monitoring curves (`curves.png`,
+   `curves.json`).
 """
 
 import json
@@ -22,6 +26,7 @@ from ..config import DDRLConfig
 from ..trainer import DDRLTrainer
 from ..utils import image_grid
 from .classifier import train_digit_classifier
+from .curves import write_curves
 from .data import digits_dataset
 from .evaluation import per_digit_accuracy, sample_digits
 from .pipeline import DigitsFlowPipeline
@@ -33,6 +38,21 @@ from .rewards import DigitClassifierReward
 EVAL_SAMPLES_PER_DIGIT = 20
 GRID_SAMPLES_PER_DIGIT = 8
 GRID_UPSCALE = 4
+EVAL_STEPS = 15
+EVAL_ROWS_PER_DIGIT = 5
+EVAL_GENERATIONS = 4
+
+
+def held_out_eval_dataset(rows_per_digit: int = EVAL_ROWS_PER_DIGIT):
+    """The first `rows_per_digit` rows of each digit of the `"eval"` split: prompts and held-out images."""
+    dataset = digits_dataset("eval")
+    labels = dataset["label"]
+    rows = [
+        index
+        for digit in range(10)
+        for index in [i for i, label in enumerate(labels) if label == digit][:rows_per_digit]
+    ]
+    return dataset.select(rows)
 
 
 def _evaluate(
@@ -110,6 +130,9 @@ def _run_default_job(output_dir: str, max_steps: int, seed: int, report_to: str 
     base_ready = time.perf_counter()
     reward = DigitClassifierReward(seed=seed)
     judge = train_digit_classifier("eval", seed=seed)
+    # The held-out classifier as a judge the trainer evaluates with and never trains on.
+    held_out_judge = DigitClassifierReward(classifier=judge)
+    held_out_judge.name = "held_out_classifier"
     before, before_images = _evaluate(pipeline, reward, judge, seed)
 
     args = DDRLConfig(
@@ -124,10 +147,22 @@ def _run_default_job(output_dir: str, max_steps: int, seed: int, report_to: str 
         per_device_train_batch_size=32,
         data_beta=0.01,
         logging_steps=5,
+        eval_strategy="steps",
+        eval_steps=EVAL_STEPS,
+        eval_on_start=True,
+        eval_num_generations=EVAL_GENERATIONS,
+        per_device_eval_batch_size=10 * EVAL_ROWS_PER_DIGIT * EVAL_GENERATIONS,
         save_strategy="no",
         dataloader_pin_memory=False,
     )
-    trainer = DDRLTrainer(pipeline, reward, args=args, train_dataset=digits_dataset("base"))
+    trainer = DDRLTrainer(
+        pipeline,
+        reward,
+        args=args,
+        train_dataset=digits_dataset("base"),
+        eval_dataset=held_out_eval_dataset(),
+        eval_reward_funcs=held_out_judge,
+    )
     train_start = time.perf_counter()
     trainer.train()
     train_end = time.perf_counter()
@@ -135,6 +170,8 @@ def _run_default_job(output_dir: str, max_steps: int, seed: int, report_to: str 
 
     after, after_images = _evaluate(pipeline, reward, judge, seed)
     _before_after_grid(before_images, after_images, output / "samples_before_after.png")
+    write_curves(trainer.state.log_history, output)
+    evaluations = [log for log in trainer.state.log_history if "eval_reward" in log]
     rewards_logged = [log["reward"] for log in trainer.state.log_history if log.get("reward") is not None]
     metrics = {
         "reward_before": before["reward"],
@@ -145,6 +182,8 @@ def _run_default_job(output_dir: str, max_steps: int, seed: int, report_to: str 
         "eval_accuracy_per_digit_after": after["eval_accuracy_per_digit"],
         "train_reward_first_log": rewards_logged[0] if rewards_logged else None,
         "train_reward_last_log": rewards_logged[-1] if rewards_logged else None,
+        "eval_first": evaluations[0] if evaluations else None,
+        "eval_last": evaluations[-1] if evaluations else None,
         "steps": trainer.state.global_step,
         "runtime_s": time.perf_counter() - start,
         "base_model_runtime_s": base_ready - start,
