@@ -3,6 +3,7 @@ import json
 
 import pytest
 import torch
+from PIL import Image
 from torch import nn
 
 from trl_ddrl import DDRLConfig, DDRLTrainer
@@ -197,7 +198,22 @@ def test_default_job_end_to_end(tmp_path, monkeypatch):
     assert metrics["steps"] == 2
     assert 0 <= metrics["reward_before"] <= 1 and 0 <= metrics["eval_accuracy_before"] <= 1
     assert metrics["eval_accuracy_before"] > 0.8  # the pretrained base draws recognisable digits
-    for name in ("metrics.json", "samples_before_after.png", "model_index.json"):
+    for name in ("metrics.json", "samples_before_after.png", "model_index.json", "curves.png", "curves.json"):
         assert (tmp_path / "job" / name).is_file()
+    assert metrics["eval_first"]["step"] == 0 and metrics["eval_first"]["eval_data_loss_drift"] == 0
     assert (tmp_path / "cache" / "digits-base-v1" / "model_index.json").is_file()
     DigitsFlowPipeline.from_pretrained(tmp_path / "job")
+
+
+def test_curves_are_read_from_the_log_history_and_plotted(tmp_path):
+    from trl_ddrl.digits.curves import write_curves
+
+    history = [
+        {"step": 0, "eval_reward": 0.2, "eval_data_loss": 0.1, "epoch": 0},
+        {"step": 5, "reward": 0.5, "loss": 0.01, "epoch": 0.1},
+        {"step": 5, "eval_reward": 0.4, "eval_data_loss": 0.3, "eval_diversity": 0.2, "epoch": 0.1},
+    ]
+    series = write_curves(history, tmp_path)
+    assert series["eval_data_loss"] == [[0, 0.1], [5, 0.3]] and series["reward"] == [[5, 0.5]]
+    assert json.loads((tmp_path / "curves.json").read_text()) == series
+    assert Image.open(tmp_path / "curves.png").size == (960, 220)
