@@ -9,6 +9,7 @@ import torch
 from datasets import Dataset
 from diffusers import ClassifierFreeGuidance, DiffusionPipeline, HunyuanVideo15Pipeline
 from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
+from peft import LoraConfig
 from test_pipelines_flow import assert_replay_ratio_is_one, mean_pixel
 from test_pipelines_unet import ddrl_config
 from tiny_models import tiny_hunyuan_video15_pipeline
@@ -110,3 +111,35 @@ def test_one_step_trains_only_the_transformer_and_the_saved_pipeline_reloads(tmp
     assert isinstance(reloaded, HunyuanVideo15Pipeline)
     for key, value in pipeline.transformer.state_dict().items():
         assert torch.equal(value, reloaded.transformer.state_dict()[key])
+
+
+def test_lora_saves_without_a_pipeline_loader_and_loads_into_the_transformer(tmp_path):
+    """HunyuanVideo15Pipeline has no `load_lora_weights`: the LoRA loads with `transformer.load_lora_adapter`."""
+    pipeline = tiny_hunyuan_video15_pipeline()
+    rng = np.random.default_rng(0)
+    videos = [rng.random((5, 32, 32, 3), dtype=np.float32) for _ in PROMPTS]
+    args = ddrl_config(tmp_path, max_sequence_length=16, height=32, width=32, num_frames=5, max_steps=1)
+    lora = LoraConfig(r=4, lora_alpha=8, init_lora_weights="gaussian", target_modules=["to_q", "to_k", "to_v"])
+    trainer = DDRLTrainer(
+        pipeline,
+        mean_pixel,
+        args=args,
+        train_dataset=Dataset.from_dict({"prompt": PROMPTS, "image": videos}),
+        peft_config=lora,
+    )
+    trainer.train()
+    trainer.save_model()
+    assert os.path.isfile(tmp_path / "pytorch_lora_weights.safetensors")
+
+    fresh = tiny_hunyuan_video15_pipeline()
+    fresh.transformer.load_lora_adapter(str(tmp_path), weight_name="pytorch_lora_weights.safetensors")
+    adapter = get_adapter(fresh, settings())
+    conditioning = adapter.encode_prompts(PROMPTS, CPU)
+    latents = torch.randn(2, *adapter.latent_shape(), generator=torch.Generator().manual_seed(0))
+    step_index = torch.tensor([0, 1])
+    with torch.no_grad():
+        trained = trainer.adapter.predict(trainer.adapter.denoiser, latents, step_index, conditioning)
+        loaded = adapter.predict(adapter.denoiser, latents, step_index, conditioning)
+        base = adapter.predict(tiny_hunyuan_video15_pipeline().transformer, latents, step_index, conditioning)
+    torch.testing.assert_close(loaded, trained, rtol=1e-4, atol=1e-5)
+    assert not torch.allclose(base, trained, atol=1e-5)

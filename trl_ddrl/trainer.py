@@ -22,6 +22,7 @@ import torch
 from accelerate.utils import gather
 from datasets import Dataset, IterableDataset
 from diffusers import DiffusionPipeline
+from diffusers.loaders.lora_base import LoraBaseMixin
 from peft import get_peft_model_state_dict, set_peft_model_state_dict
 from safetensors.torch import load_file
 from torch import nn
@@ -1056,19 +1057,22 @@ class DDRLTrainer(_BaseTrainer):
             json.dump(self.args.to_dict(), file, indent=2, sort_keys=True, default=str)
 
     def _save_lora(self, denoiser: nn.Module, state_dict: dict, output_dir: str) -> None:
-        """Write the adapter in diffusers format (`pytorch_lora_weights.safetensors`, alpha kept in the metadata)."""
+        """
+        Write the adapter in diffusers format (`pytorch_lora_weights.safetensors`, alpha kept in the metadata), with the
+        pipeline's `save_lora_weights`; for pipelines without a LoRA loader (HunyuanVideo 1.5) the same file, which
+        `pipeline.<denoiser>.load_lora_adapter(output_dir, weight_name="pytorch_lora_weights.safetensors")` loads.
+        """
         name = self.adapter.denoiser_name
+        layers = get_peft_model_state_dict(denoiser, state_dict=state_dict)
+        metadata = denoiser.peft_config["default"].to_dict()
         if not hasattr(type(self.pipeline), "save_lora_weights"):
-            raise ValueError(
-                f"{type(self.pipeline).__name__} has no diffusers LoRA loader (save_lora_weights), so a LoRA trained on "
-                "it cannot be saved in diffusers format. Train without peft_config (full fine-tune) for this pipeline."
+            LoraBaseMixin._save_lora_weights(
+                output_dir, lora_layers={name: layers}, lora_metadata={name: metadata}, weight_name=LORA_WEIGHT_NAME
             )
+            return
         type(self.pipeline).save_lora_weights(
             output_dir,
-            **{
-                f"{name}_lora_layers": get_peft_model_state_dict(denoiser, state_dict=state_dict),
-                f"{name}_lora_adapter_metadata": denoiser.peft_config["default"].to_dict(),
-            },
+            **{f"{name}_lora_layers": layers, f"{name}_lora_adapter_metadata": metadata},
             safe_serialization=True,
         )
 
