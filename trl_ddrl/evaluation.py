@@ -226,11 +226,19 @@ class Evaluator:
 
         trainer = self.trainer
         with (
+            self._weights(),
             _gradient_checkpointing_paused(trainer.accelerator.unwrap_model(trainer.model)),
             unwrap_model_for_generation(trainer.model_wrapped, trainer.accelerator) as policy,
             trainer.accelerator.autocast(),
         ):
             yield policy
+
+    def _weights(self):
+        """
+        The weights evaluated: the denoiser's current ones. The hook for evaluating an EMA of the weights: swap them in
+        here (before `unwrap_model_for_generation`, so that ZeRO-3 gathers the EMA's) once the trainer keeps one.
+        """
+        return contextlib.nullcontext()
 
     def _sample_and_score(self, policy, rows: list[dict], positions: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
         """Images `[P * G, ...]` on the CPU (prompt-major) and rewards `[P * G, R]` of this process's rows."""
