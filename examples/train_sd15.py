@@ -40,6 +40,9 @@ def main() -> None:
     parser.add_argument("--output_dir", default="sd15-ddrl")
     parser.add_argument("--resolution", type=int, default=512, help="Training height and width in pixels.")
     parser.add_argument("--max_steps", type=int, default=500)
+    parser.add_argument(
+        "--warmup_steps", type=int, default=50, help="Linear learning-rate warm-up steps (the authors' 50)."
+    )
     parser.add_argument("--lora", action="store_true", help="Train a rank-32 LoRA instead of the full UNet.")
     args = parser.parse_args()
 
@@ -63,6 +66,7 @@ def main() -> None:
         caption_column=args.caption_column,
         learning_rate=1e-5,
         max_steps=args.max_steps,
+        warmup_steps=args.warmup_steps,
         activation_checkpointing=True,
         logging_steps=1,
         save_steps=100,

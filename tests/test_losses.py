@@ -51,7 +51,7 @@ def test_exp_advantage_transform_and_zero_spread_stays_zero():
 def test_nan_rewards_are_ignored_or_drop_the_group():
     # two functions; sample 1 has only the second function's reward -> still scored
     rewards = [[1.0, 0.0], [float("nan"), 2.0], [float("nan"), float("nan")], [5.0, 5.0]]
-    out = _adv(rewards, num_generations=2, scale_rewards="none")
+    out = _adv(rewards, num_generations=2, scale_rewards="none", multi_objective_aggregation="sum_then_normalize")
     torch.testing.assert_close(out.total_rewards[:2], torch.tensor([1.0, 2.0]))
     torch.testing.assert_close(out.advantages, torch.tensor([-0.5, 0.5, 0.0, 0.0]))
     assert out.dropped_groups == 1 and out.zero_std_groups == 0
@@ -61,7 +61,13 @@ def test_nan_rewards_are_ignored_or_drop_the_group():
 def test_reward_weights_and_normalize_then_sum():
     rewards = [[1.0, 10.0], [3.0, 10.0], [0.0, 1.0], [0.0, 3.0]]
     weights = torch.tensor([2.0, 0.5])
-    summed = _adv(rewards, num_generations=2, scale_rewards="none", weights=weights)
+    summed = _adv(
+        rewards,
+        num_generations=2,
+        scale_rewards="none",
+        weights=weights,
+        multi_objective_aggregation="sum_then_normalize",
+    )
     # totals: 2 + 5 = 7, 6 + 5 = 11, 0.5, 1.5 -> centred per group
     torch.testing.assert_close(summed.advantages, torch.tensor([-2.0, 2.0, -0.5, 0.5]))
     per_func = _adv(

@@ -77,9 +77,16 @@ def assert_replay_ratio_is_one(adapter, conditioning) -> None:
     assert trajectory.latents.shape == (len(PROMPTS), steps + 1, *adapter.latent_shape())
     for i in range(steps - 1):  # the last step is deterministic and never trained
         step_index = torch.full((len(PROMPTS),), i)
+        # multistep samplers (Cosmos' default "churn") replay with the rollout's previous denoised estimate
+        previous = trajectory.denoised[:, i - 1] if trajectory.denoised is not None and i > 0 else None
         with torch.no_grad():
             replay = adapter.transition_log_prob(
-                adapter.denoiser, trajectory.latents[:, i], trajectory.latents[:, i + 1], step_index, conditioning
+                adapter.denoiser,
+                trajectory.latents[:, i],
+                trajectory.latents[:, i + 1],
+                step_index,
+                conditioning,
+                previous,
             )
         ratio = torch.exp(replay.log_prob - trajectory.log_probs[:, i])
         torch.testing.assert_close(ratio, torch.ones_like(ratio), atol=1e-5, rtol=0)
@@ -181,7 +188,8 @@ def test_wan_rejects_frame_counts_the_vae_cannot_encode():
 def test_cosmos_edm_pipeline_is_the_flow_trajectory():
     """The pipeline's EDM state `x` is `x_t / (1 - t)`; both samplers agree up to the pipeline's no-op last step."""
     pipeline = tiny_cosmos2_pipeline()
-    adapter = get_adapter(pipeline, settings("cosmos", eta=0.0))
+    # The pipeline's Euler sampler is the flow ODE (the authors' churn sampler is Cosmos' default in DDRL).
+    adapter = get_adapter(pipeline, settings("cosmos", eta=0.0, sampler="flow_sde"))
     sigmas = adapter.sigmas()
     torch.testing.assert_close(sigmas[0], torch.tensor(80 / 81))
     noise = adapter.sample_noise(2, torch.Generator().manual_seed(0))
@@ -201,7 +209,7 @@ def test_cosmos_edm_pipeline_is_the_flow_trajectory():
 
 
 def test_cosmos_video_to_world_matches_the_pipeline_and_keeps_the_given_frames():
-    adapter = v2w_adapter(eta=0.0)
+    adapter = v2w_adapter(eta=0.0, sampler="flow_sde")
     pipeline = adapter.pipeline
     image = torch.rand(1, 3, 32, 32)
     conditioning = adapter.encode_prompts(PROMPTS[:1], CPU)
@@ -236,14 +244,17 @@ def test_cosmos_video_to_world_data_loss_skips_the_conditioning_frames():
     step_index = torch.tensor([0, 1])
     with torch.no_grad():
         loss = adapter.diffusion_loss(adapter.denoiser, x0, conditioning, step_index, noise)
-        sigma = adapter.sigmas()[step_index].view(-1, 1, 1, 1, 1)
+        # the data term is at the transition's own level: the churned one under Cosmos' default sampler
+        sigma = adapter.model_sigmas()[step_index].view(-1, 1, 1, 1, 1)
         noisy = (1 - sigma) * x0 + sigma * noise
         velocity = adapter.velocity(
             adapter.denoiser, noisy, sigma.flatten(), {**conditioning, "condition_latents": x0}
         )
     error = (velocity - (noise - x0)) ** 2
     assert error[:, :, :1].max() < 1e-8
-    torch.testing.assert_close(loss, error.mean(dim=(1, 2, 3, 4)))
+    # the default EDM weighting: (1 - t)^2 + t^2 on the velocity MSE
+    weight = (1 - sigma.flatten()) ** 2 + sigma.flatten() ** 2
+    torch.testing.assert_close(loss, weight * error.mean(dim=(1, 2, 3, 4)))
 
 
 def pixels_column(family: str) -> list[np.ndarray]:

@@ -43,6 +43,8 @@ def ddrl_config(output_dir, **overrides) -> DDRLConfig:
         report_to="none",
         save_strategy="no",
         seed=0,
+        # The authors' 50 warm-up steps would leave these one- and two-step runs at a learning rate near 0.
+        warmup_steps=0,
     )
     kwargs.update(overrides)
     return DDRLConfig(**kwargs)
@@ -116,10 +118,11 @@ def test_eta_zero_sampling_matches_the_pipelines_ddim(family, prediction_type):
     torch.testing.assert_close(adapter.decode(trajectory.latents[:, -1]), images, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("weighting", ["uniform", "edm"])
 @pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
-def test_diffusion_loss_is_the_schedulers_training_loss(prediction_type):
+def test_diffusion_loss_is_the_schedulers_training_loss(prediction_type, weighting):
     pipeline = tiny_sd15_pipeline(prediction_type=prediction_type)
-    adapter = get_adapter(pipeline, SamplingSettings(num_inference_steps=4, eta=1.0))
+    adapter = get_adapter(pipeline, SamplingSettings(num_inference_steps=4, eta=1.0, data_loss_weighting=weighting))
     conditioning = adapter.encode_prompts(PROMPTS, adapter.device)
     generator = torch.Generator().manual_seed(0)
     x0, noise = torch.randn(2, 4, 8, 8, generator=generator), torch.randn(2, 4, 8, 8, generator=generator)
@@ -132,7 +135,11 @@ def test_diffusion_loss_is_the_schedulers_training_loss(prediction_type):
         noisy = scheduler.add_noise(x0, noise, timesteps)
         output = pipeline.unet(noisy, timesteps, encoder_hidden_states=conditioning["prompt_embeds"]).sample
     target = noise if prediction_type == "epsilon" else scheduler.get_velocity(x0, noise, timesteps)
-    torch.testing.assert_close(loss, ((output - target) ** 2).mean(dim=(1, 2, 3)), rtol=1e-5, atol=1e-6)
+    # EDM's weight on the x0 error: 1 / alpha_bar on the epsilon MSE, 1 on the v MSE (tests/test_fidelity.py)
+    alpha_prod = scheduler.alphas_cumprod[timesteps]
+    weight = 1 / alpha_prod if weighting == "edm" and prediction_type == "epsilon" else torch.ones(2)
+    expected = weight * ((output - target) ** 2).mean(dim=(1, 2, 3))
+    torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("family", ["sd15", "sdxl"])

@@ -43,6 +43,8 @@ def make_args(output_dir, **overrides) -> DDRLConfig:
         disable_tqdm=True,
         seed=0,
         data_beta=0.0,
+        # The authors' 50 warm-up steps would leave these few-step runs at a learning rate near 0.
+        warmup_steps=0,
     )
     settings.update(overrides)
     return DDRLConfig(**settings)
@@ -114,9 +116,12 @@ def test_data_beta_adds_the_data_loss(tiny_sd3_path, tmp_path):
         losses[data_beta] = trainer.state.log_history[0]
     assert "loss/data" not in losses[0.0]
     assert losses[1.0]["loss/data"] > 0
-    # Same seed, same rollouts: the policy term is the same and the data term is added on top.
+    # Same seed, same rollouts: the policy term is the same and the data term is added on top; the optimised loss is
+    # the sum times loss_scale (the authors' 10), the logged terms are unscaled.
     assert losses[1.0]["loss/policy"] == pytest.approx(losses[0.0]["loss/policy"], abs=1e-6)
-    assert losses[1.0]["loss"] == pytest.approx(losses[0.0]["loss"] + losses[1.0]["loss/data"], rel=1e-4)
+    scale = trainer.args.loss_scale
+    assert scale == 10.0
+    assert losses[1.0]["loss"] == pytest.approx(losses[0.0]["loss"] + scale * losses[1.0]["loss/data"], rel=1e-4)
 
 
 def mean_brightness(pipeline) -> float:

@@ -13,10 +13,14 @@ from .sde_window import SDE_WINDOW_POSITION_CHOICES, resolve_sde_window_range
 
 SCALE_REWARDS_CHOICES = ("group", "batch", "none")
 DATA_NOISE_CHOICES = ("rollout", "independent")
-MULTI_OBJECTIVE_CHOICES = ("sum_then_normalize", "normalize_then_sum")
+MULTI_OBJECTIVE_CHOICES = ("normalize_then_average", "sum_then_normalize", "normalize_then_sum")
 REWARD_ERROR_POLICY_CHOICES = ("raise", "drop_group")
 DATA_SOURCE_CHOICES = ("dataset", "base_model")
-SAMPLER_CHOICES = ("flow_sde", "cps")
+LOG_RATIO_FORM_CHOICES = ("edm_squared_distance", "gaussian")
+KL_FORM_CHOICES = ("edm_squared_distance", "gaussian")
+DATA_LOSS_WEIGHTING_CHOICES = ("edm", "uniform")
+TRAIN_TIMESTEP_SELECTION_CHOICES = ("fixed", "random")
+SAMPLER_CHOICES = ("auto", "flow_sde", "churn", "cps", "ddim")
 
 
 def resolve_train_timesteps(num_inference_steps: int, fraction: float, explicit: list[int] | None) -> list[int]:
@@ -99,15 +103,22 @@ class DDRLConfig(_BaseConfig):
             `num_trained_steps` holds their number in both cases.
         train_timestep_fraction (`float`, *optional*, defaults to `0.5`):
             Fraction of the stochastic sampling steps to train on, evenly spread: `0.5` trains every other step.
-        eta (`float`, *optional*, defaults to `0.7`):
-            Noise level of the stochastic sampler (SDE eta for flow matching, DDIM eta for epsilon/v models, the
-            fresh-noise share of CPS). Must be positive: a deterministic sampler has no likelihood to optimise.
-        sampler (`str`, *optional*, defaults to `"flow_sde"`):
-            Stochastic sampler of flow-matching families. `"flow_sde"`: Euler-Maruyama steps of the reverse SDE
-            (Flow-GRPO's `sde`). `"cps"`: coefficients-preserving sampling (Flow-GRPO's `sde_type="cps"`,
-            arXiv 2509.05952): each step keeps the flow's signal and noise coefficients exactly and replaces a
-            `sin(eta * pi / 2)` share of the noise with fresh noise; needs `eta <= 1` (Flow-GRPO uses 0.8). UNet
-            (epsilon / v) families always sample with DDIM and accept only the default.
+        sampler (`str`, *optional*, defaults to `"auto"`):
+            The stochastic sampler of the rollouts. `"churn"`: the authors' EDM sampler with churn around a
+            second-order Adams-Bashforth solver, every step stochastic but the final one to the clean sample
+            ([`~trl_ddrl.sampling.edm_churn_step`]; flow-matching families). `"flow_sde"`: Euler-Maruyama steps of the
+            reverse SDE (Flow-GRPO's `sde`, [`~trl_ddrl.sampling.flow_sde_step`]). `"cps"`: coefficients-preserving
+            sampling (Flow-GRPO's `sde_type="cps"`, arXiv 2509.05952): each step keeps the flow's signal and noise
+            coefficients exactly and replaces a `sin(eta * pi / 2)` share of the noise with fresh noise; needs `eta <=
+            1` (Flow-GRPO uses 0.8). `"ddim"`: DDIM with `eta > 0` (epsilon / v-prediction UNets, their only choice).
+            `"auto"` takes the family's default: `"churn"` for Cosmos Predict2 / Predict2.5 (the authors' model),
+            `"flow_sde"` for the other flow families, `"ddim"` for the UNets. The trainer writes the resolved name
+            back into this field.
+        eta (`float`, *optional*):
+            Noise level of the sampler; must be positive (a deterministic sampler has no likelihood to optimise).
+            Unset, the sampler's default, written back by the trainer: the authors' churn `min(1 /
+            (num_inference_steps + 1), sqrt(1.2) - 1)` (1/21 for 20 steps) for `"churn"`, Flow-GRPO's `0.7` for
+            `"flow_sde"` and `"cps"`, DDPO's `1.0` for `"ddim"`.
         guidance_scale (`float`, *optional*, defaults to `1.0`):
             Classifier-free guidance scale during rollouts. `1.0` disables CFG, as in the authors' release.
         height (`int`, *optional*):
@@ -162,9 +173,11 @@ class DDRLConfig(_BaseConfig):
         scale_rewards (`str`, *optional*, defaults to `"group"`):
             How to scale the centred rewards: `"group"` divides by the group's standard deviation, `"batch"` by the
             whole batch's, `"none"` does not scale.
-        multi_objective_aggregation (`str`, *optional*, defaults to `"sum_then_normalize"`):
-            With several reward functions: `"sum_then_normalize"` normalises the weighted sum of rewards;
-            `"normalize_then_sum"` normalises each reward within its group and takes the weighted sum.
+        multi_objective_aggregation (`str`, *optional*, defaults to `"normalize_then_average"`):
+            With several reward functions: `"normalize_then_average"` normalises each reward within its group and
+            takes the weighted mean of these advantages (with unit weights, the authors' mean of per-reward
+            advantages); `"normalize_then_sum"` takes their weighted sum; `"sum_then_normalize"` normalises the
+            weighted sum of rewards (TRL's GRPO default).
         reward_weights (`list[float]`, *optional*):
             Weight of each reward function. Defaults to `1.0` for every function.
         async_rewards (`bool`, *optional*, defaults to `True`):
@@ -177,6 +190,35 @@ class DDRLConfig(_BaseConfig):
             zero advantage, counts them in the `reward/dropped_groups` metric and goes on.
         num_iterations (`int`, *optional*, defaults to `1`):
             Number of passes over the transitions of one iteration (the PPO epochs, GRPO's mu).
+
+        > Parameters that follow the authors' recipe (see docs/fidelity.md; each default is the released DDRL
+        > recipe, the alternative is Flow-GRPO's form)
+
+        log_ratio_form (`str`, *optional*, defaults to `"edm_squared_distance"`):
+            The per-step log-likelihood whose difference gives the policy ratio. `"edm_squared_distance"` (the
+            authors'): `-mean((x_next - mu)^2)` in EDM coordinates (`x_edm = x_t / (1 - t_next)` for flow models,
+            `x / sqrt(alpha_bar_next)` for DDIM models), so `log r = -mean((x - mu_theta)^2) + mean((x -
+            mu_old)^2)`. `"gaussian"` (Flow-GRPO's): the Gaussian log-density, i.e. the squared distance divided by
+            `2 std^2` in the sampler's own coordinates.
+        kl_form (`str`, *optional*, defaults to `"edm_squared_distance"`):
+            The reverse-KL penalty of `kl_beta`: `"edm_squared_distance"` (the authors') is `mean((mu_ref - mu)^2)`
+            in EDM coordinates; `"gaussian"` (Flow-GRPO's) is `mean((mu_ref - mu)^2) / (2 std^2)`.
+        data_loss_weighting (`str`, *optional*, defaults to `"edm"`):
+            Weighting of the data term over noise levels. `"edm"` (the authors'): EDM's `(sigma^2 + 1) / sigma^2` on
+            the x0 error, which is `(1 - t)^2 + t^2` times the velocity MSE of flow models, `1 / alpha_bar` times
+            the epsilon MSE and exactly the v MSE of DDIM models. `"uniform"`: the family's plain training loss.
+        loss_scale (`float`, *optional*, defaults to `10.0`):
+            The loss is multiplied by this before the backward pass, so gradient clipping at `max_grad_norm` acts on
+            the scaled gradient (the authors' `loss_scale=10` with `clip_norm=1`). The Trainer's logged `loss` is the
+            scaled one; `loss/policy`, `loss/data` and `kl` are logged unscaled. With AdamW the scale changes nothing
+            else (the update is invariant to it, up to `adam_epsilon`).
+        train_timestep_selection (`str`, *optional*, defaults to `"fixed"`):
+            `"fixed"`: train the steps of `train_timesteps` every iteration (the authors' DDRL recipe). `"random"`:
+            each iteration trains a fresh random subset of the stochastic steps of the same size, seeded by `seed`
+            and the iteration (so a resumed run draws the same subsets); the authors' `-1` entries of `train_on`.
+        same_initial_noise (`bool`, *optional*, defaults to `False`):
+            All samples of a group start from the same initial noise (the authors' `use_same_seed`, Flow-GRPO's
+            `same_latent`), so that they differ only by the sampler's noise. The released DDRL recipe sets it off.
 
         > Parameters that control the data term
 
@@ -235,6 +277,15 @@ class DDRLConfig(_BaseConfig):
 
     # Overrides of TrainingArguments defaults, following the authors' reference settings.
     learning_rate: float = field(default=1e-5, metadata={"help": "Initial learning rate of AdamW."})
+    weight_decay: float = field(default=1e-4, metadata={"help": "AdamW weight decay (the authors' 1e-4)."})
+    adam_beta2: float = field(default=0.99, metadata={"help": "AdamW beta2 (the authors' 0.99)."})
+    lr_scheduler_type: str = field(
+        default="constant_with_warmup",
+        metadata={"help": "Learning-rate schedule: the authors warm up linearly, then keep the rate constant."},
+    )
+    warmup_steps: float = field(
+        default=50, metadata={"help": "Linear warm-up optimizer steps (the authors' 50); a float < 1 is a ratio."}
+    )
     logging_steps: float = field(default=1, metadata={"help": "Log every X optimizer steps."})
     gradient_checkpointing: bool | None = field(
         default=None,
@@ -279,10 +330,13 @@ class DDRLConfig(_BaseConfig):
     train_timestep_fraction: float = field(
         default=0.5, metadata={"help": "Fraction of the stochastic steps to train on; 0.5 = every other step."}
     )
-    eta: float = field(default=0.7, metadata={"help": "Noise level of the stochastic sampler (SDE or DDIM eta), > 0."})
     sampler: str = field(
-        default="flow_sde",
-        metadata={"help": "Flow-matching sampler: 'flow_sde' (reverse SDE) or 'cps' (coefficients-preserving)."},
+        default="auto",
+        metadata={"help": "'churn' (the authors'), 'flow_sde' / 'cps' (Flow-GRPO's), 'ddim', or 'auto' (the family's)."},
+    )
+    eta: float | None = field(
+        default=None,
+        metadata={"help": "Sampler noise level, > 0; unset: 1/(steps+1) for churn, 0.7 for flow_sde/cps, 1.0 for ddim."},
     )
     guidance_scale: float = field(default=1.0, metadata={"help": "CFG scale during rollouts; 1.0 disables CFG."})
     height: int | None = field(default=None, metadata={"help": "Sample height in pixels (pipeline default)."})
@@ -334,8 +388,11 @@ class DDRLConfig(_BaseConfig):
         default="group", metadata={"help": "Scale centred rewards by the std of the group, the batch, or none."}
     )
     multi_objective_aggregation: str = field(
-        default="sum_then_normalize",
-        metadata={"help": "With several rewards: 'sum_then_normalize' or 'normalize_then_sum'."},
+        default="normalize_then_average",
+        metadata={
+            "help": "With several rewards: 'normalize_then_average' (the authors'), 'normalize_then_sum' or "
+            "'sum_then_normalize'."
+        },
     )
     reward_weights: list[float] | None = field(
         default=None, metadata={"help": "Weight of each reward function (defaults to 1.0 each)."}
@@ -349,6 +406,29 @@ class DDRLConfig(_BaseConfig):
         metadata={"help": "On a failing reward: 'raise' (default) or 'drop_group' (zero advantage, counted)."},
     )
     num_iterations: int = field(default=1, metadata={"help": "Passes over the transitions of one iteration."})
+
+    # Fidelity to the authors' recipe (docs/fidelity.md)
+    log_ratio_form: str = field(
+        default="edm_squared_distance",
+        metadata={"help": "Policy log-ratio: 'edm_squared_distance' (the authors') or 'gaussian' (Flow-GRPO's)."},
+    )
+    kl_form: str = field(
+        default="edm_squared_distance",
+        metadata={"help": "Reverse KL: 'edm_squared_distance' (the authors') or 'gaussian' (Flow-GRPO's)."},
+    )
+    data_loss_weighting: str = field(
+        default="edm", metadata={"help": "Data-term weighting: 'edm' (the authors') or 'uniform'."}
+    )
+    loss_scale: float = field(
+        default=10.0, metadata={"help": "Multiply the loss by this before backward and gradient clipping."}
+    )
+    train_timestep_selection: str = field(
+        default="fixed",
+        metadata={"help": "'fixed': train_timesteps every iteration; 'random': a seeded random subset of that size."},
+    )
+    same_initial_noise: bool = field(
+        default=False, metadata={"help": "All samples of a group start from the same initial noise."}
+    )
 
     # Data term
     data_source: str = field(
@@ -408,17 +488,23 @@ class DDRLConfig(_BaseConfig):
         self._check_choice("reward_error_policy", REWARD_ERROR_POLICY_CHOICES)
         self._check_choice("sampler", SAMPLER_CHOICES)
         self._check_choice("sde_window_position", SDE_WINDOW_POSITION_CHOICES)
+        self._check_choice("log_ratio_form", LOG_RATIO_FORM_CHOICES)
+        self._check_choice("kl_form", KL_FORM_CHOICES)
+        self._check_choice("data_loss_weighting", DATA_LOSS_WEIGHTING_CHOICES)
+        self._check_choice("train_timestep_selection", TRAIN_TIMESTEP_SELECTION_CHOICES)
+        if not self.loss_scale > 0:
+            raise ValueError(f"loss_scale={self.loss_scale} must be > 0 (the authors use 10; 1 disables scaling).")
         self._check_positive("num_generations", minimum=2, why="advantages compare samples within a group")
         self._check_positive("prompts_per_step")
         self._check_positive("num_inference_steps", minimum=2, why="the last step is deterministic")
         self._check_positive("num_iterations")
         self._check_positive("per_device_train_batch_size")
-        if self.eta <= 0:
+        if self.eta is not None and self.eta <= 0:
             raise ValueError(
                 f"eta={self.eta} must be > 0: a deterministic sampler has no likelihood ratio to optimise. "
-                "The authors use 0.7 for flow matching and 1.0 for DDIM."
+                "Flow-GRPO uses 0.7 for its flow-matching SDE; DDPO uses 1.0 for DDIM."
             )
-        if self.sampler == "cps" and self.eta > 1:
+        if self.sampler == "cps" and self.eta is not None and self.eta > 1:
             raise ValueError(
                 f"eta={self.eta} with sampler='cps' must be in (0, 1]: it is the fresh-noise share sin(eta * pi / 2) "
                 "of each step's noise level (Flow-GRPO uses 0.8)."
@@ -504,6 +590,13 @@ class DDRLConfig(_BaseConfig):
             )
             self.num_trained_steps = len(self.train_timesteps)
             return
+        if self.sampler == "churn" or self.train_timestep_selection != "fixed":
+            raise ValueError(
+                f"sde_window_size={self.sde_window_size} does not combine with sampler={self.sampler!r} / "
+                f"train_timestep_selection={self.train_timestep_selection!r}: the authors' churn sampler makes every "
+                "step stochastic, and the window already picks the trained steps per iteration. Use sampler='flow_sde' "
+                "or 'cps' with train_timestep_selection='fixed', or unset sde_window_size."
+            )
         if self.train_timesteps or self.train_timestep_fraction != 0.5:
             raise ValueError(
                 f"sde_window_size={self.sde_window_size} trains exactly the window's steps, so train_timesteps="

@@ -2,7 +2,7 @@
 """
 The terms of the DDRL objective as small pure functions.
 
-    loss = policy_loss(ratio, advantage) + data_beta * diffusion_loss(data) + kl_beta * reverse_kl(policy || ref)
+    loss = loss_scale * (policy_loss(ratio, advantage) + data_beta * diffusion_loss(data) + kl_beta * reverse_kl)
 
 Per-sample terms are returned unreduced (`[B]`) so the trainer can mask and average them.
 """
@@ -68,7 +68,7 @@ def compute_advantages(
     reward_weights: torch.Tensor,
     num_generations: int,
     scale_rewards: str = "group",
-    multi_objective_aggregation: str = "sum_then_normalize",
+    multi_objective_aggregation: str = "normalize_then_average",
     exp_advantage: bool = False,
     advantage_clip: float = 5.0,
     eps: float = 1e-4,
@@ -79,14 +79,17 @@ def compute_advantages(
     Samples come in consecutive groups of `num_generations` (the rollouts of one prompt). A NaN entry of
     `rewards_per_func` means that function gave no reward for that sample (TRL's `None`); a sample with no reward at
     all drops its whole group. Zero-spread and dropped groups get advantage 0, also under `exp_advantage` (whose
-    transform `A -> -exp(-A)` would otherwise turn 0 into -1).
+    transform `A -> -exp(-A)` would otherwise turn 0 into -1). The authors compute `(r - mean) / (std + 1e-4)` for
+    every group: the same 0 for an exactly tied group, but a group with a spread below `eps` keeps its (noise-driven)
+    advantages there, and `exp_advantage` turns a tie into -1.
 
     Args:
         rewards_per_func (`torch.Tensor` of shape `[N, R]`): Raw rewards of `R` functions, NaN where missing.
         reward_weights (`torch.Tensor` of shape `[R]`): Weight of each function.
         num_generations (`int`): Group size `G`; `N` must be a multiple of it.
         scale_rewards (`str`): `"group"`, `"batch"` or `"none"`.
-        multi_objective_aggregation (`str`): `"sum_then_normalize"` or `"normalize_then_sum"`.
+        multi_objective_aggregation (`str`): `"normalize_then_average"` (the weighted mean of the per-function
+            advantages), `"normalize_then_sum"` (their weighted sum) or `"sum_then_normalize"`.
         exp_advantage (`bool`): Apply `A -> -exp(-A)` after normalisation.
         advantage_clip (`float`): Clip advantages to `[-advantage_clip, advantage_clip]`.
         eps (`float`): Added to standard deviations; groups with a smaller spread count as zero-spread.
@@ -107,10 +110,14 @@ def compute_advantages(
 
     if multi_objective_aggregation == "sum_then_normalize":
         advantages, zero_std = _normalize(total, num_generations, scale_rewards, eps)
-    elif multi_objective_aggregation == "normalize_then_sum":
+    elif multi_objective_aggregation in ("normalize_then_sum", "normalize_then_average"):
         per_func = [_normalize(column, num_generations, scale_rewards, eps) for column in rewards_per_func.T]
         normalized = torch.stack([adv for adv, _ in per_func], dim=1)
         advantages = torch.where(scored, normalized * weights, torch.zeros_like(normalized)).sum(dim=1)
+        if multi_objective_aggregation == "normalize_then_average":
+            # The weighted mean over the functions that scored the sample (cosmos-rl: sum of advantages / N_RM).
+            weight_sum = torch.where(scored, weights.expand_as(scored), torch.zeros_like(normalized)).sum(dim=1)
+            advantages = advantages / weight_sum.clamp(min=torch.finfo(weight_sum.dtype).tiny)
         zero_std = torch.stack([z for _, z in per_func], dim=1).all(dim=1)
     else:
         raise ValueError(f"multi_objective_aggregation={multi_objective_aggregation!r} is not valid.")
@@ -158,6 +165,37 @@ def flow_matching_noisy_sample(x0: torch.Tensor, noise: torch.Tensor, sigma: tor
     return (1 - sigma_b) * x0 + sigma_b * noise.to(x0.dtype)
 
 
+def edm_loss_weight(sigma: torch.Tensor) -> torch.Tensor:
+    """EDM's loss weight `(sigma^2 + sigma_data^2) / (sigma * sigma_data)^2` with `sigma_data = 1`, on the x0 error."""
+    return (sigma**2 + 1) / sigma**2
+
+
+def flow_matching_edm_weight(sigma: torch.Tensor | float) -> torch.Tensor:
+    r"""
+    The EDM weight on the x0 error, expressed on the velocity MSE of a flow model at flow noise level `t = sigma`:
+
+    $$ \frac{s^2 + 1}{s^2}\,\|x_0 - \hat x_0\|^2 = \big((1 - t)^2 + t^2\big)\,\|v - \hat v\|^2,
+       \qquad s = \frac{t}{1 - t}, \quad \hat x_0 = x_t - t \hat v, $$
+
+    since `x0 - x0_hat = t (v_hat - v)`. This is the data-term weighting of the authors' Cosmos model
+    (`t2v_model.py`, `get_per_sigma_loss_weights`). `sigma` is a float or a `[B]` tensor; returns `[B]` or a scalar.
+    """
+    t = torch.as_tensor(sigma, dtype=torch.float32)
+    return (1 - t) ** 2 + t**2
+
+
+def ddpm_edm_weight(alpha_prod: torch.Tensor, prediction_type: str) -> torch.Tensor:
+    r"""
+    The EDM weight on the x0 error, expressed on the training loss of a DDPM model at cumulative alpha `a`: the EDM
+    noise level of `x_t = sqrt(a) x0 + sqrt(1 - a) eps` is `s = sqrt((1 - a) / a)` (EDM coordinates `x_t / sqrt(a)`),
+    and `(s^2 + 1) / s^2 ||x0 - x0_hat||^2` is `||eps - eps_hat||^2 / a` for epsilon prediction and exactly
+    `||v - v_hat||^2` for v-prediction. Returns `[B]`.
+    """
+    if prediction_type == "v_prediction":
+        return torch.ones_like(alpha_prod, dtype=torch.float32)
+    return 1.0 / alpha_prod.float()
+
+
 def mse_per_sample(prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """Mean squared error over all but the first dimension, in float32: `[B, ...] -> [B]`."""
     return ((prediction.float() - target.float()) ** 2).mean(dim=tuple(range(1, prediction.ndim)))
@@ -172,6 +210,29 @@ def flow_matching_loss(velocity: torch.Tensor, x0: torch.Tensor, noise: torch.Te
         `torch.Tensor` of shape `[B]`.
     """
     return mse_per_sample(velocity, noise - x0)
+
+
+def reverse_kl(
+    mean: torch.Tensor,
+    ref_mean: torch.Tensor,
+    std: torch.Tensor,
+    edm_scale: torch.Tensor | None,
+    kl_form: str,
+) -> torch.Tensor:
+    """
+    The per-step reverse-KL penalty of `kl_beta`, per sample (`[B]`).
+
+    `"edm_squared_distance"` (the authors', cosmos-rl `wfm_trainer.py`): `mean((s (mu_ref - mu))^2)` with `s =
+    edm_scale`, the mean distance in EDM coordinates. `"gaussian"` (Flow-GRPO's): [`gaussian_kl`]. Both are 0 on
+    deterministic steps (`std == 0`).
+    """
+    if kl_form == "gaussian":
+        return gaussian_kl(mean, ref_mean, std)
+    if kl_form != "edm_squared_distance":
+        raise ValueError(f"kl_form={kl_form!r} is not valid; choose 'edm_squared_distance' or 'gaussian'.")
+    scale = broadcast_per_sample(edm_scale if edm_scale is not None else torch.ones_like(std), mean)
+    distance = ((scale * (mean.float() - ref_mean.float())) ** 2).mean(dim=tuple(range(1, mean.ndim)))
+    return torch.where(std.flatten() > 0, distance, torch.zeros_like(distance))
 
 
 def gaussian_kl(mean: torch.Tensor, ref_mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:

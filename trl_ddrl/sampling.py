@@ -7,12 +7,18 @@ sampling step, and scores `x_next` under it. The same function serves the rollou
 during training (score the stored `x_next` with the current model), which is what makes the on-policy likelihood
 ratio exactly one. All arithmetic is done in float32 whatever the model's dtype.
 
+Every transition also carries `edm_scale`, the factor that maps its coordinates to EDM coordinates (`x_edm = x0 +
+sigma * eps`, the variance-exploding form the authors' Cosmos sampler works in): `1 / (1 - t_next)` for a flow state
+`x_t = (1 - t) x0 + t eps` (with `sigma = t / (1 - t)`), `1 / sqrt(alpha_bar_next)` for a DDPM state `sqrt(a) x0 +
+sqrt(1 - a) eps` (with `sigma = sqrt((1 - a) / a)`). [`score_transition`] turns a transition into the log-likelihood
+the policy ratio uses, in either of the two forms of `DDRLConfig.log_ratio_form`.
+
 Shapes: `sample`, `model_output`, `noise` and `prev_sample` are `[B, ...]`; schedule values (`sigma`, `alpha_prod`)
 are scalars or `[B]` tensors, one per sample, so that a micro-batch may mix steps.
 """
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -27,13 +33,19 @@ class StepOutput:
         mean (`torch.Tensor` of shape `[B, ...]`): Mean of the transition.
         std (`torch.Tensor` of shape `[B]`): Standard deviation of the transition (0 for a deterministic step).
         log_prob (`torch.Tensor` of shape `[B]`): Log-density of `prev_sample` averaged over its dimensions
-            (0 where `std` is 0).
+            (0 where `std` is 0); after [`score_transition`], the score of the chosen `log_ratio_form`.
+        edm_scale (`torch.Tensor` of shape `[B]`, *optional*): Factor from the transition's coordinates to EDM
+            coordinates, at the noise level of `prev_sample` (1 when not given).
+        denoised (`torch.Tensor` of shape `[B, ...]`, *optional*): The x0 prediction the step used, for multistep
+            samplers whose next step needs it.
     """
 
     prev_sample: torch.Tensor
     mean: torch.Tensor
     std: torch.Tensor
     log_prob: torch.Tensor
+    edm_scale: torch.Tensor | None = None
+    denoised: torch.Tensor | None = None
 
 
 def broadcast_per_sample(value: torch.Tensor | float, like: torch.Tensor) -> torch.Tensor:
@@ -77,12 +89,54 @@ def gaussian_log_prob(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) ->
     return torch.where(std_b.flatten() > 0, log_prob, torch.zeros_like(log_prob))
 
 
+def edm_squared_distance_log_prob(x: torch.Tensor, mean: torch.Tensor, edm_scale: torch.Tensor) -> torch.Tensor:
+    r"""
+    The authors' per-step log-likelihood: minus the mean squared distance of `x` to `mean` in EDM coordinates,
+
+    $$ \ell = -\operatorname{mean}\big((s\,(x - \mu))^2\big), \qquad s = \text{edm\_scale}, $$
+
+    so that `exp(l_theta - l_old)` is the ratio `exp(-mean((x - mu_theta)^2) + mean((x - mu_old)^2))` of cosmos-rl's
+    `wfm_trainer.py` (the line marked `TODO: rethink correct balance`). It is the Gaussian log-density in EDM
+    coordinates times `2 std_edm^2`, up to a constant: it puts the weight `1 / (2 std^2)` of the Gaussian form back on
+    every step, which moves the policy gradient towards the high-noise steps.
+
+    Args:
+        x (`torch.Tensor` of shape `[B, ...]`): Points to score.
+        mean (`torch.Tensor` of shape `[B, ...]`): Means.
+        edm_scale (`torch.Tensor` of shape `[B]`): Factor from these coordinates to EDM coordinates.
+
+    Returns:
+        `torch.Tensor` of shape `[B]`, float32.
+    """
+    scale = broadcast_per_sample(edm_scale, x)
+    return -((scale * (x.float() - mean.float())) ** 2).mean(dim=tuple(range(1, x.ndim)))
+
+
+def score_transition(step: StepOutput, log_ratio_form: str) -> StepOutput:
+    """
+    `step` with `log_prob` replaced by the score of `log_ratio_form`: `"gaussian"` keeps the Gaussian log-density,
+    `"edm_squared_distance"` uses [`edm_squared_distance_log_prob`]. Deterministic steps (`std == 0`) score 0.
+    """
+    if log_ratio_form == "gaussian":
+        return step
+    if log_ratio_form != "edm_squared_distance":
+        raise ValueError(
+            f"log_ratio_form={log_ratio_form!r} is not valid; choose 'edm_squared_distance' or 'gaussian'."
+        )
+    edm_scale = step.edm_scale if step.edm_scale is not None else torch.ones_like(step.std)
+    score = edm_squared_distance_log_prob(step.prev_sample, step.mean, edm_scale)
+    score = torch.where(step.std > 0, score, torch.zeros_like(score))
+    return replace(step, log_prob=score)
+
+
 def _finish_step(
     mean: torch.Tensor,
     std: torch.Tensor,
     noise: torch.Tensor | None,
     prev_sample: torch.Tensor | None,
     generator: torch.Generator | None,
+    edm_scale: torch.Tensor | None = None,
+    denoised: torch.Tensor | None = None,
 ) -> StepOutput:
     """Draw `prev_sample` from `N(mean, std^2)` unless it is given, and score it."""
     if prev_sample is None:
@@ -95,6 +149,8 @@ def _finish_step(
         mean=mean,
         std=std,
         log_prob=gaussian_log_prob(prev_sample, mean, std),
+        edm_scale=edm_scale,
+        denoised=denoised,
     )
 
 
@@ -121,6 +177,7 @@ def flow_sde_step(
        x_{next} \sim \mathcal N(\mu, g^2 |dt|). $$
 
     With `eta = 0` this is exactly the deterministic Euler step `x + v dt` of `FlowMatchEulerDiscreteScheduler`.
+    `edm_scale` is `1 / (1 - sigma_next)`: the next state in EDM coordinates is `x_next / (1 - sigma_next)`.
     `g` diverges at `sigma = 1`, so `sigma` is clamped to `noise_sigma_max` (the schedule's second sigma) inside `g`
     only.
 
@@ -146,7 +203,13 @@ def flow_sde_step(
     g = eta * torch.sqrt(noise_sigma / (1 - noise_sigma))
     mean = x + (v + g**2 / (2 * sigma_b) * (x + (1 - sigma_b) * v)) * dt
     std = (g * torch.sqrt(-dt)).flatten()
-    return _finish_step(mean, std, noise, prev_sample, generator)
+    edm_scale = flow_edm_scale(sigma_next, x)
+    return _finish_step(mean, std, noise, prev_sample, generator, edm_scale=edm_scale)
+
+
+def flow_edm_scale(sigma: torch.Tensor | float, like: torch.Tensor) -> torch.Tensor:
+    """`1 / (1 - sigma)` per sample (`[B]`, float32): a flow state at `sigma < 1` in EDM coordinates is `x / (1 - sigma)`."""
+    return 1.0 / (1.0 - broadcast_per_sample(sigma, like).flatten())
 
 
 def ddim_step(
@@ -168,7 +231,7 @@ def ddim_step(
     $$ \mu = \sqrt{a'}\, x_0 + \sqrt{1 - a' - std^2}\, \epsilon, \qquad x_{prev} \sim \mathcal N(\mu, std^2). $$
 
     `x0` is not clipped (use `clip_sample=False` schedulers). v-prediction models convert their output to epsilon
-    before calling this.
+    before calling this. `edm_scale` is `1 / sqrt(a')`: the next state in EDM coordinates is `x_prev / sqrt(a')`.
 
     Args:
         sample (`torch.Tensor` of shape `[B, ...]`): Current state.
@@ -189,7 +252,8 @@ def ddim_step(
     variance = (1 - a_prev) / (1 - a) * (1 - a / a_prev)
     std_b = eta * torch.sqrt(variance.clamp(min=0))
     mean = torch.sqrt(a_prev) * pred_x0 + torch.sqrt((1 - a_prev - std_b**2).clamp(min=0)) * eps
-    return _finish_step(mean, std_b.flatten(), noise, prev_sample, generator)
+    edm_scale = torch.rsqrt(a_prev).flatten()
+    return _finish_step(mean, std_b.flatten(), noise, prev_sample, generator, edm_scale=edm_scale)
 
 
 def flow_cps_step(
@@ -239,4 +303,96 @@ def flow_cps_step(
     pred_x0 = x - sigma_b * v
     pred_noise = x + (1 - sigma_b) * v
     mean = (1 - sigma_next_b) * pred_x0 + torch.sqrt((sigma_next_b**2 - std_b**2).clamp(min=0)) * pred_noise
-    return _finish_step(mean, std_b.flatten(), noise, prev_sample, generator)
+    edm_scale = flow_edm_scale(sigma_next, x)
+    return _finish_step(mean, std_b.flatten(), noise, prev_sample, generator, edm_scale=edm_scale)
+
+
+def churn_eta(num_inference_steps: int, s_churn: float = 1.0) -> float:
+    """
+    The authors' churn per step, `min(s_churn / (num_inference_steps + 1), sqrt(1.2) - 1)` (cosmos-rl sampler,
+    `differential_equation_solver`): `1 / 21` for their 20 steps with `s_churn = 1`.
+    """
+    return min(s_churn / (num_inference_steps + 1), math.sqrt(1.2) - 1)
+
+
+def churn_sigma(sigma: torch.Tensor | float, eta: float) -> torch.Tensor:
+    r"""
+    The flow noise level after a churn: EDM's `s -> (1 + eta) s` with `s = t / (1 - t)`, in flow terms
+
+    $$ \hat t = \frac{(1 + \eta)\, t}{1 + \eta\, t}, $$
+
+    which keeps `t = 0` at 0 and `t = 1` (EDM's infinite noise) at 1.
+    """
+    t = torch.as_tensor(sigma, dtype=torch.float64)
+    return (1 + eta) * t / (1 + eta * t)
+
+
+def edm_churn_step(
+    sample: torch.Tensor,
+    velocity: torch.Tensor,
+    sigma: torch.Tensor | float,
+    sigma_next: torch.Tensor | float,
+    eta: float,
+    previous_denoised: torch.Tensor | None = None,
+    previous_sigma: torch.Tensor | float | None = None,
+    noise: torch.Tensor | None = None,
+    prev_sample: torch.Tensor | None = None,
+    generator: torch.Generator | None = None,
+) -> StepOutput:
+    r"""
+    One step of the authors' sampler (cosmos-rl `sampler/__init__.py`): EDM's stochastic sampler with churn (Karras
+    et al. 2022, Algorithm 2) around the second-order Adams-Bashforth multistep solver `"2ab"` (Zhang et al. 2023,
+    arXiv 2308.02157), written for a rectified-flow state and expressed as one Gaussian transition.
+
+    In EDM coordinates (`x_edm = x0 + s * eps`, `s = t / (1 - t)`), a step from a churned state `x` at level `s` with
+    denoised estimate `D = x_t - t v` goes deterministically to `s' = sigma_next`, then churns the result up to
+    `s_hat' = (1 + eta) s'` by adding noise of standard deviation `s' sqrt(eta^2 + 2 eta)`:
+
+    $$ \mu_{edm} = \frac{s'}{s} x + (1 - r) D + \frac{h - 1 + r}{\log(s / s_{-1})} (D_{-1} - D), \qquad
+       r = \frac{s'}{s} = e^{-h}, $$
+
+    $$ x_{next, edm} \sim \mathcal N\big(\mu_{edm},\ s'^2 (\eta^2 + 2\eta)\big), $$
+
+    where `D_{-1}` is the previous step's denoised estimate at its own (churned) level `s_{-1}`. Without a previous
+    step (the first one, or a previous level of 1, i.e. `s_{-1} = inf`) the correction vanishes and the step is the
+    first-order (DDIM / Euler) step; so is the final step to `sigma_next = 0`, which is deterministic. With `eta = 0`
+    and no previous step this is exactly the flow Euler step `x + v (sigma_next - sigma)`.
+
+    The transition is returned in flow coordinates at the churned next level `t_hat' = churn_sigma(sigma_next, eta)`
+    (`x_flow = x_edm (1 - t_hat')`), with `edm_scale = 1 / (1 - t_hat')`, so that the authors' log-ratio, the squared
+    distance in EDM coordinates, is [`score_transition`]'s `"edm_squared_distance"`. `sigma` is the current state's
+    own (churned) level; states at `sigma = 1` are handled exactly (`x_edm / s = x / t` stays finite).
+
+    Args:
+        sample (`torch.Tensor` of shape `[B, ...]`): Current state (flow coordinates) at level `sigma`.
+        velocity (`torch.Tensor` of shape `[B, ...]`): Model velocity prediction at (`sample`, `sigma`).
+        sigma (`torch.Tensor` of shape `[B]` or `float`): Current (churned) flow noise level, in `(0, 1]`.
+        sigma_next (`torch.Tensor` of shape `[B]` or `float`): Next flow noise level before its churn.
+        eta (`float`): Churn per step (the authors' `1 / (num_inference_steps + 1)`, see [`churn_eta`]).
+        previous_denoised (`torch.Tensor` of shape `[B, ...]`, *optional*): The previous step's denoised estimate.
+        previous_sigma (`torch.Tensor` of shape `[B]` or `float`, *optional*): Its level; 1 means none.
+        noise, prev_sample, generator: As in [`flow_sde_step`].
+
+    Returns:
+        [`StepOutput`] with `denoised` set to this step's estimate `D`.
+    """
+    x, v = sample.float(), velocity.float()
+    t = broadcast_per_sample(sigma, x).double()
+    t_next = broadcast_per_sample(sigma_next, x).double()
+    denoised = x - t.float() * v
+    s_next = t_next / (1 - t_next)
+    ratio = t_next * (1 - t) / (t * (1 - t_next))  # r = s' / s, 0 at t = 1
+    mean_edm = (s_next / t).float() * x + (1 - ratio).float() * denoised  # s' x_edm / s = s' x / t
+    if previous_denoised is not None:
+        t_prev = broadcast_per_sample(previous_sigma if previous_sigma is not None else 1.0, x).double()
+        h = -torch.log(ratio)
+        log_step_ratio = torch.log(t * (1 - t_prev)) - torch.log((1 - t) * t_prev)  # log(s / s_prev) < 0
+        correction = (h - 1 + ratio) / log_step_ratio
+        use = (t_prev < 1) & (t < 1) & (t_next > 0)
+        correction = torch.where(use, correction, torch.zeros_like(correction)).float()
+        mean_edm = mean_edm + correction * (previous_denoised.float() - denoised)
+    t_hat_next = churn_sigma(t_next, eta)
+    to_flow = (1 - t_hat_next).float()
+    mean = to_flow * mean_edm
+    std = (to_flow * (s_next * math.sqrt(eta**2 + 2 * eta)).float()).flatten()
+    return _finish_step(mean, std, noise, prev_sample, generator, edm_scale=1 / to_flow.flatten(), denoised=denoised)

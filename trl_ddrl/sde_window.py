@@ -23,6 +23,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .rollout_plan import select_train_steps
+
 
 SDE_WINDOW_POSITION_CHOICES = ("random", "sliding")
 
@@ -121,11 +123,15 @@ class RolloutSteps:
 
 def rollout_steps(args, iteration: int) -> RolloutSteps:
     """
-    The [`RolloutSteps`] of `iteration` for a [`DDRLConfig`] `args`: the fixed `train_timesteps` with every step
-    stochastic, or, with `sde_window_size` set, the iteration's window for both.
+    The [`RolloutSteps`] of `iteration` for a [`DDRLConfig`] `args`: every step stochastic and the `train_timesteps`
+    trained (or, with `train_timestep_selection="random"`, the iteration's random subset of that size), or, with
+    `sde_window_size` set, the iteration's window for both.
     """
     if args.sde_window_size is None:
-        return RolloutSteps(trained=list(args.train_timesteps), stochastic=None, prefix=0)
+        trained = select_train_steps(
+            args.train_timesteps, args.num_inference_steps, args.train_timestep_selection, args.seed, iteration
+        )
+        return RolloutSteps(trained=trained, stochastic=None, prefix=0)
     window = sde_window_steps(
         args.num_inference_steps,
         args.sde_window_size,

@@ -48,7 +48,7 @@ from .fault_handling import (
     resolve_resume_checkpoint,
     staged_checkpoint,
 )
-from .losses import clipped_policy_loss, compute_advantages, gaussian_kl
+from .losses import clipped_policy_loss, compute_advantages, reverse_kl
 from .model_card import hub_base_model, save_model_card
 from .pipelines import ADAPTERS, Conditioning, SamplingSettings, get_adapter
 from .rewards import RewardFunctionError, check_rewards, get_reward_function
@@ -102,6 +102,7 @@ class RolloutBuffer:
     data_conditioning: Conditioning | None  # [S, ...] each
     order: torch.Tensor  # [S * K] flat indices sample * K + position
     data_rows: list[int]  # per micro-batch: how many of its leading rows the data term uses
+    previous_denoised: torch.Tensor | None = None  # [S, K, ...] multistep samplers: the previous step's estimate
 
     def micro_batch(self, index: int, size: int) -> dict[str, Any]:
         flat = self.order[index * size : (index + 1) * size]
@@ -116,6 +117,8 @@ class RolloutBuffer:
             "conditioning": {key: value[sample] for key, value in self.conditioning.items()},
             "initial_noise": self.initial_noise[sample],
         }
+        if self.previous_denoised is not None:
+            batch["previous_denoised"] = self.previous_denoised[sample, position]
         if self.data_latents is not None:
             batch["data_latents"] = self.data_latents[sample]
             batch["data_conditioning"] = {key: value[sample] for key, value in self.data_conditioning.items()}
@@ -356,8 +359,13 @@ class DDRLTrainer(_BaseTrainer):
                 num_frames=args.num_frames,
                 max_sequence_length=args.max_sequence_length,
                 num_conditioning_frames=args.num_conditioning_frames,
+                log_ratio_form=args.log_ratio_form,
+                data_loss_weighting=args.data_loss_weighting,
+                sampler=args.sampler,
             ),
         )
+        # The family's sampler and eta, resolved from "auto" / None, so that the saved config shows what ran.
+        args.sampler, args.eta = self.adapter.settings.sampler, self.adapter.settings.eta
         for module in self.adapter.frozen_modules():
             module.requires_grad_(False)
             module.eval()
@@ -620,7 +628,7 @@ class DDRLTrainer(_BaseTrainer):
         prompts = [row["prompt"] for row in rows]
         chunk = args.rollout_batch_size or len(prompts)
         start = time.perf_counter()
-        latents, log_probs, images, scored = [], [], [], []
+        latents, log_probs, images, scored, denoised = [], [], [], [], []
         with (
             cancel_pending_on_interrupt(scored),
             _gradient_checkpointing_paused(self.accelerator.unwrap_model(self.model)),
@@ -642,6 +650,12 @@ class DDRLTrainer(_BaseTrainer):
                     self.adapter, policy, conditioning, group_noise, groups, schedule.prefix, chunk
                 )
                 noise = prefix[:, -1]
+            elif args.same_initial_noise:
+                # The authors' use_same_seed: one initial noise per group, also for groups straddling processes.
+                groups = group_index(len(prompts), args.num_generations, self.accelerator.process_index)
+                noise = self.adapter.sample_noise(
+                    args.prompts_per_step, generator=group_noise_generator(args.seed, iteration)
+                )[groups.to(self.adapter.device)]
             else:
                 noise = self.adapter.sample_noise(len(prompts), generator=self._generator(iteration, 0))
             sampler_generator = self._generator(iteration, 1)
@@ -661,6 +675,7 @@ class DDRLTrainer(_BaseTrainer):
                 self._divergence.check_samples(chunk_latents, chunk_images, iteration)
                 latents.append(chunk_latents)
                 log_probs.append(chunk_log_probs)
+                denoised.append(trajectory.denoised)
                 images.append(chunk_images)
                 # Scoring this chunk overlaps the sampling of the next one.
                 score_args = (prompts[i : i + chunk], chunk_images, rows[i : i + chunk])
@@ -730,6 +745,7 @@ class DDRLTrainer(_BaseTrainer):
             data_conditioning=data_conditioning,
             order=order.to(device),
             data_rows=data_rows,
+            previous_denoised=torch.cat(denoised)[:, (steps - 1).clamp(min=0)] if denoised[0] is not None else None,
         )
 
     def _score(self, prompts: list[str], images: torch.Tensor, rows: list[dict]) -> tuple[torch.Tensor, float]:
@@ -789,7 +805,12 @@ class DDRLTrainer(_BaseTrainer):
             raise ValueError("DDRLTrainer.compute_loss does not return model outputs.")
         args = self.args
         step = self.adapter.transition_log_prob(
-            model, inputs["states"], inputs["next_states"], inputs["step_index"], inputs["conditioning"]
+            model,
+            inputs["states"],
+            inputs["next_states"],
+            inputs["step_index"],
+            inputs["conditioning"],
+            inputs.get("previous_denoised"),
         )
         policy_loss, ratio, is_clipped = clipped_policy_loss(
             step.log_prob, inputs["old_log_probs"], inputs["advantages"], args.clip_range
@@ -808,9 +829,10 @@ class DDRLTrainer(_BaseTrainer):
         if args.kl_beta > 0:
             with torch.no_grad():
                 ref_step = self._reference_step(inputs)
-            kl = gaussian_kl(step.mean, ref_step.mean, step.std).mean()
+            kl = reverse_kl(step.mean, ref_step.mean, step.std, step.edm_scale, args.kl_form).mean()
             loss = loss + args.kl_beta * kl
             self._loss_metrics["kl"].append(kl.detach())
+        loss = loss * args.loss_scale
         self._divergence.track_loss(loss)  # checked with the gradients, once per optimizer step
         return loss
 
@@ -844,7 +866,12 @@ class DDRLTrainer(_BaseTrainer):
     def _reference_step(self, inputs):
         with self._reference_denoiser() as reference:
             return self.adapter.transition_log_prob(
-                reference, inputs["states"], inputs["next_states"], inputs["step_index"], inputs["conditioning"]
+                reference,
+                inputs["states"],
+                inputs["next_states"],
+                inputs["step_index"],
+                inputs["conditioning"],
+                inputs.get("previous_denoised"),
             )
 
     @torch.no_grad()

@@ -141,6 +141,8 @@ def _run_default_job(output_dir: str, max_steps: int, seed: int, report_to: str 
         seed=seed,
         report_to=report_to,
         learning_rate=1e-4,
+        # The authors' 50 warm-up steps would take most of this 60-step demo.
+        warmup_steps=5,
         num_generations=8,
         prompts_per_step=4,
         num_inference_steps=10,

@@ -10,15 +10,24 @@ are decoded); the sampling loop and the step math are shared.
 
 from abc import ABC, abstractmethod
 from collections.abc import Collection
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
 from diffusers.pipelines.flux.pipeline_flux import calculate_shift
 from torch import nn
 
-from ..losses import flow_matching_loss, flow_matching_noisy_sample
-from ..sampling import StepOutput, flow_cps_step, flow_sde_step, to_device
+from ..losses import flow_matching_edm_weight, flow_matching_loss, flow_matching_noisy_sample
+from ..sampling import (
+    StepOutput,
+    churn_eta,
+    churn_sigma,
+    edm_churn_step,
+    flow_cps_step,
+    flow_sde_step,
+    score_transition,
+    to_device,
+)
 from .latents import normalized_vae_decode, normalized_vae_encode
 
 
@@ -45,10 +54,13 @@ class Trajectory:
     Attributes:
         latents (`torch.Tensor` of shape `[B, T + 1, ...]`): States `x_0` (pure noise) to `x_T` (the sample), float32.
         log_probs (`torch.Tensor` of shape `[B, T]`): Log-likelihood of each transition at sampling time.
+        denoised (`torch.Tensor` of shape `[B, T, ...]`, *optional*): Each step's denoised estimate, recorded by
+            multistep samplers (`"churn"`), whose replay of step `i` needs the estimate of step `i - 1`.
     """
 
     latents: torch.Tensor
     log_probs: torch.Tensor
+    denoised: torch.Tensor | None = None
 
 
 @dataclass
@@ -56,14 +68,27 @@ class SamplingSettings:
     """What a rollout needs to know, taken from [`DDRLConfig`]."""
 
     num_inference_steps: int
-    eta: float
-    sampler: str = "flow_sde"
+    eta: float | None
+    """Sampler noise level; `None` takes the sampler's default (see `DDRLConfig.eta`)."""
     guidance_scale: float = 1.0
     height: int | None = None
     width: int | None = None
     num_frames: int | None = None
     max_sequence_length: int | None = None
     num_conditioning_frames: int | None = None
+    log_ratio_form: str = "edm_squared_distance"
+    """Score of a transition for the policy ratio (see `DDRLConfig.log_ratio_form`)."""
+    data_loss_weighting: str = "edm"
+    """Weighting of `diffusion_loss` over noise levels (see `DDRLConfig.data_loss_weighting`)."""
+    sampler: str = "auto"
+    """Stochastic sampler (see `DDRLConfig.sampler`); `"auto"` takes the family's default."""
+
+
+def default_eta(sampler: str, num_inference_steps: int) -> float:
+    """`eta` of a sampler when it is not set: Flow-GRPO's 0.7 for its SDE, DDPO's 1.0 for DDIM, the authors' churn."""
+    if sampler == "churn":
+        return churn_eta(num_inference_steps)
+    return {"flow_sde": 0.7, "cps": 0.7, "ddim": 1.0}[sampler]
 
 
 class DiffusionAdapter(ABC):
@@ -86,9 +111,20 @@ class DiffusionAdapter(ABC):
     Image editing: each sample is conditioned on a source image (the rows' `source_image_column`), which
     `encode_prompts(prompts, device, source_images=...)` takes as `[B, C, H, W]` pixels in `[-1, 1]`.
     """
+    samplers: tuple[str, ...] = ()
+    """The stochastic samplers the family supports; the first is its default (`sampler="auto"`)."""
 
     def __init__(self, pipeline, settings: SamplingSettings):
         self.pipeline = pipeline
+        if settings.sampler == "auto":
+            settings = replace(settings, sampler=self.samplers[0])
+        if settings.sampler not in self.samplers:
+            raise ValueError(
+                f"sampler={settings.sampler!r} is not available for {type(pipeline).__name__}; choose one of "
+                f"{', '.join(map(repr, self.samplers))}, or 'auto' for {self.samplers[0]!r}."
+            )
+        if settings.eta is None:
+            settings = replace(settings, eta=default_eta(settings.sampler, settings.num_inference_steps))
         self.settings = settings
         self.check_resolution()
 
@@ -272,6 +308,7 @@ class DiffusionAdapter(ABC):
             step_index = torch.full((batch,), i, dtype=torch.long, device=noise.device)
             output = self.predict(denoiser, latents[-1], step_index, conditioning)
             out = self.step(output, latents[-1], step_index, eta if stochastic else 0.0, generator=generator)
+            out = score_transition(out, self.settings.log_ratio_form)
             latents.append(out.prev_sample)
             log_probs.append(out.log_prob)
         return Trajectory(latents=torch.stack(latents, dim=1), log_probs=torch.stack(log_probs, dim=1))
@@ -283,10 +320,16 @@ class DiffusionAdapter(ABC):
         next_latents: torch.Tensor,
         step_index: torch.Tensor,
         conditioning: Conditioning,
+        previous_denoised: torch.Tensor | None = None,
     ) -> StepOutput:
-        """Replay stored transitions under `denoiser`: the log-likelihood of `next_latents` given `latents`."""
+        """
+        Replay stored transitions under `denoiser`: the log-likelihood of `next_latents` given `latents`, scored with
+        `settings.log_ratio_form` exactly as in [`sample`]. `previous_denoised` (`[B, ...]`, the rollout's denoised
+        estimate of step `step_index - 1`) is used by multistep samplers only.
+        """
         output = self.predict(denoiser, latents, step_index, conditioning)
-        return self.step(output, latents, step_index, self.settings.eta, prev_sample=next_latents.float())
+        step = self.step(output, latents, step_index, self.settings.eta, prev_sample=next_latents.float())
+        return score_transition(step, self.settings.log_ratio_form)
 
 
 class FlowMatchingAdapter(DiffusionAdapter):
@@ -294,12 +337,14 @@ class FlowMatchingAdapter(DiffusionAdapter):
     Shared parts of rectified-flow families (`x_sigma = (1 - sigma) x0 + sigma * noise`, velocity `noise - x0`).
 
     Subclasses implement `velocity(denoiser, latents, sigma, conditioning)` for the conditional prediction; CFG,
-    the sampler step (`settings.sampler`: the SDE step or CPS) and the data loss are handled here. The sigma schedule
-    comes from the pipeline's scheduler.
+    the sampler step (`settings.sampler`: the SDE step, CPS or the authors' churn sampler) and the data loss are
+    handled here. The sigma schedule comes from the pipeline's scheduler. The data loss is the velocity MSE, weighted
+    by `(1 - sigma)^2 + sigma^2` (EDM's weighting of the x0 error) when `settings.data_loss_weighting == "edm"`.
     """
 
     default_resolution: tuple[int, int] | None = None
     """(height, width) when the config sets none; `None` uses `pipeline.default_sample_size * vae_scale_factor`."""
+    samplers = ("flow_sde", "churn", "cps")
 
     @abstractmethod
     def velocity(
@@ -314,6 +359,23 @@ class FlowMatchingAdapter(DiffusionAdapter):
         else:
             default_height = default_width = self.pipeline.default_sample_size * self.pipeline.vae_scale_factor
         return self.settings.height or default_height, self.settings.width or default_width
+
+    def model_sigmas(self, eta: float | None = None) -> torch.Tensor:
+        """
+        The noise level of each recorded state, `[num_inference_steps + 1]`: the schedule's sigmas, or for the churn
+        sampler the churned levels `churn_sigma(sigma_i, eta)` (default `settings.eta`) and 0 for the final sample.
+        """
+        sigmas = self._sigma_table()
+        if self.settings.sampler != "churn":
+            return sigmas
+        eta = self.settings.eta if eta is None else eta
+        cache = getattr(self, "_cached_churn_levels", {})
+        if eta not in cache or cache[eta].device != sigmas.device:
+            levels = churn_sigma(sigmas.double(), eta).float()
+            levels[-1] = 0.0
+            cache[eta] = levels
+            self._cached_churn_levels = cache
+        return cache[eta]
 
     def sigmas(self) -> torch.Tensor:
         """
@@ -371,12 +433,24 @@ class FlowMatchingAdapter(DiffusionAdapter):
         return self._cached_sigmas
 
     def predict(self, denoiser, latents, step_index, conditioning):
+        return self._guided_velocity(denoiser, latents, self.model_sigmas()[step_index], conditioning)
+
+    def _guided_velocity(self, denoiser, latents, sigma, conditioning):
+        """The velocity at noise levels `sigma` (`[B]`), with CFG when `settings.guidance_scale > 1`."""
+
         def velocity(latents, sigma, conditioning):
             return self.velocity(denoiser, latents, sigma, conditioning)
 
-        return self.guided(velocity, latents, self._sigma_table()[step_index], conditioning)
+        return self.guided(velocity, latents, sigma, conditioning)
 
-    def step(self, model_output, latents, step_index, eta, prev_sample=None, generator=None):
+    def step(self, model_output, latents, step_index, eta, prev_sample=None, generator=None, previous_denoised=None):
+        """
+        The transition of `settings.sampler`: [`~trl_ddrl.sampling.flow_sde_step`], or with `"churn"`
+        [`~trl_ddrl.sampling.edm_churn_step`] from the churned level of `eta` (`previous_denoised` is the previous
+        step's denoised estimate, `None` for a first-order step).
+        """
+        if self.settings.sampler == "churn":
+            return self._churn_step(model_output, latents, step_index, eta, previous_denoised, prev_sample, generator)
         sigmas = self._sigma_table()
         if self.settings.sampler == "cps":
             return flow_cps_step(
@@ -401,11 +475,75 @@ class FlowMatchingAdapter(DiffusionAdapter):
             generator=generator,
         )
 
+    def _churn_step(self, model_output, latents, step_index, eta, previous_denoised, prev_sample, generator):
+        levels = self.model_sigmas(eta)
+        # Step 0 has no previous estimate: a previous level of 1 (EDM sigma = infinity) makes the 2AB step Euler's.
+        previous_sigma = torch.where(step_index > 0, levels[(step_index - 1).clamp(min=0)], torch.ones_like(levels[0]))
+        return edm_churn_step(
+            latents,
+            model_output,
+            levels[step_index],
+            self._sigma_table()[step_index + 1],
+            eta,
+            previous_denoised=previous_denoised,
+            previous_sigma=previous_sigma,
+            prev_sample=prev_sample,
+            generator=generator,
+        )
+
+    @torch.no_grad()
+    def sample(
+        self, denoiser, conditioning, noise, generator=None, eta=None, steps=None, stochastic_steps=None
+    ) -> Trajectory:
+        """
+        As [`DiffusionAdapter.sample`]; with the churn sampler, every state is recorded at its churned level and each
+        step's denoised estimate is recorded too (`Trajectory.denoised`), for the second-order step of the next one.
+        The first churn acts on pure noise, where adding EDM noise equals, in distribution, rescaling the noise to the
+        churned level: the initial state is `noise * churned_level_0 / sigma_0`. The final step to 0 is deterministic.
+        """
+        if self.settings.sampler != "churn":
+            return super().sample(denoiser, conditioning, noise, generator, eta, steps, stochastic_steps)
+        if steps is not None or stochastic_steps is not None:
+            raise ValueError(
+                "sampler='churn' makes every step stochastic (the authors' recipe) and has no SDE window: leave "
+                "sde_window_size unset, or set sampler='flow_sde' or 'cps' to use one."
+            )
+        eta = self.settings.eta if eta is None else eta
+        levels = self.model_sigmas(eta)
+        latents = [noise.float() * (levels[0] / self._sigma_table()[0])]
+        log_probs, denoised = [], []
+        for i in range(self.settings.num_inference_steps):
+            step_index = torch.full((noise.shape[0],), i, dtype=torch.long, device=noise.device)
+            output = self._guided_velocity(denoiser, latents[-1], levels[step_index], conditioning)
+            previous = denoised[-1] if denoised else None
+            out = self._churn_step(output, latents[-1], step_index, eta, previous, None, generator)
+            out = score_transition(out, self.settings.log_ratio_form)
+            latents.append(out.prev_sample)
+            log_probs.append(out.log_prob)
+            denoised.append(out.denoised)
+        return Trajectory(
+            latents=torch.stack(latents, dim=1),
+            log_probs=torch.stack(log_probs, dim=1),
+            denoised=torch.stack(denoised, dim=1),
+        )
+
+    def transition_log_prob(self, denoiser, latents, next_latents, step_index, conditioning, previous_denoised=None):
+        if self.settings.sampler != "churn":
+            return super().transition_log_prob(denoiser, latents, next_latents, step_index, conditioning)
+        output = self.predict(denoiser, latents, step_index, conditioning)
+        step = self._churn_step(
+            output, latents, step_index, self.settings.eta, previous_denoised, next_latents.float(), None
+        )
+        return score_transition(step, self.settings.log_ratio_form)
+
     def diffusion_loss(self, denoiser, x0, conditioning, step_index, noise):
-        sigma = self._sigma_table()[step_index]
+        sigma = self.model_sigmas()[step_index]
         noisy = flow_matching_noisy_sample(x0.float(), noise.float(), sigma)
         velocity = self.velocity(denoiser, noisy, sigma, positive_conditioning(conditioning))
-        return flow_matching_loss(velocity, x0, noise)
+        loss = flow_matching_loss(velocity, x0, noise)
+        if self.settings.data_loss_weighting == "edm":
+            loss = loss * flow_matching_edm_weight(sigma).to(loss.device)
+        return loss
 
 
 class VideoFlowMatchingAdapter(FlowMatchingAdapter):

@@ -43,6 +43,8 @@ class Cosmos2TextToImageAdapter(VideoFlowMatchingAdapter):
     """
 
     pipeline_class_names = ("Cosmos2TextToImagePipeline",)
+    # The authors' sampler, made for this EDM schedule, is the default here.
+    samplers = ("churn", "flow_sde")
     denoiser_name = "transformer"
     default_resolution = (768, 1360)
     default_max_sequence_length = 512

@@ -34,6 +34,8 @@ class Cosmos2_5PredictAdapter(CosmosFrameConditioning, VideoFlowMatchingAdapter)
     """
 
     pipeline_class_names = ("Cosmos2_5_PredictBasePipeline",)
+    # The model of the authors' DDRL recipe (configs/cosmos-predict2-5/*-ddrl.toml): their churn sampler by default.
+    samplers = ("churn", "flow_sde")
     denoiser_name = "transformer"
     default_resolution = (704, 1280)
     default_num_frames = 93

@@ -72,11 +72,11 @@ class FluxAdapter(FlowMatchingAdapter):
             conditioning.update(negative_prompt_embeds=negative, negative_pooled_prompt_embeds=negative_pooled)
         return conditioning
 
-    def predict(self, denoiser, latents, step_index, conditioning):
+    def _guided_velocity(self, denoiser, latents, sigma, conditioning):
         if self.guidance_embeds:
             # The guidance is embedded in the model input: one conditional pass, never CFG.
-            return self.velocity(denoiser, latents, self._sigma_table()[step_index], conditioning)
-        return super().predict(denoiser, latents, step_index, conditioning)
+            return self.velocity(denoiser, latents, sigma, conditioning)
+        return super()._guided_velocity(denoiser, latents, sigma, conditioning)
 
     def velocity(self, denoiser: nn.Module, latents, sigma, conditioning):
         embeds = conditioning["prompt_embeds"]

@@ -88,11 +88,11 @@ class Flux2Adapter(FlowMatchingAdapter):
             conditioning["negative_prompt_embeds"] = negative
         return conditioning
 
-    def predict(self, denoiser, latents, step_index, conditioning):
+    def _guided_velocity(self, denoiser, latents, sigma, conditioning):
         if self.guidance_embeds:
             # The guidance is embedded in the model input: one conditional pass, never CFG.
-            return self.velocity(denoiser, latents, self._sigma_table()[step_index], conditioning)
-        return super().predict(denoiser, latents, step_index, conditioning)
+            return self.velocity(denoiser, latents, sigma, conditioning)
+        return super()._guided_velocity(denoiser, latents, sigma, conditioning)
 
     def _position_ids(self, embeds: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The pipelines' 4-D (T, H, W, L) RoPE coordinates: text `[L_text, 4]` and image tokens `[L_image, 4]`."""

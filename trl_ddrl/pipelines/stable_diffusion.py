@@ -14,7 +14,7 @@ import torch
 from diffusers import DDIMScheduler
 from torch import nn
 
-from ..losses import mse_per_sample
+from ..losses import ddpm_edm_weight, mse_per_sample
 from ..sampling import StepOutput, broadcast_per_sample, ddim_step
 from .base import Conditioning, DiffusionAdapter, SamplingSettings, positive_conditioning
 
@@ -35,6 +35,7 @@ class DDIMAdapter(DiffusionAdapter):
     """
 
     denoiser_name = "unet"
+    samplers = ("ddim",)
 
     def __init__(self, pipeline, settings: SamplingSettings):
         super().__init__(pipeline, settings)
@@ -49,12 +50,6 @@ class DDIMAdapter(DiffusionAdapter):
                 f"unet.config.time_cond_proj_dim={self.denoiser.config.time_cond_proj_dim}: this UNet takes a guidance "
                 "embedding (an LCM-style distillation), which DDRL's DDIM sampler does not feed. Train the base model "
                 "it was distilled from."
-            )
-        if settings.sampler != "flow_sde":
-            raise ValueError(
-                f"sampler={settings.sampler!r} is a flow-matching sampler, but {type(pipeline).__name__} samples with "
-                "DDIM (whose eta-step already preserves the schedule's coefficients, which is what CPS restores for "
-                "flow models). Leave sampler at its default 'flow_sde' for this pipeline."
             )
         self.prediction_type = prediction_type
 
@@ -121,7 +116,9 @@ class DDIMAdapter(DiffusionAdapter):
         r"""
         The UNet's training loss at the rollout's timestep `t`: with `x_t = sqrt(a_t) x0 + sqrt(1 - a_t) noise`
         (`DDIMScheduler.add_noise`), `||f(x_t, t) - target||^2` with target `noise` (epsilon) or `sqrt(a_t) noise -
-        sqrt(1 - a_t) x0` (v-prediction). Returns `[B]`.
+        sqrt(1 - a_t) x0` (v-prediction). With `settings.data_loss_weighting == "edm"` it is weighted by EDM's
+        `(s^2 + 1) / s^2` on the x0 error (`1 / a_t` on the epsilon MSE, 1 on the v MSE; see
+        [`~trl_ddrl.losses.ddpm_edm_weight`]). Returns `[B]`.
         """
         timesteps, alpha_prod, _ = self._schedule()
         x0, noise = x0.float(), noise.float()
@@ -129,7 +126,10 @@ class DDIMAdapter(DiffusionAdapter):
         noisy = torch.sqrt(a) * x0 + torch.sqrt(1 - a) * noise
         output = self.noise_prediction(denoiser, noisy, timesteps[step_index], positive_conditioning(conditioning))
         target = noise if self.prediction_type == "epsilon" else torch.sqrt(a) * noise - torch.sqrt(1 - a) * x0
-        return mse_per_sample(output, target)
+        loss = mse_per_sample(output, target)
+        if self.settings.data_loss_weighting == "edm":
+            loss = loss * ddpm_edm_weight(alpha_prod[step_index], self.prediction_type)
+        return loss
 
     # ---- VAE and shapes ----------------------------------------------------------------------------------------
 
