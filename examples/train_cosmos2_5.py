@@ -38,6 +38,9 @@ def main() -> None:
     parser.add_argument("--num_conditioning_frames", type=int, default=0, help="0 text-, 1 image-, 5 video-to-world.")
     parser.add_argument("--max_steps", type=int, default=2000)
     parser.add_argument(
+        "--warmup_steps", type=int, default=50, help="Linear learning-rate warm-up steps (the authors' 50)."
+    )
+    parser.add_argument(
         "--no_bf16", action="store_true", help="float32 weights and no bf16 autocast (GPUs without bf16, CPUs)."
     )
     parser.add_argument("--reward", default="aesthetic", help="Reward name (see docs/rewards.md).")
@@ -65,6 +68,7 @@ def main() -> None:
         image_column="video",
         learning_rate=1e-5,
         max_steps=args.max_steps,
+        warmup_steps=args.warmup_steps,
         activation_checkpointing=True,
         bf16=not args.no_bf16,
         logging_steps=1,

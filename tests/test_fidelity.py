@@ -190,7 +190,11 @@ def test_default_config_is_the_official_recipe(tmp_path):
 )
 def test_bad_recipe_values_name_the_field(tmp_path, field, value):
     with pytest.raises(ValueError, match=field):
-        extra = {"train_timestep_selection": "random", "train_timestep_fraction": 0.5} if field == "sde_window_size" else {}
+        extra = (
+            {"train_timestep_selection": "random", "train_timestep_fraction": 0.5}
+            if field == "sde_window_size"
+            else {}
+        )
         DDRLConfig(output_dir=str(tmp_path), report_to="none", **{field: value}, **extra)
 
 

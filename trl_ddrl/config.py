@@ -332,11 +332,15 @@ class DDRLConfig(_BaseConfig):
     )
     sampler: str = field(
         default="auto",
-        metadata={"help": "'churn' (the authors'), 'flow_sde' / 'cps' (Flow-GRPO's), 'ddim', or 'auto' (the family's)."},
+        metadata={
+            "help": "'churn' (the authors'), 'flow_sde' / 'cps' (Flow-GRPO's), 'ddim', or 'auto' (the family's)."
+        },
     )
     eta: float | None = field(
         default=None,
-        metadata={"help": "Sampler noise level, > 0; unset: 1/(steps+1) for churn, 0.7 for flow_sde/cps, 1.0 for ddim."},
+        metadata={
+            "help": "Sampler noise level, > 0; unset: 1/(steps+1) for churn, 0.7 for flow_sde/cps, 1.0 for ddim."
+        },
     )
     guidance_scale: float = field(default=1.0, metadata={"help": "CFG scale during rollouts; 1.0 disables CFG."})
     height: int | None = field(default=None, metadata={"help": "Sample height in pixels (pipeline default)."})

@@ -39,4 +39,3 @@ def select_train_steps(
     num_trainable = num_inference_steps - 1
     order = torch.randperm(num_trainable, generator=_iteration_generator(seed, iteration, 0))
     return sorted(order[: len(train_timesteps)].tolist())
-

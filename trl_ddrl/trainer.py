@@ -361,7 +361,6 @@ class DDRLTrainer(_BaseTrainer):
                 num_conditioning_frames=args.num_conditioning_frames,
                 log_ratio_form=args.log_ratio_form,
                 data_loss_weighting=args.data_loss_weighting,
-                sampler=args.sampler,
             ),
         )
         # The family's sampler and eta, resolved from "auto" / None, so that the saved config shows what ran.
