@@ -503,7 +503,7 @@ class FlowMatchingAdapter(DiffusionAdapter):
         """
         if self.settings.sampler != "churn":
             return super().sample(denoiser, conditioning, noise, generator, eta, steps, stochastic_steps)
-        if steps is not None or stochastic_steps is not None:
+        if stochastic_steps is not None or (steps is not None and steps != range(self.settings.num_inference_steps)):
             raise ValueError(
                 "sampler='churn' makes every step stochastic (the authors' recipe) and has no SDE window: leave "
                 "sde_window_size unset, or set sampler='flow_sde' or 'cps' to use one."
