@@ -39,6 +39,9 @@ def main() -> None:
     parser.add_argument("--guidance_scale", type=float, default=4.0, help="True CFG in rollouts; 1 disables it.")
     parser.add_argument("--max_steps", type=int, default=500)
     parser.add_argument(
+        "--warmup_steps", type=int, default=50, help="Linear learning-rate warm-up steps (the authors' 50)."
+    )
+    parser.add_argument(
         "--no_bf16", action="store_true", help="float32 weights and no bf16 autocast (GPUs without bf16, CPUs)."
     )
     parser.add_argument("--reward", default="pickscore", help="Reward name or http://host:port (docs/rewards.md).")
@@ -64,6 +67,7 @@ def main() -> None:
         image_column="image",
         learning_rate=1e-5,
         max_steps=args.max_steps,
+        warmup_steps=args.warmup_steps,
         activation_checkpointing=True,
         bf16=not args.no_bf16,
         logging_steps=1,
