@@ -53,6 +53,8 @@ extras = {
     "deepspeed": ["deepspeed>=0.19,<0.20"],
     "rewards": ["fastapi>=0.110", "uvicorn>=0.29", "httpx>=0.27"],
     "benchmarks": ["matplotlib>=3.8", "scikit-learn>=1.4", "psutil>=5.9"],
+    # Trackers whose logged samples and metrics the tests read back.
+    "trackers": ["tensorboard>=2.14", "wandb>=0.19"],
 }
 extras["test"] = [
     "pytest>=8",
@@ -60,6 +62,7 @@ extras["test"] = [
     *extras["deepspeed"],
     *extras["rewards"],
     *extras["benchmarks"],
+    *extras["trackers"],
 ]
 extras["dev"] = extras["test"]
 
