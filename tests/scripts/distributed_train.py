@@ -24,7 +24,11 @@ from trl_ddrl import DDRLConfig, DDRLTrainer
 
 
 def brightness(prompts, images, **kwargs):
-    if os.environ.get("SIGTERM_RANK") == os.environ.get("RANK") and not brightness.signalled:
+    if (
+        "SIGTERM_RANK" in os.environ
+        and os.environ["SIGTERM_RANK"] == os.environ.get("RANK")
+        and not brightness.signalled
+    ):
         brightness.signalled = True
         os.kill(os.getpid(), signal.SIGTERM)
     return images.mean(dim=(1, 2, 3)).tolist()
