@@ -55,6 +55,8 @@ extras = {
     "benchmarks": ["matplotlib>=3.8", "scikit-learn>=1.4", "psutil>=5.9"],
     # Trackers whose logged samples and metrics the tests read back.
     "trackers": ["tensorboard>=2.14", "wandb>=0.19"],
+    # WanImageToVideoPipeline cleans prompts with ftfy unconditionally.
+    "wan": ["ftfy>=6.1"],
 }
 extras["test"] = [
     "pytest>=8",
@@ -63,6 +65,7 @@ extras["test"] = [
     *extras["rewards"],
     *extras["benchmarks"],
     *extras["trackers"],
+    *extras["wan"],
 ]
 extras["dev"] = extras["test"]
 

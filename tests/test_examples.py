@@ -27,6 +27,7 @@ from tiny_models import (
     tiny_qwenimage_pipeline,
     tiny_sd15_pipeline,
     tiny_sdxl_pipeline,
+    tiny_wan_i2v_pipeline,
     tiny_wan_pipeline,
 )
 
@@ -125,6 +126,12 @@ CASES = {
         tiny_qwenimage_edit_pipeline,
         "transformer",
         lambda data: ["--edits", data["edits"], "--resolution", "32", "--no_bf16"],
+    ),
+    "wan-i2v": (
+        "train_wan_i2v.py",
+        tiny_wan_i2v_pipeline,
+        "transformer",
+        lambda data: ["--data", data["videos"], "--no_bf16", "--height", "32", "--width", "32", "--num_frames", "5"],
     ),
     "cosmos2.5": (
         "train_cosmos2_5.py",

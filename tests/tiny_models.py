@@ -795,3 +795,65 @@ def tiny_qwenimage_edit_pipeline(seed: int = 0):
     prefix = pipeline.prompt_template_encode.split("<|vision_start|>")[0]
     pipeline.prompt_template_encode_start_idx = len(tokenizer(prefix).input_ids)
     return pipeline
+
+
+def tiny_wan_transformer(seed: int = 0, in_channels: int = 4, **kwargs):
+    """A one-block `WanTransformer3DModel` of width 16 on 4-channel latents (`in_channels` with conditioning)."""
+    from diffusers import WanTransformer3DModel
+
+    torch.manual_seed(seed)
+    return WanTransformer3DModel(
+        patch_size=(1, 2, 2),
+        num_attention_heads=2,
+        attention_head_dim=8,
+        in_channels=in_channels,
+        out_channels=4,
+        text_dim=32,
+        freq_dim=16,
+        ffn_dim=32,
+        num_layers=1,
+        rope_max_seq_len=32,
+        **kwargs,
+    )
+
+
+def tiny_wan_i2v_pipeline(seed: int = 0, expand_timesteps: bool = False):
+    """
+    A random `WanImageToVideoPipeline` (5-frame 32x32 videos from [4, 2, 4, 4] latents). Wan 2.1 style by default:
+    the transformer takes the latents, the first-frame mask (4 channels) and the image-video latents (12 channels)
+    and cross-attends to a tiny CLIP vision encoder's penultimate states; with `expand_timesteps` Wan 2.2 TI2V style:
+    no image encoder, the first latent frame replaced by the image's latents at timestep 0.
+    """
+    from diffusers import UniPCMultistepScheduler, WanImageToVideoPipeline
+    from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel
+
+    tokenizer = tiny_t5_tokenizer()
+    image_encoder = image_processor = None
+    if expand_timesteps:
+        transformer = tiny_wan_transformer(seed)
+    else:
+        transformer = tiny_wan_transformer(seed, in_channels=12, image_dim=16, added_kv_proj_dim=16)
+        torch.manual_seed(seed + 2)
+        image_encoder = CLIPVisionModel(
+            CLIPVisionConfig(
+                hidden_size=16,
+                intermediate_size=32,
+                num_hidden_layers=2,
+                num_attention_heads=2,
+                image_size=32,
+                patch_size=8,
+            )
+        ).eval()
+        image_processor = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    return WanImageToVideoPipeline(
+        tokenizer=tokenizer,
+        text_encoder=_tiny_t5_encoder(len(tokenizer), seed=seed + 1, umt5=True),
+        vae=tiny_wan_vae(seed),
+        scheduler=UniPCMultistepScheduler(
+            prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=3.0, num_train_timesteps=1000
+        ),
+        image_processor=image_processor,
+        image_encoder=image_encoder,
+        transformer=transformer,
+        expand_timesteps=expand_timesteps,
+    )

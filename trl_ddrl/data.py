@@ -299,8 +299,11 @@ class DiffusionDataCollator:
         self, rows: list[dict[str, Any]], generator: torch.Generator | None = None
     ) -> dict[str, torch.Tensor | Conditioning | list[str]]:
         captions = self.captions(rows)
-        latents = self.adapter.encode_pixels(self.pixels(rows).to(self.adapter.device), generator=generator)
-        return {"latents": latents, "conditioning": self.conditioning(captions, rows), "captions": captions}
+        pixels = self.pixels(rows).to(self.adapter.device)
+        latents = self.adapter.encode_pixels(pixels, generator=generator)
+        conditioning = self.conditioning(captions, rows)
+        conditioning.update(self.adapter.data_conditioning(pixels, generator=generator))
+        return {"latents": latents, "conditioning": conditioning, "captions": captions}
 
 
 def check_source_image_column(adapter: DiffusionAdapter, args, train_dataset, data_dataset=None) -> None:

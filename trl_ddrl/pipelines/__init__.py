@@ -19,7 +19,7 @@ from .qwenimage import QwenImageAdapter
 from .qwenimage_edit import QwenImageEditAdapter
 from .sd3 import StableDiffusion3Adapter
 from .stable_diffusion import DDIMAdapter, StableDiffusionAdapter, StableDiffusionXLAdapter
-from .wan import WanAdapter
+from .wan import WanAdapter, WanImageToVideoAdapter
 
 
 ADAPTERS: tuple[type[DiffusionAdapter], ...] = (
@@ -31,6 +31,7 @@ ADAPTERS: tuple[type[DiffusionAdapter], ...] = (
     QwenImageAdapter,
     QwenImageEditAdapter,
     WanAdapter,
+    WanImageToVideoAdapter,
     HunyuanVideo15Adapter,
     Cosmos2TextToImageAdapter,
     Cosmos2VideoToWorldAdapter,
@@ -80,5 +81,6 @@ __all__ = [
     "Trajectory",
     "VideoFlowMatchingAdapter",
     "WanAdapter",
+    "WanImageToVideoAdapter",
     "get_adapter",
 ]

@@ -251,6 +251,13 @@ class DiffusionAdapter(ABC):
         """Frames per generated video; `None` for image models."""
         return None
 
+    def data_conditioning(self, pixels: torch.Tensor, generator: torch.Generator | None = None) -> Conditioning:
+        """
+        Conditioning that the data term takes from the data pixels themselves (for example the first frame of an
+        image-to-video model), merged into the captions' conditioning by the collator; `{}` for most families.
+        """
+        return {}
+
     def encode_condition_frames(self, pixels: torch.Tensor, generator: torch.Generator | None = None) -> Conditioning:
         """
         Conditioning from ground-truth frames `[B, F, C, H, W]` in `[-1, 1]`, merged into the prompt conditioning of
