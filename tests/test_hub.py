@@ -18,6 +18,7 @@ import yaml
 from diffusers import DiffusionPipeline
 from hub_server import FakeHub, serve
 from safetensors.torch import load as load_safetensors
+from safetensors.torch import load_file
 
 
 SCRIPT = os.path.join(os.path.dirname(__file__), "scripts", "hub_push.py")
@@ -52,6 +53,7 @@ def hub(tiny_sd3_path, tmp_path_factory) -> FakeHub:
             timeout=300,
         )
     assert result.returncode == 0, f"stdout:\n{result.stdout[-3000:]}\nstderr:\n{result.stderr[-6000:]}"
+    hub.runs = work / "runs"
     return hub
 
 
@@ -163,3 +165,24 @@ def test_lora_is_pushed_alone_and_loads_on_the_base_model(hub, tmp_path):
     adapted = sample(pipeline)
     assert adapted.shape == untouched.shape and torch.isfinite(adapted).all()
     assert not torch.allclose(adapted, untouched, atol=1e-5)
+
+
+@pytest.mark.parametrize("repo_id, run, weights", [(FULL, "full", DENOISER_WEIGHTS), (LORA, "lora", LORA_WEIGHTS)])
+def test_every_push_holds_the_ema_weights(hub, repo_id, run, weights):
+    commits = hub.repos[repo_id].commits
+    for step, files in ((1, commits[0].added), (2, hub.repos[repo_id].files)):
+        checkpoint = hub.runs / run / f"checkpoint-{step}"
+        ema = load_file(checkpoint / "ema" / "ema_state.safetensors")
+        pushed = load_safetensors(files[weights])
+        if (
+            repo_id == LORA
+        ):  # diffusers' names: `transformer.<module>.lora_A.weight` for `<module>.lora_A.default.weight`
+            ema = {f"transformer.{name.replace('.default', '')}": value for name, value in ema.items()}
+            raw = load_file(checkpoint / LORA_WEIGHTS)
+        else:
+            raw = load_file(checkpoint / DENOISER_WEIGHTS)
+        assert set(ema) <= set(pushed)
+        for name, value in ema.items():
+            assert torch.equal(pushed[name], value), (step, name)
+        # With ema_iteration_shift=10 the EMA lags behind the raw weights from the first step on.
+        assert any(not torch.equal(raw[name], value) for name, value in ema.items()), step

@@ -166,7 +166,9 @@ def test_saved_pipeline_reloads_and_samples(tiny_sd3_path, tmp_path):
     for name in ("model_index.json", "transformer/config.json", "samples.png", "README.md", "training_args.bin"):
         assert os.path.exists(tmp_path / name), name
     reloaded = DiffusionPipeline.from_pretrained(tmp_path)
-    for key, value in trainer.pipeline.transformer.state_dict().items():
+    with trainer.ema_weights():  # the export holds the EMA weights (use_ema and export_ema_weights by default)
+        exported = state_of(trainer.pipeline.transformer)
+    for key, value in exported.items():
         assert torch.equal(reloaded.transformer.state_dict()[key], value), key
     images = reloaded(
         "a cat", num_inference_steps=2, height=16, width=16, output_type="pt", max_sequence_length=16
@@ -177,6 +179,7 @@ def test_saved_pipeline_reloads_and_samples(tiny_sd3_path, tmp_path):
     assert "library_name: diffusers" in card
     assert "2512.04332" in card
     assert "brightness" in card
+    assert "exponential moving average (EMA)" in card
 
 
 class _StopAt(TrainerCallback):
@@ -324,7 +327,8 @@ def test_lora_is_saved_in_diffusers_format_and_loads(tiny_sd3_path, tmp_path):
             max_sequence_length=16,
         ).images
 
-    trained = sample(trainer.pipeline)
+    with trainer.ema_weights():  # the saved adapter is the EMA's
+        trained = sample(trainer.pipeline)
     fresh = DiffusionPipeline.from_pretrained(tiny_sd3_path)
     untouched = sample(fresh)
     fresh.load_lora_weights(tmp_path)

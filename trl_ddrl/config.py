@@ -250,6 +250,26 @@ class DDRLConfig(_BaseConfig):
             Copy the policy into the reference model every this many optimizer steps. Only meaningful with
             `kl_beta > 0`.
 
+        > Parameters that control the EMA of the weights
+
+        use_ema (`bool`, *optional*, defaults to `True`):
+            Keep an exponential moving average (EMA) of the trained weights (the LoRA weights under LoRA), updated
+            after every optimizer step, as in the authors' release. It costs one float32 copy of the trained weights
+            per process (`1 / world_size` of it under FSDP2 or ZeRO-3, where each process keeps its own shard).
+        ema_sigma_rel (`float`, *optional*, defaults to `0.1`):
+            Relative width of the power-function EMA profile of EDM2 (the authors' `ema.rate`): the EMA averages
+            roughly the last `ema_sigma_rel` fraction of training, with decay `(1 - 1/t) ** (gamma + 1)` at optimizer
+            step `t`. In `(0, 0.28]`.
+        ema_iteration_shift (`int`, *optional*, defaults to `0`):
+            Added to the optimizer step count in the decay formula (the authors' `ema.iteration_shift`); a larger
+            shift makes the early EMA average longer.
+        ema_decay (`float`, *optional*):
+            A constant decay in `[0, 1)` (for example `0.999`) instead of the power-function schedule.
+        export_ema_weights (`bool`, *optional*, defaults to `True`):
+            `save_model`, `push_to_hub` and the Hub pushes of checkpoints write the EMA weights, as the authors
+            release theirs. Checkpoints always keep the raw weights (to resume training) and the EMA state next to
+            them. `False` exports the raw weights.
+
         > Parameters that control saving
 
         save_full_pipeline (`bool`, *optional*, defaults to `True`):
@@ -460,6 +480,25 @@ class DDRLConfig(_BaseConfig):
         default=None, metadata={"help": "Copy the policy into the reference model every N optimizer steps."}
     )
 
+    # EMA of the weights
+    use_ema: bool = field(
+        default=True,
+        metadata={"help": "Keep an EMA of the trained weights (as the authors); exports use it by default."},
+    )
+    ema_sigma_rel: float = field(
+        default=0.1, metadata={"help": "Relative width of the power-function EMA (the authors' ema.rate), (0, 0.28]."}
+    )
+    ema_iteration_shift: int = field(
+        default=0, metadata={"help": "Added to the optimizer step count in the EMA decay (ema.iteration_shift)."}
+    )
+    ema_decay: float | None = field(
+        default=None, metadata={"help": "Constant EMA decay in [0, 1) instead of the power-function schedule."}
+    )
+    export_ema_weights: bool = field(
+        default=True,
+        metadata={"help": "save_model / push_to_hub write the EMA weights; False writes the raw trained weights."},
+    )
+
     # Saving
     save_full_pipeline: bool = field(
         default=True, metadata={"help": "save_model writes the whole diffusers pipeline, not only the denoiser."}
@@ -528,6 +567,14 @@ class DDRLConfig(_BaseConfig):
             )
         if self.update_ref_every is not None and self.update_ref_every < 1:
             raise ValueError(f"update_ref_every={self.update_ref_every} must be >= 1 optimizer steps.")
+        if self.use_ema:
+            from .ema import power_ema_exponent
+
+            power_ema_exponent(self.ema_sigma_rel)  # raises on a value without a power-function profile
+            if self.ema_decay is not None and not 0.0 <= self.ema_decay < 1.0:
+                raise ValueError(f"ema_decay={self.ema_decay} must be in [0, 1), or None for the power schedule.")
+            if self.ema_iteration_shift < 0:
+                raise ValueError(f"ema_iteration_shift={self.ema_iteration_shift} must be >= 0.")
         if self.reward_weights is not None and any(w < 0 for w in self.reward_weights):
             # Negative weights are legal in GRPO but almost always a sign error with image rewards: say so loudly.
             raise ValueError(

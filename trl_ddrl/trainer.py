@@ -48,6 +48,7 @@ from .fault_handling import (
     resolve_resume_checkpoint,
     staged_checkpoint,
 )
+from .ema import EMA_FOLDER, EMACallback, ParameterEMA
 from .losses import clipped_policy_loss, compute_advantages, reverse_kl
 from .model_card import hub_base_model, save_model_card
 from .pipelines import ADAPTERS, Conditioning, SamplingSettings, get_adapter
@@ -477,6 +478,9 @@ class DDRLTrainer(_BaseTrainer):
         self._preemption, self._divergence = PreemptionCallback(self), DivergenceGuard(self)
         self.add_callback(self._preemption)
         self.add_callback(self._divergence)
+        self._ema_callback = EMACallback(self) if args.use_ema else None
+        if self._ema_callback is not None:
+            self.add_callback(self._ema_callback)
 
     # ---- set-up helpers ---------------------------------------------------------------------------------------------
 
@@ -903,6 +907,34 @@ class DDRLTrainer(_BaseTrainer):
         if self.ref_model is not None:
             self.ref_model.load_state_dict(self.accelerator.unwrap_model(self.model).state_dict())
 
+    # ---- EMA ------------------------------------------------------------------------------------------------------
+
+    @property
+    def ema(self) -> ParameterEMA | None:
+        """The EMA of the trained weights (`use_ema`), built when training starts; `None` before or without it."""
+        return self._ema_callback.ema if self._ema_callback is not None else None
+
+    @contextlib.contextmanager
+    def ema_weights(self):
+        """
+        Run a block (evaluation, sampling, export) with the EMA weights in the denoiser, then restore the trained
+        weights bit for bit. Does nothing without an EMA (`use_ema=False`, or before training). In a multi-process
+        run every process must enter it (under ZeRO-3 it re-gathers persistent parameters); enter it before
+        `unwrap_model_for_generation`, so that gathered weights are the EMA's.
+        """
+        if self.ema is None:
+            yield
+            return
+        with self.ema.swapped_in():
+            yield
+
+    def _prepare_for_training(self, max_steps, train_dataloader, resume_from_checkpoint):
+        model, train_dataloader = super()._prepare_for_training(max_steps, train_dataloader, resume_from_checkpoint)
+        if self._ema_callback is not None:
+            # Once the model is wrapped (sharded) and the checkpoint's weights are loaded.
+            self._ema_callback.start(resume_from_checkpoint)
+        return model, train_dataloader
+
     # ---- training -------------------------------------------------------------------------------------------------
 
     def train(self, resume_from_checkpoint: str | bool | None = None, *args, **kwargs):
@@ -982,7 +1014,16 @@ class DDRLTrainer(_BaseTrainer):
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
         self._saving_final_model = not _internal_call or self._pushing_final_model
-        super().save_model(output_dir, _internal_call)
+        export_ema = self._saving_final_model and self.args.export_ema_weights
+        with self.ema_weights() if export_ema else contextlib.nullcontext():
+            super().save_model(output_dir, _internal_call)
+        if not self._saving_final_model and self.ema is not None:
+            # A checkpoint: the raw weights (above) resume training; the EMA state goes next to them, and the EMA
+            # weights in diffusers format too when checkpoints are pushed to the Hub.
+            self._ema_callback.save(output_dir)
+            if self.args.push_to_hub and self.args.hub_strategy != HubStrategy.END and self.args.export_ema_weights:
+                with self.ema_weights():
+                    super().save_model(os.path.join(output_dir, EMA_FOLDER), _internal_call=True)
         if not _internal_call:
             self._write_model_card(output_dir or self.args.output_dir)
 
@@ -1031,9 +1072,16 @@ class DDRLTrainer(_BaseTrainer):
         """
         Make `output_dir` a loadable repo holding the checkpoint's weights: the denoiser's folder (with the frozen
         components and `model_index.json`, written once, when `save_full_pipeline`) or the LoRA file, plus the sample
-        grid, the JSON config and a model card that shows the grid.
+        grid, the JSON config and a model card that shows the grid. The weights are the EMA's when the checkpoint
+        holds them in diffusers format (`ema/`, see `save_model`).
         """
-        denoiser_folder = os.path.join(checkpoint_folder, self.adapter.denoiser_name)
+        weights_folder = os.path.join(checkpoint_folder, EMA_FOLDER)
+        if not any(
+            os.path.exists(os.path.join(weights_folder, name))
+            for name in (self.adapter.denoiser_name, LORA_WEIGHT_NAME)
+        ):
+            weights_folder = checkpoint_folder
+        denoiser_folder = os.path.join(weights_folder, self.adapter.denoiser_name)
         if os.path.isdir(denoiser_folder):
             if self.args.save_full_pipeline and not self._hub_pipeline_exported:
                 self.pipeline.save_pretrained(output_dir)
@@ -1041,7 +1089,9 @@ class DDRLTrainer(_BaseTrainer):
             target = os.path.join(output_dir, self.adapter.denoiser_name)
             shutil.rmtree(target, ignore_errors=True)
             shutil.copytree(denoiser_folder, target)
-        for name in (LORA_WEIGHT_NAME, SAMPLES_NAME, SAMPLES_GIF_NAME, CONFIG_JSON_NAME):
+        if os.path.isfile(os.path.join(weights_folder, LORA_WEIGHT_NAME)):
+            shutil.copy(os.path.join(weights_folder, LORA_WEIGHT_NAME), os.path.join(output_dir, LORA_WEIGHT_NAME))
+        for name in (SAMPLES_NAME, SAMPLES_GIF_NAME, CONFIG_JSON_NAME):
             if os.path.isfile(os.path.join(checkpoint_folder, name)):
                 shutil.copy(os.path.join(checkpoint_folder, name), os.path.join(output_dir, name))
         self._write_model_card(output_dir)

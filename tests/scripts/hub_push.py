@@ -36,6 +36,7 @@ def train_and_push(base_repo: str, output_dir: str, hub_model_id: str, lora: boo
         max_sequence_length=16,
         learning_rate=1e-3,
         data_beta=0.0,
+        ema_iteration_shift=10,  # a long EMA memory, so that the pushed EMA weights differ clearly from the raw ones
         report_to="none",
         disable_tqdm=True,
     )
