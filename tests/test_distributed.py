@@ -33,6 +33,31 @@ def brightness(prompts, images, **kwargs):
     return images.mean(dim=(1, 2, 3)).tolist()
 
 
+def check_ema(ranks: list[dict], saved: dict[str, torch.Tensor], sharded: bool) -> None:
+    """
+    The EMA: one update per optimizer step, kept whole (identical on every rank) or as per-rank shards that add up to
+    the trainable parameters; the exported weights are the EMA (their sum is the EMA's, not the raw weights'); the run
+    resumed from the step-1 checkpoint ends on the same EMA, shard by shard.
+    """
+    emas = [rank["ema"] for rank in ranks]
+    assert all(ema["sharded"] == sharded and ema["updates"] == 2 for ema in emas)
+    total = emas[0]["trainable_numel"]
+    if sharded:
+        assert sum(ema["numel"] for ema in emas) == total
+        assert all(ema["numel"] < total for ema in emas) or len(emas) == 1
+        ema_sum, raw_sum = sum(ema["sum"] for ema in emas), sum(ema["raw_sum"] for ema in emas)
+    else:
+        assert all(ema["numel"] == total and ema["sum"] == emas[0]["sum"] for ema in emas)
+        ema_sum, raw_sum = emas[0]["sum"], emas[0]["raw_sum"]
+    names = emas[0]["names"]
+    saved_sum = sum(saved[name].double().sum().item() for name in names)
+    assert saved_sum == pytest.approx(ema_sum, rel=1e-6, abs=1e-4)
+    assert abs(raw_sum - ema_sum) > 1e-3, "the export holds the raw weights, not the EMA"
+    for rank in ranks:
+        assert rank["resumed_ema_updates"] == 2
+        assert rank["resumed_ema_max_diff"] < 1e-6
+
+
 def test_two_processes_keep_identical_weights_and_whole_groups(tiny_sd3_path, tmp_path):
     command = [
         sys.executable,
@@ -67,6 +92,8 @@ def test_two_processes_keep_identical_weights_and_whole_groups(tiny_sd3_path, tm
         assert sum(group) == pytest.approx(0.0, abs=1e-5)
         assert abs(sum(first["advantages"])) > 1e-4
     assert ranks[0]["records"][0]["weight_sum"] != ranks[0]["records"][1]["weight_sum"]
+    saved = load_file(tmp_path / "transformer" / "diffusion_pytorch_model.safetensors")
+    check_ema(ranks, saved, sharded=False)
 
     # Evaluation: each rank sampled its shard (2 prompts, and 1 plus padding); the gathered metrics are the same on
     # both ranks and equal to a single-process evaluation of the saved weights.
@@ -131,7 +158,8 @@ def test_deepspeed_zero3_trains_and_saves_full_weights(tiny_sd3_path, tmp_path):
     }
     run([sys.executable, SCRIPT, tiny_sd3_path, str(tmp_path / "out"), str(config_path)], env)
 
-    records = json.loads((tmp_path / "out" / "rank0.json").read_text())["records"]
+    rank0 = json.loads((tmp_path / "out" / "rank0.json").read_text())
+    records = rank0["records"]
     assert len(records) == 2
     saved = load_file(tmp_path / "out" / "transformer" / "diffusion_pytorch_model.safetensors")
     base = load_file(os.path.join(tiny_sd3_path, "transformer", "diffusion_pytorch_model.safetensors"))
@@ -139,6 +167,7 @@ def test_deepspeed_zero3_trains_and_saves_full_weights(tiny_sd3_path, tmp_path):
     for key, value in base.items():
         assert saved[key].shape == value.shape and saved[key].numel() > 0, key
     assert any(not torch.equal(saved[key], base[key]) for key in base), "ZeRO-3 run saved untrained weights"
+    check_ema([rank0], saved, sharded=True)  # the EMA of the ZeRO-3 partitions
 
 
 def test_fsdp2_two_processes_train_and_save_full_weights(tiny_sd3_path, tmp_path):
@@ -157,3 +186,37 @@ def test_fsdp2_two_processes_train_and_save_full_weights(tiny_sd3_path, tmp_path
     assert set(saved) == set(base)
     assert all(saved[key].shape == value.shape for key, value in base.items())
     assert any(not torch.equal(saved[key], base[key]) for key in base), "FSDP run saved untrained weights"
+    # On a CPU (ACCELERATE_USE_CPU) accelerate runs this FSDP config as multi-CPU DDP: the EMA is then whole on each
+    # rank. The sharded EMA under FSDP2 is checked by test_ema_of_fsdp2_shards.
+    fsdp = ranks[0]["fsdp"]
+    check_ema(ranks, saved, sharded=fsdp)
+    expected = (
+        [f"ema_state-rank{rank:05d}-of-00002.safetensors" for rank in (0, 1)] if fsdp else ["ema_state.safetensors"]
+    )
+    assert sorted(os.listdir(tmp_path / "checkpoint-1" / "ema")) == expected
+
+
+def test_ema_of_fsdp2_shards(tmp_path):
+    script = os.path.join(os.path.dirname(__file__), "scripts", "fsdp2_ema.py")
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
+        script, str(tmp_path),
+    ]  # fmt: skip
+    run(command, {"OMP_NUM_THREADS": "1"})
+    ranks = [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in (0, 1)]
+    # Each rank averages its own shard of the trainable parameters (the frozen bias is left out)...
+    assert all(rank["sharded"] and rank["names"] == ["0.weight", "0.bias", "2.weight"] for rank in ranks)
+    assert sum(rank["local_numel"] for rank in ranks) == ranks[0]["trainable_numel"] == 48
+    for rank in ranks:
+        assert rank["updates"] == rank["reloaded_updates"] == 6
+        # ...and the shards put together are the EMA of the same training without sharding,
+        assert rank["ema_error"] < 1e-6
+        # swapped in, the sharded model computes with the EMA, and afterwards with its own weights again,
+        assert rank["ema_vs_raw"] > 1e-3 and rank["swapped_output_error"] < 1e-6 and rank["restored_output_error"] == 0
+        # the full state dict gathered while swapped in (what an export writes) is the EMA,
+        assert rank["export_error"] < 1e-6
+        # and each rank's shard file loads back into a freshly sharded model.
+        assert rank["loaded"] and rank["reload_error"] == 0
+    assert sorted(os.listdir(tmp_path / "ema")) == [
+        f"ema_state-rank{rank:05d}-of-00002.safetensors" for rank in (0, 1)
+    ]

@@ -170,7 +170,8 @@ def _run_default_job(output_dir: str, max_steps: int, seed: int, report_to: str 
     train_end = time.perf_counter()
     trainer.save_model(str(output))
 
-    after, after_images = _evaluate(pipeline, reward, judge, seed)
+    with trainer.ema_weights():  # "after" is the saved model: the EMA of the trained weights (use_ema)
+        after, after_images = _evaluate(pipeline, reward, judge, seed)
     _before_after_grid(before_images, after_images, output / "samples_before_after.png")
     write_curves(trainer.state.log_history, output)
     evaluations = [log for log in trainer.state.log_history if "eval_reward" in log]
