@@ -922,10 +922,7 @@ class DDRLTrainer(_BaseTrainer):
         run every process must enter it (under ZeRO-3 it re-gathers persistent parameters); enter it before
         `unwrap_model_for_generation`, so that gathered weights are the EMA's.
         """
-        if self.ema is None:
-            yield
-            return
-        with self.ema.swapped_in():
+        with self.ema.swapped_in() if self.ema is not None else contextlib.nullcontext():
             yield
 
     def _prepare_for_training(self, max_steps, train_dataloader, resume_from_checkpoint):
@@ -1072,15 +1069,11 @@ class DDRLTrainer(_BaseTrainer):
         """
         Make `output_dir` a loadable repo holding the checkpoint's weights: the denoiser's folder (with the frozen
         components and `model_index.json`, written once, when `save_full_pipeline`) or the LoRA file, plus the sample
-        grid, the JSON config and a model card that shows the grid. The weights are the EMA's when the checkpoint
-        holds them in diffusers format (`ema/`, see `save_model`).
+        grid, the JSON config and a model card that shows the grid. With the EMA exported, the weights are the EMA's,
+        which `save_model` wrote in diffusers format into the checkpoint's `ema/` for this push.
         """
-        weights_folder = os.path.join(checkpoint_folder, EMA_FOLDER)
-        if not any(
-            os.path.exists(os.path.join(weights_folder, name))
-            for name in (self.adapter.denoiser_name, LORA_WEIGHT_NAME)
-        ):
-            weights_folder = checkpoint_folder
+        export_ema = self.ema is not None and self.args.export_ema_weights
+        weights_folder = os.path.join(checkpoint_folder, EMA_FOLDER) if export_ema else checkpoint_folder
         denoiser_folder = os.path.join(weights_folder, self.adapter.denoiser_name)
         if os.path.isdir(denoiser_folder):
             if self.args.save_full_pipeline and not self._hub_pipeline_exported:
