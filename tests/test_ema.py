@@ -271,3 +271,24 @@ def test_use_ema_false_keeps_no_ema(tiny_sd3_path, tmp_path):
     assert not (tmp_path / "checkpoint-2" / EMA_FOLDER).exists()
     with trainer.ema_weights():  # a no-op without an EMA
         pass
+
+
+def test_evaluate_with_the_ema_weights(tiny_sd3_path, tmp_path):
+    from test_evaluation import make_trainer
+
+    trainer = make_trainer(tiny_sd3_path, tmp_path, ema_decay=0.9, learning_rate=1e-2)
+    trainer.train()
+    raw = trainer.evaluate()
+    with trainer.ema_weights():
+        ema = trainer.evaluate(metric_key_prefix="eval_ema")
+    assert trainer.evaluate()["eval_data_loss"] == raw["eval_data_loss"]  # the raw weights are back
+    assert ema["eval_ema_data_loss"] != raw["eval_data_loss"]
+    # Evaluation is deterministic for equal weights: the EMA weights written in by hand give the same metrics.
+    denoiser = trainer.accelerator.unwrap_model(trainer.model)
+    with torch.no_grad():
+        parameters = dict(denoiser.named_parameters())
+        for name, shadow in zip(trainer.ema.names, trainer.ema.shadow, strict=True):
+            parameters[name].copy_(shadow)
+    by_hand = trainer.evaluate(metric_key_prefix="eval_hand")
+    assert by_hand["eval_hand_data_loss"] == ema["eval_ema_data_loss"]
+    assert by_hand["eval_hand_reward"] == ema["eval_ema_reward"]

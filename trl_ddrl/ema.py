@@ -176,11 +176,13 @@ class ParameterEMA:
                 submodule.reshard()
 
     def _refresh_gathered(self) -> None:
-        # ZeRO-3 keeps small "persistent" parameters gathered; refresh them from the partitions, as DeepSpeed does
-        # after an optimizer step. A collective: every process swaps at the same time.
-        persistent = [parameter for parameter in self.parameters if getattr(parameter, "ds_persist", False)]
-        if persistent:
-            persistent[0].all_gather(persistent)
+        # ZeRO-3 keeps small "persistent" parameters gathered (and all of them inside a gather): re-gather those from
+        # the partitions just written, as DeepSpeed does around an optimizer step (`partition` only frees the gathered
+        # copy). A collective: every process swaps at the same time.
+        gathered = [p for p in self.parameters if getattr(getattr(p, "ds_status", None), "name", None) == "AVAILABLE"]
+        if gathered:
+            gathered[0].partition(gathered)
+            gathered[0].all_gather(gathered)
 
     def state_dict(self) -> dict:
         """`{"optimization_step", "sigma_rel", "iteration_shift", "decay", "shadow": {name: fp32 tensor}}`."""

@@ -354,6 +354,10 @@ _RUN_FIELDS = (
     "seed",
     "weight_decay",
     "max_grad_norm",
+    "use_ema",
+    "ema_sigma_rel",
+    "ema_iteration_shift",
+    "ema_decay",
 )
 _CONSTANT_SCHEDULES = ("constant", "constant_with_warmup")
 

@@ -919,7 +919,7 @@ class DDRLTrainer(_BaseTrainer):
         """
         Run a block (evaluation, sampling, export) with the EMA weights in the denoiser, then restore the trained
         weights bit for bit. Does nothing without an EMA (`use_ema=False`, or before training). In a multi-process
-        run every process must enter it (under ZeRO-3 it re-gathers persistent parameters); enter it before
+        run every process must enter it (under ZeRO-3 it re-gathers the persistent parameters); enter it before
         `unwrap_model_for_generation`, so that gathered weights are the EMA's.
         """
         with self.ema.swapped_in() if self.ema is not None else contextlib.nullcontext():
