@@ -8,12 +8,16 @@ import signal
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
+from datasets import Dataset
+from PIL import Image
 from safetensors.torch import load_file
 from test_trainer import assert_same_weights, brightness, make_args, prompt_dataset
 
 from trl_ddrl import DDRLTrainer
+from trl_ddrl.data import DiffusionDataCollator, to_pixel_tensor
 from trl_ddrl.fault_handling import CheckpointError, TrainingDiverged
 
 
@@ -265,3 +269,67 @@ def test_a_missing_local_prompt_file_is_not_looked_up_on_the_hub(tmp_path):
 
     with pytest.raises(UsageError, match="'missing.txt': file not found"):
         load_dataset_argument("missing.txt", None, "train", "dataset_name")
+
+
+@pytest.mark.parametrize(
+    "value, message",
+    [
+        (np.full((8, 8, 3), 200.0, np.float32), r"values in \[200, 200\].*looks like \[0, 255\] data: pass x / 255"),
+        (np.full((8, 8, 3), -0.5, np.float32), r"looks like \[-1, 1\] data: pass \(x \+ 1\) / 2"),
+        (torch.full((3, 8, 8), 2.0), r"float images must be in \[0, 1\]"),
+        (np.full((8, 8, 3), np.nan, np.float32), "NaN or infinite"),
+        (np.full((8, 8, 3), 700, np.int64), "neither 8-bit nor 16-bit"),
+    ],
+)
+def test_float_images_outside_0_1_are_refused_instead_of_clamped(value, message):
+    with pytest.raises(ValueError, match=message):
+        to_pixel_tensor(value, 8, 8, 3)
+
+
+def test_16_bit_and_rgba_images_keep_their_values(tmp_path):
+    gray = np.full((8, 8), 32768, np.uint16)
+    Image.fromarray(gray).save(tmp_path / "gray16.png")
+    expected = 32768 / 65535 * 2 - 1
+    for value in (gray, Image.open(tmp_path / "gray16.png"), str(tmp_path / "gray16.png")):
+        torch.testing.assert_close(to_pixel_tensor(value, 8, 8, 1), torch.full((1, 8, 8), expected))
+    rgba = np.zeros((8, 8, 4), np.uint8)
+    rgba[..., 3] = 0  # fully transparent black: shown as the white background
+    Image.fromarray(rgba).save(tmp_path / "clear.png")
+    for value in (rgba, Image.open(tmp_path / "clear.png"), torch.from_numpy(rgba).permute(2, 0, 1)):
+        assert torch.equal(to_pixel_tensor(value, 8, 8, 3), torch.ones(3, 8, 8))
+
+
+def test_a_truncated_image_file_is_named(tmp_path):
+    path = tmp_path / "broken.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(path)
+    path.write_bytes(path.read_bytes()[:200])
+    collator = DiffusionDataCollator.__new__(DiffusionDataCollator)
+    collator.image_column = "image"
+    with pytest.raises(ValueError, match=f"Row 1 of the batch: .*cannot read the image file '{path}'"):
+        collator.adapter = type(
+            "Adapter", (), {"resolution": (8, 8), "pixel_channels": 3, "num_frames": None, "pipeline": None}
+        )()
+        collator.pixels([{"image": np.zeros((8, 8, 3), np.uint8)}, {"image": str(path)}])
+
+
+def test_dataset_inputs_are_converted_or_refused_clearly(tiny_sd3_path, tmp_path):
+    rows = [{"prompt": prompt} for prompt in ("a cat", "a dog", "a red car", "a tree")]
+    trainer = DDRLTrainer(tiny_sd3_path, brightness, args=make_args(tmp_path), train_dataset=rows)
+    assert trainer.train_dataset.column_names == ["prompt"] and len(trainer.train_dataset) == 4
+    empty = Dataset.from_dict({"image": [], "prompt": []})
+    with pytest.raises(ValueError, match="data_dataset is empty"):
+        DDRLTrainer(
+            tiny_sd3_path, brightness, args=make_args(tmp_path, data_beta=0.1), train_dataset=rows, data_dataset=empty
+        )
+    with pytest.raises(TypeError, match="train_dataset must be a datasets.Dataset, a list of row dicts"):
+        DDRLTrainer(tiny_sd3_path, brightness, args=make_args(tmp_path), train_dataset=["a cat", "a dog"])
+
+
+def test_a_lora_target_module_typo_names_the_module(tiny_sd3_path, tmp_path):
+    from peft import LoraConfig
+
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=["to_q", "to_kk", "add_q_proj"])
+    with pytest.raises(ValueError, match=r"target_modules 'to_kk' \(did you mean 'to_k'"):
+        DDRLTrainer(
+            tiny_sd3_path, brightness, args=make_args(tmp_path), train_dataset=prompt_dataset(), peft_config=config
+        )

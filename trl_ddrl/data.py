@@ -47,35 +47,127 @@ def _read_video_file(path: str | Path, column: str) -> list[np.ndarray] | None:
     return list(iio.imread(path, index=None))
 
 
+# PIL modes of 16-bit images (16-bit grayscale PNGs open as "I;16").
+_SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N")
+# One 8-bit level: float images this far outside [0, 1] are not [0, 1] images.
+_RANGE_TOLERANCE = 1 / 255
+
+
+def _open_image(path: str | Path, column: str) -> Image.Image:
+    try:
+        with Image.open(path) as opened:
+            opened.load()
+            return opened.copy()
+    except (OSError, SyntaxError, ValueError) as error:
+        raise ValueError(
+            f"Column '{column}': cannot read the image file {str(path)!r} ({type(error).__name__}: {error}). It is "
+            "truncated or not an image: replace or remove it."
+        ) from error
+
+
+def _pil_to_array(image: Image.Image, column: str) -> np.ndarray:
+    """A PIL image as an `[H, W, C]` array: uint8, uint16 for 16-bit images, or float32 for mode `F`."""
+    name = f" {image.filename!r}" if getattr(image, "filename", "") else ""
+    try:
+        if image.mode in _SIXTEEN_BIT_MODES:
+            return np.asarray(image).astype(np.uint16)
+        if image.mode == "I":
+            array = np.asarray(image)
+            if array.min() < 0 or array.max() > 65535:
+                raise ValueError(
+                    f"Column '{column}': a 32-bit integer image{name} with values in [{array.min()}, {array.max()}]; "
+                    "store 8-bit or 16-bit images."
+                )
+            return array.astype(np.uint16)
+        if image.mode == "F":
+            return np.asarray(image, dtype=np.float32)
+        has_alpha = image.mode in ("RGBA", "LA", "PA", "La", "RGBa") or "transparency" in image.info
+        if has_alpha:
+            return np.asarray(image.convert("RGBA"))
+        if image.mode not in ("L", "RGB"):
+            image = image.convert("L" if image.mode == "1" else "RGB")
+        return np.asarray(image)
+    except OSError as error:  # a lazily decoded file that turns out truncated
+        raise ValueError(
+            f"Column '{column}': cannot decode the image{name} ({error}); replace or remove it."
+        ) from error
+
+
+def _to_unit_range(tensor: torch.Tensor, column: str) -> torch.Tensor:
+    """
+    `[C, H, W]` pixels to float in `[0, 1]`: uint8 / 255, uint16 / 65535, other integers / 255 when within
+    `[0, 255]`; float values must already be in `[0, 1]` (a `[0, 255]` or `[-1, 1]` float image is refused, naming
+    the conversion). Four channels are RGBA: composited on a white background.
+    """
+    if tensor.dtype == torch.bool:
+        tensor = tensor.float()
+    elif tensor.dtype == torch.uint8:
+        tensor = tensor.float() / 255.0
+    elif tensor.dtype == torch.uint16:
+        tensor = tensor.float() / 65535.0
+    elif not torch.is_floating_point(tensor):
+        low, high = int(tensor.min()), int(tensor.max())
+        if low < 0 or high > 255:
+            raise ValueError(
+                f"Column '{column}': integer pixels in [{low}, {high}] are neither 8-bit nor 16-bit; store uint8 "
+                "(0-255) or uint16 (0-65535) images, or floats in [0, 1]."
+            )
+        tensor = tensor.float() / 255.0
+    else:
+        tensor = tensor.float()
+        if not bool(tensor.isfinite().all()):
+            raise ValueError(f"Column '{column}': a float image holds NaN or infinite values.")
+        low, high = float(tensor.min()), float(tensor.max())
+        if low < -_RANGE_TOLERANCE or high > 1 + _RANGE_TOLERANCE:
+            if low < 0 and low >= -1 - _RANGE_TOLERANCE and high <= 1 + _RANGE_TOLERANCE:
+                guess = "It looks like [-1, 1] data: pass (x + 1) / 2."
+            elif low >= 0 and high <= 255 + _RANGE_TOLERANCE:
+                guess = "It looks like [0, 255] data: pass x / 255, or uint8 arrays."
+            else:
+                guess = "Rescale it to [0, 1]."
+            raise ValueError(
+                f"Column '{column}': a float image with values in [{low:.3g}, {high:.3g}]; float images must be in "
+                f"[0, 1] {guess}"
+            )
+        tensor = tensor.clamp(0, 1)
+    if tensor.shape[0] == 4:  # RGBA: composite on white, as viewers show transparency
+        alpha = tensor[3:]
+        tensor = tensor[:3] * alpha + (1 - alpha)
+    elif tensor.shape[0] == 2:  # grayscale + alpha
+        alpha = tensor[1:]
+        tensor = tensor[:1] * alpha + (1 - alpha)
+    return tensor
+
+
 def _frame_to_tensor(frame: Any, column: str) -> torch.Tensor:
     """One image as float `[C, H, W]` in `[0, 1]`."""
     if isinstance(frame, (str, Path)):
-        with Image.open(frame) as opened:
-            frame = opened.copy()
+        frame = _open_image(frame, column)
     if isinstance(frame, Image.Image):
-        if frame.mode not in ("L", "RGB"):
-            frame = frame.convert("L" if frame.mode in ("1", "I", "I;16", "F") else "RGB")
-        return _frame_to_tensor(np.asarray(frame), column)
+        return _frame_to_tensor(_pil_to_array(frame, column), column)
     if isinstance(frame, np.ndarray):
-        tensor = torch.from_numpy(np.array(frame, copy=True))
+        array = np.array(frame, copy=True)
+        if array.dtype == np.uint16:
+            array = array.astype(np.float32) / 65535.0
+        tensor = torch.from_numpy(array)
         if tensor.ndim == 2:
             tensor = tensor[:, :, None]
-        if tensor.ndim != 3 or tensor.shape[-1] not in (1, 3, 4):
+        if tensor.ndim != 3 or tensor.shape[-1] not in (1, 2, 3, 4):
             raise ValueError(
                 f"Column '{column}': an image array must be [H, W] or [H, W, C] with C in (1, 3, 4); got shape "
                 f"{tuple(frame.shape)}."
             )
-        tensor = tensor[..., :3].permute(2, 0, 1)
-        if not torch.is_floating_point(tensor):
-            return tensor.float() / 255.0
-        return tensor.float()
+        return _to_unit_range(tensor.permute(2, 0, 1), column)
     if isinstance(frame, torch.Tensor):
-        if frame.ndim != 3:
-            raise ValueError(f"Column '{column}': an image tensor must be [C, H, W]; got shape {tuple(frame.shape)}.")
-        return frame.float() if torch.is_floating_point(frame) else frame.float() / 255.0
+        if frame.ndim != 3 or frame.shape[0] not in (1, 2, 3, 4):
+            raise ValueError(
+                f"Column '{column}': an image tensor must be [C, H, W] with C in (1, 3, 4); got shape "
+                f"{tuple(frame.shape)}."
+            )
+        return _to_unit_range(frame, column)
     raise TypeError(
-        f"Column '{column}' holds a {type(frame).__name__}; expected a PIL image, a numpy array ([H, W, C], uint8 or "
-        "float in [0, 1]), a torch tensor ([C, H, W]) or a file path."
+        f"Column '{column}' holds a {type(frame).__name__}; expected a PIL image, a numpy array ([H, W, C], uint8, "
+        "uint16 or float in [0, 1]), a torch tensor ([C, H, W]) or a file path."
     )
 
 
@@ -138,7 +230,45 @@ def to_pixel_tensor(value: Any, height: int, width: int, channels: int, column: 
         for frame in frames
     ]
     pixels = torch.stack(tensors) if is_video else tensors[0]
-    return pixels.clamp(0, 1) * 2 - 1
+    return pixels.clamp(0, 1) * 2 - 1  # resizing may overshoot [0, 1] slightly
+
+
+def _row_pixels(value: Any, height: int, width: int, channels: int, column: str, index: int) -> torch.Tensor:
+    """[`to_pixel_tensor`], with the row named in its errors."""
+    try:
+        return to_pixel_tensor(value, height, width, channels, column)
+    except ValueError as error:
+        raise ValueError(f"Row {index} of the batch: {error}") from error
+
+
+def read_row(dataset: Any, position: int, name: str) -> dict[str, Any]:
+    """`dataset[position]`, with an error naming the dataset and row when an image in it cannot be decoded."""
+    try:
+        return dataset[position]
+    except (OSError, SyntaxError) as error:  # PIL decoding a truncated or corrupt image of a datasets Image column
+        raise ValueError(
+            f"{name} row {position} cannot be read ({type(error).__name__}: {error}): an image in it is truncated or "
+            "corrupt. Replace or remove that row."
+        ) from error
+
+
+def as_dataset(value: Any, name: str) -> Any:
+    """
+    `value` as a `datasets.Dataset`: a list of row dicts or a dict of columns is converted; anything else that is
+    not a dataset raises a `TypeError` naming `name`.
+    """
+    from datasets import Dataset, IterableDataset
+
+    if value is None or isinstance(value, (Dataset, IterableDataset)):
+        return value
+    if isinstance(value, dict):
+        return Dataset.from_dict(value)
+    if isinstance(value, (list, tuple)) and value and all(isinstance(row, dict) for row in value):
+        return Dataset.from_list(list(value))
+    raise TypeError(
+        f"{name} must be a datasets.Dataset, a list of row dicts or a dict of columns; got "
+        f"{type(value).__name__}{' (empty)' if isinstance(value, (list, tuple)) and not value else ''}."
+    )
 
 
 class DiffusionDataCollator:
@@ -193,7 +323,7 @@ class DiffusionDataCollator:
                     f"Row {index} has no '{self.image_column}' value (columns: {sorted(row)}). Set image_column to the "
                     "column holding the data images, or set data_beta=0 to train without the data term."
                 )
-            pixels = to_pixel_tensor(row[self.image_column], height, width, channels, self.image_column)
+            pixels = _row_pixels(row[self.image_column], height, width, channels, self.image_column, index)
             if num_frames is None and pixels.ndim == 4:
                 raise ValueError(
                     f"Row {index}'s '{self.image_column}' is a video ({pixels.shape[0]} frames) but {pipeline} "
@@ -230,8 +360,8 @@ class DiffusionDataCollator:
                     f"{type(self.adapter.pipeline).__name__} generates from conditioning frames: put an image or video "
                     "per prompt in that column, or set image_column."
                 )
-            pixels = to_pixel_tensor(
-                row[self.image_column], height, width, self.adapter.pixel_channels, self.image_column
+            pixels = _row_pixels(
+                row[self.image_column], height, width, self.adapter.pixel_channels, self.image_column, index
             )
             if pixels.ndim == 3:
                 pixels = pixels[None]

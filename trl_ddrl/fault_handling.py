@@ -545,6 +545,42 @@ def check_finite_state(state_dict: dict[str, torch.Tensor], what: str) -> None:
     )
 
 
+# ---- inputs -------------------------------------------------------------------------------------------------------
+
+# The text-branch projections of MMDiT blocks (SD3, FLUX), in the command line's default LoRA targets: other denoisers
+# lack them, so their absence is not a typo.
+OPTIONAL_LORA_TARGETS = ("add_q_proj", "add_k_proj", "add_v_proj", "to_add_out")
+
+
+def check_lora_target_modules(model: torch.nn.Module, peft_config: Any) -> None:
+    """
+    Raise a `ValueError` naming each entry of a LoRA `target_modules` list that matches no module of `model` (PEFT
+    only fails when none matches, and silently trains the others), with the closest module names.
+    """
+    import difflib
+
+    targets = getattr(peft_config, "target_modules", None)
+    if not isinstance(targets, (list, tuple, set)):
+        return  # a regular expression or "all-linear": PEFT resolves it
+    names = [name for name, _ in model.named_modules() if name]
+    suffixes = sorted({".".join(name.split(".")[-depth:]) for name in names for depth in (1, 2)})
+    unmatched = [
+        target
+        for target in targets
+        if target not in OPTIONAL_LORA_TARGETS and not any(n == target or n.endswith(f".{target}") for n in names)
+    ]
+    if unmatched:
+        hints = []
+        for target in unmatched:
+            close = difflib.get_close_matches(target, suffixes, n=3)
+            hints.append(f"{target!r}" + (f" (did you mean {', '.join(map(repr, close))}?)" if close else ""))
+        raise ValueError(
+            f"LoRA target_modules {', '.join(hints)} match no module of the {type(model).__name__}; the other targets "
+            "would be trained without them. Fix or remove them (module names are suffixes of "
+            "denoiser.named_modules(), e.g. 'to_q' or 'to_out.0')."
+        )
+
+
 # ---- interrupted rollouts -----------------------------------------------------------------------------------------
 
 

@@ -35,7 +35,7 @@ from trl.trainer.base_trainer import _BaseTrainer
 from trl.trainer.utils import RepeatSampler
 
 from .config import DDRLConfig
-from .data import DiffusionDataCollator, check_source_image_column
+from .data import DiffusionDataCollator, as_dataset, check_source_image_column, read_row
 from .evaluation import Evaluator
 from .fault_handling import (
     DivergenceGuard,
@@ -44,6 +44,7 @@ from .fault_handling import (
     check_finite_state,
     check_fresh_start,
     check_lora_load,
+    check_lora_target_modules,
     check_resume_settings,
     resolve_resume_checkpoint,
     staged_checkpoint,
@@ -333,6 +334,12 @@ class DDRLTrainer(_BaseTrainer):
             args = DDRLConfig(f"{str(model_id).rstrip('/').split('/')[-1]}-DDRL")
         if train_dataset is None:
             raise ValueError("train_dataset is required: a datasets.Dataset with a 'prompt' column.")
+        train_dataset, data_dataset = (
+            as_dataset(train_dataset, "train_dataset"),
+            as_dataset(data_dataset, "data_dataset"),
+        )
+        if data_dataset is not None and not isinstance(data_dataset, IterableDataset) and len(data_dataset) == 0:
+            raise ValueError("data_dataset is empty: give it rows of images and captions, or leave it out.")
         if isinstance(train_dataset, IterableDataset):
             raise ValueError("train_dataset must be a map-style datasets.Dataset (IterableDataset is not supported).")
         if "prompt" not in train_dataset.column_names:
@@ -371,6 +378,7 @@ class DDRLTrainer(_BaseTrainer):
             module.eval()
         denoiser = self.adapter.denoiser
         if peft_config is not None:
+            check_lora_target_modules(denoiser, peft_config)
             denoiser.requires_grad_(False)
             denoiser.add_adapter(peft_config)
         else:
@@ -585,7 +593,7 @@ class DDRLTrainer(_BaseTrainer):
             epoch, offset = divmod(position, size)
             if epoch not in permutations:
                 permutations[epoch] = torch.randperm(size, generator=torch.Generator().manual_seed(base_seed + epoch))
-            rows.append(self.data_dataset[int(permutations[epoch][offset])])
+            rows.append(read_row(self.data_dataset, int(permutations[epoch][offset]), "data_dataset"))
         return rows
 
     # ---- rollouts ---------------------------------------------------------------------------------------------------
@@ -597,7 +605,7 @@ class DDRLTrainer(_BaseTrainer):
             self._step = self.state.global_step * self.args.gradient_accumulation_steps
         if self._step % micro_batches_per_iteration == 0 or self._buffer is None:
             iteration = self.state.global_step * self.args.gradient_accumulation_steps // micro_batches_per_iteration
-            rows = [self.train_dataset[int(position)] for position in inputs]
+            rows = [read_row(self.train_dataset, int(position), "train_dataset") for position in inputs]
             self._buffer = self._generate_and_score(rows, iteration)
         index = self._step % self.args.steps_per_generation
         self._step += 1
