@@ -7,6 +7,8 @@ import os
 import signal
 import subprocess
 import sys
+import threading
+import time
 
 import numpy as np
 import pytest
@@ -333,3 +335,28 @@ def test_a_lora_target_module_typo_names_the_module(tiny_sd3_path, tmp_path):
         DDRLTrainer(
             tiny_sd3_path, brightness, args=make_args(tmp_path), train_dataset=prompt_dataset(), peft_config=config
         )
+
+
+def test_ctrl_c_while_rewards_are_queued_cancels_them(tiny_sd3_path, tmp_path, capture_warnings):
+    calls = []
+
+    def slow_brightness(prompts, images, **kwargs):
+        calls.append(len(prompts))
+        time.sleep(1.0)
+        return brightness(prompts, images)
+
+    # 8 samples in rollout chunks of 2: four reward calls, queued behind each other on the reward thread.
+    args = make_args(tmp_path, rollout_batch_size=2)
+    trainer = DDRLTrainer(tiny_sd3_path, slow_brightness, args=args, train_dataset=prompt_dataset())
+
+    def press_ctrl_c():  # once the first call runs and the three others wait behind it
+        while not calls or trainer._reward_executor._work_queue.qsize() < 3:
+            time.sleep(0.01)
+        os.kill(os.getpid(), signal.SIGINT)
+
+    threading.Thread(target=press_ctrl_c, daemon=True).start()
+    with pytest.raises(KeyboardInterrupt):
+        trainer.train()
+    trainer._reward_executor.shutdown(wait=True)  # what the interpreter does at exit
+    assert calls == [2]
+    assert "cancelled 3 queued reward call(s); waiting for the 1 running one" in capture_warnings.text

@@ -584,21 +584,16 @@ def check_lora_target_modules(model: torch.nn.Module, peft_config: Any) -> None:
 # ---- interrupted rollouts -----------------------------------------------------------------------------------------
 
 
-@contextlib.contextmanager
-def cancel_pending_on_interrupt(futures: Sequence[Any]) -> Iterator[None]:
+def cancel_pending_rewards(futures: Sequence[Any]) -> None:
     """
-    On an error or Ctrl-C inside the block, cancel the reward calls of `futures` that have not started, so that the
-    process can exit without scoring every queued chunk first; a call already running is waited for, with a message.
+    After an error or Ctrl-C, cancel the reward calls of `futures` that have not started, so that the process exits
+    without scoring every queued rollout chunk first; a call already running is waited for, with a message.
     """
-    try:
-        yield
-    except BaseException:
-        pending = [future for future in futures if isinstance(future, Future)]
-        cancelled = sum(future.cancel() for future in pending)
-        running = sum(not future.done() for future in pending)
-        if cancelled or running:
-            logger.warning(
-                f"Rollout interrupted: cancelled {cancelled} queued reward call(s)"
-                + (f"; waiting for the {running} running one to return before exiting." if running else ".")
-            )
-        raise
+    pending = [future for future in futures if isinstance(future, Future)]
+    cancelled = sum(future.cancel() for future in pending)
+    running = sum(not future.done() for future in pending)
+    if cancelled or running:
+        logger.warning(
+            f"Rollout interrupted: cancelled {cancelled} queued reward call(s)"
+            + (f"; waiting for the {running} running one to return before exiting." if running else ".")
+        )

@@ -40,7 +40,7 @@ from .evaluation import Evaluator
 from .fault_handling import (
     DivergenceGuard,
     PreemptionCallback,
-    cancel_pending_on_interrupt,
+    cancel_pending_rewards,
     check_finite_state,
     check_fresh_start,
     check_lora_load,
@@ -438,6 +438,7 @@ class DDRLTrainer(_BaseTrainer):
             ThreadPoolExecutor(max_workers=1, thread_name_prefix="ddrl-reward") if args.async_rewards else None
         )
         self._buffer: RolloutBuffer | None = None
+        self._pending_rewards: list = []  # this rollout's reward calls (futures with async_rewards)
         self._step = 0
         self._last_images: torch.Tensor | None = None
         self._last_samples: Samples | None = None
@@ -639,9 +640,9 @@ class DDRLTrainer(_BaseTrainer):
         prompts = [row["prompt"] for row in rows]
         chunk = args.rollout_batch_size or len(prompts)
         start = time.perf_counter()
-        latents, log_probs, images, scored, denoised = [], [], [], [], []
+        latents, log_probs, images, denoised = [], [], [], []
+        scored = self._pending_rewards = []  # cancelled by `train` if it stops on an error or Ctrl-C
         with (
-            cancel_pending_on_interrupt(scored),
             _gradient_checkpointing_paused(self.accelerator.unwrap_model(self.model)),
             unwrap_model_for_generation(self.model_wrapped, self.accelerator) as policy,
             self.accelerator.autocast(),
@@ -699,8 +700,7 @@ class DDRLTrainer(_BaseTrainer):
         latents, log_probs, images = torch.cat(latents), torch.cat(log_probs), torch.cat(images)
 
         start = time.perf_counter()
-        with cancel_pending_on_interrupt(scored):
-            results = [item.result() if isinstance(item, Future) else item for item in scored]
+        results = [item.result() if isinstance(item, Future) else item for item in scored]
         reward_wait_time = time.perf_counter() - start
         rewards_per_func = torch.cat([rewards for rewards, _ in results])
         self._metrics["time/reward"].append(sum(seconds for _, seconds in results))
@@ -955,6 +955,7 @@ class DDRLTrainer(_BaseTrainer):
         try:
             output = super().train(resume_from_checkpoint, *args, **kwargs)
         except (Exception, KeyboardInterrupt):
+            cancel_pending_rewards(self._pending_rewards)
             self._save_checkpoint_after_failure()
             raise
         self._preemption.exit_if_stopped()
