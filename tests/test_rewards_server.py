@@ -185,3 +185,53 @@ def test_cli_loads_registered_and_module_rewards(monkeypatch, tmp_path):
         server_module.load_reward("my_server_rewards:missing")
     with pytest.raises(ValueError, match="neither a registered reward .*jpeg_compressibility"):
         server_module.load_reward("no_such_reward")
+
+
+def png_base64(array) -> str:
+    import base64
+    import io
+
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.fromarray(array).save(buffer, format="PNG")
+    return base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+def test_a_body_over_the_limit_gets_413_without_being_read_in_full():
+    client = TestClient(create_app(get_reward_function("brightness"), max_body_bytes=1000))
+    request = {"prompts": ["a"], "images": encode_images(random_images(1, 3, 32, 32))}
+    response = client.post("/score", json=request)
+    assert response.status_code == 413 and "exceeds the server's limit of 1000 bytes" in response.json()["detail"]
+    chunks = iter([b'{"prompts": ["a"], "images": ["' + b"A" * 800, b"A" * 800 + b'"]}'])  # no Content-Length
+    response = client.post("/score", content=chunks, headers={"content-type": "application/json"})
+    assert response.status_code == 413 and "more than 1000 bytes" in response.json()["detail"]
+    small = {"prompts": ["a"], "images": encode_images(random_images(1, 3, 4, 4))}
+    assert client.post("/score", json=small).status_code == 200
+
+
+def test_an_image_over_the_pixel_limit_or_a_decompression_bomb_gets_413(monkeypatch):
+    import numpy as np
+    from PIL import Image
+
+    request = {"prompts": ["a"], "images": [png_base64(np.zeros((64, 64, 3), np.uint8))]}
+    response = TestClient(create_app(get_reward_function("brightness"), max_pixels=1000)).post("/score", json=request)
+    assert response.status_code == 413 and "64x64 = 4096 pixels exceeds the limit of 1000" in response.text
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)  # PIL raises DecompressionBombError above twice this
+    response = TestClient(create_app(get_reward_function("brightness"), max_pixels=None)).post("/score", json=request)
+    assert response.status_code == 413 and "decompression bomb" in response.text
+
+
+def test_the_client_does_not_retry_a_413():
+    with serve(create_app(get_reward_function("brightness"), max_pixels=10)) as url:
+        start = time.monotonic()
+        with pytest.raises(RewardFunctionError, match="HTTP 413.*exceeds the limit of 10 pixels"):
+            RemoteReward(url, max_retries=3, backoff=1.0)(["a"], random_images(1, 3, 4, 4))
+        assert time.monotonic() - start < 1.0
+
+
+def test_16_bit_pngs_are_scaled_by_65535():
+    import numpy as np
+
+    decoded = decode_images([png_base64(np.full((4, 4), 32768, np.uint16))])
+    torch.testing.assert_close(decoded, torch.full((1, 1, 4, 4), 32768 / 65535))

@@ -8,7 +8,8 @@ Protocol: `POST <url>/score` with
 {"prompts": ["a cat", ...], "images": ["<base64 PNG>", ...], "columns": {"<name>": [...], ...}}
 ```
 
-where each image is one base64-encoded 8-bit PNG, or, for videos, a list of base64 PNG frames. The answer is
+where each image is one base64-encoded PNG (8-bit as sent by this client; 16-bit PNGs are read too), or, for
+videos, a list of base64 PNG frames. The answer is
 `{"rewards": [float | null, ...]}`, one value per prompt. `GET <url>/health` answers `{"status": "ok", ...}`.
 """
 
@@ -54,24 +55,46 @@ def encode_images(images: torch.Tensor) -> list[str] | list[list[str]]:
     return [frames[i : i + per_video] for i in range(0, len(frames), per_video)]
 
 
-def _unpng(data: str) -> torch.Tensor:
-    array = np.array(Image.open(io.BytesIO(base64.b64decode(data, validate=True))))
+class ImageTooLarge(ValueError):
+    """A decoded image would exceed the pixel limit (or PIL's decompression-bomb limit)."""
+
+
+def _unpng(data: str, max_pixels: int | None = None) -> torch.Tensor:
+    """One base64 PNG (8- or 16-bit, gray, RGB, RGBA or palette) as float `[C, H, W]` in `[0, 1]`."""
+    try:
+        image = Image.open(io.BytesIO(base64.b64decode(data, validate=True)))
+    except Image.DecompressionBombError as error:
+        raise ImageTooLarge(str(error)) from error
+    if max_pixels is not None and image.width * image.height > max_pixels:
+        raise ImageTooLarge(
+            f"an image of {image.width}x{image.height} = {image.width * image.height} pixels exceeds the limit of "
+            f"{max_pixels} pixels"
+        )
+    if image.mode in ("P", "PA", "1", "CMYK", "YCbCr", "LAB", "HSV", "RGBX", "La", "RGBa"):
+        has_alpha = image.mode in ("PA", "La", "RGBa") or "transparency" in image.info
+        image = image.convert("RGBA" if has_alpha else "L" if image.mode == "1" else "RGB")
+    array = np.array(image)
+    if image.mode == "F" or not np.issubdtype(array.dtype, np.integer):
+        raise ValueError(f"a PNG of mode {image.mode!r} is not an image of 8- or 16-bit integers")
+    scale = 255.0 if array.dtype == np.uint8 else 65535.0  # 16-bit PNGs: mode I;16 (or I)
     if array.ndim == 2:
         array = array[..., None]
-    return torch.from_numpy(array).permute(2, 0, 1)
+    return torch.from_numpy(array.astype(np.float32) / scale).permute(2, 0, 1)
 
 
-def decode_images(encoded: list[str] | list[list[str]]) -> torch.Tensor:
-    """Inverse of [`encode_images`]: float images `[B, C, H, W]` (or videos `[B, F, C, H, W]`) in `[0, 1]`."""
+def decode_images(encoded: list[str] | list[list[str]], max_pixels: int | None = None) -> torch.Tensor:
+    """
+    Inverse of [`encode_images`]: float images `[B, C, H, W]` (or videos `[B, F, C, H, W]`) in `[0, 1]`. 16-bit PNGs
+    are scaled by 65535. With `max_pixels`, an image or frame with more pixels raises [`ImageTooLarge`] before it is
+    decoded.
+    """
     if not encoded:
         raise ValueError("No images to decode.")
     if all(isinstance(item, str) for item in encoded):
-        stacked = torch.stack([_unpng(item) for item in encoded])
-    elif all(isinstance(item, list) and item and all(isinstance(frame, str) for frame in item) for item in encoded):
-        stacked = torch.stack([torch.stack([_unpng(frame) for frame in video]) for video in encoded])
-    else:
-        raise ValueError("images must be a list of base64 PNG strings, or a list of non-empty lists of them (videos).")
-    return stacked.float() / 255
+        return torch.stack([_unpng(item, max_pixels) for item in encoded])
+    if all(isinstance(item, list) and item and all(isinstance(frame, str) for frame in item) for item in encoded):
+        return torch.stack([torch.stack([_unpng(frame, max_pixels) for frame in video]) for video in encoded])
+    raise ValueError("images must be a list of base64 PNG strings, or a list of non-empty lists of them (videos).")
 
 
 def _jsonable(values: list) -> bool:

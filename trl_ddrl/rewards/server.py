@@ -21,12 +21,63 @@ from typing import Any
 
 import torch
 from fastapi import FastAPI, HTTPException
+from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
 from torch import nn
 
 from .base import RewardFunctionError, available_rewards, check_rewards, get_reward_function
-from .remote import decode_images
+from .remote import ImageTooLarge, decode_images
 from .video import reward_name
+
+
+DEFAULT_MAX_BODY_BYTES = 128 * 2**20
+"""Largest request body accepted by default (128 MiB: 16 1024x1024 PNGs take about 40 MB)."""
+DEFAULT_MAX_PIXELS = 4096 * 4096
+"""Largest image or video frame accepted by default, in pixels."""
+
+
+class _BodySizeLimit:
+    """ASGI middleware: answer 413 to a body over `max_bytes`, reading no further than the limit."""
+
+    def __init__(self, app, max_bytes: int):
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def _refuse(self, scope, receive, send, size: str) -> None:
+        detail = (
+            f"The request body ({size}) exceeds the server's limit of {self.max_bytes} bytes. Send fewer images per "
+            "request (RemoteReward(batch_size=...)) or start the server with a larger --max-body-mb."
+        )
+        await JSONResponse({"detail": detail}, status_code=413)(scope, receive, send)
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        declared = dict(scope.get("headers") or []).get(b"content-length", b"")
+        if declared.isdigit() and int(declared) > self.max_bytes:
+            await self._refuse(scope, receive, send, f"{int(declared)} bytes")
+            return
+        body, more = bytearray(), True
+        while more:
+            message = await receive()
+            if message["type"] != "http.request":
+                return  # the client went away
+            body += message.get("body", b"")
+            if len(body) > self.max_bytes:
+                await self._refuse(scope, receive, send, f"more than {self.max_bytes} bytes")
+                return
+            more = message.get("more_body", False)
+        replayed = False
+
+        async def replay():
+            nonlocal replayed
+            if replayed:
+                return await receive()
+            replayed = True
+            return {"type": "http.request", "body": bytes(body), "more_body": False}
+
+        await self.app(scope, replay, send)
 
 
 class ScoreRequest(BaseModel):
@@ -37,19 +88,30 @@ class ScoreRequest(BaseModel):
     columns: dict[str, list[Any]] = Field(default_factory=dict)
 
 
-def create_app(reward_func: Callable, device: str | torch.device | None = None) -> FastAPI:
+def create_app(
+    reward_func: Callable,
+    device: str | torch.device | None = None,
+    max_body_bytes: int | None = DEFAULT_MAX_BODY_BYTES,
+    max_pixels: int | None = DEFAULT_MAX_PIXELS,
+) -> FastAPI:
     """
     A FastAPI app serving `reward_func` at `POST /score` (see [`trl_ddrl.rewards.remote`] for the JSON) and
     `GET /health`.
 
-    Requests are scored one at a time. Malformed requests get HTTP 422; a reward function that raises or returns
-    invalid values gets HTTP 500 with the error, which [`RemoteReward`] retries and then reports.
+    Requests are scored one at a time. Malformed requests get HTTP 422; a body over `max_body_bytes` or an image
+    (or frame) over `max_pixels` gets HTTP 413 before it is decoded (also PIL's decompression-bomb error); a reward
+    function that raises or returns invalid values gets HTTP 500 with the error, which [`RemoteReward`] retries and
+    then reports. 4xx answers are not retried.
 
     Args:
         reward_func (`Callable`):
             A reward function or `nn.Module`, `(prompts, images, **columns) -> list[float | None]`.
         device (`str` or `torch.device`, *optional*):
             Where to put the decoded images; defaults to the device of an `nn.Module`'s first parameter, else CPU.
+        max_body_bytes (`int`, *optional*, defaults to 128 MiB):
+            Largest request body; `None` for no limit.
+        max_pixels (`int`, *optional*, defaults to `4096 * 4096`):
+            Largest image or video frame, in pixels; `None` for no limit beyond PIL's own.
     """
     name = reward_name(reward_func)
     if device is None and isinstance(reward_func, nn.Module):
@@ -57,6 +119,8 @@ def create_app(reward_func: Callable, device: str | torch.device | None = None) 
     device = torch.device(device or "cpu")
     lock = threading.Lock()
     app = FastAPI(title=f"trl_ddrl reward server: {name}")
+    if max_body_bytes is not None:
+        app.add_middleware(_BodySizeLimit, max_bytes=max_body_bytes)
 
     @app.get("/health")
     def health() -> dict[str, str]:
@@ -75,7 +139,11 @@ def create_app(reward_func: Callable, device: str | torch.device | None = None) 
         if batch_size == 0:
             return {"rewards": []}
         try:
-            images = decode_images(request.images).to(device)
+            images = decode_images(request.images, max_pixels=max_pixels).to(device)
+        except ImageTooLarge as error:
+            raise HTTPException(
+                413, f"Image too large: {error}. Send smaller images, or start the server with a larger --max-pixels."
+            ) from error
         except (ValueError, OSError, RuntimeError) as error:
             raise HTTPException(422, f"Could not decode the images: {type(error).__name__}: {error}") from error
         try:
@@ -137,6 +205,18 @@ def main(argv: list[str] | None = None) -> None:
         default=None,
         help="Device for nn.Module rewards and images (default: cuda if available, else cpu).",
     )
+    parser.add_argument(
+        "--max-body-mb",
+        type=float,
+        default=DEFAULT_MAX_BODY_BYTES / 2**20,
+        help="Largest request body in MiB (413 above it); 0 for no limit.",
+    )
+    parser.add_argument(
+        "--max-pixels",
+        type=int,
+        default=DEFAULT_MAX_PIXELS,
+        help="Largest image or video frame in pixels (413 above it); 0 for no limit.",
+    )
     parser.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     args = parser.parse_args(argv)
 
@@ -146,7 +226,13 @@ def main(argv: list[str] | None = None) -> None:
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if isinstance(reward_func, nn.Module):
         reward_func.to(device).eval().requires_grad_(False)
-    uvicorn.run(create_app(reward_func, device=device), host=args.host, port=args.port, log_level=args.log_level)
+    app = create_app(
+        reward_func,
+        device=device,
+        max_body_bytes=int(args.max_body_mb * 2**20) or None,
+        max_pixels=args.max_pixels or None,
+    )
+    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
 
 
 if __name__ == "__main__":
