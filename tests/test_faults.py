@@ -241,7 +241,7 @@ def test_a_non_finite_loss_stops_before_the_optimizer_applies_it(tiny_sd3_path, 
 
 
 def test_non_finite_weights_are_never_saved(tiny_sd3_path, tmp_path):
-    trainer = fault_trainer(tiny_sd3_path, tmp_path, max_steps=1)
+    trainer = fault_trainer(tiny_sd3_path, tmp_path, max_steps=1, use_ema=False)  # save_model writes the raw weights
     trainer.train()
     with torch.no_grad():
         next(trainer.pipeline.transformer.parameters()).fill_(float("nan"))
