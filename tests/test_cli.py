@@ -218,7 +218,7 @@ def test_accelerate_config_accepts_a_path_and_trl_names(tmp_path):
     assert "zero1" in configs and configs["zero1"].parent.parent.name == "trl"  # TRL's, for names we do not ship
 
 
-@pytest.mark.parametrize("name", ["zero2", "zero3", "fsdp", "multi_gpu", "single_gpu"])
+@pytest.mark.parametrize("name", ["zero2", "zero3", "fsdp", "multi_gpu", "single_gpu", "context_parallel"])
 def test_packaged_accelerate_configs_load(name):
     from accelerate.commands.config.config_args import load_config_from_file
 

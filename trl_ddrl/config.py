@@ -21,6 +21,7 @@ KL_FORM_CHOICES = ("edm_squared_distance", "gaussian")
 DATA_LOSS_WEIGHTING_CHOICES = ("edm", "uniform")
 TRAIN_TIMESTEP_SELECTION_CHOICES = ("fixed", "random")
 SAMPLER_CHOICES = ("auto", "flow_sde", "churn", "cps", "ddim")
+CONTEXT_PARALLEL_METHOD_CHOICES = ("ulysses", "ring")
 
 
 def resolve_train_timesteps(num_inference_steps: int, fraction: float, explicit: list[int] | None) -> list[int]:
@@ -270,6 +271,23 @@ class DDRLConfig(_BaseConfig):
             release theirs. Checkpoints always keep the raw weights (to resume training) and the EMA state next to
             them. `False` exports the raw weights.
 
+        > Parameters that control context parallelism
+
+        context_parallel_size (`int`, *optional*, defaults to `1`):
+            Number of processes that split the token sequence of each sample (diffusers' context parallelism). The
+            processes form a (data-parallel x context-parallel) grid: each group of `context_parallel_size`
+            consecutive ranks holds the same samples, so `prompts_per_step * num_generations` must be divisible by
+            `world_size / context_parallel_size`. Rewards are computed once per sample. Needs a denoiser that
+            diffusers can parallelise (one with a `_cp_plan`: Wan, FLUX, ...). See `docs/context_parallel.md`.
+        context_parallel_method (`str`, *optional*, defaults to `"ulysses"`):
+            `"ulysses"` (all-to-all over attention heads; the head count must be divisible by
+            `context_parallel_size`; runs on every attention backend, CPU included) or `"ring"` (key/value blocks
+            passed around the group; needs a CUDA backend that returns the log-sum-exp, such as `"flash"` or
+            `"_native_cudnn"`).
+        attention_backend (`str`, *optional*):
+            diffusers attention backend of the denoiser (`set_attention_backend`), for example `"flash"`,
+            `"_native_cudnn"` or `"native"`. Defaults to diffusers' active backend (PyTorch SDPA).
+
         > Parameters that control saving
 
         save_full_pipeline (`bool`, *optional*, defaults to `True`):
@@ -499,6 +517,17 @@ class DDRLConfig(_BaseConfig):
         metadata={"help": "save_model / push_to_hub write the EMA weights; False writes the raw trained weights."},
     )
 
+    # Context parallelism
+    context_parallel_size: int = field(
+        default=1, metadata={"help": "Processes that split the token sequence of each sample (diffusers CP)."}
+    )
+    context_parallel_method: str = field(
+        default="ulysses", metadata={"help": "'ulysses' (all-to-all over heads) or 'ring' (needs a flash backend)."}
+    )
+    attention_backend: str | None = field(
+        default=None, metadata={"help": "diffusers attention backend of the denoiser, e.g. 'flash', '_native_cudnn'."}
+    )
+
     # Saving
     save_full_pipeline: bool = field(
         default=True, metadata={"help": "save_model writes the whole diffusers pipeline, not only the denoiser."}
@@ -592,12 +621,12 @@ class DDRLConfig(_BaseConfig):
             )
 
         self._check_sde_window()
-        num_processes = self.world_size
+        num_processes = self._data_parallel_size()
         samples_per_step = self.prompts_per_step * self.num_generations
         if samples_per_step % num_processes:
             raise ValueError(
                 f"prompts_per_step * num_generations = {samples_per_step} samples per iteration must be divisible by "
-                f"the number of processes ({num_processes}). Change prompts_per_step."
+                f"the number of data-parallel processes ({num_processes}). Change prompts_per_step."
             )
         self.samples_per_process = samples_per_step // num_processes
         transitions = self.samples_per_process * self.num_trained_steps
@@ -658,6 +687,27 @@ class DDRLConfig(_BaseConfig):
         resolve_sde_window_range(self.num_inference_steps, self.sde_window_size, self.sde_window_range)
         self.train_timesteps = None
         self.num_trained_steps = self.sde_window_size
+
+    def _data_parallel_size(self) -> int:
+        """Processes holding different samples: `world_size / context_parallel_size` (validated here)."""
+        self._check_positive("context_parallel_size")
+        self._check_choice("context_parallel_method", CONTEXT_PARALLEL_METHOD_CHOICES)
+        size = self.context_parallel_size
+        if size > 1 and self.deepspeed:
+            raise ValueError(
+                f"context_parallel_size={size} is not supported with DeepSpeed. Use FSDP2 (the accelerate config "
+                "trl_ddrl/accelerate_configs/context_parallel.yaml) or DDP, or set context_parallel_size=1."
+            )
+        # A single process may be the launcher of a multi-process run (`trl-ddrl --num_processes 8` parses the
+        # config before `accelerate launch`): the trainer checks the grid again in each process (`ProcessMesh`).
+        if self.world_size == 1:
+            return 1
+        if self.world_size % size:
+            raise ValueError(
+                f"context_parallel_size={size} must divide the number of processes ({self.world_size}). Launch a "
+                f"multiple of {size} processes (accelerate launch --num_processes), or change context_parallel_size."
+            )
+        return self.world_size // size
 
     def _check_choice(self, name: str, choices: tuple[str, ...]) -> None:
         value = getattr(self, name)

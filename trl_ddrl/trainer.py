@@ -52,6 +52,7 @@ from .fault_handling import (
 from .ema import EMA_FOLDER, EMACallback, ParameterEMA
 from .losses import clipped_policy_loss, compute_advantages, reverse_kl
 from .model_card import hub_base_model, save_model_card
+from .parallel import prepare_parallelism
 from .pipelines import ADAPTERS, Conditioning, SamplingSettings, get_adapter
 from .rewards import RewardFunctionError, check_rewards, get_reward_function
 from .sde_window import group_index, group_noise_generator, join_prefix, rollout_steps, sample_shared_prefix
@@ -482,6 +483,8 @@ class DDRLTrainer(_BaseTrainer):
                 self.ref_model = prepare_fsdp(self.ref_model, self.accelerator)
             else:
                 self.ref_model = self.ref_model.to(device)
+        # The (data-parallel x context-parallel) grid; context parallelism hooks into the models here.
+        self.mesh = prepare_parallelism(self)
         if args.update_ref_every is not None:
             self.add_callback(_ReferenceSyncCallback(self))
         self._preemption, self._divergence = PreemptionCallback(self), DivergenceGuard(self)
@@ -571,7 +574,7 @@ class DDRLTrainer(_BaseTrainer):
     def _get_train_sampler(self, dataset: Dataset | None = None):
         # Every process walks the same seeded order; each takes its slice of every iteration's prompts, and each
         # iteration's rows are yielded `steps_per_generation * num_iterations` times, one per micro-batch.
-        return EpochSeededRepeatSampler(
+        sampler = EpochSeededRepeatSampler(
             data_source=dataset if dataset is not None else self.train_dataset,
             mini_repeat_count=self.args.num_generations,
             batch_size=self.args.prompts_per_step,
@@ -579,14 +582,16 @@ class DDRLTrainer(_BaseTrainer):
             shuffle=True,
             seed=self.args.seed,
         )
+        # Prompts are sharded by data-parallel rank: a context-parallel group shares its samples.
+        return self.mesh.shard_sampler(sampler, self.args.samples_per_process)
 
     def _data_rows(self, prompt_rows: list[dict], iteration: int) -> list[dict]:
         """Rows for the data term of this iteration: from `data_dataset` (resumable order) or the prompt rows."""
         if self.data_dataset is None:
             return [{**row, self.args.caption_column: row["prompt"]} for row in prompt_rows]
         size = len(self.data_dataset)
-        per_iteration = self.args.samples_per_process * self.accelerator.num_processes
-        start = iteration * per_iteration + self.accelerator.process_index * self.args.samples_per_process
+        per_iteration = self.args.samples_per_process * self.mesh.data_parallel_size
+        start = iteration * per_iteration + self.mesh.data_parallel_rank * self.args.samples_per_process
         base_seed = self.args.data_seed if self.args.data_seed is not None else self.args.seed
         permutations: dict[int, torch.Tensor] = {}
         rows = []
@@ -630,7 +635,7 @@ class DDRLTrainer(_BaseTrainer):
         return {key: value[torch.tensor(index, device=value.device)] for key, value in encoded.items()}
 
     def _generator(self, iteration: int, stream: int) -> torch.Generator:
-        seed = self.args.seed * 1_000_003 + iteration * 7_919 + self.accelerator.process_index * 104_729 + stream
+        seed = self.args.seed * 1_000_003 + iteration * 7_919 + self.mesh.data_parallel_rank * 104_729 + stream
         return torch.Generator().manual_seed(seed % (2**63))
 
     @torch.no_grad()
@@ -705,8 +710,8 @@ class DDRLTrainer(_BaseTrainer):
         rewards_per_func = torch.cat([rewards for rewards, _ in results])
         self._metrics["time/reward"].append(sum(seconds for _, seconds in results))
 
-        # Groups may span processes: normalise on the gathered rewards, then keep this process's slice.
-        all_rewards = gather(rewards_per_func)
+        # Groups may span processes: normalise on the gathered rewards (one copy per sample), then keep this slice.
+        all_rewards = self.mesh.unique_rows(gather(rewards_per_func))
         result = compute_advantages(
             all_rewards,
             self.reward_weights,
@@ -716,7 +721,7 @@ class DDRLTrainer(_BaseTrainer):
             exp_advantage=args.exp_advantage,
             advantage_clip=args.advantage_clip,
         )
-        offset = self.accelerator.process_index * len(prompts)
+        offset = self.mesh.data_parallel_rank * len(prompts)
         advantages = result.advantages[offset : offset + len(prompts)].to(device)
 
         data_latents = data_conditioning = None
@@ -764,9 +769,11 @@ class DDRLTrainer(_BaseTrainer):
         Rewards `[S, R]` of these samples, NaN where a function gave None (or failed, when dropping), and the seconds
         the reward functions took.
         """
+        rewards = torch.full((len(prompts), len(self.reward_funcs)), float("nan"), dtype=torch.float32)
+        if not self.mesh.is_context_parallel_leader:  # the group's first rank scores its (shared) samples
+            return rewards.to(self.accelerator.device), 0.0
         start = time.perf_counter()
         columns = {key: [row[key] for row in rows] for key in rows[0] if key != "prompt"}
-        rewards = torch.full((len(prompts), len(self.reward_funcs)), float("nan"), dtype=torch.float32)
         for index, (reward_func, name) in enumerate(zip(self.reward_funcs, self.reward_func_names, strict=True)):
             try:
                 values = reward_func(prompts=prompts, images=images, trainer_state=self.state, **columns)
@@ -845,7 +852,7 @@ class DDRLTrainer(_BaseTrainer):
             self._loss_metrics["kl"].append(kl.detach())
         loss = loss * args.loss_scale
         self._divergence.track_loss(loss)  # checked with the gradients, once per optimizer step
-        return loss
+        return self.mesh.scale_gradients(loss)
 
     def _data_loss(self, model, inputs) -> torch.Tensor:
         """Diffusion loss on the data batch at the transitions' noise levels (mean over the transitions used)."""
