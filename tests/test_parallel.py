@@ -140,6 +140,9 @@ def assert_same_step(record: dict, reference: dict) -> None:
     for key in ("loss", "loss/policy", "loss/data", "kl", "grad_norm"):
         assert record["logs"][0][key] == pytest.approx(reference["logs"][0][key], rel=1e-5, abs=1e-7), key
     torch.testing.assert_close(record["iterations"], reference["iterations"])
+    assert record["eval"].keys() == reference["eval"].keys() and "eval_reward" in record["eval"]
+    for key, value in reference["eval"].items():
+        assert record["eval"][key] == pytest.approx(value, rel=1e-5, abs=1e-7), key
 
 
 def assert_same_update(weights: dict, reference: dict, initial: dict) -> None:

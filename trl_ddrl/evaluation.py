@@ -167,7 +167,9 @@ class Evaluator:
         accelerator = trainer.accelerator
         self.check_dataset(dataset)
         start = time.perf_counter()
-        positions, valid = shard_positions(len(dataset), accelerator.num_processes, accelerator.process_index)
+        # Shards follow the data-parallel rank: the ranks of a context-parallel group sample the same prompts together.
+        mesh = trainer.mesh
+        positions, valid = shard_positions(len(dataset), mesh.data_parallel_size, mesh.data_parallel_rank)
         rows = [dataset[position] for position in positions]
         with self._policy() as policy:
             images, rewards = self._sample_and_score(policy, rows, positions)
@@ -179,7 +181,8 @@ class Evaluator:
         is_real = torch.tensor(valid, device=accelerator.device)
         sample_is_real = is_real.repeat_interleave(generations)
         nan = torch.tensor(float("nan"), device=accelerator.device)
-        rewards = accelerator.gather(torch.where(sample_is_real[:, None], rewards.to(accelerator.device), nan)).cpu()
+        rewards = torch.where(sample_is_real[:, None], rewards.to(accelerator.device), nan)
+        rewards = mesh.unique_rows(accelerator.gather(rewards)).cpu()
         prefix = f"{metric_key_prefix}_"
         metrics: dict[str, float] = {}
         for index, name in enumerate(self.reward_names):
@@ -195,10 +198,12 @@ class Evaluator:
 
         if generations > 1:
             spread = images.float().flatten(1).view(len(positions), generations, -1).std(dim=1).mean(dim=1)
-            spread = accelerator.gather(torch.where(is_real, spread.to(accelerator.device), nan)).cpu()
+            spread = torch.where(is_real, spread.to(accelerator.device), nan)
+            spread = mesh.unique_rows(accelerator.gather(spread)).cpu()
             self._add_with_baseline(metrics, f"{prefix}diversity", _nanmean(spread), relative_drop=True)
         if data_loss is not None:
-            data_loss = accelerator.gather(torch.where(is_real, data_loss.to(accelerator.device), nan)).cpu()
+            data_loss = torch.where(is_real, data_loss.to(accelerator.device), nan)
+            data_loss = mesh.unique_rows(accelerator.gather(data_loss)).cpu()
             self._add_with_baseline(metrics, f"{prefix}data_loss", _nanmean(data_loss), relative_drop=False)
         metrics[f"{prefix}runtime"] = time.perf_counter() - start
 

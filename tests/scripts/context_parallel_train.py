@@ -1,9 +1,9 @@
 # Copyright 2026 The trl_ddrl Authors. Licensed under the Apache License, Version 2.0.
 """
-Trains a tiny Wan pipeline for DDRL steps, with or without context parallelism, and writes per rank what the
-comparisons of tests/test_parallel.py need: the logged losses, the advantages and rewards of every iteration, how often
-the reward function ran, the prompts drawn, and the final denoiser weights. Run it one process, or under `accelerate
-launch` with any number of processes:
+Trains a tiny Wan pipeline for one DDRL step, with or without context parallelism, and writes per rank what the
+comparisons of tests/test_parallel.py need: the logged losses, the advantages, how often the reward function ran in
+training, the final denoiser weights and the metrics of an evaluation after training. Run it in one process, or
+under `accelerate launch` with any number of processes:
 
     python context_parallel_train.py <output dir> <context_parallel_size> [prompts_per_step]
 """
@@ -73,6 +73,7 @@ def train(output_dir: str, context_parallel_size: int = 1, prompts_per_step: int
         save_strategy="no",
         disable_tqdm=True,
         seed=0,
+        eval_num_generations=2,
         context_parallel_size=context_parallel_size,
     )
     recorder, reward = Recorder(), CountingBrightness()
@@ -88,12 +89,16 @@ def train(output_dir: str, context_parallel_size: int = 1, prompts_per_step: int
     rank = trainer.accelerator.process_index
     denoiser = trainer.accelerator.unwrap_model(trainer.model)
     torch.save({key: value.detach().cpu() for key, value in denoiser.state_dict().items()}, f"{output_dir}/{rank}.pt")
+    reward_calls = reward.calls
+    # Three eval prompts: padded shards over the data-parallel ranks, sampled and scored with fixed noise.
+    eval_metrics = trainer.evaluate(Dataset.from_dict({"prompt": PROMPTS[:3]}))
     record = {
         "world_size": trainer.accelerator.num_processes,
         "data_parallel_rank": trainer.mesh.data_parallel_rank,
         "logs": [entry for entry in trainer.state.log_history if "loss" in entry],
         "iterations": recorder.iterations,
-        "reward_calls": reward.calls,
+        "reward_calls": reward_calls,
+        "eval": {key: value for key, value in eval_metrics.items() if not key.endswith("runtime")},
     }
     with open(os.path.join(output_dir, f"rank{rank}.json"), "w") as file:
         json.dump(record, file)
