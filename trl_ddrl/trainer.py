@@ -659,7 +659,7 @@ class DDRLTrainer(_BaseTrainer):
             schedule = rollout_steps(args, iteration)
             if schedule.prefix:
                 # One initial noise and one deterministic prefix per group; the samples branch at the window.
-                groups = group_index(len(prompts), args.num_generations, self.accelerator.process_index)
+                groups = group_index(len(prompts), args.num_generations, self.mesh.data_parallel_rank)
                 group_noise = self.adapter.sample_noise(
                     args.prompts_per_step, generator=group_noise_generator(args.seed, iteration)
                 )
@@ -669,7 +669,7 @@ class DDRLTrainer(_BaseTrainer):
                 noise = prefix[:, -1]
             elif args.same_initial_noise:
                 # The authors' use_same_seed: one initial noise per group, also for groups straddling processes.
-                groups = group_index(len(prompts), args.num_generations, self.accelerator.process_index)
+                groups = group_index(len(prompts), args.num_generations, self.mesh.data_parallel_rank)
                 noise = self.adapter.sample_noise(
                     args.prompts_per_step, generator=group_noise_generator(args.seed, iteration)
                 )[groups.to(self.adapter.device)]
