@@ -361,3 +361,14 @@ def test_ctrl_c_while_rewards_are_queued_cancels_them(tiny_sd3_path, tmp_path, c
     trainer._reward_executor.shutdown(wait=True)  # what the interpreter does at exit
     assert started and started[0] < 4 and len(calls) == started[0]  # no queued call ran after Ctrl-C
     assert f"cancelled {4 - started[0]} queued reward call(s); waiting for the 1 running one" in capture_warnings.text
+
+
+def test_a_failed_run_gives_sigterm_back_to_the_previous_handler(tiny_sd3_path, tmp_path):
+    def failing(prompts, **kwargs):
+        raise RuntimeError("reward service down")
+
+    before = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(Exception, match="reward service down"):
+        fault_trainer(tiny_sd3_path, tmp_path, reward=failing).train()
+    # Left installed, the handler would swallow the next SIGTERM of a process that is no longer training.
+    assert signal.getsignal(signal.SIGTERM) is before

@@ -96,16 +96,17 @@ class PreemptionCallback(TrainerCallback):
             self.stopped_at = state.global_step
 
     def on_train_end(self, args, state, control, **kwargs):
-        self._restore()
+        self.restore_signal_handler()
 
-    def _restore(self) -> None:
+    def restore_signal_handler(self) -> None:
+        """Reinstall the SIGTERM handler that was in place before training began."""
         if self._previous_handler is not None and threading.current_thread() is threading.main_thread():
             signal.signal(signal.SIGTERM, self._previous_handler)
         self._previous_handler = None
 
     def exit_if_stopped(self) -> None:
         """After `train()`: when a SIGTERM stopped it, say what was saved and exit with status 143."""
-        self._restore()
+        self.restore_signal_handler()
         if self.stopped_at is None:
             return
         args = self.trainer.args

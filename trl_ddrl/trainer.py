@@ -36,6 +36,7 @@ from trl.trainer.utils import RepeatSampler
 
 from .config import DDRLConfig
 from .data import DiffusionDataCollator, as_dataset, check_source_image_column, read_row
+from .ema import EMA_FOLDER, EMACallback, ParameterEMA
 from .evaluation import Evaluator
 from .fault_handling import (
     DivergenceGuard,
@@ -49,7 +50,6 @@ from .fault_handling import (
     resolve_resume_checkpoint,
     staged_checkpoint,
 )
-from .ema import EMA_FOLDER, EMACallback, ParameterEMA
 from .losses import clipped_policy_loss, compute_advantages, reverse_kl
 from .model_card import hub_base_model, save_model_card
 from .parallel import prepare_parallelism
@@ -965,6 +965,9 @@ class DDRLTrainer(_BaseTrainer):
             cancel_pending_rewards(self._pending_rewards)
             self._save_checkpoint_after_failure()
             raise
+        finally:
+            # A run that raised never reaches on_train_end: give SIGTERM back to whoever had it.
+            self._preemption.restore_signal_handler()
         self._preemption.exit_if_stopped()
         return output
 
