@@ -37,6 +37,9 @@ def main() -> None:
     parser.add_argument("--num_frames", type=int, default=33, help="Frames per video, 4k + 1.")
     parser.add_argument("--max_steps", type=int, default=500)
     parser.add_argument(
+        "--warmup_steps", type=int, default=50, help="Linear learning-rate warm-up steps (the authors' 50)."
+    )
+    parser.add_argument(
         "--no_bf16", action="store_true", help="float32 weights and no bf16 autocast (GPUs without bf16, CPUs)."
     )
     parser.add_argument("--reward", default="aesthetic", help="Reward name (see docs/rewards.md).")
@@ -63,6 +66,7 @@ def main() -> None:
         image_column="video",
         learning_rate=1e-5,
         max_steps=args.max_steps,
+        warmup_steps=args.warmup_steps,
         activation_checkpointing=True,
         bf16=not args.no_bf16,
         logging_steps=1,

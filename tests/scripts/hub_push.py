@@ -35,6 +35,7 @@ def train_and_push(base_repo: str, output_dir: str, hub_model_id: str, lora: boo
         per_device_train_batch_size=8,
         max_sequence_length=16,
         learning_rate=1e-3,
+        warmup_steps=0,  # the default 50-step warm-up starts at lr 0: a 2-step run would barely move
         data_beta=0.0,
         ema_iteration_shift=10,  # a long EMA memory, so that the pushed EMA weights differ clearly from the raw ones
         report_to="none",
