@@ -145,3 +145,19 @@ def test_shards_cover_every_prompt_once_with_equal_padded_lengths():
     assert {len(positions) for positions, _ in shards} == {2}
     real = [p for positions, valid in shards for p, keep in zip(positions, valid) if keep]
     assert real == [0, 1, 2, 3, 4]
+
+
+def test_eval_use_ema_evaluates_the_ema_weights(tiny_sd3_path, tmp_path):
+    # A long EMA memory, so that after training the EMA differs clearly from the raw weights.
+    trainer = make_trainer(tiny_sd3_path, tmp_path, ema_iteration_shift=10, eval_use_ema=False)
+    trainer.train()
+    raw = trainer.evaluate()
+    with trainer.ema_weights():
+        swapped = trainer.evaluate()
+    trainer.args.eval_use_ema = True
+    ema = trainer.evaluate()
+    for key in ("eval_reward", "eval_data_loss", "eval_rewards/contrast/mean"):
+        assert ema[key] == swapped[key], key
+    assert ema["eval_data_loss"] != raw["eval_data_loss"]
+    trainer.args.eval_use_ema = False
+    assert trainer.evaluate()["eval_data_loss"] == raw["eval_data_loss"]

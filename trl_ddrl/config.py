@@ -303,6 +303,10 @@ class DDRLConfig(_BaseConfig):
         eval_seed (`int`, *optional*, defaults to `0`):
             Seed of the evaluation noise (per prompt and sample) and of the held-out data loss's noise. Independent of
             `seed`, so that runs with different seeds are evaluated on the same noise.
+        eval_use_ema (`bool`, *optional*, defaults to `True`):
+            Evaluate with the EMA weights (swapped in for the evaluation, then the trained weights restored) when the
+            trainer keeps an EMA (`use_ema`), as the authors validate under their EMA. `False` evaluates the trained
+            weights. No effect without an EMA, or before training.
         log_samples_steps (`int`, *optional*, defaults to `50`):
             Every this many optimizer steps, send a grid of the latest training samples and a table of their prompts
             and rewards to every `report_to` tracker that takes media (wandb, tensorboard, trackio, mlflow, comet).
@@ -538,6 +542,12 @@ class DDRLConfig(_BaseConfig):
         default=4, metadata={"help": "Samples per eval prompt, each from fixed noise with the deterministic sampler."}
     )
     eval_seed: int = field(default=0, metadata={"help": "Seed of the evaluation noise, independent of `seed`."})
+    eval_use_ema: bool = field(
+        default=True,
+        metadata={
+            "help": "Evaluate with the EMA weights when there is an EMA (the authors validate under their EMA)."
+        },
+    )
     log_samples_steps: int = field(
         default=50,
         metadata={"help": "Send a sample grid and table to the media trackers every N optimizer steps; 0 = never."},

@@ -240,9 +240,11 @@ class Evaluator:
 
     def _weights(self):
         """
-        The weights evaluated: the denoiser's current ones. The hook for evaluating an EMA of the weights: swap them in
-        here (before `unwrap_model_for_generation`, so that ZeRO-3 gathers the EMA's) once the trainer keeps one.
+        The weights evaluated: the EMA's with `eval_use_ema` (as the authors validate) when the trainer keeps one, else
+        the denoiser's current ones. Entered before `unwrap_model_for_generation`, so that ZeRO-3 gathers the EMA's.
         """
+        if self.trainer.args.eval_use_ema:
+            return self.trainer.ema_weights()
         return contextlib.nullcontext()
 
     def _sample_and_score(self, policy, rows: list[dict], positions: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
