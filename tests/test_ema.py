@@ -276,7 +276,7 @@ def test_use_ema_false_keeps_no_ema(tiny_sd3_path, tmp_path):
 def test_evaluate_with_the_ema_weights(tiny_sd3_path, tmp_path):
     from test_evaluation import make_trainer
 
-    trainer = make_trainer(tiny_sd3_path, tmp_path, ema_decay=0.9, learning_rate=1e-2)
+    trainer = make_trainer(tiny_sd3_path, tmp_path, ema_decay=0.9, learning_rate=1e-2, eval_use_ema=False)
     trainer.train()
     raw = trainer.evaluate()
     with trainer.ema_weights():

@@ -156,6 +156,8 @@ def test_eval_use_ema_evaluates_the_ema_weights(tiny_sd3_path, tmp_path):
         swapped = trainer.evaluate()
     trainer.args.eval_use_ema = True
     ema = trainer.evaluate()
+    with trainer.ema_weights():  # nested: the EMA is already in, evaluate() swaps nothing more
+        assert trainer.evaluate()["eval_data_loss"] == ema["eval_data_loss"]
     for key in ("eval_reward", "eval_data_loss", "eval_rewards/contrast/mean"):
         assert ema[key] == swapped[key], key
     assert ema["eval_data_loss"] != raw["eval_data_loss"]

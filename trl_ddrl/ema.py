@@ -157,7 +157,13 @@ class ParameterEMA:
 
     @contextlib.contextmanager
     def swapped_in(self) -> Iterator[None]:
-        """Run the block with the EMA weights in the model, then restore the trained weights exactly."""
+        """
+        Run the block with the EMA weights in the model, then restore the trained weights exactly. A nested call (an
+        `evaluate()` with `eval_use_ema` inside `trainer.ema_weights()`) finds the EMA already in and changes nothing.
+        """
+        if self._stored is not None:
+            yield
+            return
         self._reshard()
         self.store()
         try:
