@@ -294,20 +294,24 @@ def _tiny_t5_encoder(vocab_size: int, seed: int = 0, umt5: bool = False):
     return model_cls(config).eval()
 
 
+# Wan-VAE-shaped autoencoder config (4 latent channels, 8x spatial, 4x temporal), shared by the Wan and Qwen-Image VAEs.
+TINY_WAN_VAE_CONFIG = dict(
+    base_dim=3,
+    z_dim=4,
+    dim_mult=[1, 1, 1, 1],
+    num_res_blocks=1,
+    temperal_downsample=[False, True, True],
+    latents_mean=[0.1, -0.2, 0.3, 0.0],
+    latents_std=[1.5, 0.8, 2.0, 1.2],
+)
+
+
 def tiny_wan_vae(seed: int = 0):
     """An `AutoencoderKLWan` with 4 latent channels, 8x spatial and 4x temporal compression."""
     from diffusers import AutoencoderKLWan
 
     torch.manual_seed(seed)
-    return AutoencoderKLWan(
-        base_dim=3,
-        z_dim=4,
-        dim_mult=[1, 1, 1, 1],
-        num_res_blocks=1,
-        temperal_downsample=[False, True, True],
-        latents_mean=[0.1, -0.2, 0.3, 0.0],
-        latents_std=[1.5, 0.8, 2.0, 1.2],
-    ).eval()
+    return AutoencoderKLWan(**TINY_WAN_VAE_CONFIG).eval()
 
 
 def tiny_wan_pipeline(seed: int = 0):
@@ -690,15 +694,7 @@ def tiny_qwenimage_vae(seed: int = 0):
     from diffusers import AutoencoderKLQwenImage
 
     torch.manual_seed(seed)
-    return AutoencoderKLQwenImage(
-        base_dim=3,
-        z_dim=4,
-        dim_mult=[1, 1, 1, 1],
-        num_res_blocks=1,
-        temperal_downsample=[False, True, True],
-        latents_mean=[0.1, -0.2, 0.3, 0.0],
-        latents_std=[1.5, 0.8, 2.0, 1.2],
-    ).eval()
+    return AutoencoderKLQwenImage(**TINY_WAN_VAE_CONFIG).eval()
 
 
 def tiny_qwenimage_pipeline(seed: int = 0):
