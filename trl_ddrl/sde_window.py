@@ -225,3 +225,38 @@ def join_prefix(
     """
     prefix_log_probs = torch.zeros(prefix.shape[0], prefix.shape[1] - 1, device=log_probs.device)
     return torch.cat([prefix[:, :-1], latents], dim=1), torch.cat([prefix_log_probs, log_probs], dim=1)
+
+
+def initial_states(
+    adapter,
+    denoiser: torch.nn.Module,
+    conditioning: dict[str, torch.Tensor],
+    num_samples: int,
+    args,
+    iteration: int,
+    prefix_steps: int,
+    process_index: int,
+    generator: torch.Generator,
+    chunk_size: int,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """
+    The state each of this process's samples starts its sampled steps from, and the shared prefix that led there.
+
+    - With a shared prefix (`prefix_steps > 0`): one initial noise per group and its deterministic first
+      `prefix_steps` steps computed once per group ([`sample_shared_prefix`]); the samples branch at the window.
+    - With `same_initial_noise` (the authors' `use_same_seed`): one initial noise per group, also for groups
+      straddling processes.
+    - Otherwise independent noise per sample from `generator`.
+
+    Returns:
+        `tuple`: the starting states `[S, ...]` and the prefix states `[S, prefix_steps + 1, ...]` (`None` without
+        a prefix).
+    """
+    if not prefix_steps and not args.same_initial_noise:
+        return adapter.sample_noise(num_samples, generator=generator), None
+    groups = group_index(num_samples, args.num_generations, process_index)
+    group_noise = adapter.sample_noise(args.prompts_per_step, generator=group_noise_generator(args.seed, iteration))
+    if not prefix_steps:
+        return group_noise[groups.to(adapter.device)], None
+    prefix = sample_shared_prefix(adapter, denoiser, conditioning, group_noise, groups, prefix_steps, chunk_size)
+    return prefix[:, -1], prefix

@@ -55,7 +55,7 @@ from .model_card import hub_base_model, save_model_card
 from .parallel import prepare_parallelism
 from .pipelines import ADAPTERS, Conditioning, SamplingSettings, get_adapter
 from .rewards import RewardFunctionError, check_rewards, get_reward_function
-from .sde_window import group_index, group_noise_generator, join_prefix, rollout_steps, sample_shared_prefix
+from .sde_window import initial_states, join_prefix, rollout_steps
 from .tracking import SampleLoggingCallback, Samples, expose_config_to_trackers
 from .utils import image_grid, save_denoiser, save_video_grid_gif
 
@@ -657,24 +657,18 @@ class DDRLTrainer(_BaseTrainer):
                 # Video-to-world: every sample continues its row's ground-truth frames.
                 conditioning.update(self._encode_condition_frames(rows, iteration))
             schedule = rollout_steps(args, iteration)
-            if schedule.prefix:
-                # One initial noise and one deterministic prefix per group; the samples branch at the window.
-                groups = group_index(len(prompts), args.num_generations, self.mesh.data_parallel_rank)
-                group_noise = self.adapter.sample_noise(
-                    args.prompts_per_step, generator=group_noise_generator(args.seed, iteration)
-                )
-                prefix = sample_shared_prefix(
-                    self.adapter, policy, conditioning, group_noise, groups, schedule.prefix, chunk
-                )
-                noise = prefix[:, -1]
-            elif args.same_initial_noise:
-                # The authors' use_same_seed: one initial noise per group, also for groups straddling processes.
-                groups = group_index(len(prompts), args.num_generations, self.mesh.data_parallel_rank)
-                noise = self.adapter.sample_noise(
-                    args.prompts_per_step, generator=group_noise_generator(args.seed, iteration)
-                )[groups.to(self.adapter.device)]
-            else:
-                noise = self.adapter.sample_noise(len(prompts), generator=self._generator(iteration, 0))
+            noise, prefix = initial_states(
+                self.adapter,
+                policy,
+                conditioning,
+                len(prompts),
+                args,
+                iteration,
+                schedule.prefix,
+                process_index=self.mesh.data_parallel_rank,
+                generator=self._generator(iteration, 0),
+                chunk_size=chunk,
+            )
             sampler_generator = self._generator(iteration, 1)
             for i in range(0, len(prompts), chunk):
                 trajectory = self.adapter.sample(
