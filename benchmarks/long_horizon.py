@@ -476,7 +476,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--eval-samples-per-digit", type=int, default=20)
     parser.add_argument("--num-generations", type=int, default=4)
     parser.add_argument("--prompts-per-step", type=int, default=4, help="Also the distinct real digits per step.")
-    parser.add_argument("--data-betas", type=float, nargs="+", default=[0.01, 0.1, 1.0])
+    parser.add_argument("--data-betas", type=float, nargs="+", default=[0.01, 0.03, 0.1])
     parser.add_argument("--kl-betas", type=float, nargs="+", default=[0.01, 0.1, 1.0])
     parser.add_argument("--data-only-beta", type=float, default=1.0, help="data_beta of the data-only control.")
     parser.add_argument("--base-model-data-beta", type=float, default=0.1)
