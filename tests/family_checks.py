@@ -67,16 +67,20 @@ def lora_config() -> LoraConfig:
     return LoraConfig(r=4, lora_alpha=8, init_lora_weights="gaussian", target_modules=["to_q", "to_k", "to_v"])
 
 
-def assert_lora_loads_into_a_fresh_pipeline(trainer: DDRLTrainer, builder, conditioning_for) -> None:
+def assert_lora_loads_into_a_fresh_pipeline(trainer: DDRLTrainer, builder, conditioning_for, load=None) -> None:
     """
-    The LoRA that `trainer` saved loads with `load_lora_weights` into a fresh pipeline from `builder`, whose velocity
-    then equals the trained one and differs from the base model's. `conditioning_for(adapter)` gives the conditioning.
+    The LoRA that `trainer` saved loads with `load_lora_weights` (or `load(pipeline, folder)`) into a fresh pipeline
+    from `builder`, whose velocity then equals the trained one and differs from the base model's at steps 0 and 1.
+    `conditioning_for(adapter)` gives the conditioning.
     """
     output_dir = trainer.args.output_dir
     trainer.save_model()
-    assert os.path.isfile(os.path.join(output_dir, "pytorch_lora_weights.safetensors"))
     fresh, base = builder(), builder()
-    fresh.load_lora_weights(output_dir)
+    if load is None:
+        assert os.path.isfile(os.path.join(output_dir, "pytorch_lora_weights.safetensors"))
+        fresh.load_lora_weights(output_dir)
+    else:
+        load(fresh, output_dir)
     adapter = get_adapter(fresh, trainer.adapter.settings)
     conditioning = conditioning_for(adapter)
     latents = torch.randn(len(PROMPTS), *adapter.latent_shape(), generator=torch.Generator().manual_seed(0))
@@ -84,6 +88,6 @@ def assert_lora_loads_into_a_fresh_pipeline(trainer: DDRLTrainer, builder, condi
     with torch.no_grad():
         trained = trainer.adapter.predict(trainer.adapter.denoiser, latents, step_index, conditioning)
         loaded = adapter.predict(adapter.denoiser, latents, step_index, conditioning)
-        untouched = adapter.predict(getattr(base, adapter.denoiser_name), latents, step_index, conditioning)
+        untouched = adapter.predict(get_adapter(base, adapter.settings).denoiser, latents, step_index, conditioning)
     torch.testing.assert_close(loaded, trained, rtol=1e-4, atol=1e-5)
     assert not torch.allclose(untouched, trained, atol=1e-5)

@@ -793,6 +793,19 @@ def tiny_qwenimage_edit_pipeline(seed: int = 0):
     return pipeline
 
 
+def tiny_wan22_pipeline(seed: int = 0, boundary_ratio: float = 0.9):
+    """
+    [`tiny_wan_pipeline`] as a random Wan 2.2 A14B-style mixture of experts: `transformer` (high noise) and a
+    `transformer_2` (low noise) with other weights, split at `boundary_ratio` (timestep 900 by default: with 3 steps, step 0 is high-noise, steps 1 and 2 low-noise).
+    """
+    from diffusers import WanPipeline
+
+    single = tiny_wan_pipeline(seed)
+    return WanPipeline(
+        **single.components | {"transformer_2": tiny_wan_transformer(seed + 7), "boundary_ratio": boundary_ratio}
+    )
+
+
 def tiny_wan_transformer(seed: int = 0, in_channels: int = 4, **kwargs):
     """A one-block `WanTransformer3DModel` of width 16 on 4-channel latents (`in_channels` with conditioning)."""
     from diffusers import WanTransformer3DModel

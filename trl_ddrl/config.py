@@ -21,6 +21,7 @@ KL_FORM_CHOICES = ("edm_squared_distance", "gaussian")
 DATA_LOSS_WEIGHTING_CHOICES = ("edm", "uniform")
 TRAIN_TIMESTEP_SELECTION_CHOICES = ("fixed", "random")
 SAMPLER_CHOICES = ("auto", "flow_sde", "churn", "cps", "ddim")
+TRAIN_EXPERTS_CHOICES = ("all", "high_noise", "low_noise")
 CONTEXT_PARALLEL_METHOD_CHOICES = ("ulysses", "ring")
 
 
@@ -85,6 +86,13 @@ class DDRLConfig(_BaseConfig):
         model_init_kwargs (`dict[str, Any]` or `str`, *optional*):
             Keyword arguments for [`~diffusers.DiffusionPipeline.from_pretrained`], used when the `model` argument of
             the [`DDRLTrainer`] is a string (for example `{"torch_dtype": "bfloat16"}`).
+        train_experts (`str`, *optional*, defaults to `"all"`):
+            Which experts of a two-expert denoiser train (Wan 2.2 A14B: `transformer` computes the steps with
+            timestep `>= boundary_ratio * num_train_timesteps`, `transformer_2` the others). `"all"`: both (and the
+            single denoiser of every other model). `"high_noise"` / `"low_noise"`: only `transformer` /
+            `transformer_2`; the other expert is frozen (it still samples its steps), and only the sampling steps of
+            the trained expert are trained: `train_timesteps` outside its range are dropped (an error if none is
+            left) and an unset `sde_window_range` becomes its range. Needs `train_timestep_selection="fixed"`.
 
         > Parameters that control the rollouts
 
@@ -122,6 +130,10 @@ class DDRLConfig(_BaseConfig):
             `"flow_sde"` and `"cps"`, DDPO's `1.0` for `"ddim"`.
         guidance_scale (`float`, *optional*, defaults to `1.0`):
             Classifier-free guidance scale during rollouts. `1.0` disables CFG, as in the authors' release.
+        guidance_scale_2 (`float`, *optional*):
+            CFG scale of the low-noise expert's steps of a two-expert denoiser (Wan 2.2 A14B, the pipeline's
+            `guidance_scale_2`; its examples use 4.0 / 3.0). Unset: `guidance_scale`, as in the pipeline. Only used
+            when `guidance_scale > 1` (CFG on).
         height (`int`, *optional*):
             Height of the samples in pixels. Defaults to the pipeline's default.
         width (`int`, *optional*):
@@ -357,6 +369,13 @@ class DDRLConfig(_BaseConfig):
         default=None,
         metadata={"help": "Keyword arguments for `DiffusionPipeline.from_pretrained` when `model` is a string."},
     )
+    train_experts: str = field(
+        default="all",
+        metadata={
+            "help": "Experts of a two-expert denoiser (Wan 2.2 A14B) that train: 'all', 'high_noise' (transformer) or "
+            "'low_noise' (transformer_2); the other is frozen and its sampling steps are not trained."
+        },
+    )
 
     # Rollouts
     num_generations: int = field(default=8, metadata={"help": "Group size: samples per prompt."})
@@ -385,6 +404,10 @@ class DDRLConfig(_BaseConfig):
         },
     )
     guidance_scale: float = field(default=1.0, metadata={"help": "CFG scale during rollouts; 1.0 disables CFG."})
+    guidance_scale_2: float | None = field(
+        default=None,
+        metadata={"help": "CFG scale of the low-noise expert's steps (Wan 2.2 A14B); unset: guidance_scale."},
+    )
     height: int | None = field(default=None, metadata={"help": "Sample height in pixels (pipeline default)."})
     width: int | None = field(default=None, metadata={"help": "Sample width in pixels (pipeline default)."})
     num_frames: int | None = field(default=None, metadata={"help": "Frames per sample for video pipelines."})
@@ -574,6 +597,7 @@ class DDRLConfig(_BaseConfig):
         self._check_choice("kl_form", KL_FORM_CHOICES)
         self._check_choice("data_loss_weighting", DATA_LOSS_WEIGHTING_CHOICES)
         self._check_choice("train_timestep_selection", TRAIN_TIMESTEP_SELECTION_CHOICES)
+        self._check_choice("train_experts", TRAIN_EXPERTS_CHOICES)
         if not self.loss_scale > 0:
             raise ValueError(f"loss_scale={self.loss_scale} must be > 0 (the authors use 10; 1 disables scaling).")
         self._check_positive("num_generations", minimum=2, why="advantages compare samples within a group")
@@ -599,6 +623,8 @@ class DDRLConfig(_BaseConfig):
             raise ValueError(f"data_beta={self.data_beta} and kl_beta={self.kl_beta} must both be >= 0.")
         if self.guidance_scale < 1.0:
             raise ValueError(f"guidance_scale={self.guidance_scale} must be >= 1.0 (1.0 disables CFG).")
+        if self.guidance_scale_2 is not None and self.guidance_scale_2 < 1.0:
+            raise ValueError(f"guidance_scale_2={self.guidance_scale_2} must be >= 1.0, or unset for guidance_scale.")
         if self.update_ref_every is not None and self.kl_beta == 0:
             raise ValueError(
                 f"update_ref_every={self.update_ref_every} is set but kl_beta=0, so there is no reference model to "
@@ -631,6 +657,18 @@ class DDRLConfig(_BaseConfig):
             )
 
         self._check_sde_window()
+        self._derive_gradient_accumulation = derive_gradient_accumulation
+        self._derive_micro_batches()
+        if self.rollout_batch_size is not None and self.rollout_batch_size < 1:
+            raise ValueError(f"rollout_batch_size={self.rollout_batch_size} must be >= 1 or unset.")
+
+        # Evaluation and sample logging
+        self._check_positive("eval_num_generations")
+        self._check_positive("log_samples_steps", minimum=0, why="0 logs no samples")
+        self._check_positive("num_samples_to_log", minimum=0, why="0 logs no samples")
+
+    def _derive_micro_batches(self) -> None:
+        """Samples and transitions per process and iteration, the micro-batches they make, the gradient accumulation."""
         num_processes = self._data_parallel_size()
         samples_per_step = self.prompts_per_step * self.num_generations
         if samples_per_step % num_processes:
@@ -647,7 +685,7 @@ class DDRLConfig(_BaseConfig):
                 f"{self.per_device_train_batch_size} does not divide. Pick a divisor of {transitions}."
             )
         self.steps_per_generation = transitions // self.per_device_train_batch_size
-        if derive_gradient_accumulation:
+        if self._derive_gradient_accumulation:
             self.gradient_accumulation_steps = self.steps_per_generation
         elif self.steps_per_generation % self.gradient_accumulation_steps:
             raise ValueError(
@@ -655,13 +693,50 @@ class DDRLConfig(_BaseConfig):
                 f"{self.steps_per_generation} micro-batches of one iteration, so that optimizer steps do not straddle "
                 "iterations. Leave it unset for one optimizer step per iteration."
             )
-        if self.rollout_batch_size is not None and self.rollout_batch_size < 1:
-            raise ValueError(f"rollout_batch_size={self.rollout_batch_size} must be >= 1 or unset.")
 
-        # Evaluation and sample logging
-        self._check_positive("eval_num_generations")
-        self._check_positive("log_samples_steps", minimum=0, why="0 logs no samples")
-        self._check_positive("num_samples_to_log", minimum=0, why="0 logs no samples")
+    def restrict_trained_steps(self, allowed: list[int] | None, reason: str) -> None:
+        """
+        Train only the sampling steps in `allowed` (ascending and contiguous; `None`: every step), for example those
+        of the trained expert of a two-expert model: drop the other `train_timesteps`, or with an SDE window turn an
+        unset `sde_window_range` into them, then derive the micro-batches again. Called by the trainer, which knows
+        the model's noise levels, before training. `reason` names the setting, for the errors.
+
+        Raises:
+            `ValueError`: when no step is left to train, for `train_timestep_selection="random"` (it draws from every
+                step), or for an `sde_window_range` outside `allowed`.
+        """
+        if allowed is None or allowed == list(range(self.num_inference_steps - 1)):
+            return
+        if not allowed:
+            raise ValueError(
+                f"{reason} computes none of the {self.num_inference_steps - 1} stochastic sampling steps, so nothing "
+                "would train. Train the other expert, or change num_inference_steps."
+            )
+        span = [allowed[0], allowed[-1] + 1]
+        if self.train_timestep_selection != "fixed":
+            raise ValueError(
+                f"train_timestep_selection={self.train_timestep_selection!r} draws from every sampling step, but "
+                f"{reason} trains only steps {span[0]} .. {span[1] - 1}. Use train_timestep_selection='fixed' with "
+                "train_timesteps among those steps."
+            )
+        if self.sde_window_size is None:
+            kept = [step for step in self.train_timesteps if step in allowed]
+            if not kept:
+                raise ValueError(
+                    f"None of train_timesteps={self.train_timesteps} is a step that {reason} trains (steps {span[0]} "
+                    f".. {span[1] - 1}). Set train_timesteps among those steps."
+                )
+            self.train_timesteps = kept
+            self.num_trained_steps = len(kept)
+        elif self.sde_window_range is None:
+            resolve_sde_window_range(self.num_inference_steps, self.sde_window_size, span)
+            self.sde_window_range = span
+        elif not span[0] <= self.sde_window_range[0] < self.sde_window_range[1] <= span[1]:
+            raise ValueError(
+                f"sde_window_range={self.sde_window_range} reaches outside steps {span[0]} .. {span[1] - 1}, which "
+                f"{reason} trains. Set sde_window_range within {span}, or leave it unset."
+            )
+        self._derive_micro_batches()
 
     def _check_sde_window(self) -> None:
         """

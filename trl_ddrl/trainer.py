@@ -54,6 +54,7 @@ from .losses import clipped_policy_loss, compute_advantages, reverse_kl
 from .model_card import hub_base_model, save_model_card
 from .parallel import prepare_parallelism
 from .pipelines import ADAPTERS, Conditioning, SamplingSettings, get_adapter
+from .pipelines.experts import lora_weight_name, trained_components, trained_parts
 from .rewards import RewardFunctionError, check_rewards, get_reward_function
 from .sde_window import initial_states, join_prefix, rollout_steps
 from .tracking import SampleLoggingCallback, Samples, expose_config_to_trackers
@@ -65,7 +66,6 @@ logger = logging.get_logger(__name__)
 
 RewardFunc = str | nn.Module | Callable[..., list[float | None]]
 
-LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 SAMPLES_NAME = "samples.png"
 SAMPLES_GIF_NAME = "samples.gif"
 # The training configuration in readable form, next to `training_args.bin` (a pickle).
@@ -363,6 +363,7 @@ class DDRLTrainer(_BaseTrainer):
                 eta=args.eta,
                 sampler=args.sampler,
                 guidance_scale=args.guidance_scale,
+                guidance_scale_2=args.guidance_scale_2,
                 height=args.height,
                 width=args.width,
                 num_frames=args.num_frames,
@@ -370,8 +371,11 @@ class DDRLTrainer(_BaseTrainer):
                 num_conditioning_frames=args.num_conditioning_frames,
                 log_ratio_form=args.log_ratio_form,
                 data_loss_weighting=args.data_loss_weighting,
+                train_experts=args.train_experts,
             ),
         )
+        # Two experts, one trained: only the sampling steps it computes train.
+        args.restrict_trained_steps(self.adapter.trainable_steps(), f"train_experts={args.train_experts!r}")
         # The family's sampler and eta, resolved from "auto" / None, so that the saved config shows what ran.
         args.sampler, args.eta = self.adapter.settings.sampler, self.adapter.settings.eta
         for module in self.adapter.frozen_modules():
@@ -1087,16 +1091,18 @@ class DDRLTrainer(_BaseTrainer):
         """
         export_ema = self.ema is not None and self.args.export_ema_weights
         weights_folder = os.path.join(checkpoint_folder, EMA_FOLDER) if export_ema else checkpoint_folder
-        denoiser_folder = os.path.join(weights_folder, self.adapter.denoiser_name)
-        if os.path.isdir(denoiser_folder):
-            if self.args.save_full_pipeline and not self._hub_pipeline_exported:
-                self.pipeline.save_pretrained(output_dir)
-                self._hub_pipeline_exported = True
-            target = os.path.join(output_dir, self.adapter.denoiser_name)
-            shutil.rmtree(target, ignore_errors=True)
-            shutil.copytree(denoiser_folder, target)
-        if os.path.isfile(os.path.join(weights_folder, LORA_WEIGHT_NAME)):
-            shutil.copy(os.path.join(weights_folder, LORA_WEIGHT_NAME), os.path.join(output_dir, LORA_WEIGHT_NAME))
+        for component in trained_components(self.adapter.denoiser, self.adapter.denoiser_name):
+            denoiser_folder = os.path.join(weights_folder, component)
+            if os.path.isdir(denoiser_folder):
+                if self.args.save_full_pipeline and not self._hub_pipeline_exported:
+                    self.pipeline.save_pretrained(output_dir)
+                    self._hub_pipeline_exported = True
+                target = os.path.join(output_dir, component)
+                shutil.rmtree(target, ignore_errors=True)
+                shutil.copytree(denoiser_folder, target)
+            lora_file = lora_weight_name(component)
+            if os.path.isfile(os.path.join(weights_folder, lora_file)):
+                shutil.copy(os.path.join(weights_folder, lora_file), os.path.join(output_dir, lora_file))
         for name in (SAMPLES_NAME, SAMPLES_GIF_NAME, CONFIG_JSON_NAME):
             if os.path.isfile(os.path.join(checkpoint_folder, name)):
                 shutil.copy(os.path.join(checkpoint_folder, name), os.path.join(output_dir, name))
@@ -1117,14 +1123,16 @@ class DDRLTrainer(_BaseTrainer):
             # checkpoint instead, from which resume works; there are no full weights to write here.
             self._save_config(output_dir)
             return
-        if self.is_peft:
-            self._save_lora(denoiser, state_dict, output_dir)
-        else:
-            if self._saving_final_model and self.args.save_full_pipeline:
-                # Writes every component; the denoiser's folder is then rewritten from the (possibly gathered)
-                # state dict, which under ZeRO-3 is the only place the full weights exist.
-                self.pipeline.save_pretrained(output_dir)
-            save_denoiser(denoiser, state_dict, os.path.join(output_dir, self.adapter.denoiser_name))
+        if not self.is_peft and self._saving_final_model and self.args.save_full_pipeline:
+            # Writes every component; the trained ones' folders are then rewritten from the (possibly gathered) state
+            # dict, which under ZeRO-3 is the only place the full weights exist.
+            self.pipeline.save_pretrained(output_dir)
+        # The denoiser, or each trained expert of a two-expert one, in its own folder / LoRA file.
+        for component, (module, state) in trained_parts(denoiser, self.adapter.denoiser_name, state_dict).items():
+            if self.is_peft:
+                self._save_lora(module, state, output_dir, lora_weight_name(component))
+            else:
+                save_denoiser(module, state, os.path.join(output_dir, component))
         if self._last_images is not None:
             image_grid(self._last_images).save(os.path.join(output_dir, SAMPLES_NAME))
             if self._last_images.ndim == 5:
@@ -1138,48 +1146,52 @@ class DDRLTrainer(_BaseTrainer):
             # `to_dict` hides tokens; `default=str` covers values JSON lacks (a torch dtype in `model_init_kwargs`).
             json.dump(self.args.to_dict(), file, indent=2, sort_keys=True, default=str)
 
-    def _save_lora(self, denoiser: nn.Module, state_dict: dict, output_dir: str) -> None:
+    def _save_lora(self, denoiser: nn.Module, state_dict: dict, output_dir: str, weight_name: str) -> None:
         """
-        Write the adapter in diffusers format (`pytorch_lora_weights.safetensors`, alpha kept in the metadata), with the
-        pipeline's `save_lora_weights`; for pipelines without a LoRA loader (HunyuanVideo 1.5) the same file, which
-        `pipeline.<denoiser>.load_lora_adapter(output_dir, weight_name="pytorch_lora_weights.safetensors")` loads.
+        Write the adapter in diffusers format (`weight_name`, alpha kept in the metadata, keys under the denoiser's
+        name), with the pipeline's `save_lora_weights`; for pipelines without a LoRA loader (HunyuanVideo 1.5) the same
+        file, which `pipeline.<denoiser>.load_lora_adapter(output_dir, weight_name=weight_name)` loads. The low-noise
+        expert of Wan 2.2 A14B gets its own file (see [`~trl_ddrl.pipelines.experts.lora_weight_name`]).
         """
         name = self.adapter.denoiser_name
         layers = get_peft_model_state_dict(denoiser, state_dict=state_dict)
         metadata = denoiser.peft_config["default"].to_dict()
         if not hasattr(type(self.pipeline), "save_lora_weights"):
             LoraBaseMixin._save_lora_weights(
-                output_dir, lora_layers={name: layers}, lora_metadata={name: metadata}, weight_name=LORA_WEIGHT_NAME
+                output_dir, lora_layers={name: layers}, lora_metadata={name: metadata}, weight_name=weight_name
             )
             return
         type(self.pipeline).save_lora_weights(
             output_dir,
             **{f"{name}_lora_layers": layers, f"{name}_lora_adapter_metadata": metadata},
+            weight_name=weight_name,
             safe_serialization=True,
         )
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
         """Load the trained weights written by `_save` (diffusers format) back into the denoiser."""
         denoiser = self.accelerator.unwrap_model(model if model is not None else self.model)
-        if self.is_peft:
-            path = os.path.join(resume_from_checkpoint, LORA_WEIGHT_NAME)
-            if not os.path.isfile(path):
-                raise ValueError(f"resume_from_checkpoint={resume_from_checkpoint!r} holds no {LORA_WEIGHT_NAME}.")
-            prefix = f"{self.adapter.denoiser_name}."
-            state = {key.removeprefix(prefix): value for key, value in load_file(path).items()}
-            check_lora_load(resume_from_checkpoint, set_peft_model_state_dict(denoiser, state), len(state))
-            return
-        folder = os.path.join(resume_from_checkpoint, self.adapter.denoiser_name)
-        files = sorted(glob.glob(os.path.join(folder, "*.safetensors")))
-        if not files:
-            raise ValueError(
-                f"resume_from_checkpoint={resume_from_checkpoint!r} has no {self.adapter.denoiser_name}/*.safetensors; "
-                "pass a checkpoint directory written by DDRLTrainer."
-            )
-        state = {}
-        for file in files:
-            state.update(load_file(file))
-        denoiser.load_state_dict(state)
+        for component, module in trained_components(denoiser, self.adapter.denoiser_name).items():
+            if self.is_peft:
+                path = os.path.join(resume_from_checkpoint, lora_weight_name(component))
+                if not os.path.isfile(path):
+                    raise ValueError(
+                        f"resume_from_checkpoint={resume_from_checkpoint!r} holds no {lora_weight_name(component)}."
+                    )
+                prefix = f"{self.adapter.denoiser_name}."
+                state = {key.removeprefix(prefix): value for key, value in load_file(path).items()}
+                check_lora_load(resume_from_checkpoint, set_peft_model_state_dict(module, state), len(state))
+                continue
+            files = sorted(glob.glob(os.path.join(resume_from_checkpoint, component, "*.safetensors")))
+            if not files:
+                raise ValueError(
+                    f"resume_from_checkpoint={resume_from_checkpoint!r} has no {component}/*.safetensors; pass a "
+                    "checkpoint directory written by DDRLTrainer."
+                )
+            state = {}
+            for file in files:
+                state.update(load_file(file))
+            module.load_state_dict(state)
 
     def create_model_card(
         self, model_name: str | None = None, dataset_name: str | None = None, tags: str | list[str] | None = None

@@ -82,6 +82,10 @@ class SamplingSettings:
     """Weighting of `diffusion_loss` over noise levels (see `DDRLConfig.data_loss_weighting`)."""
     sampler: str = "auto"
     """Stochastic sampler (see `DDRLConfig.sampler`); `"auto"` takes the family's default."""
+    guidance_scale_2: float | None = None
+    """CFG scale of the low-noise expert's steps of a two-expert denoiser; `None` takes `guidance_scale`."""
+    train_experts: str = "all"
+    """Which experts of a two-expert denoiser train (see `DDRLConfig.train_experts`)."""
 
 
 def default_eta(sampler: str, num_inference_steps: int) -> float:
@@ -126,6 +130,17 @@ class DiffusionAdapter(ABC):
         if settings.eta is None:
             settings = replace(settings, eta=default_eta(settings.sampler, settings.num_inference_steps))
         self.settings = settings
+        if settings.train_experts != "all" and not self.has_experts:
+            raise ValueError(
+                f"train_experts={settings.train_experts!r} picks one expert of a two-expert denoiser (Wan 2.2 A14B: "
+                f"transformer for high noise, transformer_2 for low noise), but {type(pipeline).__name__} has a single "
+                "denoiser. Leave train_experts='all' (the default), or load a Wan 2.2 A14B pipeline."
+            )
+        if settings.guidance_scale_2 is not None and not self.has_experts:
+            raise ValueError(
+                f"guidance_scale_2={settings.guidance_scale_2} is the CFG scale of the low-noise expert of a two-expert "
+                f"denoiser (Wan 2.2 A14B), but {type(pipeline).__name__} has a single denoiser. Leave it unset."
+            )
         self.check_resolution()
 
     # ---- components -------------------------------------------------------------------------------------------
@@ -139,6 +154,18 @@ class DiffusionAdapter(ABC):
     def denoiser(self) -> nn.Module:
         """The trained network."""
         return getattr(self.pipeline, self.denoiser_name)
+
+    @property
+    def has_experts(self) -> bool:
+        """Whether the denoiser is two experts split by noise level ([`~trl_ddrl.pipelines.experts.TimestepExperts`])."""
+        return False
+
+    def trainable_steps(self) -> list[int] | None:
+        """
+        The stochastic sampling steps (`0 .. num_inference_steps - 2`) computed by a trained part of the denoiser, or
+        `None` when that is all of them (every family but a two-expert model training one expert).
+        """
+        return None
 
     def frozen_modules(self) -> list[nn.Module]:
         """Every other `nn.Module` component of the pipeline (VAE, text encoders): frozen, outside the optimizer."""
@@ -202,17 +229,29 @@ class DiffusionAdapter(ABC):
 
     # ---- shared parts -------------------------------------------------------------------------------------------
 
-    def guide(self, uncond: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
-        """Classifier-free guidance `uncond + g * (cond - uncond)` with `g = settings.guidance_scale`."""
-        return uncond + self.settings.guidance_scale * (cond - uncond)
+    def guide(
+        self, uncond: torch.Tensor, cond: torch.Tensor, scale: float | torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """
+        Classifier-free guidance `uncond + g * (cond - uncond)` with `g = scale` (a number, or per row `[B, 1, ...]`),
+        by default `settings.guidance_scale`.
+        """
+        scale = self.settings.guidance_scale if scale is None else scale
+        return uncond + scale * (cond - uncond)
 
     def guided(
-        self, prediction, latents: torch.Tensor, level: torch.Tensor, conditioning: Conditioning
+        self,
+        prediction,
+        latents: torch.Tensor,
+        level: torch.Tensor,
+        conditioning: Conditioning,
+        scale: float | torch.Tensor | None = None,
     ) -> torch.Tensor:
         """
         `prediction(latents, level, conditioning)` (the denoiser's output at noise level or timestep `level`, `[B]`),
         with CFG when `settings.guidance_scale > 1`: the negative and positive halves run as one doubled batch and are
-        combined by [`~DiffusionAdapter.guide`]. Every positive key needs its `negative_` counterpart.
+        combined by [`~DiffusionAdapter.guide`] with `scale` (default `settings.guidance_scale`). Every positive key
+        needs its `negative_` counterpart.
         """
         positive = positive_conditioning(conditioning)
         if self.settings.guidance_scale <= 1.0:
@@ -220,7 +259,7 @@ class DiffusionAdapter(ABC):
         negative = negative_conditioning(conditioning)
         both = {key: torch.cat([negative[key], positive[key]]) for key in positive}
         uncond, cond = prediction(torch.cat([latents, latents]), torch.cat([level, level]), both).chunk(2)
-        return self.guide(uncond, cond)
+        return self.guide(uncond, cond, scale)
 
     @property
     def resolution_multiple(self) -> int:

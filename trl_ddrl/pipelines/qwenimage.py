@@ -70,9 +70,11 @@ class QwenImageAdapter(FlowMatchingAdapter):
             conditioning.update(negative_prompt_embeds=embeds[count:], negative_prompt_embeds_mask=mask[count:])
         return conditioning
 
-    def guide(self, uncond: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+    def guide(
+        self, uncond: torch.Tensor, cond: torch.Tensor, scale: float | torch.Tensor | None = None
+    ) -> torch.Tensor:
         """`QwenImagePipeline`'s true CFG: `uncond + g (cond - uncond)`, rescaled per token to the norm of `cond`."""
-        guided = super().guide(uncond, cond)
+        guided = super().guide(uncond, cond, scale)
         return guided * (cond.norm(dim=-1, keepdim=True) / guided.norm(dim=-1, keepdim=True))
 
     def velocity(self, denoiser: nn.Module, latents, sigma, conditioning):

@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from .base import Conditioning, SamplingSettings, VideoFlowMatchingAdapter, encode_prompt_pairs
+from .experts import EXPERTS_OF_CHOICE, HIGH_NOISE, TimestepExperts
 
 
 class WanAdapter(VideoFlowMatchingAdapter):
@@ -22,8 +23,11 @@ class WanAdapter(VideoFlowMatchingAdapter):
     is the Euler sampler of `FlowMatchEulerDiscreteScheduler`. A pipeline with a `FlowMatchEulerDiscreteScheduler`
     is sampled on that scheduler's sigmas, matching the pipeline's own output at `eta = 0`.
 
-    Wan 2.2 pipelines with two experts (`transformer_2`, the A14B models) are not supported: DDRL trains one denoiser.
-    Wan 2.2 TI2V (`expand_timesteps=True`) is supported for text-to-video.
+    Wan 2.2 A14B (two experts: `transformer` for the high-noise steps, `transformer_2` for the low-noise ones, split at
+    `boundary_ratio * num_train_timesteps` in the pipeline config): the denoiser is a
+    [`~trl_ddrl.pipelines.experts.TimestepExperts`] holding both, which routes every model call as the pipeline does;
+    `settings.train_experts` picks the experts that train (the others are frozen) and [`trainable_steps`] the sampling
+    steps they compute. Wan 2.2 TI2V (`expand_timesteps=True`) is supported for text-to-video.
     """
 
     pipeline_class_names = ("WanPipeline",)
@@ -33,13 +37,67 @@ class WanAdapter(VideoFlowMatchingAdapter):
     default_max_sequence_length = 512
 
     def __init__(self, pipeline, settings: SamplingSettings):
-        if getattr(pipeline, "transformer_2", None) is not None:
+        if getattr(pipeline, "transformer_2", None) is not None and pipeline.config.get("boundary_ratio") is None:
             raise ValueError(
-                f"{type(pipeline).__name__} has two denoisers (transformer and transformer_2, the Wan 2.2 A14B "
-                "mixture of experts); DDRLTrainer trains a single denoiser. Use a single-transformer Wan checkpoint "
-                "such as Wan-AI/Wan2.1-T2V-1.3B-Diffusers or Wan-AI/Wan2.2-TI2V-5B-Diffusers."
+                f"{type(pipeline).__name__} has a transformer_2 but no boundary_ratio in its config, so the pipeline "
+                "never calls transformer_2. Set the checkpoint's boundary_ratio (Wan 2.2 T2V A14B: 0.875, I2V A14B: "
+                "0.9) with pipeline.register_to_config(boundary_ratio=...), or drop transformer_2."
             )
+        if getattr(pipeline, "transformer", None) is None:
+            raise ValueError(f"{type(pipeline).__name__} has no transformer; DDRLTrainer needs the high-noise expert.")
         super().__init__(pipeline, settings)
+
+    @property
+    def has_experts(self) -> bool:
+        return getattr(self.pipeline, "transformer_2", None) is not None
+
+    @property
+    def denoiser(self) -> nn.Module:
+        """`transformer`, or for Wan 2.2 A14B both experts in one [`TimestepExperts`] (built once)."""
+        if not self.has_experts:
+            return self.pipeline.transformer
+        experts = self.__dict__.get("_experts")
+        if experts is None:
+            choice = self.settings.train_experts
+            if choice not in EXPERTS_OF_CHOICE:
+                raise ValueError(
+                    f"train_experts={choice!r} is not valid; choose one of {', '.join(map(repr, EXPERTS_OF_CHOICE))}."
+                )
+            boundary = self.pipeline.config.boundary_ratio * self.pipeline.scheduler.config.num_train_timesteps
+            experts = self._experts = TimestepExperts(
+                self.pipeline.transformer, self.pipeline.transformer_2, boundary, EXPERTS_OF_CHOICE[choice]
+            )
+        return experts
+
+    def frozen_modules(self) -> list[nn.Module]:
+        # The experts are both in the denoiser, which keeps the untrained one frozen.
+        return [module for module in super().frozen_modules() if module is not self.pipeline.transformer_2]
+
+    def _guided_velocity(self, denoiser, latents, sigma, conditioning):
+        # Wan 2.2 A14B: the low-noise expert's steps guided with `guidance_scale_2`, as in the pipeline.
+        scale_2 = self.settings.guidance_scale_2
+        if scale_2 is None or self.settings.guidance_scale <= 1.0:
+            return super()._guided_velocity(denoiser, latents, sigma, conditioning)
+        high = self.denoiser.is_high_noise(sigma * self.pipeline.scheduler.config.num_train_timesteps)
+        scale = torch.where(high, self.settings.guidance_scale, scale_2).view(-1, *[1] * (latents.ndim - 1))
+
+        def velocity(latents, sigma, conditioning):
+            return self.velocity(denoiser, latents, sigma, conditioning)
+
+        return self.guided(velocity, latents, sigma, conditioning, scale)
+
+    def trainable_steps(self) -> list[int] | None:
+        """
+        With one of two experts trained, the stochastic steps whose model calls it computes: the timesteps of the
+        sampler's noise levels (`model_sigmas() * num_train_timesteps`, as passed to the denoiser) routed to it.
+        """
+        if not self.has_experts or self.settings.train_experts == "all":
+            return None
+        experts = self.denoiser
+        timesteps = self.model_sigmas()[:-2] * self.pipeline.scheduler.config.num_train_timesteps
+        high = experts.is_high_noise(timesteps).tolist()
+        trains_high = HIGH_NOISE in experts.trained
+        return [step for step, is_high in enumerate(high) if is_high == trains_high]
 
     def encode_prompts(self, prompts: list[str], device: torch.device) -> Conditioning:
         return encode_prompt_pairs(self, prompts, device)
