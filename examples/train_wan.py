@@ -13,6 +13,18 @@ accelerate launch --config_file trl_ddrl/accelerate_configs/zero2.yaml examples/
     --prompts prompts.txt --data_videos videos.jsonl --output_dir wan-1.3b-ddrl
 ```
 
+Wan 2.2 T2V A14B (two 14B experts: `transformer` for the high-noise steps, `transformer_2` for the low-noise ones)
+trains both experts by default, or one with `--train_experts high_noise|low_noise` (the other is frozen and only the
+trained expert's sampling steps are trained); `--lora` trains a rank-64 LoRA on each trained expert, saved as
+`pytorch_lora_weights.safetensors` (high noise) and `pytorch_lora_weights_transformer_2.safetensors` (low noise, loaded
+with `pipe.load_lora_weights(dir, weight_name=..., load_into_transformer_2=True)`):
+
+```bash
+accelerate launch --config_file trl_ddrl/accelerate_configs/zero3.yaml examples/train_wan.py \
+    --model Wan-AI/Wan2.2-T2V-A14B-Diffusers --lora --train_experts low_noise \
+    --prompts prompts.txt --data_videos videos.jsonl --output_dir wan2.2-a14b-ddrl
+```
+
 `--data_videos` is a JSON-lines file with a `video` (path to a video file; `.mp4` needs `pip install imageio[pyav]`,
 animated `.gif` works without it) and a `text` caption per line. Clips need at least `num_frames` frames; the first
 `num_frames` are used, resized to cover `--height` x `--width` (480x832) and centre-cropped.
@@ -21,6 +33,7 @@ animated `.gif` works without it) and a `text` caption per line. Clips need at l
 import argparse
 
 from datasets import Dataset, load_dataset
+from peft import LoraConfig
 
 from trl_ddrl import DDRLConfig, DDRLTrainer
 
@@ -42,6 +55,13 @@ def main() -> None:
     parser.add_argument("--reward", default="aesthetic", help="Reward name (see docs/rewards.md).")
     parser.add_argument("--height", type=int, default=480, help="Video height in pixels.")
     parser.add_argument("--width", type=int, default=832, help="Video width in pixels.")
+    parser.add_argument(
+        "--train_experts",
+        default="all",
+        choices=["all", "high_noise", "low_noise"],
+        help="Wan 2.2 A14B: train both experts, or only transformer (high noise) or transformer_2 (low noise).",
+    )
+    parser.add_argument("--lora", action="store_true", help="Train a rank-64 LoRA on each trained expert.")
     args = parser.parse_args()
 
     with open(args.prompts) as file:
@@ -60,6 +80,7 @@ def main() -> None:
         width=args.width,
         num_frames=args.num_frames,
         max_sequence_length=512,
+        train_experts=args.train_experts,
         data_beta=0.01,
         kl_beta=0.0,
         image_column="video",
@@ -79,6 +100,9 @@ def main() -> None:
         args=config,
         train_dataset=prompts,
         data_dataset=data,
+        peft_config=LoraConfig(r=64, lora_alpha=64, target_modules=["to_q", "to_k", "to_v", "to_out.0"])
+        if args.lora
+        else None,
     )
     trainer.train()
     trainer.save_model()

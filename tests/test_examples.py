@@ -27,6 +27,7 @@ from tiny_models import (
     tiny_qwenimage_pipeline,
     tiny_sd15_pipeline,
     tiny_sdxl_pipeline,
+    tiny_wan22_pipeline,
     tiny_wan_i2v_pipeline,
     tiny_wan_pipeline,
 )
@@ -94,6 +95,32 @@ CASES = {
         "transformer",
         lambda data: (
             ["--prompts", data["prompts"], "--data_videos", data["videos"], "--no_bf16"]
+            + ["--height", "32", "--width", "32", "--num_frames", "5"]
+        ),
+    ),
+    "wan2.2-low_noise": (
+        "train_wan.py",
+        tiny_wan22_pipeline,
+        "transformer_2",
+        lambda data: (
+            [
+                "--prompts",
+                data["prompts"],
+                "--data_videos",
+                data["videos"],
+                "--no_bf16",
+                "--train_experts",
+                "low_noise",
+            ]
+            + ["--height", "32", "--width", "32", "--num_frames", "5"]
+        ),
+    ),
+    "wan2.2-lora": (
+        "train_wan.py",
+        tiny_wan22_pipeline,
+        "transformer",
+        lambda data: (
+            ["--prompts", data["prompts"], "--data_videos", data["videos"], "--no_bf16", "--lora"]
             + ["--height", "32", "--width", "32", "--num_frames", "5"]
         ),
     ),

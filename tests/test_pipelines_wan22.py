@@ -19,9 +19,10 @@ from family_checks import (
     module_states,
     train_one_step,
 )
+from PIL import Image
 from test_pipelines_flow import assert_replay_ratio_is_one
 from test_pipelines_unet import ddrl_config
-from tiny_models import tiny_wan22_pipeline, tiny_wan_pipeline
+from tiny_models import tiny_wan22_i2v_pipeline, tiny_wan22_pipeline, tiny_wan_pipeline
 
 from trl_ddrl import DDRLConfig, DDRLTrainer
 from trl_ddrl.pipelines import SamplingSettings, get_adapter
@@ -67,6 +68,31 @@ def test_deterministic_sampling_matches_the_pipeline(guidance_scale, guidance_sc
     # Not what the high-noise expert alone gives: the low-noise one computed the later steps.
     high_only = adapter.sample(pipeline.transformer, adapter.encode_prompts(PROMPTS, CPU), noise).latents[:, -1]
     assert not torch.allclose(ours, high_only, atol=1e-3)
+
+
+def test_image_to_video_deterministic_sampling_matches_the_pipeline():
+    """Wan 2.2 I2V A14B's form: both experts take the latents with the first-frame mask and image-video latents."""
+    pipeline = tiny_wan22_i2v_pipeline()
+    pipeline.scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0)
+    guidance = dict(guidance_scale=4.0, guidance_scale_2=2.0)
+    adapter = get_adapter(pipeline, settings(eta=0.0, **guidance))
+    image = (np.random.default_rng(0).random((32, 32, 3)) * 255).astype(np.uint8)
+    conditioning = adapter.encode_prompts(PROMPTS[:1], CPU)
+    conditioning.update(
+        adapter.encode_condition_frames(torch.from_numpy(image).permute(2, 0, 1)[None].float() / 255 * 2 - 1)
+    )
+    noise = adapter.sample_noise(1, torch.Generator().manual_seed(0))
+    ours = adapter.sample(adapter.denoiser, conditioning, noise).latents[:, -1]
+    theirs = pipeline(
+        image=Image.fromarray(image),
+        prompt=PROMPTS[:1],
+        num_inference_steps=3,
+        latents=noise,
+        output_type="latent",
+        **guidance,
+        **SIZE,
+    ).frames
+    torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-5)
 
 
 def test_a_mixed_batch_gives_each_row_its_experts_output_and_gradient():
@@ -165,6 +191,9 @@ def test_lora_loads_with_load_lora_weights_into_the_trained_experts(choice, tmp_
         return adapter.encode_prompts(PROMPTS, CPU)
 
     assert_lora_loads_into_a_fresh_pipeline(trainer, tiny_wan22_pipeline, conditioning_for, load)
+    quick_start = (tmp_path / "README.md").read_text()
+    assert quick_start.count("pipe.load_lora_weights(") == len(expected)
+    assert 'weight_name="pytorch_lora_weights_transformer_2.safetensors", load_into_transformer_2=True)' in quick_start
 
 
 def test_expert_choices_are_checked():

@@ -806,6 +806,20 @@ def tiny_wan22_pipeline(seed: int = 0, boundary_ratio: float = 0.9):
     )
 
 
+def tiny_wan22_i2v_pipeline(seed: int = 0, boundary_ratio: float = 0.9):
+    """
+    A random `WanImageToVideoPipeline` shaped like Wan 2.2 I2V A14B: two experts on the latents concatenated with the
+    first-frame mask and the image-video latents (12 channels), no CLIP image encoder, split at `boundary_ratio`.
+    """
+    from diffusers import WanImageToVideoPipeline
+
+    single = tiny_wan_i2v_pipeline(seed)
+    experts = {"transformer": tiny_wan_transformer(seed, in_channels=12)}
+    experts["transformer_2"] = tiny_wan_transformer(seed + 7, in_channels=12)
+    components = single.components | experts | {"image_encoder": None, "image_processor": None}
+    return WanImageToVideoPipeline(**components, boundary_ratio=boundary_ratio)
+
+
 def tiny_wan_transformer(seed: int = 0, in_channels: int = 4, **kwargs):
     """A one-block `WanTransformer3DModel` of width 16 on 4-channel latents (`in_channels` with conditioning)."""
     from diffusers import WanTransformer3DModel

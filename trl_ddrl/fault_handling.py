@@ -336,6 +336,8 @@ _RUN_FIELDS = (
     "sde_window_shift_every",
     "sde_window_share_prefix",
     "guidance_scale",
+    "guidance_scale_2",
+    "train_experts",
     "height",
     "width",
     "num_frames",

@@ -45,11 +45,13 @@ def save_model_card(
     example_prompt: str,
     pipeline_class: type,
     is_video: bool = False,
+    lora_load_arguments: list[str] | None = None,
 ) -> ModelCard:
     """
     Write `README.md` in `output_dir`: a diffusers model card citing DDRL, listing the rewards and settings, whose
     quick start loads the model with `pipeline_class` (diffusers' `DiffusionPipeline` for diffusers' own pipelines)
-    and samples `example_prompt` (one of the training prompts).
+    and samples `example_prompt` (one of the training prompts). Under LoRA the quick start calls `load_lora_weights`
+    once per entry of `lora_load_arguments` (extra arguments after the repo id; default: one call without any).
     """
     if pipeline_class.__module__.split(".")[0] == "diffusers":
         pipeline_import, pipeline_name = "diffusers", "DiffusionPipeline"
@@ -71,6 +73,7 @@ def save_model_card(
         base_model=base_model,
         hub_model_id=hub_model_id,
         is_lora=is_lora,
+        lora_load_arguments=lora_load_arguments or [""],
         has_samples=has_samples,
         example_prompt=json.dumps(example_prompt),  # a valid Python string literal
         pipeline_import=pipeline_import,

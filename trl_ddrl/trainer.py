@@ -54,7 +54,7 @@ from .losses import clipped_policy_loss, compute_advantages, reverse_kl
 from .model_card import hub_base_model, save_model_card
 from .parallel import prepare_parallelism
 from .pipelines import ADAPTERS, Conditioning, SamplingSettings, get_adapter
-from .pipelines.experts import lora_weight_name, trained_components, trained_parts
+from .pipelines.experts import lora_load_arguments, lora_weight_name, trained_components, trained_parts
 from .rewards import RewardFunctionError, check_rewards, get_reward_function
 from .sde_window import initial_states, join_prefix, rollout_steps
 from .tracking import SampleLoggingCallback, Samples, expose_config_to_trackers
@@ -1226,4 +1226,8 @@ class DDRLTrainer(_BaseTrainer):
             example_prompt=self.train_dataset[0]["prompt"],
             pipeline_class=type(self.pipeline),
             is_video=self.adapter.num_frames is not None,
+            lora_load_arguments=[
+                lora_load_arguments(component)
+                for component in trained_components(self.adapter.denoiser, self.adapter.denoiser_name)
+            ],
         )

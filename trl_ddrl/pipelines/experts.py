@@ -37,6 +37,13 @@ def lora_weight_name(component: str) -> str:
     )
 
 
+def lora_load_arguments(component: str) -> str:
+    """The arguments of `pipeline.load_lora_weights(folder<arguments>)` that load `component`'s LoRA file."""
+    if component != LOW_NOISE:
+        return ""
+    return f', weight_name="{lora_weight_name(component)}", load_into_transformer_2=True'
+
+
 class TimestepExperts(nn.Module):
     """
     Two denoisers of one pipeline, each computing the rows of a batch in its noise range: `transformer` the rows whose
