@@ -4,11 +4,14 @@ Time to quality on the embedded digits model: how much wall-clock and denoiser w
 its SDE-window / CPS variants need until the evaluation reward first reaches a target, and the held-out fidelity of
 the model at that point.
 
-Every run starts from the same cached base generator with the same seed, reward, prompts, data term and
-hyper-parameters (those of `reward_hacking.py`); only the sampler / window settings change. The default reward is
-`ink` (mean pixel value), the hackable reward of `reward_hacking.py`: it has head-room above the base model (the
-classifier reward starts at about 0.95 of 1), and raising it trades against fidelity, so "fidelity no worse at the same
-reward" is a real test. `--reward classifier` uses the digit classifier's confidence in the prompted digit instead.
+Every run starts from the same cached base generator with the same seed, reward, prompts and hyper-parameters: the
+`DDRLConfig` defaults (the authors' recipe: EDM squared-distance log-ratio, EDM data weighting, `loss_scale=10`,
+clipping at 1, AdamW wd 1e-4 / beta2 0.99, constant learning rate after a linear warm-up, EMA on) with a learning
+rate (1e-4) at which the evaluation reward rises over tens of steps, a warm-up short against the run (3 steps, from
+lr 0), `clip_range=1e-3` and `data_beta=0.03`; only the sampler / window settings change. The default reward is `ink`
+(mean pixel value), the hackable reward of `reward_hacking.py`: it has head-room above the base model (the classifier
+reward starts at about 0.95 of 1), and raising it trades against fidelity, so "fidelity no worse at the same reward"
+is a real test. `--reward classifier` uses the digit classifier's confidence in the prompted digit instead.
 
 - `full_sde`: every step but the last stochastic (`eta=0.7`), every other step trained (today's default);
 - `cps`: every step stochastic with the coefficients-preserving sampler (`sampler="cps"`, `eta=0.8`);
@@ -18,22 +21,26 @@ reward" is a real test. `--reward classifier` uses the digit classifier's confid
 - `window_cps_shared`: and every group shares its initial noise, so the steps before the window run once per prompt.
 
 Every `--eval-every` optimizer steps a callback samples fixed noise for every digit with the deterministic sampler and
-scores it with the training reward (outside the timed training). The **target** of a seed is full-SDE's own final
-quality: full-SDE runs first, for all `--max-steps`, and the target is the mean eval reward of its last
-`--final-evals` evaluations (or give `--target` / `--target-gain` for a fixed one). Each run's time to target is the
-training wall-clock until its first evaluation at or above the target; variants stop there. The fidelity at that
+scores it with the training reward (outside the timed training). It evaluates the **raw trained weights**, not the
+EMA the trainer keeps (and updates, so its cost is in the timings): the power-function EMA averages about the last
+10% of the steps taken, so it lags each run by a share of its own length and would blur the one thing measured here,
+how fast the optimizer's weights get there; the raw weights are what every variant's gradient steps produce. The
+**target** of a seed is the base model's eval reward plus `--target-gain` (0.1: full-SDE gets there in about 20
+steps, well past the warm-up; or give an absolute `--target`). Each run's time to target is the training wall-clock
+until its first evaluation at or above the target; runs stop there (or at `--max-steps`). The fidelity at that
 point (held-out `"eval"`-split classifier accuracy and Fréchet distance in its feature space, see
-`digits_metrics.py`) is measured on a larger fixed-noise sample, for full-SDE from the weights kept at its hit. Work
-is counted as denoiser rows: each sample a forward pass sees counts one, split into no-grad forwards (rollouts) and
-forwards with grad (each one also backpropagated; `work_speedup` weighs them 1 and 3).
+`digits_metrics.py`) is measured on a larger fixed-noise sample. Work is counted as denoiser rows: each sample a
+forward pass sees counts one, split into no-grad forwards (rollouts) and forwards with grad (each one also
+backpropagated; `work_speedup` weighs them 1 and 3).
 
 `speedup` = the full-SDE mean time to target / the fastest variant's mean time among those that reached the target
 on every seed with fidelity no worse than full-SDE's at its hit (mean accuracy at most `--accuracy-tolerance` lower,
-mean FD at most `--fd-tolerance` relatively higher). Variants run interleaved per seed so that they see about the
-same machine load; one torch thread per process.
+mean FD at most `--fd-tolerance` relatively higher); null when none qualifies. The per-seed ratios (same seed, same
+run) give its spread. Variants run interleaved per seed so that they see about the same machine load; one torch
+thread per process.
 
-    python benchmarks/time_to_quality.py                  # 3 seeds, ~20 minutes on 2 busy cores
-    python benchmarks/time_to_quality.py --quick          # smoke run: 1 seed, 2 variants, 4 steps
+    python benchmarks/time_to_quality.py                  # 3 seeds x 5 variants
+    python benchmarks/time_to_quality.py --quick          # smoke run: 1 seed, 2 variants, 6 steps, target +0.005
 """
 
 import argparse
@@ -100,15 +107,13 @@ class RowCounter:
 
 class TimeToTarget(TrainerCallback):
     """
-    Evaluate every `every` optimizer steps (outside the timed training). With a `target`, the first evaluation at or
-    above it is the hit: the run stops there. Without one (the full-SDE run that sets the target), every evaluation
-    keeps a copy of the denoiser's weights, so that the fidelity at the hit can be measured once the target is known.
+    Evaluate the raw trained weights every `opts.eval_every` optimizer steps (outside the timed training); the first
+    evaluation at or above `target` is the hit, and the run stops there.
     """
 
-    def __init__(self, pipeline, reward, counter: RowCounter, opts, start_reward: float, target: float | None):
+    def __init__(self, pipeline, reward, counter: RowCounter, opts, start_reward: float, target: float):
         self.pipeline, self.reward, self.counter, self.opts, self.target = pipeline, reward, counter, opts, target
         self.curve = [{"step": 0, "reward": start_reward, "train_time_s": 0.0, "rows_no_grad": 0, "rows_grad": 0}]
-        self.snapshots = {0: state_copy(pipeline.unet)} if target is None else {}
         self.eval_time = 0.0
         self.start = None
         self.hit = None
@@ -131,17 +136,11 @@ class TimeToTarget(TrainerCallback):
             "rows_grad": self.counter.grad,
         }
         self.curve.append(point)
-        if self.target is None:
-            self.snapshots[state.global_step] = state_copy(self.pipeline.unet)
-        elif reward >= self.target and self.hit is None:
+        if reward >= self.target and self.hit is None:
             self.hit = point
             control.should_training_stop = True
         self.counter.paused = False
         self.eval_time += time.perf_counter() - now
-
-
-def state_copy(module: torch.nn.Module) -> dict[str, torch.Tensor]:
-    return {key: value.detach().clone() for key, value in module.state_dict().items()}
 
 
 @torch.no_grad()
@@ -166,13 +165,8 @@ def evaluate_fidelity(pipeline, reward, judge: FidelityJudge, opts) -> dict[str,
     return {"reward": sum(values) / len(values), "accuracy": metrics["accuracy"], "fd": metrics["fd"]}
 
 
-def run_one(
-    variant: str, overrides: dict, seed: int, reward, judge, opts, start_reward: float, target: float | None
-) -> dict:
-    """
-    Train one variant from the base model. With `target=None` (the full-SDE run) the run goes to `max_steps` and its
-    own final quality becomes the seed's target (see `matched_target`); otherwise it stops at the first hit.
-    """
+def run_one(variant: str, overrides: dict, seed: int, reward, judge, opts, start_reward: float, target: float) -> dict:
+    """Train one variant from the base model until its first evaluation at or above `target` (or `max_steps`)."""
     pipeline = load_or_pretrain_base(show_progress=False)
     pipeline.set_progress_bar_config(disable=True)
     counter = RowCounter(pipeline.unet)
@@ -187,6 +181,7 @@ def run_one(
         seed=seed,
         report_to="none",
         learning_rate=opts.learning_rate,
+        warmup_steps=opts.warmup_steps,
         clip_range=opts.clip_range,
         num_generations=opts.num_generations,
         prompts_per_step=opts.prompts_per_step,
@@ -206,11 +201,6 @@ def run_one(
     trainer.train()
     total = time.perf_counter() - start - callback.eval_time
     counter.handle.remove()
-    if target is None:
-        target = matched_target(callback.curve, opts.final_evals)
-        callback.hit = next(point for point in callback.curve[1:] if point["reward"] >= target)
-        # The fidelity at the hit, from the weights kept at that evaluation.
-        pipeline.unet.load_state_dict(callback.snapshots[callback.hit["step"]])
     result = {
         "variant": variant,
         "seed": seed,
@@ -240,9 +230,22 @@ def run_one(
     return result
 
 
-def matched_target(curve: list[dict], final_evals: int) -> float:
-    """The full-SDE run's final quality: the mean eval reward of its last `final_evals` evaluations."""
-    return statistics.fmean(point["reward"] for point in curve[-final_evals:])
+def work(run_or_entry: dict, prefix: str = "") -> float:
+    """Denoiser work to target in forward-row units: a row with grad costs a forward and a backward (1 + 2)."""
+    return run_or_entry[f"{prefix}rows_no_grad_to_target"] + 3 * run_or_entry[f"{prefix}rows_grad_to_target"]
+
+
+def per_seed_ratios(baseline: list[dict], group: list[dict]) -> dict[str, dict[str, float]]:
+    """Full-SDE time (and work) to target / this variant's, seed by seed, where both reached it."""
+    full = {run["seed"]: run for run in baseline if run["reached_target"]}
+    return {
+        str(run["seed"]): {
+            "time": full[run["seed"]]["time_to_target_s"] / run["time_to_target_s"],
+            "work": work(full[run["seed"]]) / work(run),
+        }
+        for run in group
+        if run["reached_target"] and run["seed"] in full
+    }
 
 
 def summarize(runs: list[dict], opts) -> dict:
@@ -260,7 +263,9 @@ def summarize(runs: list[dict], opts) -> dict:
             "seeds": [run["seed"] for run in group],
             "reached_on_every_seed": len(reached) == len(group),
             "mean_time_to_target_s": mean([run["time_to_target_s"] for run in reached]),
+            "time_to_target_s_per_seed": {str(run["seed"]): run["time_to_target_s"] for run in reached},
             "mean_step_to_target": mean([run["step_to_target"] for run in reached]),
+            "steps_to_target_per_seed": {str(run["seed"]): run["step_to_target"] for run in reached},
             "mean_rows_no_grad_to_target": mean([run["rows_no_grad_to_target"] for run in reached]),
             "mean_rows_grad_to_target": mean([run["rows_grad_to_target"] for run in reached]),
             "mean_accuracy": mean([run["fidelity"]["accuracy"] for run in group]),
@@ -278,8 +283,14 @@ def summarize(runs: list[dict], opts) -> dict:
                 if entry["reached_on_every_seed"]
                 else None
             )
-            rows = lambda e: e["mean_rows_no_grad_to_target"] + 3 * e["mean_rows_grad_to_target"]  # noqa: E731
-            entry["work_speedup"] = rows(baseline) / rows(entry) if entry["reached_on_every_seed"] else None
+            entry["work_speedup"] = (
+                work(baseline, "mean_") / work(entry, "mean_") if entry["reached_on_every_seed"] else None
+            )
+            ratios = per_seed_ratios(by_variant["full_sde"], by_variant[variant])
+            entry["speedup_per_seed"] = ratios
+            entry["time_speedup_seed_range"] = (
+                [min(r["time"] for r in ratios.values()), max(r["time"] for r in ratios.values())] if ratios else None
+            )
             entry["fidelity_no_worse"] = entry["mean_accuracy"] >= baseline[
                 "mean_accuracy"
             ] - opts.accuracy_tolerance and entry["mean_fd"] <= baseline["mean_fd"] * (1 + opts.fd_tolerance)
@@ -298,22 +309,17 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument(
         "--target-gain",
         type=float,
-        default=None,
-        help="Target: the base model's eval reward (per seed: each seed trains its own reward classifier) plus this.",
+        default=0.1,
+        help="Target: the base model's eval reward (per seed under --reward classifier: each seed trains its own "
+        "reward classifier) plus this.",
     )
-    parser.add_argument("--target", type=float, default=None, help="An absolute target eval reward.")
-    parser.add_argument(
-        "--final-evals",
-        type=int,
-        default=3,
-        help="Without --target/--target-gain, the target is full-SDE's final quality: the mean eval reward of its "
-        "last this many evaluations (full_sde runs first and all max_steps).",
-    )
-    parser.add_argument("--max-steps", type=int, default=24, help="Optimizer steps (= RL iterations) at most.")
+    parser.add_argument("--target", type=float, default=None, help="An absolute target eval reward instead.")
+    parser.add_argument("--max-steps", type=int, default=60, help="Optimizer steps (= RL iterations) at most.")
     parser.add_argument("--eval-every", type=int, default=1)
     parser.add_argument("--eval-samples-per-digit", type=int, default=6)
     parser.add_argument("--fidelity-samples-per-digit", type=int, default=20)
-    parser.add_argument("--learning-rate", type=float, default=5e-4)
+    parser.add_argument("--learning-rate", type=float, default=1e-4)
+    parser.add_argument("--warmup-steps", type=int, default=3, help="Linear warm-up optimizer steps (from lr 0).")
     parser.add_argument("--clip-range", type=float, default=1e-3)
     parser.add_argument("--num-generations", type=int, default=4)
     parser.add_argument("--prompts-per-step", type=int, default=4)
@@ -332,7 +338,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     opts = parser.parse_args(argv)
     opts.argv = list(argv if argv is not None else sys.argv[1:])
     if opts.quick:
-        opts.seeds, opts.max_steps = opts.seeds[:1], 4
+        opts.seeds, opts.max_steps = opts.seeds[:1], 6
+        if opts.target_gain == parser.get_default("target_gain"):
+            opts.target_gain = 0.005
         opts.variants = opts.variants or ["full_sde", "window"]
         if opts.output == parser.get_default("output"):
             opts.output = "/tmp/trl_ddrl_time_to_quality_quick.json"
@@ -348,10 +356,6 @@ def main(argv=None) -> dict:
     chosen = variants(opts)
     if opts.variants:
         chosen = {name: chosen[name] for name in opts.variants}
-    if opts.target is None and opts.target_gain is None and next(iter(chosen)) != "full_sde":
-        raise ValueError(
-            "Without --target or --target-gain, full_sde must run first: its final quality is the target."
-        )
     judge = FidelityJudge(seed=0)
     base = load_or_pretrain_base(show_progress=False)
     base.set_progress_bar_config(disable=True)
@@ -360,15 +364,10 @@ def main(argv=None) -> dict:
         reward = DigitClassifierReward(seed=seed) if opts.reward == "classifier" else ink_reward
         start_reward = evaluate_reward(base, reward, opts)
         base_fidelity[str(seed)] = evaluate_fidelity(base, reward, judge, opts)
-        target = opts.target
-        if opts.target_gain is not None:
-            target = start_reward + opts.target_gain
-        print(f"seed {seed}: base model eval reward {start_reward:.3f}", flush=True)
+        target = opts.target if opts.target is not None else start_reward + opts.target_gain
+        print(f"seed {seed}: base model eval reward {start_reward:.3f}, target {target:.3f}", flush=True)
         for variant, overrides in chosen.items():
             runs.append(run_one(variant, overrides, seed, reward, judge, opts, start_reward, target))
-            if target is None:
-                target = runs[-1]["target"]
-                print(f"  target (full-SDE's final quality): eval reward {target:.4f}", flush=True)
             results = {
                 "command": "python benchmarks/time_to_quality.py " + " ".join(opts.argv),
                 "settings": {key: value for key, value in vars(opts).items() if key not in ("argv", "work_dir")},
@@ -379,12 +378,14 @@ def main(argv=None) -> dict:
                 "load_average_at_start": load_start,
                 "load_average_at_end": os.getloadavg(),
                 "torch_threads": torch.get_num_threads(),
+                "evaluated_weights": "raw (the trainer keeps and updates its EMA, use_ema=True; see the docstring)",
             }
             Path(opts.output).parent.mkdir(parents=True, exist_ok=True)
             Path(opts.output).write_text(json.dumps(results, indent=2) + "\n")
     for variant, entry in results["summary"].items():
         print(
-            f"{variant:18s} time to target {entry['mean_time_to_target_s']}  speedup {entry.get('time_speedup')}  "
+            f"{variant:18s} time to target {entry['mean_time_to_target_s']}  speedup {entry.get('time_speedup')} "
+            f"(per seed {entry.get('time_speedup_seed_range')})  "
             f"accuracy {entry['mean_accuracy']:.3f}  fd {entry['mean_fd']:.1f}"
         )
     print(f"speedup (full-SDE time / best variant's time at no worse fidelity): {results['speedup']}")
