@@ -25,8 +25,8 @@ scores it with the training reward (outside the timed training). It evaluates th
 EMA the trainer keeps (and updates, so its cost is in the timings): the power-function EMA averages about the last
 10% of the steps taken, so it lags each run by a share of its own length and would blur the one thing measured here,
 how fast the optimizer's weights get there; the raw weights are what every variant's gradient steps produce. The
-**target** of a seed is the base model's eval reward plus `--target-gain` (0.1: full-SDE gets there in about 20
-steps, well past the warm-up; or give an absolute `--target`). Each run's time to target is the training wall-clock
+**target** of a seed is the base model's eval reward plus `--target-gain` (0.1: full-SDE gets there in 15-20 steps,
+well past the warm-up; or give an absolute `--target`). Each run's time to target is the training wall-clock
 until its first evaluation at or above the target; runs stop there (or at `--max-steps`). The fidelity at that
 point (held-out `"eval"`-split classifier accuracy and Fréchet distance in its feature space, see
 `digits_metrics.py`) is measured on a larger fixed-noise sample. Work is counted as denoiser rows: each sample a
@@ -39,7 +39,7 @@ mean FD at most `--fd-tolerance` relatively higher); null when none qualifies. T
 run) give its spread. Variants run interleaved per seed so that they see about the same machine load; one torch
 thread per process.
 
-    python benchmarks/time_to_quality.py                  # 3 seeds x 5 variants
+    python benchmarks/time_to_quality.py                  # 3 seeds x 5 variants, ~8 minutes on 2 busy cores
     python benchmarks/time_to_quality.py --quick          # smoke run: 1 seed, 2 variants, 6 steps, target +0.005
 """
 
