@@ -63,6 +63,7 @@ from trl_ddrl.digits.default_job import held_out_eval_dataset  # noqa: E402
 
 
 METRICS = ("reward", "accuracy", "fd", "diversity", "data_loss")
+FIDELITY = ("accuracy", "fd", "diversity")  # compared at matched reward
 REWARDS = ("classifier", "ink", "jpeg")
 SCALINGS = ("authors", "flow_grpo")
 # Flow-GRPO's scale of the objective; everything else (optimizer, EMA, sampler) stays at DDRLConfig's defaults.
@@ -274,17 +275,15 @@ def interpolate(front: list[tuple[float, float]], reward: float) -> float:
 
 def matched_reward_comparison(fronts: dict[int, dict[str, list]], levels: int) -> dict:
     """
-    DDRL's and the reverse KL's fidelity at the same final reward. `fronts[seed][weight]` lists each sweep's
-    `(reward, accuracy, fd)` finals for that seed (both include the reward-only run, their common `beta = 0` end).
+    DDRL's and the reverse KL's fidelity at the same final reward. `fronts[seed][weight]` lists each sweep's finals
+    `{"reward", *FIDELITY}` for that seed (both include the reward-only run, their common `beta = 0` end).
     The comparison is made on each seed's own fronts at `levels` rewards evenly spread over the overlap of the two
     fronts' reward ranges, common to all seeds; it returns the mean and spread over seeds of each metric and of the
     DDRL - reverse-KL difference.
     """
     seeds = sorted(fronts)
-    low = max(min(point[0] for point in fronts[seed][weight]) for seed in seeds for weight in ("data_beta", "kl_beta"))
-    high = min(
-        max(point[0] for point in fronts[seed][weight]) for seed in seeds for weight in ("data_beta", "kl_beta")
-    )
+    rewards = [[point["reward"] for point in fronts[seed][weight]] for seed in seeds for weight in fronts[seed]]
+    low, high = max(min(values) for values in rewards), min(max(values) for values in rewards)
     if not low < high:
         return {
             "seeds": seeds,
@@ -296,9 +295,11 @@ def matched_reward_comparison(fronts: dict[int, dict[str, list]], levels: int) -
     for index in range(levels):
         reward = low + (high - low) * index / max(1, levels - 1)
         row = {"reward": reward}
-        for offset, metric in ((1, "accuracy"), (2, "fd")):
-            ddrl = [interpolate([(p[0], p[offset]) for p in fronts[s]["data_beta"]], reward) for s in seeds]
-            reverse_kl = [interpolate([(p[0], p[offset]) for p in fronts[s]["kl_beta"]], reward) for s in seeds]
+        for metric in FIDELITY:
+            ddrl, reverse_kl = (
+                [interpolate([(p["reward"], p[metric]) for p in fronts[s][weight]], reward) for s in seeds]
+                for weight in ("data_beta", "kl_beta")
+            )
             difference = [a - b for a, b in zip(ddrl, reverse_kl)]
             for name, values in (("ddrl", ddrl), ("reverse_kl", reverse_kl), ("ddrl_minus_reverse_kl", difference)):
                 row[f"{metric}_{name}"] = mean_std(values)
@@ -320,7 +321,7 @@ def config_label(run: dict) -> str:
 
 
 def group_fronts(runs: list[dict], opts) -> dict[int, dict[str, list]]:
-    """Each seed's two fronts `(reward, accuracy, fd)`, for the seeds whose reward-only run and sweeps are all done."""
+    """Each seed's two fronts of finals, for the seeds whose reward-only run and sweeps are all done."""
     fronts = {}
     for seed in opts.seeds:
         finals = {
@@ -330,7 +331,7 @@ def group_fronts(runs: list[dict], opts) -> dict[int, dict[str, list]]:
         kl_keys = [("reward_only", 0.0, 0.0)] + [("reverse_kl", 0.0, beta) for beta in opts.kl_betas]
         if all(key in finals for key in data_keys + kl_keys):
             fronts[seed] = {
-                weight: [(finals[key]["reward"], finals[key]["accuracy"], finals[key]["fd"]) for key in keys]
+                weight: [{name: finals[key][name] for name in ("reward", *FIDELITY)} for key in keys]
                 for weight, keys in (("data_beta", data_keys), ("kl_beta", kl_keys))
             }
     return fronts

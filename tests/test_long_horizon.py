@@ -24,10 +24,13 @@ def test_interpolate_is_piecewise_linear_in_reward_and_refuses_extrapolation():
 
 def test_matched_reward_compares_each_seed_on_the_common_reward_range():
     # At every reward DDRL's accuracy equals the reverse KL's for seed 0 and is 0.2 above it for seed 1.
+    def point(reward, accuracy, fd, diversity=2.0):
+        return {"reward": reward, "accuracy": accuracy, "fd": fd, "diversity": diversity}
+
     def fronts(gap: float) -> dict:
         return {
-            "data_beta": [(0.4, 0.9, 10.0), (0.8, 0.5, 50.0)],
-            "kl_beta": [(0.5, 0.8 - gap, 20.0), (0.9, 0.4 - gap, 60.0)],
+            "data_beta": [point(0.4, 0.9, 10.0), point(0.8, 0.5, 50.0)],
+            "kl_beta": [point(0.5, 0.8 - gap, 20.0, 1.0), point(0.9, 0.4 - gap, 60.0)],
         }
 
     comparison = long_horizon.matched_reward_comparison({0: fronts(0.0), 1: fronts(0.2)}, levels=3)
@@ -40,10 +43,14 @@ def test_matched_reward_compares_each_seed_on_the_common_reward_range():
     assert first["accuracy_ddrl_minus_reverse_kl"]["mean"] == pytest.approx(0.1)
     assert first["accuracy_ddrl_minus_reverse_kl"]["std"] == pytest.approx(0.1414, abs=1e-3)
     assert first["fd_ddrl_minus_reverse_kl"]["mean"] == pytest.approx(20.0 - 20.0)
+    assert first["diversity_ddrl_minus_reverse_kl"]["mean"] == pytest.approx(2.0 - 1.0)
 
 
 def test_matched_reward_reports_fronts_that_do_not_overlap():
-    fronts = {0: {"data_beta": [(0.1, 0.9, 1.0), (0.2, 0.8, 2.0)], "kl_beta": [(0.5, 0.5, 5.0), (0.6, 0.4, 6.0)]}}
+    def point(reward):
+        return {"reward": reward, "accuracy": 0.5, "fd": 1.0, "diversity": 2.0}
+
+    fronts = {0: {"data_beta": [point(0.1), point(0.2)], "kl_beta": [point(0.5), point(0.6)]}}
     assert long_horizon.matched_reward_comparison(fronts, levels=3)["levels"] == []
 
 
