@@ -265,18 +265,25 @@ def worker(opts) -> None:
 
 
 def interpolate(front: list[tuple[float, float]], reward: float) -> float:
-    """The metric at `reward` on a front of `(reward, metric)` points, piecewise linear in reward (sorted by it)."""
-    points = sorted(front)
-    for (r0, m0), (r1, m1) in zip(points, points[1:]):
-        if r0 <= reward <= r1:
+    """
+    The metric at `reward` on a front of `(reward, metric)` points ordered along the regulariser weight (strongest
+    first, reward-only last): linear on the first segment whose ends bracket `reward`, i.e. where the front first
+    reaches that reward on its way from the strongest weight down. Following the weight rather than sorting by reward
+    keeps a front whose reward is not monotone in the weight (seed noise near the reward-only end) from being joined
+    out of order.
+    """
+    for (r0, m0), (r1, m1) in zip(front, front[1:]):
+        if min(r0, r1) <= reward <= max(r0, r1):
             return m0 if r1 == r0 else m0 + (m1 - m0) * (reward - r0) / (r1 - r0)
-    raise ValueError(f"reward {reward} is outside the front's range [{points[0][0]}, {points[-1][0]}].")
+    rewards = [point[0] for point in front]
+    raise ValueError(f"reward {reward} is outside the front's range [{min(rewards)}, {max(rewards)}].")
 
 
 def matched_reward_comparison(fronts: dict[int, dict[str, list]], levels: int) -> dict:
     """
     DDRL's and the reverse KL's fidelity at the same final reward. `fronts[seed][weight]` lists each sweep's finals
-    `{"reward", *FIDELITY}` for that seed (both include the reward-only run, their common `beta = 0` end).
+    `{"reward", *FIDELITY}` for that seed, ordered from the strongest weight to the reward-only run (their common
+    `beta = 0` end).
     The comparison is made on each seed's own fronts at `levels` rewards evenly spread over the overlap of the two
     fronts' reward ranges, common to all seeds; it returns the mean and spread over seeds of each metric and of the
     DDRL - reverse-KL difference.
@@ -321,14 +328,18 @@ def config_label(run: dict) -> str:
 
 
 def group_fronts(runs: list[dict], opts) -> dict[int, dict[str, list]]:
-    """Each seed's two fronts of finals, for the seeds whose reward-only run and sweeps are all done."""
+    """
+    Each seed's two fronts of finals (strongest weight first, reward-only last), for the seeds whose reward-only run
+    and sweeps are all done.
+    """
     fronts = {}
     for seed in opts.seeds:
         finals = {
             (run["method"], run["data_beta"], run["kl_beta"]): run["final"] for run in runs if run["seed"] == seed
         }
-        data_keys = [("reward_only", 0.0, 0.0)] + [("ddrl", beta, 0.0) for beta in opts.data_betas]
-        kl_keys = [("reward_only", 0.0, 0.0)] + [("reverse_kl", 0.0, beta) for beta in opts.kl_betas]
+        strongest_first = sorted(opts.data_betas, reverse=True), sorted(opts.kl_betas, reverse=True)
+        data_keys = [("ddrl", beta, 0.0) for beta in strongest_first[0]] + [("reward_only", 0.0, 0.0)]
+        kl_keys = [("reverse_kl", 0.0, beta) for beta in strongest_first[1]] + [("reward_only", 0.0, 0.0)]
         if all(key in finals for key in data_keys + kl_keys):
             fronts[seed] = {
                 weight: [{name: finals[key][name] for name in ("reward", *FIDELITY)} for key in keys]

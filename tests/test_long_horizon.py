@@ -13,11 +13,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import long_horizon  # noqa: E402
 
 
-def test_interpolate_is_piecewise_linear_in_reward_and_refuses_extrapolation():
-    front = [(0.9, 0.2), (0.5, 0.8), (0.7, 0.6)]  # unsorted on purpose
+def test_interpolate_follows_the_front_in_weight_order_and_refuses_extrapolation():
+    front = [(0.5, 0.8), (0.7, 0.6), (0.9, 0.2)]  # strongest weight first
     assert long_horizon.interpolate(front, 0.6) == pytest.approx(0.7)
     assert long_horizon.interpolate(front, 0.8) == pytest.approx(0.4)
     assert long_horizon.interpolate(front, 0.9) == pytest.approx(0.2)
+    # Reward not monotone in the weight: the weakest weight (0.95) beats reward-only (0.93). The front first reaches
+    # 0.94 on its way from the strongest weight to the weakest (metric 10 + 20 * 0.44 / 0.45); sorting by reward
+    # would have read it between reward-only and the weakest weight instead (35).
+    noisy_end = [(0.5, 10.0), (0.95, 30.0), (0.93, 40.0)]
+    assert long_horizon.interpolate(noisy_end, 0.94) == pytest.approx(10.0 + 20.0 * 0.44 / 0.45)
     with pytest.raises(ValueError, match="outside the front"):
         long_horizon.interpolate(front, 0.95)
 
