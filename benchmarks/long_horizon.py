@@ -375,6 +375,8 @@ def plot_group(name: str, configs: dict[str, list[dict]], base: dict, plots_dir:
     for axis, metric in zip(axes, ("accuracy", "fd"), strict=True):
         for method, color in (("ddrl", "tab:blue"), ("reverse_kl", "tab:orange")):
             sweep = [(label, runs) for label, runs in configs.items() if runs[0]["method"] in (method, "reward_only")]
+            # Joined along the weight, strongest first and reward-only last, as the matched-reward comparison reads.
+            sweep.sort(key=lambda item: -(item[1][0]["data_beta"] + item[1][0]["kl_beta"]))
             points = []
             for label, runs in sweep:
                 reward = [run["final"]["reward"] for run in runs]
@@ -390,7 +392,6 @@ def plot_group(name: str, configs: dict[str, list[dict]], base: dict, plots_dir:
                     capsize=2,
                 )
                 axis.annotate(label.split("(")[-1].rstrip(")"), points[-1][:2], fontsize=6, color=color)
-            points.sort(key=lambda point: point[1])
             axis.plot([p[0] for p in points], [p[1] for p in points], color=color, label=f"{method} front")
         axis.scatter([base[metric]], [base["reward"]], color="black", marker="*", s=100, label="base model")
         axis.set_xlabel(metric)
