@@ -66,6 +66,7 @@ def test_help_lists_ddrl_fields(tmp_path):
         "--prompts_per_step",
         "--reward_funcs",
         "--dataset_name",
+        "--dataset_test_split",
         "--model_name_or_path",
         "--use_peft",
         "--output_dir",
@@ -301,6 +302,64 @@ def test_missing_prompt_column_names_the_option(tmp_path):
     script_args = ddrl.DDRLScriptArguments(dataset_name=str(tmp_path / "p.jsonl"), prompt_column="text")
     with pytest.raises(ddrl.UsageError, match="--prompt_column"):
         ddrl.load_prompt_dataset(script_args)
+
+
+def write_split_folder(folder: Path, splits: dict[str, list[str]]) -> Path:
+    """A local dataset folder with one `<split>.jsonl` file of prompts per split (`datasets` names splits by file)."""
+    folder.mkdir()
+    for split, prompts in splits.items():
+        (folder / f"{split}.jsonl").write_text("".join(f'{{"caption": "{prompt}"}}\n' for prompt in prompts))
+    return folder
+
+
+def parse_script_options(*argv: str) -> tuple:
+    return ddrl.make_parser().parse_args_and_config(list(argv), fail_with_unknown_args=False)[:3]
+
+
+@pytest.mark.parametrize("eval_strategy", ["steps", "no"])
+def test_eval_strategy_gives_the_trainer_the_test_split(tiny_sd3_path, tmp_path, eval_strategy):
+    folder = write_split_folder(tmp_path / "prompts", {"train": PROMPTS, "test": ["a boat", "a house"]})
+    script_args, training_args, model_args = parse_script_options(
+        "--model_name_or_path", tiny_sd3_path,
+        "--dataset_name", str(folder),
+        "--prompt_column", "caption",
+        "--eval_strategy", eval_strategy,
+        "--eval_steps", "1",
+        "--eval_num_generations", "2",
+        "--output_dir", str(tmp_path / "out"),
+        "--save_strategy", "no",
+        *TINY_TRAINING_ARGS,
+        "--max_steps", "1",
+    )  # fmt: skip
+    assert script_args.dataset_test_split == "test"  # TRL's default
+
+    trainer = ddrl.build_trainer(script_args, training_args, model_args)
+    assert trainer.train_dataset["prompt"] == PROMPTS
+    if eval_strategy == "no":
+        assert trainer.eval_dataset is None
+    else:
+        assert trainer.eval_dataset["prompt"] == ["a boat", "a house"]
+    trainer.train()
+    evaluations = [log for log in trainer.state.log_history if "eval_reward" in log]
+    assert len(evaluations) == (eval_strategy == "steps")
+
+
+def test_eval_strategy_with_a_missing_test_split_names_the_options(tmp_path, capsys, single_process):
+    prompts = write_prompts(tmp_path / "prompts.jsonl")
+    folder = write_split_folder(tmp_path / "prompts", {"train": PROMPTS, "test": ["a boat"]})
+    _, training_args, _ = parse_script_options("--eval_strategy", "steps", "--output_dir", str(tmp_path / "out"))
+
+    for name, test_split, has in ((prompts, "test", "single file"), (folder, "validation", "['train', 'test']")):
+        script_args = ddrl.DDRLScriptArguments(dataset_name=str(name), dataset_test_split=test_split)
+        with pytest.raises(ddrl.UsageError) as error_info:
+            ddrl.load_eval_dataset(script_args, training_args)
+        message = str(error_info.value)
+        for expected in (f"--dataset_test_split={test_split!r}", "--eval_strategy=steps", has, "--eval_strategy no"):
+            assert expected in message, (expected, message)
+
+    argv = ["--model_name_or_path", str(tmp_path), "--dataset_name", str(prompts), "--reward_funcs", "brightness"]
+    assert cli.main([*argv, "--eval_strategy", "steps"]) == 2  # before the model is loaded
+    assert "--dataset_test_split='test'" in capsys.readouterr().err
 
 
 def test_lora_config_from_model_args():

@@ -75,6 +75,11 @@ class DDRLScriptArguments:
             Configuration name of the dataset (the `name` argument of `datasets.load_dataset`).
         dataset_train_split (`str`, *optional*, defaults to `"train"`):
             Split of the dataset to train on. Local files have a single `train` split.
+        dataset_test_split (`str`, *optional*, defaults to `"test"`):
+            Split of the dataset to evaluate on when `eval_strategy` is not `"no"` (as in TRL's scripts); its prompts
+            (and images, if the `image_column` is there) become the trainer's `eval_dataset`. A local file has no such
+            split: use a folder or Hub dataset that has one (for example a folder with `train.jsonl` and
+            `test.jsonl`).
         prompt_column (`str`, *optional*, defaults to `"prompt"`):
             Column of the dataset holding the prompts; renamed to `prompt`. Ignored for `.txt` files.
         data_dataset_name (`str`, *optional*):
@@ -101,6 +106,13 @@ class DDRLScriptArguments:
         default=None, metadata={"help": "Dataset configuration name (the `name` argument of datasets.load_dataset)."}
     )
     dataset_train_split: str = field(default="train", metadata={"help": "Dataset split to train on."})
+    dataset_test_split: str = field(
+        default="test",
+        metadata={
+            "help": "Dataset split to evaluate on when eval_strategy is not 'no'. Local files have only 'train': use a "
+            "folder (e.g. train.jsonl + test.jsonl) or a Hub dataset with this split."
+        },
+    )
     prompt_column: str = field(
         default="prompt", metadata={"help": "Column holding the prompts (renamed to 'prompt'); ignored for .txt."}
     )
@@ -204,15 +216,24 @@ def load_dataset_argument(name: str, config: str | None, split: str, option: str
     return dataset
 
 
-def load_prompt_dataset(script_args: DDRLScriptArguments) -> "Dataset":
-    """The prompt dataset of `--dataset_name`, with its prompt column named `prompt`."""
+def load_prompt_dataset(script_args: DDRLScriptArguments, split: str | None = None) -> "Dataset":
+    """
+    The prompt dataset of `--dataset_name`, with its prompt column named `prompt`.
+
+    Args:
+        script_args ([`DDRLScriptArguments`]): The script options.
+        split (`str`, *optional*): Split to load; defaults to `dataset_train_split`.
+    """
     if script_args.dataset_name is None:
         raise UsageError(
             "--dataset_name is required with --model_name_or_path: give the prompts to train on, as a Hub dataset "
             "id, a local folder, or a .txt (one prompt per line), .jsonl or .csv file."
         )
     dataset = load_dataset_argument(
-        script_args.dataset_name, script_args.dataset_config, script_args.dataset_train_split, "dataset_name"
+        script_args.dataset_name,
+        script_args.dataset_config,
+        script_args.dataset_train_split if split is None else split,
+        "dataset_name",
     )
     name = script_args.dataset_name
     is_text_file = os.path.isfile(name) and name.lower().endswith(".txt")
@@ -230,6 +251,37 @@ def load_prompt_dataset(script_args: DDRLScriptArguments) -> "Dataset":
             )
         dataset = dataset.rename_column(column, "prompt")
     return dataset
+
+
+def load_eval_dataset(script_args: DDRLScriptArguments, training_args: DDRLConfig) -> "Dataset | None":
+    """
+    The `eval_dataset` of the trainer, as in `trl grpo`: the `dataset_test_split` split of `--dataset_name` when
+    `eval_strategy` is not `"no"`, else `None`.
+
+    A split that the dataset lacks (a local file has only `train`) is a `UsageError` naming `--dataset_test_split`,
+    `--eval_strategy` and the fix.
+    """
+    if training_args.eval_strategy == "no":
+        return None
+    from datasets import get_dataset_split_names
+
+    name, split = script_args.dataset_name, script_args.dataset_test_split
+    if os.path.isfile(name):
+        splits, has = ["train"], "is a single file, which loads as one 'train' split"
+    else:
+        try:
+            splits = get_dataset_split_names(name, script_args.dataset_config)
+        except Exception:  # not inspectable here (offline, no split metadata): `load_dataset` reports any problem
+            splits = None
+        has = f"has only the splits {splits}"
+    if splits is not None and split not in splits:
+        raise UsageError(
+            f"--eval_strategy={training_args.eval_strategy.value} evaluates on the --dataset_test_split={split!r} "
+            f"split of --dataset_name, but {name!r} {has}. Pass a dataset with a {split!r} split (a Hub dataset, or "
+            f"a folder holding train.jsonl and {split}.jsonl), set --dataset_test_split to one of {splits}, or set "
+            "--eval_strategy no to train without evaluating."
+        )
+    return load_prompt_dataset(script_args, split=split)
 
 
 def resolve_reward_func(spec: str) -> Callable[..., list[float | None]]:
@@ -326,6 +378,7 @@ def build_trainer(
         )
     reward_funcs = [resolve_reward_func(spec) for spec in script_args.reward_funcs]
     train_dataset = load_prompt_dataset(script_args)
+    eval_dataset = load_eval_dataset(script_args, training_args)
     data_dataset = None
     if script_args.data_dataset_name is not None:
         data_dataset = load_dataset_argument(
@@ -341,6 +394,7 @@ def build_trainer(
             reward_funcs=reward_funcs,
             args=training_args,
             train_dataset=train_dataset,
+            eval_dataset=eval_dataset,
             data_dataset=data_dataset,
             peft_config=get_lora_config(model_args),
         )
