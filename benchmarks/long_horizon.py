@@ -314,6 +314,13 @@ def matched_reward_comparison(fronts: dict[int, dict[str, list]], levels: int) -
     return {"seeds": seeds, "reward_range": [low, high], "levels": rows}
 
 
+def second_half_change(curve: list[dict], metric: str) -> float:
+    """How far `metric` moved over the second half of a run: its last value minus its value at half the steps."""
+    middle = curve[-1]["step"] / 2
+    halfway = min(curve, key=lambda point: abs(point["step"] - middle))
+    return curve[-1][metric] - halfway[metric]
+
+
 def mean_std(values: list[float]) -> dict[str, float]:
     return {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0}
 
@@ -426,6 +433,10 @@ def report(opts, argv: list[str]) -> dict:
         summary = {
             label: {"seeds": [run["seed"] for run in group]}
             | {metric: mean_std([run["final"][metric] for run in group]) for metric in METRICS}
+            | {
+                f"{metric}_second_half_change": mean_std([second_half_change(run["curve"], metric) for run in group])
+                for metric in METRICS
+            }
             for label, group in configs.items()
         }
         fronts = group_fronts(group_runs, opts)

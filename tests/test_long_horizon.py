@@ -87,3 +87,8 @@ def test_a_claim_is_exclusive_while_its_process_lives_and_taken_over_after(tmp_p
     path.write_text(finished.stdout.strip())  # a claim left by a process that is gone
     assert long_horizon.claim(path)
     assert path.read_text() == str(os.getpid())
+
+
+def test_second_half_change_is_the_last_value_minus_the_one_at_half_the_steps():
+    curve = [{"step": step, "fd": 10.0 + step} for step in (0, 25, 50, 75, 100)]
+    assert long_horizon.second_half_change(curve, "fd") == pytest.approx(110.0 - 60.0)
