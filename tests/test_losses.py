@@ -77,6 +77,20 @@ def test_reward_weights_and_normalize_then_sum():
     torch.testing.assert_close(per_func.advantages, torch.tensor([-2 * a, 2 * a, -0.5 * a, 0.5 * a]))
 
 
+def test_group_advantages_stay_exact_for_a_large_offset_and_a_small_spread():
+    # Rewards like JPEG compressibility (about -3.94, spread 0.02): in float32, (r - mean) loses about 4e-7 per sample,
+    # which the division by the spread blows up to 2e-5, and a group's advantages no longer sum to 0.
+    generator = torch.Generator().manual_seed(0)
+    rewards = (-3.94 + 0.02 * torch.randn(64, 1, generator=generator, dtype=torch.float64)).float()
+    result = compute_advantages(rewards, torch.ones(1), num_generations=4)
+    assert result.advantages.dtype == torch.float32
+    assert result.advantages.view(-1, 4).sum(dim=1).abs().max() < 1e-6
+    exact = (rewards.double().view(-1, 4) - rewards.double().view(-1, 4).mean(1, keepdim=True)) / (
+        rewards.double().view(-1, 4).std(1, keepdim=True) + 1e-4
+    )
+    torch.testing.assert_close(result.advantages.double(), exact.flatten(), rtol=0, atol=1e-6)
+
+
 def test_bad_shape_is_reported():
     with pytest.raises(ValueError, match="num_generations=4"):
         _adv([1.0, 2.0, 3.0], num_generations=4)
