@@ -31,8 +31,8 @@ each claims a run with an exclusive claim file before training it (a claim whose
     python benchmarks/long_horizon.py --worker --quick      # smoke run: 4 runs of 4 steps in /tmp (~30 s)
 
 `--report` writes `docs/reward_hacking/long_horizon.json` (settings, the plan, per-run curves and finals with `steps`
-and `seed`, the fronts and their comparison at matched reward with the seed spread, the runs' cost) and plots in
-`docs/reward_hacking/long_horizon/`.
+and `seed`, the fronts and their comparison at matched reward with the seed spread, the runs' cost), and plots and
+markdown tables (`tables.md`) in `docs/reward_hacking/long_horizon/`.
 """
 
 import argparse
@@ -412,6 +412,34 @@ def plot_group(name: str, configs: dict[str, list[dict]], base: dict, plots_dir:
     return [str(curves), str(fronts)]
 
 
+def markdown_tables(name: str, group: dict) -> str:
+    """A group's finals (mean +- std over seeds, with the second half's FD change) and its matched-reward table."""
+    lines = [f"### {name}", "", "| configuration | seeds | " + " | ".join(METRICS) + " | FD change, 2nd half |"]
+    lines.append("|" + "---|" * (len(METRICS) + 3))
+    base = group["base_model"]
+    lines.append("| base model | | " + " | ".join(f"{base[m]:.3f}" for m in METRICS) + " | |")
+    for label, row in group["summary"].items():
+        cells = " | ".join(f"{row[m]['mean']:.3f} ± {row[m]['std']:.3f}" for m in METRICS)
+        change = row["fd_second_half_change"]
+        lines.append(f"| {label} | {len(row['seeds'])} | {cells} | {change['mean']:+.1f} ± {change['std']:.1f} |")
+    comparison = group["matched_reward"]
+    if comparison and comparison["levels"]:
+        lines += ["", f"At matched final reward (seeds {comparison['seeds']}; DDRL minus reverse KL, mean ± std):", ""]
+        lines.append(
+            "| reward | " + " | ".join(f"{m} DDRL | {m} reverse KL | {m} difference" for m in FIDELITY) + " |"
+        )
+        lines.append("|" + "---|" * (3 * len(FIDELITY) + 1))
+        for level in comparison["levels"]:
+            cells = []
+            for metric in FIDELITY:
+                for side in ("ddrl", "reverse_kl", "ddrl_minus_reverse_kl"):
+                    value = level[f"{metric}_{side}"]
+                    sign = "+" if side == "ddrl_minus_reverse_kl" else ""
+                    cells.append(f"{value['mean']:{sign}.3f} ± {value['std']:.3f}")
+            lines.append(f"| {level['reward']:.3f} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def report(opts, argv: list[str]) -> dict:
     """Gather the finished runs into `--output` (and plots in `--plots-dir`); print each group's table."""
     work, plots_dir = Path(opts.work_dir), Path(opts.plots_dir)
@@ -459,6 +487,7 @@ def report(opts, argv: list[str]) -> dict:
                 f"  at reward {level['reward']:.3f}: accuracy ddrl-reverse_kl = {accuracy['mean']:+.3f} "
                 f"+- {accuracy['std']:.3f}, FD ddrl-reverse_kl = {fd['mean']:+.1f} +- {fd['std']:.1f}"
             )
+    (plots_dir / "tables.md").write_text("\n".join(markdown_tables(name, group) for name, group in groups.items()))
     cost = sum(run["train_runtime_s"] for run in runs)
     results = {
         "command": "python benchmarks/long_horizon.py " + " ".join(argv),
