@@ -64,6 +64,19 @@ from trl_ddrl.digits.default_job import held_out_eval_dataset  # noqa: E402
 
 METRICS = ("reward", "accuracy", "fd", "diversity", "data_loss")
 FIDELITY = ("accuracy", "fd", "diversity")  # compared at matched reward
+# The settings of `reward_hacking.ddrl_args` that every run shares (its warm-up is a tenth of the steps).
+RUN_SETTINGS = (
+    "steps",
+    "recipe",
+    "learning_rate",
+    "clip_range",
+    "num_generations",
+    "prompts_per_step",
+    "num_inference_steps",
+    "train_timesteps",
+    "eval_every",
+    "eval_samples_per_digit",
+)
 REWARDS = ("classifier", "ink", "jpeg")
 SCALINGS = ("authors", "flow_grpo")
 # Flow-GRPO's scale of the objective; everything else (optimizer, EMA, sampler) stays at DDRLConfig's defaults.
@@ -492,9 +505,7 @@ def report(opts, argv: list[str]) -> dict:
     results = {
         "command": "python benchmarks/long_horizon.py " + " ".join(argv),
         "settings": {key: value for key, value in vars(opts).items() if key not in ("worker", "report")},
-        "run_settings": {
-            key: value for key, value in vars(benchmark_opts(opts)).items() if key not in ("work_dir", "output_dir")
-        },
+        "run_settings": {key: vars(benchmark_opts(opts))[key] for key in RUN_SETTINGS},
         "flow_grpo_scaling": FLOW_GRPO_SCALING,
         "plan_size": len(plan),
         "runs_done": len(runs),
