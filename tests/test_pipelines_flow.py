@@ -277,6 +277,27 @@ def test_collator_encodes_video_rows_for_video_pipelines():
         image_collator([{"image": long_video, "prompt": "a cat"}])
 
 
+def test_collator_encodes_each_distinct_caption_once(monkeypatch):
+    # A group's data rows repeat its prompt num_generations times; the text encoders need to see it only once.
+    adapter = get_adapter(tiny_flux_pipeline(), settings("flux"))
+    collator = DiffusionDataCollator(adapter)
+    captions = ["a cat", "a dog", "a cat", "a cat", "a dog"]
+    expected = adapter.encode_prompts(captions, adapter.device)
+    encoded_batches = []
+    encode = adapter.encode_prompts
+
+    def counting_encode(prompts, *args, **kwargs):
+        encoded_batches.append(list(prompts))
+        return encode(prompts, *args, **kwargs)
+
+    monkeypatch.setattr(adapter, "encode_prompts", counting_encode)
+    conditioning = collator.conditioning(captions, [{} for _ in captions])
+    assert encoded_batches == [["a cat", "a dog"]]
+    assert conditioning.keys() == expected.keys()
+    for key, value in expected.items():
+        torch.testing.assert_close(conditioning[key], value)
+
+
 @pytest.mark.parametrize("family", list(FAMILIES))
 def test_two_training_steps_change_only_the_denoiser_and_the_saved_pipeline_samples(family, tmp_path):
     builder = FAMILIES[family][0]

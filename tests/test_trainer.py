@@ -612,7 +612,7 @@ def test_reward_names_are_readable_metric_keys():
 
 
 def test_unique_with_index_maps_every_item_to_its_first_twin():
-    from trl_ddrl.trainer import unique_with_index
+    from trl_ddrl.utils import unique_with_index
 
     assert unique_with_index(["a", "b", "a", "c", "b"]) == (["a", "b", "c"], [0, 1, 0, 2, 1])
     frames = [torch.ones(2), torch.zeros(2), torch.ones(2)]

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from .pipelines import Conditioning, DiffusionAdapter
+from .utils import unique_with_index
 
 
 VIDEO_EXTENSIONS = (".mp4", ".avi", ".mov", ".mkv", ".webm", ".gif")
@@ -397,12 +398,15 @@ class DiffusionDataCollator:
 
     def conditioning(self, captions: list[str], rows: list[dict[str, Any]]) -> Conditioning:
         """
-        The conditioning of `captions`: the adapter's prompt encoding, or for image-editing adapters the encoding of
-        each caption with its row's source image, each distinct (caption, source image) pair once.
+        The conditioning of `captions`: the adapter's prompt encoding of each distinct caption once, or for
+        image-editing adapters the encoding of each caption with its row's source image, each distinct (caption,
+        source image) pair once.
         """
         device = self.adapter.device
         if not self.adapter.conditioned_on_source_image:
-            return self.adapter.encode_prompts(captions, device)
+            unique, index = unique_with_index(captions)  # a group's rows repeat its prompt num_generations times
+            encoded = self.adapter.encode_prompts(unique, device)
+            return {key: value[torch.tensor(index, device=value.device)] for key, value in encoded.items()}
         sources = self.source_pixels(rows)
         keys = [(caption, source.numpy().tobytes()) for caption, source in zip(captions, sources)]
         unique = list(dict.fromkeys(keys))

@@ -6,7 +6,6 @@ import copy
 import glob
 import json
 import math
-import operator
 import os
 import shutil
 import time
@@ -58,7 +57,7 @@ from .pipelines.experts import lora_load_arguments, lora_weight_name, trained_co
 from .rewards import RewardFunctionError, check_rewards, get_reward_function
 from .sde_window import initial_states, join_prefix, rollout_steps
 from .tracking import SampleLoggingCallback, Samples, expose_config_to_trackers
-from .utils import image_grid, save_denoiser, save_video_grid_gif
+from .utils import image_grid, save_denoiser, save_video_grid_gif, unique_with_index
 
 
 logger = logging.get_logger(__name__)
@@ -150,18 +149,6 @@ def order_micro_batches(
             data_rows.append(len(chunk))
         chunks.append(chunk)
     return torch.cat(chunks), data_rows
-
-
-def unique_with_index(items: list, same: Callable[[Any, Any], bool] = operator.eq) -> tuple[list, list[int]]:
-    """The distinct items in first-seen order, and for each item the position of its distinct twin among them."""
-    unique, index = [], []
-    for item in items:
-        match = next((i for i, seen in enumerate(unique) if same(seen, item)), None)
-        if match is None:
-            unique.append(item)
-            match = len(unique) - 1
-        index.append(match)
-    return unique, index
 
 
 @contextlib.contextmanager

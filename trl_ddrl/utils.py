@@ -1,8 +1,11 @@
 # Copyright 2026 The trl_ddrl Authors. Licensed under the Apache License, Version 2.0.
-"""Small helpers shared by the trainer, the CLI and the examples."""
+"""Small helpers shared by the trainer, the data collator, the CLI and the examples."""
 
 import math
+import operator
 import os
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -73,3 +76,15 @@ def save_denoiser(denoiser: nn.Module, state_dict: dict[str, torch.Tensor], fold
     save_torch_state_dict(
         tensors, folder, filename_pattern="diffusion_pytorch_model{suffix}.safetensors", max_shard_size="10GB"
     )
+
+
+def unique_with_index(items: list, same: Callable[[Any, Any], bool] = operator.eq) -> tuple[list, list[int]]:
+    """The distinct items in first-seen order, and for each item the position of its distinct twin among them."""
+    unique, index = [], []
+    for item in items:
+        match = next((i for i, seen in enumerate(unique) if same(seen, item)), None)
+        if match is None:
+            unique.append(item)
+            match = len(unique) - 1
+        index.append(match)
+    return unique, index
