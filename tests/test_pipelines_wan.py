@@ -29,13 +29,11 @@ def settings(**overrides) -> SamplingSettings:
     return SamplingSettings(**kwargs)
 
 
-@pytest.mark.parametrize("expand_timesteps, guidance_scale", [(False, 3.0), (True, 1.0)])
-def test_deterministic_sampling_matches_the_pipeline(expand_timesteps, guidance_scale):
-    """Wan 2.1 I2V (concatenated conditioning, CLIP image embeddings) with CFG; Wan 2.2 TI2V (first-frame replacement)."""
-    pipeline = tiny_wan_i2v_pipeline(expand_timesteps=expand_timesteps)
-    pipeline.scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0)
-    adapter = get_adapter(pipeline, settings(eta=0.0, guidance_scale=guidance_scale))
-    assert isinstance(adapter, WanImageToVideoAdapter) and adapter.latent_shape() == (4, 2, 4, 4)
+def image_to_video_latents(pipeline, adapter, **guidance) -> tuple[torch.Tensor, torch.Tensor]:
+    """
+    The final latents of the adapter's rollout and of the pipeline's own sampling, from the same random image and
+    noise, for a 32x32, 5-frame, 3-step image-to-video pipeline (`adapter` built with `eta=0`).
+    """
     image = (np.random.default_rng(0).random((32, 32, 3)) * 255).astype(np.uint8)
     conditioning = adapter.encode_prompts(PROMPTS[:1], CPU)
     conditioning.update(
@@ -50,11 +48,22 @@ def test_deterministic_sampling_matches_the_pipeline(expand_timesteps, guidance_
         width=32,
         num_frames=5,
         num_inference_steps=3,
-        guidance_scale=guidance_scale,
         max_sequence_length=16,
         latents=noise,
         output_type="latent",
+        **guidance,
     ).frames
+    return ours, theirs
+
+
+@pytest.mark.parametrize("expand_timesteps, guidance_scale", [(False, 3.0), (True, 1.0)])
+def test_deterministic_sampling_matches_the_pipeline(expand_timesteps, guidance_scale):
+    """Wan 2.1 I2V (concatenated conditioning, CLIP image embeddings) with CFG; Wan 2.2 TI2V (first-frame replacement)."""
+    pipeline = tiny_wan_i2v_pipeline(expand_timesteps=expand_timesteps)
+    pipeline.scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0)
+    adapter = get_adapter(pipeline, settings(eta=0.0, guidance_scale=guidance_scale))
+    assert isinstance(adapter, WanImageToVideoAdapter) and adapter.latent_shape() == (4, 2, 4, 4)
+    ours, theirs = image_to_video_latents(pipeline, adapter, guidance_scale=guidance_scale)
     torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-5)
     assert adapter.decode(ours).shape == (1, 5, 3, 32, 32)
 

@@ -19,9 +19,9 @@ from family_checks import (
     module_states,
     train_one_step,
 )
-from PIL import Image
 from test_pipelines_flow import assert_replay_ratio_is_one
 from test_pipelines_unet import ddrl_config
+from test_pipelines_wan import image_to_video_latents
 from tiny_models import tiny_wan22_i2v_pipeline, tiny_wan22_pipeline, tiny_wan_pipeline
 
 from trl_ddrl import DDRLConfig, DDRLTrainer
@@ -76,22 +76,7 @@ def test_image_to_video_deterministic_sampling_matches_the_pipeline():
     pipeline.scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0)
     guidance = dict(guidance_scale=4.0, guidance_scale_2=2.0)
     adapter = get_adapter(pipeline, settings(eta=0.0, **guidance))
-    image = (np.random.default_rng(0).random((32, 32, 3)) * 255).astype(np.uint8)
-    conditioning = adapter.encode_prompts(PROMPTS[:1], CPU)
-    conditioning.update(
-        adapter.encode_condition_frames(torch.from_numpy(image).permute(2, 0, 1)[None].float() / 255 * 2 - 1)
-    )
-    noise = adapter.sample_noise(1, torch.Generator().manual_seed(0))
-    ours = adapter.sample(adapter.denoiser, conditioning, noise).latents[:, -1]
-    theirs = pipeline(
-        image=Image.fromarray(image),
-        prompt=PROMPTS[:1],
-        num_inference_steps=3,
-        latents=noise,
-        output_type="latent",
-        **guidance,
-        **SIZE,
-    ).frames
+    ours, theirs = image_to_video_latents(pipeline, adapter, **guidance)
     torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-5)
 
 
