@@ -298,6 +298,27 @@ def test_collator_encodes_each_distinct_caption_once(monkeypatch):
         torch.testing.assert_close(conditioning[key], value)
 
 
+def test_collator_encodes_each_distinct_data_image_once(monkeypatch):
+    # Without a data_dataset the data rows are the prompt rows, each repeated num_generations times.
+    adapter = get_adapter(tiny_flux_pipeline(), settings("flux"))
+    collator = DiffusionDataCollator(adapter)
+    height, width = adapter.resolution
+    images = [np.random.default_rng(seed).random((height, width, 3), dtype=np.float32) for seed in range(2)]
+    rows = [{"prompt": "a cat", "image": images[i]} for i in (0, 0, 1, 0, 1)]
+    encoded_batches = []
+    encode = adapter.encode_pixels
+
+    def counting_encode(pixels, *args, **kwargs):
+        encoded_batches.append(pixels.shape[0])
+        return encode(pixels, *args, **kwargs)
+
+    monkeypatch.setattr(adapter, "encode_pixels", counting_encode)
+    latents = collator(rows, generator=torch.Generator().manual_seed(0))["latents"]
+    assert encoded_batches == [2]
+    distinct = encode(collator.pixels(rows[1:3]), generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(latents, distinct[torch.tensor([0, 0, 1, 0, 1])])
+
+
 @pytest.mark.parametrize("family", list(FAMILIES))
 def test_two_training_steps_change_only_the_denoiser_and_the_saved_pipeline_samples(family, tmp_path):
     builder = FAMILIES[family][0]

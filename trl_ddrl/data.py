@@ -433,10 +433,15 @@ class DiffusionDataCollator:
         self, rows: list[dict[str, Any]], generator: torch.Generator | None = None
     ) -> dict[str, torch.Tensor | Conditioning | list[str]]:
         captions = self.captions(rows)
-        pixels = self.pixels(rows).to(self.adapter.device)
-        latents = self.adapter.encode_pixels(pixels, generator=generator)
+        # Without a data_dataset the rows of a group repeat one image: the VAE encodes each distinct image once, and
+        # the group's rows share its posterior sample (their data noise still differs).
+        unique, index = unique_with_index(list(self.pixels(rows)), same=torch.equal)
+        pixels = torch.stack(unique).to(self.adapter.device)
+        index = torch.tensor(index, device=pixels.device)
+        latents = self.adapter.encode_pixels(pixels, generator=generator)[index]
         conditioning = self.conditioning(captions, rows)
-        conditioning.update(self.adapter.data_conditioning(pixels, generator=generator))
+        data_conditioning = self.adapter.data_conditioning(pixels, generator=generator)
+        conditioning.update({key: value[index.to(value.device)] for key, value in data_conditioning.items()})
         return {"latents": latents, "conditioning": conditioning, "captions": captions}
 
 

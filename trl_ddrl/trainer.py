@@ -602,7 +602,10 @@ class DDRLTrainer(_BaseTrainer):
             self._step = self.state.global_step * self.args.gradient_accumulation_steps
         if self._step % micro_batches_per_iteration == 0 or self._buffer is None:
             iteration = self.state.global_step * self.args.gradient_accumulation_steps // micro_batches_per_iteration
-            rows = [read_row(self.train_dataset, int(position), "train_dataset") for position in inputs]
+            # The sampler repeats each prompt's position `num_generations` times: read (and decode) each row once.
+            distinct, index = unique_with_index([int(position) for position in inputs])
+            distinct_rows = [read_row(self.train_dataset, position, "train_dataset") for position in distinct]
+            rows = [dict(distinct_rows[i]) for i in index]
             self._buffer = self._generate_and_score(rows, iteration)
         index = self._step % self.args.steps_per_generation
         self._step += 1
