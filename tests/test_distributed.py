@@ -21,6 +21,13 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def two_process_command(script: str, *script_args: str) -> list[str]:
+    """`accelerate launch` of `script` on two CPU processes (gloo), without mixed precision or dynamo."""
+    return [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port",
+            str(free_port()), script, *script_args]  # fmt: skip
+
+
 def run(command: list[str], env: dict[str, str], timeout: int = 400) -> None:
     # ACCELERATE_USE_CPU would silently turn DeepSpeed off: only the runs that ask for it get it.
     environment = {key: value for key, value in os.environ.items() if key != "ACCELERATE_USE_CPU"}
@@ -59,25 +66,7 @@ def check_ema(ranks: list[dict], saved: dict[str, torch.Tensor], sharded: bool) 
 
 
 def test_two_processes_keep_identical_weights_and_whole_groups(tiny_sd3_path, tmp_path):
-    command = [
-        sys.executable,
-        "-m",
-        "accelerate.commands.launch",
-        "--multi_gpu",
-        "--num_processes",
-        "2",
-        "--num_machines",
-        "1",
-        "--mixed_precision",
-        "no",
-        "--dynamo_backend",
-        "no",
-        "--main_process_port",
-        str(free_port()),
-        SCRIPT,
-        tiny_sd3_path,
-        str(tmp_path),
-    ]
+    command = two_process_command(SCRIPT, tiny_sd3_path, str(tmp_path))
     run(command, {"ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"})
     ranks = [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in (0, 1)]
     assert [rank["world_size"] for rank in ranks] == [2, 2]
@@ -115,13 +104,66 @@ def test_two_processes_keep_identical_weights_and_whole_groups(tiny_sd3_path, tm
         assert ranks[0]["eval"][key] == pytest.approx(expected[key], rel=1e-4), key
 
 
+@pytest.mark.parametrize(
+    "train_experts, trained", [("all", {"transformer", "transformer_2"}), ("low_noise", {"transformer_2"})]
+)
+def test_two_processes_train_wan22_experts_with_single_expert_micro_batches(train_experts, trained, tmp_path):
+    # Every micro-batch holds one transition, so one expert gets no gradient in it: DDP must not wait for it.
+    script = os.path.join(os.path.dirname(__file__), "scripts", "wan22_experts_train.py")
+    run(two_process_command(script, train_experts, str(tmp_path)), {"ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"})
+    ranks = [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in (0, 1)]
+    assert [rank["world_size"] for rank in ranks] == [2, 2]
+    assert ranks[0]["after"] == ranks[1]["after"]
+    for expert, before in ranks[0]["before"].items():
+        assert (ranks[0]["after"][expert] != before) == (expert in trained), expert
+    check_saved_experts(tmp_path, trained)
+
+
+def check_saved_experts(output_dir, trained: set[str]) -> None:
+    """The saved pipeline holds the trained experts changed and the frozen one exactly as the base model's."""
+    sys.path.insert(0, os.path.dirname(__file__))
+    from tiny_models import tiny_wan22_pipeline
+
+    base = tiny_wan22_pipeline()
+    for expert in ("transformer", "transformer_2"):
+        saved = load_file(output_dir / expert / "diffusion_pytorch_model.safetensors")
+        original = getattr(base, expert).state_dict()
+        assert set(saved) == set(original), expert
+        assert all(saved[key].shape == value.shape for key, value in original.items()), expert
+        unchanged = all(torch.equal(saved[key], value) for key, value in original.items())
+        assert unchanged != (expert in trained), expert
+
+
+def test_deepspeed_zero3_saves_the_frozen_wan22_expert_whole(tmp_path):
+    # ZeRO-3 partitions the frozen expert too: saving the pipeline as it stands would write its empty shards.
+    pytest.importorskip("deepspeed")
+    config = {
+        # Threshold 0: partition every parameter, as a real model's large ones are (tiny ones stay whole by default).
+        "zero_optimization": {
+            "stage": 3,
+            "stage3_param_persistence_threshold": 0,
+            "stage3_gather_16bit_weights_on_model_save": True,
+        },
+        "train_micro_batch_size_per_gpu": "auto",
+        "gradient_accumulation_steps": "auto",
+        "gradient_clipping": "auto",
+        "bf16": {"enabled": False},
+    }
+    config_path = tmp_path / "zero3.json"
+    config_path.write_text(json.dumps(config))
+    env = {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1"}
+    script = os.path.join(os.path.dirname(__file__), "scripts", "wan22_experts_train.py")
+    output_dir = tmp_path / "out"
+    run(
+        [sys.executable, script, "low_noise", str(output_dir), str(config_path)],
+        {**env, "MASTER_PORT": str(free_port())},
+    )
+    check_saved_experts(output_dir, {"transformer_2"})
+
+
 @pytest.mark.slow
 def test_sigterm_on_one_process_saves_a_collective_checkpoint_on_all(tiny_sd3_path, tmp_path):
-    command = [
-        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines",
-        "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()), SCRIPT,
-        tiny_sd3_path, str(tmp_path),
-    ]  # fmt: skip
+    command = two_process_command(SCRIPT, tiny_sd3_path, str(tmp_path))
     environment = {key: value for key, value in os.environ.items() if key != "ACCELERATE_USE_CPU"}
     environment.update({"ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", "SIGTERM_RANK": "1"})
     result = subprocess.run(command, env=environment, capture_output=True, text=True, timeout=400)

@@ -53,7 +53,7 @@ from .losses import clipped_policy_loss, compute_advantages, reverse_kl
 from .model_card import hub_base_model, save_model_card
 from .parallel import prepare_parallelism
 from .pipelines import ADAPTERS, Conditioning, SamplingSettings, get_adapter
-from .pipelines.experts import lora_load_arguments, lora_weight_name, trained_components, trained_parts
+from .pipelines.experts import denoiser_parts, lora_load_arguments, lora_weight_name, trained_components
 from .rewards import RewardFunctionError, check_rewards, get_reward_function
 from .sde_window import initial_states, join_prefix, rollout_steps
 from .tracking import SampleLoggingCallback, Samples, expose_config_to_trackers
@@ -1113,12 +1113,15 @@ class DDRLTrainer(_BaseTrainer):
             # checkpoint instead, from which resume works; there are no full weights to write here.
             self._save_config(output_dir)
             return
-        if not self.is_peft and self._saving_final_model and self.args.save_full_pipeline:
-            # Writes every component; the trained ones' folders are then rewritten from the (possibly gathered) state
-            # dict, which under ZeRO-3 is the only place the full weights exist.
+        full_pipeline = not self.is_peft and self._saving_final_model and self.args.save_full_pipeline
+        if full_pipeline:
+            # Writes every component; the denoiser's folders are then rewritten from the (possibly gathered) state
+            # dict, which under ZeRO-3 is the only place the full weights exist (a frozen expert's too).
             self.pipeline.save_pretrained(output_dir)
-        # The denoiser, or each trained expert of a two-expert one, in its own folder / LoRA file.
-        for component, (module, state) in trained_parts(denoiser, self.adapter.denoiser_name, state_dict).items():
+        # The denoiser, or each trained expert of a two-expert one (every expert in a whole pipeline), in its own
+        # folder / LoRA file.
+        parts = denoiser_parts(denoiser, self.adapter.denoiser_name, state_dict, frozen_too=full_pipeline)
+        for component, (module, state) in parts.items():
             if self.is_peft:
                 self._save_lora(module, state, output_dir, lora_weight_name(component))
             else:

@@ -182,20 +182,23 @@ def trained_components(denoiser: nn.Module, name: str) -> dict[str, nn.Module]:
     return {name: denoiser}
 
 
-def trained_parts(
-    denoiser: nn.Module, name: str, state_dict: dict[str, torch.Tensor]
+def denoiser_parts(
+    denoiser: nn.Module, name: str, state_dict: dict[str, torch.Tensor], frozen_too: bool = False
 ) -> dict[str, tuple[nn.Module, dict[str, torch.Tensor]]]:
     """
-    [`trained_components`], each with its part of the denoiser's `state_dict` (possibly gathered from shards): all of
-    it for a single denoiser, the entries under `<expert>.` (prefix removed) for each trained expert.
+    [`trained_components`] (with `frozen_too`, every expert), each with its part of the denoiser's `state_dict`
+    (possibly gathered from shards): all of it for a single denoiser, the entries under `<expert>.` (prefix removed)
+    for each expert. Under ZeRO-3 or FSDP the gathered state dict is the only place a frozen expert's full weights
+    exist too: the pipeline's own module holds this process's shards.
     """
     if not isinstance(denoiser, TimestepExperts):
         return {name: (denoiser, state_dict)}
+    components = denoiser.trained + (denoiser.frozen if frozen_too else ())
     parts = {}
-    for component, module in denoiser.trained_experts.items():
+    for component in components:
         prefix = f"{component}."
         parts[component] = (
-            module,
+            getattr(denoiser, component),
             {key[len(prefix) :]: value for key, value in state_dict.items() if key.startswith(prefix)},
         )
     return parts
