@@ -11,7 +11,8 @@ The **raw compute floor** is the same iteration's bare compute on a copy of the 
 it: the no-grad forward passes of every rollout step, then for every micro-batch of trained transitions one forward of
 the replayed states and (with a data term) one of the noised data, one backward, then one clipped AdamW step. One raw
 iteration runs right after each trainer iteration (outside its timing), so that each pair sees the same machine load;
-`trainer / raw` is the median of the per-iteration ratios (goal: at most 1.15).
+`trainer / raw` is the median of the per-iteration ratios (goal: at most 1.10, also with `--sde-window-size` and
+`--sampler cps`).
 
 Usage (from the repository root):
     python benchmarks/throughput.py                 # writes benchmarks/results/throughput.json
@@ -36,6 +37,9 @@ from trl_ddrl import DDRLConfig, DDRLTrainer
 
 PROMPTS = ["a red square", "a blue circle", "a green tree", "a yellow car"]
 MAX_SEQUENCE_LENGTH = 16  # T5 tokens of the prompt embeddings (zeros: the pipeline has no T5), as in the tests
+
+
+GOAL_RATIO = 1.10  # for the default settings and with the SDE window and CPS on
 
 
 def parse_args() -> argparse.Namespace:
@@ -188,7 +192,7 @@ def run(args: argparse.Namespace, output_dir: str) -> None:
             "samples_per_s": samples / statistics.median(raw_iteration),
         },
         "ratio_trainer_over_raw": {"median": ratio, "per_iteration": ratios},
-        "goal_ratio_at_most": 1.15,
+        "goal_ratio_at_most": GOAL_RATIO,
         "process_peak_rss_mib": process_peak_rss_mib(),
     }
     os.makedirs(os.path.dirname(args.output), exist_ok=True)
@@ -220,7 +224,7 @@ def run(args: argparse.Namespace, output_dir: str) -> None:
         f"train {raw_result['train_s']['median']:.2f}; {raw_result['samples_per_s']:.2f} samples/s"
     )
     print(
-        f"trainer / raw = {ratio:.3f} (median of per-iteration ratios {[round(r, 3) for r in ratios]}; goal <= 1.15)"
+        f"trainer / raw = {ratio:.3f} (median of per-iteration ratios {[round(r, 3) for r in ratios]}; goal <= {GOAL_RATIO})"
     )
     print(f"wrote {args.output}")
 
