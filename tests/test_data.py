@@ -1,9 +1,12 @@
+from types import SimpleNamespace
+
 import numpy as np
 import pytest
 import torch
+from datasets import Dataset
 from PIL import Image
 
-from trl_ddrl.data import to_pixel_tensor
+from trl_ddrl.data import check_data_columns, check_prompt_datasets, to_pixel_tensor
 
 
 def test_pil_rgb_is_resized_cropped_and_scaled():
@@ -72,3 +75,37 @@ def test_video_file_without_imageio_names_the_fix(tmp_path, monkeypatch):
     (tmp_path / "clip.mp4").write_bytes(b"")
     with pytest.raises(ImportError, match=r"Column 'video'.*imageio\[pyav\]"):
         to_pixel_tensor(str(tmp_path / "clip.mp4"), 4, 4, 3, column="video")
+
+
+def test_prompt_datasets_are_converted_and_checked():
+    rows = [{"prompt": "a cat"}, {"prompt": "a dog"}]
+    train, data = check_prompt_datasets(rows, {"image": [np.zeros((4, 4, 3))], "caption": ["x"]}, prompts_per_step=2)
+    assert isinstance(train, Dataset) and train["prompt"] == ["a cat", "a dog"] and len(data) == 1
+    cases = [
+        ((None, None, 1), "train_dataset is required"),
+        ((rows, Dataset.from_dict({"image": []}), 1), "data_dataset is empty"),
+        ((Dataset.from_dict({"prompt": ["a"]}).to_iterable_dataset(), None, 1), "map-style"),
+        (([{"text": "a cat"}], None, 1), r"no 'prompt' column \(columns: \['text'\]\)"),
+        ((rows, None, 3), "train_dataset has 2 rows, but prompts_per_step=3"),
+    ]
+    for arguments, message in cases:
+        with pytest.raises(ValueError, match=message):
+            check_prompt_datasets(*arguments)
+
+
+def test_data_columns_are_checked_against_the_run():
+    adapter = SimpleNamespace(pipeline=object(), num_conditioning_frames=0, conditioned_on_source_image=False)
+    args = SimpleNamespace(image_column="image", caption_column="caption", data_beta=0.1, data_source="dataset")
+    prompts = Dataset.from_dict({"prompt": ["a cat"]})
+    data = Dataset.from_dict({"image": [np.zeros((4, 4, 3))], "caption": ["a cat"]})
+    check_data_columns(adapter, args, prompts, data)
+    check_data_columns(adapter, SimpleNamespace(**{**vars(args), "data_beta": 0.0}), prompts)
+    with pytest.raises(ValueError, match="data_beta=0.1 needs data images, but train_dataset has no 'image' column"):
+        check_data_columns(adapter, args, prompts)
+    with pytest.raises(ValueError, match="data_dataset has no 'caption' caption column"):
+        check_data_columns(adapter, args, prompts, data.remove_columns("caption"))
+    with pytest.raises(ValueError, match="data_source='base_model' draws the data term from the base model"):
+        check_data_columns(adapter, SimpleNamespace(**{**vars(args), "data_source": "base_model"}), prompts, data)
+    framed = SimpleNamespace(**{**vars(adapter), "num_conditioning_frames": 1})
+    with pytest.raises(ValueError, match="generates from conditioning frames, but train_dataset has no 'image'"):
+        check_data_columns(framed, args, prompts, data)

@@ -445,6 +445,76 @@ class DiffusionDataCollator:
         return {"latents": latents, "conditioning": conditioning, "captions": captions}
 
 
+def check_prompt_datasets(train_dataset: Any, data_dataset: Any, prompts_per_step: int) -> tuple[Any, Any]:
+    """
+    `train_dataset` and `data_dataset` as `datasets.Dataset`s (see [`as_dataset`]), checked: a map-style prompt
+    dataset with a `prompt` column and at least `prompts_per_step` rows, and a data dataset that is not empty.
+
+    Raises:
+        `ValueError`: naming the dataset, what it lacks and the fix.
+    """
+    from datasets import IterableDataset
+
+    if train_dataset is None:
+        raise ValueError("train_dataset is required: a datasets.Dataset with a 'prompt' column.")
+    train_dataset, data_dataset = as_dataset(train_dataset, "train_dataset"), as_dataset(data_dataset, "data_dataset")
+    if data_dataset is not None and not isinstance(data_dataset, IterableDataset) and len(data_dataset) == 0:
+        raise ValueError("data_dataset is empty: give it rows of images and captions, or leave it out.")
+    if isinstance(train_dataset, IterableDataset):
+        raise ValueError("train_dataset must be a map-style datasets.Dataset (IterableDataset is not supported).")
+    if "prompt" not in train_dataset.column_names:
+        raise ValueError(
+            f"train_dataset has no 'prompt' column (columns: {train_dataset.column_names}). Rename the prompt "
+            "column with dataset.rename_column(<name>, 'prompt')."
+        )
+    if len(train_dataset) < prompts_per_step:
+        raise ValueError(
+            f"train_dataset has {len(train_dataset)} rows, but prompts_per_step={prompts_per_step} draws that "
+            "many distinct prompts per iteration: add prompts, or lower prompts_per_step."
+        )
+    return train_dataset, data_dataset
+
+
+def check_data_columns(adapter: DiffusionAdapter, args, train_dataset, data_dataset=None) -> None:
+    """
+    The columns the run reads are there: the conditioning frames of frame-conditioned families, the data term's
+    images and captions (from `data_dataset`, or `train_dataset` without one), and the source images of image-editing
+    families; and `data_source="base_model"` is not given a `data_dataset` it would ignore.
+
+    Raises:
+        `ValueError`: naming the dataset, the column or field, and the fix.
+    """
+    pipeline = type(adapter.pipeline).__name__
+    if adapter.num_conditioning_frames and args.image_column not in train_dataset.column_names:
+        raise ValueError(
+            f"{pipeline} generates from conditioning frames, but train_dataset has no '{args.image_column}' column "
+            f"(columns: {train_dataset.column_names}). Add an image or video per prompt in that column, or set "
+            "image_column."
+        )
+    if args.data_source == "base_model" and data_dataset is not None:
+        raise ValueError(
+            "data_dataset is given but data_source='base_model' draws the data term from the base model. Drop "
+            "data_dataset, or set data_source='dataset' to train on it."
+        )
+    if args.data_beta > 0 and args.data_source == "dataset":
+        source = data_dataset if data_dataset is not None else train_dataset
+        if args.image_column not in source.column_names:
+            which = "data_dataset" if data_dataset is not None else "train_dataset"
+            raise ValueError(
+                f"data_beta={args.data_beta} needs data images, but {which} has no '{args.image_column}' column "
+                f"(columns: {source.column_names}). Pass a data_dataset with image and caption columns, add an "
+                "image column to train_dataset, set image_column, set data_source='base_model' to regularise "
+                "towards the base model's own samples, or set data_beta=0."
+            )
+        if data_dataset is not None and args.caption_column not in data_dataset.column_names:
+            raise ValueError(
+                f"data_dataset has no '{args.caption_column}' caption column (columns: {data_dataset.column_names}). "
+                "Set caption_column."
+            )
+    if adapter.conditioned_on_source_image:
+        check_source_image_column(adapter, args, train_dataset, data_dataset)
+
+
 def check_source_image_column(adapter: DiffusionAdapter, args, train_dataset, data_dataset=None) -> None:
     """
     For image-editing adapters: `train_dataset` (and the data rows) must hold `args.source_image_column`.

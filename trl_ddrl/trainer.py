@@ -19,7 +19,7 @@ from urllib.parse import urlparse
 
 import torch
 from accelerate.utils import gather
-from datasets import Dataset, IterableDataset
+from datasets import Dataset
 from diffusers import DiffusionPipeline
 from diffusers.loaders.lora_base import LoraBaseMixin
 from peft import get_peft_model_state_dict, set_peft_model_state_dict
@@ -34,7 +34,7 @@ from trl.trainer.base_trainer import _BaseTrainer
 from trl.trainer.utils import RepeatSampler
 
 from .config import DDRLConfig
-from .data import DiffusionDataCollator, as_dataset, check_source_image_column, read_row
+from .data import DiffusionDataCollator, check_data_columns, check_prompt_datasets, read_row
 from .ema import EMA_FOLDER, EMACallback, ParameterEMA
 from .evaluation import Evaluator
 from .fault_handling import (
@@ -320,26 +320,7 @@ class DDRLTrainer(_BaseTrainer):
             )
         if args is None:
             args = DDRLConfig(f"{str(model_id).rstrip('/').split('/')[-1]}-DDRL")
-        if train_dataset is None:
-            raise ValueError("train_dataset is required: a datasets.Dataset with a 'prompt' column.")
-        train_dataset, data_dataset = (
-            as_dataset(train_dataset, "train_dataset"),
-            as_dataset(data_dataset, "data_dataset"),
-        )
-        if data_dataset is not None and not isinstance(data_dataset, IterableDataset) and len(data_dataset) == 0:
-            raise ValueError("data_dataset is empty: give it rows of images and captions, or leave it out.")
-        if isinstance(train_dataset, IterableDataset):
-            raise ValueError("train_dataset must be a map-style datasets.Dataset (IterableDataset is not supported).")
-        if "prompt" not in train_dataset.column_names:
-            raise ValueError(
-                f"train_dataset has no 'prompt' column (columns: {train_dataset.column_names}). Rename the prompt "
-                "column with dataset.rename_column(<name>, 'prompt')."
-            )
-        if len(train_dataset) < args.prompts_per_step:
-            raise ValueError(
-                f"train_dataset has {len(train_dataset)} rows, but prompts_per_step={args.prompts_per_step} draws that "
-                "many distinct prompts per iteration: add prompts, or lower prompts_per_step."
-            )
+        train_dataset, data_dataset = check_prompt_datasets(train_dataset, data_dataset, args.prompts_per_step)
 
         self.pipeline = pipeline
         self.model_id = str(model_id)
@@ -391,34 +372,7 @@ class DDRLTrainer(_BaseTrainer):
         self.evaluator = Evaluator(self, args, eval_reward_funcs, eval_dataset)
 
         self.data_dataset = data_dataset
-        if self.adapter.num_conditioning_frames and args.image_column not in train_dataset.column_names:
-            raise ValueError(
-                f"{type(pipeline).__name__} generates from conditioning frames, but train_dataset has no "
-                f"'{args.image_column}' column (columns: {train_dataset.column_names}). Add an image or video per prompt "
-                "in that column, or set image_column."
-            )
-        if args.data_source == "base_model" and data_dataset is not None:
-            raise ValueError(
-                "data_dataset is given but data_source='base_model' draws the data term from the base model. Drop "
-                "data_dataset, or set data_source='dataset' to train on it."
-            )
-        if args.data_beta > 0 and args.data_source == "dataset":
-            source = data_dataset if data_dataset is not None else train_dataset
-            if args.image_column not in source.column_names:
-                which = "data_dataset" if data_dataset is not None else "train_dataset"
-                raise ValueError(
-                    f"data_beta={args.data_beta} needs data images, but {which} has no '{args.image_column}' column "
-                    f"(columns: {source.column_names}). Pass a data_dataset with image and caption columns, add an "
-                    "image column to train_dataset, set image_column, set data_source='base_model' to regularise "
-                    "towards the base model's own samples, or set data_beta=0."
-                )
-            if data_dataset is not None and args.caption_column not in data_dataset.column_names:
-                raise ValueError(
-                    f"data_dataset has no '{args.caption_column}' caption column (columns: "
-                    f"{data_dataset.column_names}). Set caption_column."
-                )
-        if self.adapter.conditioned_on_source_image:
-            check_source_image_column(self.adapter, args, train_dataset, data_dataset)
+        check_data_columns(self.adapter, args, train_dataset, data_dataset)
         self.data_collator_for_loss = DiffusionDataCollator(
             self.adapter, args.image_column, args.caption_column, args.source_image_column
         )
