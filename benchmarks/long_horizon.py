@@ -411,7 +411,14 @@ def plot_group(name: str, configs: dict[str, list[dict]], base: dict, plots_dir:
                     marker="o",
                     capsize=2,
                 )
-                axis.annotate(label.split("(")[-1].rstrip(")"), points[-1][:2], fontsize=6, color=color)
+                axis.annotate(
+                    label.split("(")[-1].rstrip(")"),
+                    points[-1][:2],
+                    xytext=(5, -8 if method == "ddrl" else 4),  # beside the marker; DDRL below, reverse KL above
+                    textcoords="offset points",
+                    fontsize=6,
+                    color=color,
+                )
             axis.plot([p[0] for p in points], [p[1] for p in points], color=color, label=f"{method} front")
         axis.scatter([base[metric]], [base["reward"]], color="black", marker="*", s=100, label="base model")
         axis.set_xlabel(metric)
