@@ -100,6 +100,25 @@ def test_a_mixed_batch_gives_each_row_its_experts_output_and_gradient():
     assert pipeline.transformer.proj_out.weight.grad is None or not pipeline.transformer.proj_out.weight.grad.any()
 
 
+def test_denoiser_parts_split_the_state_dict_by_expert():
+    from trl_ddrl.pipelines.experts import denoiser_parts
+
+    pipeline = tiny_wan22_pipeline()
+    experts = get_adapter(pipeline, settings(train_experts="low_noise")).denoiser
+    state = {key: value + 1 for key, value in experts.state_dict().items()}  # stands for the gathered weights
+    trained = denoiser_parts(experts, "transformer", state)
+    assert list(trained) == ["transformer_2"] and trained["transformer_2"][0] is pipeline.transformer_2
+    every = denoiser_parts(experts, "transformer", state, frozen_too=True)
+    assert list(every) == ["transformer_2", "transformer"]
+    for name, (module, part) in every.items():
+        assert part.keys() == module.state_dict().keys()
+        assert all(torch.equal(part[key], state[f"{name}.{key}"]) for key in part)
+    single = pipeline.transformer
+    assert denoiser_parts(single, "transformer", {"w": torch.ones(1)}, frozen_too=True) == {
+        "transformer": (single, {"w": torch.ones(1)})
+    }
+
+
 def test_on_policy_ratio_is_one():
     adapter = get_adapter(tiny_wan22_pipeline(), settings())
     assert_replay_ratio_is_one(adapter, adapter.encode_prompts(PROMPTS, CPU))
