@@ -370,7 +370,9 @@ def group_fronts(runs: list[dict], opts) -> dict[int, dict[str, list]]:
 
 def plot_group(name: str, configs: dict[str, list[dict]], base: dict, plots_dir: Path) -> list[str]:
     """Curves (every metric against the step, mean over seeds with a +-std band) and the fronts of one group."""
-    colors = plt.get_cmap("tab10")
+    # Eleven configurations: tab20's ten dark shades, then its light ones; reverse KL dashed, the controls dash-dotted.
+    palette = plt.get_cmap("tab20")
+    line_styles = {"reverse_kl": "--", "reward_only": "-.", "data_only": "-."}
     figure, axes = plt.subplots(1, len(METRICS), figsize=(4.0 * len(METRICS), 3.6))
     for axis, metric in zip(axes, METRICS, strict=True):
         for index, (label, runs) in enumerate(configs.items()):
@@ -379,8 +381,9 @@ def plot_group(name: str, configs: dict[str, list[dict]], base: dict, plots_dir:
             values = torch.tensor([[point[metric] for point in run["curve"][:length]] for run in runs])
             mean = values.mean(0)
             std = values.std(0) if len(runs) > 1 else torch.zeros_like(mean)
-            axis.plot(steps, mean, color=colors(index % 10), label=f"{label} ({len(runs)} seeds)")
-            axis.fill_between(steps, mean - std, mean + std, color=colors(index % 10), alpha=0.15)
+            color, style = palette((2 * index) % 20 + index // 10), line_styles.get(runs[0]["method"], "-")
+            axis.plot(steps, mean, color=color, linestyle=style, label=f"{label} ({len(runs)} seeds)")
+            axis.fill_between(steps, mean - std, mean + std, color=color, alpha=0.15)
         axis.axhline(base[metric], color="black", linestyle=":", linewidth=1)
         axis.set_title(metric)
         axis.set_xlabel("optimizer step")
