@@ -18,6 +18,7 @@ from PIL import Image
 from test_pipelines_unet import ddrl_config
 from tiny_models import tiny_cosmos2_pipeline, tiny_flux_pipeline, tiny_wan_pipeline
 
+import trl_ddrl.data as data_module
 from trl_ddrl import DDRLTrainer
 from trl_ddrl.data import DiffusionDataCollator
 from trl_ddrl.pipelines import (
@@ -305,6 +306,7 @@ def test_collator_encodes_each_distinct_data_image_once(monkeypatch):
     height, width = adapter.resolution
     images = [np.random.default_rng(seed).random((height, width, 3), dtype=np.float32) for seed in range(2)]
     rows = [{"prompt": "a cat", "image": images[i]} for i in (0, 0, 1, 0, 1)]
+    rows.append({"prompt": "a cat", "image": images[1].copy()})  # equal pixels in another object
     encoded_batches = []
     encode = adapter.encode_pixels
 
@@ -313,10 +315,15 @@ def test_collator_encodes_each_distinct_data_image_once(monkeypatch):
         return encode(pixels, *args, **kwargs)
 
     monkeypatch.setattr(adapter, "encode_pixels", counting_encode)
+    converted = []
+    row_pixels = data_module._row_pixels
+    monkeypatch.setattr(
+        data_module, "_row_pixels", lambda value, *args: converted.append(1) or row_pixels(value, *args)
+    )
     latents = collator(rows, generator=torch.Generator().manual_seed(0))["latents"]
-    assert encoded_batches == [2]
+    assert encoded_batches == [2] and len(converted) == 3  # each image object is resized once
     distinct = encode(collator.pixels(rows[1:3]), generator=torch.Generator().manual_seed(0))
-    torch.testing.assert_close(latents, distinct[torch.tensor([0, 0, 1, 0, 1])])
+    torch.testing.assert_close(latents, distinct[torch.tensor([0, 0, 1, 0, 1, 1])])
 
 
 @pytest.mark.parametrize("family", list(FAMILIES))

@@ -313,12 +313,20 @@ class DiffusionDataCollator:
         The rows' images as model pixels `[B, C, H, W]` in `[-1, 1]`, or for video pipelines (adapters with a
         `num_frames`) their videos' first `num_frames` frames, `[B, F, C, H, W]`.
         """
+        return torch.stack(self._pixel_list(rows))
+
+    def _pixel_list(self, rows: list[dict[str, Any]]) -> list[torch.Tensor]:
+        """[`pixels`] as a list, converting each image object once: rows sharing one object share one tensor."""
         height, width = self.adapter.resolution
         channels = self.adapter.pixel_channels
         num_frames = self.adapter.num_frames
         pipeline = type(self.adapter.pipeline).__name__
         values = []
+        converted: dict[int, torch.Tensor] = {}  # by id: a group's rows share their image object
         for index, row in enumerate(rows):
+            if id(row.get(self.image_column)) in converted:
+                values.append(converted[id(row[self.image_column])])
+                continue
             if self.image_column not in row or row[self.image_column] is None:
                 raise KeyError(
                     f"Row {index} has no '{self.image_column}' value (columns: {sorted(row)}). Set image_column to the "
@@ -343,8 +351,9 @@ class DiffusionDataCollator:
                         f"num_frames={num_frames}. Use clips of at least num_frames frames or lower num_frames."
                     )
                 pixels = pixels[:num_frames]
+            converted[id(row[self.image_column])] = pixels
             values.append(pixels)
-        return torch.stack(values)
+        return values
 
     def condition_pixels(self, rows: list[dict[str, Any]]) -> torch.Tensor:
         """
@@ -435,7 +444,7 @@ class DiffusionDataCollator:
         captions = self.captions(rows)
         # Without a data_dataset the rows of a group repeat one image: the VAE encodes each distinct image once, and
         # the group's rows share its posterior sample (their data noise still differs).
-        unique, index = unique_with_index(list(self.pixels(rows)), same=torch.equal)
+        unique, index = unique_with_index(self._pixel_list(rows), same=lambda a, b: a is b or torch.equal(a, b))
         pixels = torch.stack(unique).to(self.adapter.device)
         index = torch.tensor(index, device=pixels.device)
         latents = self.adapter.encode_pixels(pixels, generator=generator)[index]
