@@ -182,6 +182,32 @@ def test_saved_pipeline_reloads_and_samples(tiny_sd3_path, tmp_path):
     assert "exponential moving average (EMA)" in card
 
 
+def test_the_final_save_writes_the_denoiser_weights_once(tiny_sd3_path, tmp_path, monkeypatch):
+    # The pipeline's own save wrote the denoiser, which was then rewritten from the state dict: twice the bytes.
+    from diffusers import SD3Transformer2DModel
+
+    import trl_ddrl.utils
+
+    written, pipeline_saves = [], []
+    save = trl_ddrl.utils.save_torch_state_dict
+    monkeypatch.setattr(
+        trl_ddrl.utils,
+        "save_torch_state_dict",
+        lambda state, folder, **kwargs: written.append(folder) or save(state, folder, **kwargs),
+    )
+    monkeypatch.setattr(
+        SD3Transformer2DModel, "save_pretrained", lambda self, *args, **kw: pipeline_saves.append(args)
+    )
+    args = make_args(tmp_path, max_steps=1)
+    trainer = DDRLTrainer(tiny_sd3_path, "brightness", args=args, train_dataset=prompt_dataset())
+    trainer.train()
+    trainer.save_model()
+    assert pipeline_saves == [] and written == [str(tmp_path / "transformer")]
+    reloaded = DiffusionPipeline.from_pretrained(tmp_path)
+    with trainer.ema_weights():
+        assert_same_weights(reloaded.transformer, state_of(trainer.pipeline.transformer))
+
+
 class _StopAt(TrainerCallback):
     def __init__(self, step: int):
         self.step = step

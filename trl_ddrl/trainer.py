@@ -57,7 +57,7 @@ from .pipelines.experts import denoiser_parts, lora_load_arguments, lora_weight_
 from .rewards import RewardFunctionError, check_rewards, get_reward_function
 from .sde_window import initial_states, join_prefix, rollout_steps
 from .tracking import SampleLoggingCallback, Samples, expose_config_to_trackers
-from .utils import image_grid, save_denoiser, save_video_grid_gif, unique_with_index
+from .utils import image_grid, save_denoiser, save_video_grid_gif, saved_separately, unique_with_index
 
 
 logger = logging.get_logger(__name__)
@@ -1068,13 +1068,13 @@ class DDRLTrainer(_BaseTrainer):
             self._save_config(output_dir)
             return
         full_pipeline = not self.is_peft and self._saving_final_model and self.args.save_full_pipeline
-        if full_pipeline:
-            # Writes every component; the denoiser's folders are then rewritten from the (possibly gathered) state
-            # dict, which under ZeRO-3 is the only place the full weights exist (a frozen expert's too).
-            self.pipeline.save_pretrained(output_dir)
         # The denoiser, or each trained expert of a two-expert one (every expert in a whole pipeline), in its own
-        # folder / LoRA file.
+        # folder / LoRA file, from the (possibly gathered) state dict: under ZeRO-3 the only place the full weights
+        # exist (a frozen expert's too).
         parts = denoiser_parts(denoiser, self.adapter.denoiser_name, state_dict, frozen_too=full_pipeline)
+        if full_pipeline:
+            with saved_separately(self.pipeline, parts):  # the other components
+                self.pipeline.save_pretrained(output_dir)
         for component, (module, state) in parts.items():
             if self.is_peft:
                 self._save_lora(module, state, output_dir, lora_weight_name(component))

@@ -1,10 +1,11 @@
 # Copyright 2026 The trl_ddrl Authors. Licensed under the Apache License, Version 2.0.
 """Small helpers shared by the trainer, the data collator, the CLI and the examples."""
 
+import contextlib
 import math
 import operator
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import numpy as np
@@ -76,6 +77,30 @@ def save_denoiser(denoiser: nn.Module, state_dict: dict[str, torch.Tensor], fold
     save_torch_state_dict(
         tensors, folder, filename_pattern="diffusion_pytorch_model{suffix}.safetensors", max_shard_size="10GB"
     )
+
+
+def _skip_save(*args, **kwargs) -> None:
+    """Stands in for a component's `save_pretrained` inside [`saved_separately`]."""
+
+
+@contextlib.contextmanager
+def saved_separately(pipeline, components: Iterable[str]) -> Iterator[None]:
+    """
+    Within the block, `pipeline.save_pretrained` keeps `components` in `model_index.json` but does not write their
+    folders: the caller writes those itself (from a possibly gathered state dict, with [`save_denoiser`]), so that
+    their weights are written once instead of twice.
+    """
+    modules = []
+    for name in components:
+        module = getattr(pipeline, name)
+        module = getattr(module, "_orig_mod", module)  # diffusers saves a torch.compile'd module through the original
+        module.save_pretrained = _skip_save  # an instance attribute shadows the class's method
+        modules.append(module)
+    try:
+        yield
+    finally:
+        for module in modules:
+            del module.save_pretrained
 
 
 def unique_with_index(items: list, same: Callable[[Any, Any], bool] = operator.eq) -> tuple[list, list[int]]:
