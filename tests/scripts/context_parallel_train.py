@@ -64,6 +64,7 @@ def train(output_dir: str, context_parallel_size: int = 1, prompts_per_step: int
         max_sequence_length=16,
         optim="sgd",  # the update is proportional to the gradient: a wrong gradient scale shows in the weights
         learning_rate=0.05,
+        warmup_steps=0,  # the authors' 50 warm-up steps would leave this one-step run at a learning rate of 0
         eta=1.0,
         data_beta=0.5,
         data_source="base_model",  # the reference model runs (context-parallel) too
