@@ -28,6 +28,34 @@ def two_process_command(script: str, *script_args: str) -> list[str]:
             str(free_port()), script, *script_args]  # fmt: skip
 
 
+def zero3_single_process(tmp_path) -> tuple[str, dict[str, str]]:
+    """
+    A DeepSpeed ZeRO-3 config written under `tmp_path` and the environment of a one-process run of it. Threshold 0:
+    every parameter is partitioned, as a real model's large ones are (tiny ones stay whole by default).
+    """
+    config = {
+        "zero_optimization": {
+            "stage": 3,
+            "stage3_param_persistence_threshold": 0,
+            "stage3_gather_16bit_weights_on_model_save": True,
+        },
+        "train_micro_batch_size_per_gpu": "auto",
+        "gradient_accumulation_steps": "auto",
+        "gradient_clipping": "auto",
+        "bf16": {"enabled": False},
+    }
+    config_path = tmp_path / "zero3.json"
+    config_path.write_text(json.dumps(config))
+    env = {
+        "RANK": "0",
+        "WORLD_SIZE": "1",
+        "LOCAL_RANK": "0",
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": str(free_port()),
+    }
+    return str(config_path), env
+
+
 def run(command: list[str], env: dict[str, str], timeout: int = 400) -> None:
     # ACCELERATE_USE_CPU would silently turn DeepSpeed off: only the runs that ask for it get it.
     environment = {key: value for key, value in os.environ.items() if key != "ACCELERATE_USE_CPU"}
@@ -137,27 +165,10 @@ def check_saved_experts(output_dir, trained: set[str]) -> None:
 def test_deepspeed_zero3_saves_the_frozen_wan22_expert_whole(tmp_path):
     # ZeRO-3 partitions the frozen expert too: saving the pipeline as it stands would write its empty shards.
     pytest.importorskip("deepspeed")
-    config = {
-        # Threshold 0: partition every parameter, as a real model's large ones are (tiny ones stay whole by default).
-        "zero_optimization": {
-            "stage": 3,
-            "stage3_param_persistence_threshold": 0,
-            "stage3_gather_16bit_weights_on_model_save": True,
-        },
-        "train_micro_batch_size_per_gpu": "auto",
-        "gradient_accumulation_steps": "auto",
-        "gradient_clipping": "auto",
-        "bf16": {"enabled": False},
-    }
-    config_path = tmp_path / "zero3.json"
-    config_path.write_text(json.dumps(config))
-    env = {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1"}
+    config_path, env = zero3_single_process(tmp_path)
     script = os.path.join(os.path.dirname(__file__), "scripts", "wan22_experts_train.py")
     output_dir = tmp_path / "out"
-    run(
-        [sys.executable, script, "low_noise", str(output_dir), str(config_path)],
-        {**env, "MASTER_PORT": str(free_port())},
-    )
+    run([sys.executable, script, "low_noise", str(output_dir), str(config_path)], env)
     check_saved_experts(output_dir, {"transformer_2"})
 
 
@@ -177,28 +188,11 @@ def test_sigterm_on_one_process_saves_a_collective_checkpoint_on_all(tiny_sd3_pa
 
 def test_deepspeed_zero3_trains_and_saves_full_weights(tiny_sd3_path, tmp_path):
     pytest.importorskip("deepspeed")
-    config = {
-        "zero_optimization": {
-            "stage": 3,
-            "stage3_param_persistence_threshold": 0,
-            "stage3_gather_16bit_weights_on_model_save": True,
-        },
-        "train_micro_batch_size_per_gpu": "auto",
-        "gradient_accumulation_steps": "auto",
-        "gradient_clipping": "auto",
-        "bf16": {"enabled": False},
-    }
-    config_path = tmp_path / "zero3.json"
-    config_path.write_text(json.dumps(config))
-    env = {
-        "RANK": "0",
-        "WORLD_SIZE": "1",
-        "LOCAL_RANK": "0",
-        "MASTER_ADDR": "127.0.0.1",
-        "MASTER_PORT": str(free_port()),
-        "OMP_NUM_THREADS": "2",
-    }
-    run([sys.executable, SCRIPT, tiny_sd3_path, str(tmp_path / "out"), str(config_path)], env)
+    config_path, env = zero3_single_process(tmp_path)
+    run(
+        [sys.executable, SCRIPT, tiny_sd3_path, str(tmp_path / "out"), str(config_path)],
+        {**env, "OMP_NUM_THREADS": "2"},
+    )
 
     rank0 = json.loads((tmp_path / "out" / "rank0.json").read_text())
     records = rank0["records"]

@@ -418,13 +418,12 @@ class DiffusionDataCollator:
             return {key: value[torch.tensor(index, device=value.device)] for key, value in encoded.items()}
         sources = self.source_pixels(rows)
         keys = [(caption, source.numpy().tobytes()) for caption, source in zip(captions, sources)]
-        unique = list(dict.fromkeys(keys))
-        first = [keys.index(key) for key in unique]
+        # The first row of each distinct pair, and for every row its pair's position among them.
+        first, index = unique_with_index(list(range(len(keys))), same=lambda i, j: keys[i] == keys[j])
         encoded = self.adapter.encode_prompts(
             [captions[i] for i in first], device, source_images=sources[first].to(device)
         )
-        index = torch.tensor([unique.index(key) for key in keys], device=device)
-        return {key: value[index.to(value.device)] for key, value in encoded.items()}
+        return {key: value[torch.tensor(index, device=value.device)] for key, value in encoded.items()}
 
     def captions(self, rows: list[dict[str, Any]]) -> list[str]:
         captions = []

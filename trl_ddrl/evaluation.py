@@ -259,7 +259,7 @@ class Evaluator:
             chunk = items[i : i + batch]
             chunk_rows = [row for row, _, _ in chunk]
             prompts = [row["prompt"] for row in chunk_rows]
-            conditioning = trainer._encode_unique(prompts, chunk_rows)
+            conditioning = trainer.data_collator_for_loss.conditioning(prompts, chunk_rows)
             if adapter.num_conditioning_frames:
                 # One encoding per row, from a generator of its own: independent of batching and sharding.
                 pixels = trainer.data_collator_for_loss.condition_pixels(chunk_rows)

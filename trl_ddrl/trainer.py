@@ -565,17 +565,6 @@ class DDRLTrainer(_BaseTrainer):
         self._step += 1
         return self._buffer.micro_batch(index, self.args.per_device_train_batch_size)
 
-    def _encode_unique(self, prompts: list[str], rows: list[dict] | None = None) -> Conditioning:
-        """
-        Encode each distinct prompt once and expand to one row per prompt; for image editing, each distinct (prompt,
-        source image of its row) pair.
-        """
-        if self.adapter.conditioned_on_source_image:
-            return self.data_collator_for_loss.conditioning(prompts, rows)
-        unique, index = unique_with_index(prompts)
-        encoded = self.adapter.encode_prompts(unique, self.accelerator.device)
-        return {key: value[torch.tensor(index, device=value.device)] for key, value in encoded.items()}
-
     def _encode_condition_frames(self, rows: list[dict], iteration: int) -> Conditioning:
         """Encode each distinct row's conditioning frames once, so that all samples of a group share one encoding."""
         unique, index = unique_with_index(list(self.data_collator_for_loss.condition_pixels(rows)), same=torch.equal)
@@ -600,7 +589,7 @@ class DDRLTrainer(_BaseTrainer):
             unwrap_model_for_generation(self.model_wrapped, self.accelerator) as policy,
             self.accelerator.autocast(),
         ):
-            conditioning = self._encode_unique(prompts, rows)
+            conditioning = self.data_collator_for_loss.conditioning(prompts, rows)  # each distinct prompt once
             if self.adapter.num_conditioning_frames:
                 # Video-to-world: every sample continues its row's ground-truth frames.
                 conditioning.update(self._encode_condition_frames(rows, iteration))
