@@ -78,7 +78,7 @@ setup(
     license="Apache-2.0",
     packages=find_packages(include=["trl_ddrl", "trl_ddrl.*"]),
     py_modules=["_trl_ddrl_hook"],
-    package_data={"trl_ddrl": ["templates/*.md", "accelerate_configs/*.yaml"]},
+    package_data={"trl_ddrl": ["templates/*.md", "accelerate_configs/*.yaml", "model_configs/*.json"]},
     python_requires=">=3.10",
     install_requires=[
         # No upper bound: installing trl_ddrl never replaces a user's torch. The README's set-up commands pin the tested
