@@ -593,6 +593,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--tiny", action="store_true", help="The same code path on the CPU with tiny pipelines.")
     parser.add_argument("--budget-s", type=float, default=480.0, help="Total seconds; no case starts past it.")
     parser.add_argument("--min-case-s", type=float, default=60.0, help="Do not start a case with less time left.")
+    parser.add_argument("--case-timeout-s", type=float, default=None, help="At most this many seconds per case.")
     parser.add_argument("--peak-tflops", type=float, default=None, help="bf16 peak of the GPU (default: by name).")
     parser.add_argument("--output", default=os.path.join(RESULTS, "gpu_check.json"))
     parser.add_argument("--case-worker", default=None, help=argparse.SUPPRESS)
@@ -625,7 +626,8 @@ def main() -> None:
             except Exception:
                 results["cases"][name] = {"error": traceback.format_exc()}
         else:
-            results["cases"][name] = run_in_subprocess(name, left, args.peak_tflops)
+            timeout = min(left, args.case_timeout_s or left)
+            results["cases"][name] = run_in_subprocess(name, timeout, args.peak_tflops)
         case = results["cases"][name]
         if "error" in case:
             print(f"[gpu_check] {name}: FAILED\n{case['error']}", flush=True)
