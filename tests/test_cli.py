@@ -46,6 +46,25 @@ def write_prompts(path: Path) -> Path:
     return path
 
 
+def fake_pipeline_folder(tmp_path: Path) -> str:
+    """A folder that passes the model-path check; loading it fails (use with `no_pipeline_loading`)."""
+    folder = tmp_path / "pipeline"
+    folder.mkdir(exist_ok=True)
+    (folder / "model_index.json").write_text('{"_class_name": "StableDiffusion3Pipeline"}')
+    return str(folder)
+
+
+@pytest.fixture
+def no_pipeline_loading(monkeypatch):
+    """Fail the test if a pipeline is loaded: the checks under test must come before."""
+    from trl_ddrl.trainer import DDRLTrainer
+
+    def fail(*args, **kwargs):
+        pytest.fail("the pipeline was loaded before the check")
+
+    monkeypatch.setattr(DDRLTrainer, "_load_pipeline", staticmethod(fail))
+
+
 @pytest.fixture
 def single_process(monkeypatch):
     """Make in-process runs independent of this machine's accelerators and accelerate config."""
@@ -111,6 +130,75 @@ def test_model_without_rewards_explains_reward_funcs(tmp_path, capsys, single_pr
     )
     assert status == 2
     assert "--reward_funcs" in capsys.readouterr().err
+
+
+def test_rerunning_the_same_config_is_one_line_with_the_three_choices(
+    tmp_path, capsys, single_process, no_pipeline_loading
+):
+    output_dir = tmp_path / "out"
+    (output_dir / "checkpoint-2").mkdir(parents=True)
+    config = tmp_path / "run.yaml"
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "model_name_or_path": fake_pipeline_folder(tmp_path),
+                "dataset_name": str(write_prompts(tmp_path / "p.jsonl")),
+                "reward_funcs": "brightness",
+                "output_dir": str(output_dir),
+            }
+        )
+    )
+    assert cli.main(["--config", str(config)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err
+    assert f"--output_dir {output_dir} already holds checkpoints of an earlier run" in err
+    for choice in ("--resume_from_checkpoint true", "another --output_dir", f"rm -r {output_dir}/checkpoint-*"):
+        assert choice in err
+
+
+def test_resume_from_checkpoint_true_resumes_the_newest():
+    assert ddrl.resume_argument("true") is True and ddrl.resume_argument("True") is True
+    assert ddrl.resume_argument("out/checkpoint-2") == "out/checkpoint-2"
+    assert ddrl.resume_argument(None) is None
+
+
+def test_yaml_key_typo_names_the_file_and_the_closest_option(tmp_path, capsys, single_process):
+    config = tmp_path / "sd35.yaml"
+    config.write_text("data_bta: 0.1\n")
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["--config", str(config), "--num_generatons", "4"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert f"key 'data_bta' of the --config file {config} (did you mean --data_beta?)" in err
+    assert "--num_generatons (did you mean --num_generations?)" in err
+
+
+def test_data_term_without_images_stops_before_loading(tmp_path, capsys, single_process, no_pipeline_loading):
+    argv = ["--model_name_or_path", fake_pipeline_folder(tmp_path), "--reward_funcs", "brightness"]
+    argv += ["--dataset_name", str(write_prompts(tmp_path / "p.jsonl")), "--output_dir", str(tmp_path / "out")]
+    assert cli.main([*argv, "--data_beta", "0.1"]) == 2
+    assert "data_beta=0.1 needs data images, but train_dataset has no 'image' column" in capsys.readouterr().err
+
+
+def test_mistyped_model_folder_stops_before_loading(tmp_path, capsys, single_process, no_pipeline_loading):
+    fake_pipeline_folder(tmp_path)
+    argv = ["--model_name_or_path", str(tmp_path / "pipelin"), "--reward_funcs", "brightness"]
+    assert cli.main([*argv, "--dataset_name", str(write_prompts(tmp_path / "p.jsonl"))]) == 2
+    err = capsys.readouterr().err
+    assert f"--model_name_or_path='{tmp_path / 'pipelin'}': no such folder" in err
+    assert f"did you mean '{tmp_path / 'pipeline'}'?" in err and "internet" not in err
+
+
+def test_push_to_hub_without_a_token_stops_before_loading(
+    tmp_path, capsys, single_process, no_pipeline_loading, monkeypatch
+):
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    monkeypatch.setattr("huggingface_hub.get_token", lambda: None)
+    argv = ["--model_name_or_path", fake_pipeline_folder(tmp_path), "--reward_funcs", "brightness", "--push_to_hub"]
+    assert cli.main([*argv, "--dataset_name", str(write_prompts(tmp_path / "p.jsonl"))]) == 2
+    err = capsys.readouterr().err
+    assert "--push_to_hub, but no Hugging Face token was found" in err
+    assert "`hf auth login`" in err and "HF_TOKEN" in err and "--hub_token" in err
 
 
 # ---- training through the CLI ------------------------------------------------------------------------------------
@@ -297,6 +385,20 @@ def test_local_prompt_files(tmp_path, suffix):
     assert ddrl.load_prompt_dataset(script_args)["prompt"] == ["a cat", "a dog"]
 
 
+@pytest.mark.parametrize("as_dict", [False, True])
+def test_save_to_disk_folders_load(tmp_path, as_dict):
+    from datasets import Dataset, DatasetDict
+
+    dataset = Dataset.from_dict({"caption": ["a cat", "a dog"]})
+    (DatasetDict({"train": dataset, "test": dataset.select([0])}) if as_dict else dataset).save_to_disk(tmp_path / "d")
+    script_args = ddrl.DDRLScriptArguments(dataset_name=str(tmp_path / "d"), prompt_column="caption")
+    assert ddrl.load_prompt_dataset(script_args)["prompt"] == ["a cat", "a dog"]
+    if as_dict:
+        assert ddrl.load_prompt_dataset(script_args, split="test")["prompt"] == ["a cat"]
+    with pytest.raises(ddrl.UsageError, match=r"is a saved dataset with the splits \[.*'train'.*\], not 'valid'"):
+        ddrl.load_prompt_dataset(script_args, split="valid")
+
+
 def test_missing_prompt_column_names_the_option(tmp_path):
     write_prompts(tmp_path / "p.jsonl")
     script_args = ddrl.DDRLScriptArguments(dataset_name=str(tmp_path / "p.jsonl"), prompt_column="text")
@@ -357,7 +459,8 @@ def test_eval_strategy_with_a_missing_test_split_names_the_options(tmp_path, cap
         for expected in (f"--dataset_test_split={test_split!r}", "--eval_strategy=steps", has, "--eval_strategy no"):
             assert expected in message, (expected, message)
 
-    argv = ["--model_name_or_path", str(tmp_path), "--dataset_name", str(prompts), "--reward_funcs", "brightness"]
+    model = fake_pipeline_folder(tmp_path)
+    argv = ["--model_name_or_path", model, "--dataset_name", str(prompts), "--reward_funcs", "brightness"]
     assert cli.main([*argv, "--eval_strategy", "steps"]) == 2  # before the model is loaded
     assert "--dataset_test_split='test'" in capsys.readouterr().err
 

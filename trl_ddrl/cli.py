@@ -7,9 +7,11 @@ Like `trl grpo`, options of the training script are parsed first; what is left (
 config and at most one accelerator, the script runs in this process instead, which saves a Python start-up.
 """
 
+import difflib
 import os
 import sys
 from argparse import Namespace
+from collections.abc import Iterable
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -80,19 +82,47 @@ def resolve_accelerate_config(launch_args: list[str]) -> list[str]:
     return ["--config_file", str(path), *remaining]
 
 
-def check_launch_args(launch_args: list[str]) -> None:
-    """Raise a `ValueError` naming any option that neither the script nor `accelerate launch` knows."""
+def check_launch_args(
+    launch_args: list[str],
+    script_options: Iterable[str] = (),
+    config_args: list[str] = (),
+    config_file: str | None = None,
+) -> None:
+    """
+    Raise a `ValueError` naming any option that neither the script nor `accelerate launch` knows, with the closest
+    known option (`did you mean --data_beta?`) and, for keys of the `--config` file (in `config_args`), its name.
+    """
     from accelerate.commands.launch import launch_command_parser
 
-    known = set(launch_command_parser()._option_string_actions)
+    launch_options = set(launch_command_parser()._option_string_actions)
     unknown = [
-        arg for arg in launch_args if arg.startswith("-") and not _is_number(arg) and arg.split("=")[0] not in known
+        arg.split("=")[0]
+        for arg in launch_args
+        if arg.startswith("-") and not _is_number(arg) and arg.split("=")[0] not in launch_options
     ]
-    if unknown:
-        raise ValueError(
-            f"unrecognized arguments: {' '.join(unknown)}. They are neither DDRL, training, model or script options "
-            "nor `accelerate launch` options (a misspelt option, or an unknown key in the --config file?)."
-        )
+    if not unknown:
+        return
+    candidates = sorted({*script_options, *launch_options} - {"-h", "--help"})
+    from_config = {arg.split("=")[0] for arg in config_args}
+    details = []
+    for option in unknown:
+        where = f"key {option.lstrip('-')!r} of the --config file {config_file}" if option in from_config else option
+        close = difflib.get_close_matches(option, candidates, n=1, cutoff=0.75)
+        details.append(where + (f" (did you mean {close[0]}?)" if close else ""))
+    raise ValueError(
+        f"unrecognized arguments: {'; '.join(details)}. They are neither DDRL, training, model or script options nor "
+        "`accelerate launch` options. Fix the spelling, or run --help for the list."
+    )
+
+
+def config_file_argument(argv: list[str]) -> str | None:
+    """The value of `--config` in `argv`, or None."""
+    for index, arg in enumerate(argv):
+        if arg == "--config" and index + 1 < len(argv):
+            return argv[index + 1]
+        if arg.startswith("--config="):
+            return arg.partition("=")[2]
+    return None
 
 
 def _is_number(text: str) -> bool:
@@ -143,7 +173,7 @@ def plan(argv: list[str], prog: str) -> LaunchPlan:
     )
     try:
         launch_args = resolve_accelerate_config(config_remaining + cli_remaining)
-        check_launch_args(launch_args)
+        check_launch_args(launch_args, parser._option_string_actions, config_remaining, config_file_argument(argv))
     except ValueError as error:
         parser.error(str(error))
     if not launch_args and runs_in_one_process():

@@ -483,22 +483,15 @@ def check_prompt_datasets(train_dataset: Any, data_dataset: Any, prompts_per_ste
     return train_dataset, data_dataset
 
 
-def check_data_columns(adapter: DiffusionAdapter, args, train_dataset, data_dataset=None) -> None:
+def check_data_term_columns(args, train_dataset, data_dataset=None) -> None:
     """
-    The columns the run reads are there: the conditioning frames of frame-conditioned families, the data term's
-    images and captions (from `data_dataset`, or `train_dataset` without one), and the source images of image-editing
-    families; and `data_source="base_model"` is not given a `data_dataset` it would ignore.
+    The data term's images and captions are there (from `data_dataset`, or `train_dataset` without one), and
+    `data_source="base_model"` is not given a `data_dataset` it would ignore. Needs no model: the trainer runs it
+    before loading the pipeline.
 
     Raises:
         `ValueError`: naming the dataset, the column or field, and the fix.
     """
-    pipeline = type(adapter.pipeline).__name__
-    if adapter.num_conditioning_frames and args.image_column not in train_dataset.column_names:
-        raise ValueError(
-            f"{pipeline} generates from conditioning frames, but train_dataset has no '{args.image_column}' column "
-            f"(columns: {train_dataset.column_names}). Add an image or video per prompt in that column, or set "
-            "image_column."
-        )
     if args.data_source == "base_model" and data_dataset is not None:
         raise ValueError(
             "data_dataset is given but data_source='base_model' draws the data term from the base model. Drop "
@@ -519,6 +512,24 @@ def check_data_columns(adapter: DiffusionAdapter, args, train_dataset, data_data
                 f"data_dataset has no '{args.caption_column}' caption column (columns: {data_dataset.column_names}). "
                 "Set caption_column."
             )
+
+
+def check_data_columns(adapter: DiffusionAdapter, args, train_dataset, data_dataset=None) -> None:
+    """
+    The columns the run reads are there: the conditioning frames of frame-conditioned families, the data term's
+    columns ([`check_data_term_columns`]), and the source images of image-editing families.
+
+    Raises:
+        `ValueError`: naming the dataset, the column or field, and the fix.
+    """
+    pipeline = type(adapter.pipeline).__name__
+    if adapter.num_conditioning_frames and args.image_column not in train_dataset.column_names:
+        raise ValueError(
+            f"{pipeline} generates from conditioning frames, but train_dataset has no '{args.image_column}' column "
+            f"(columns: {train_dataset.column_names}). Add an image or video per prompt in that column, or set "
+            "image_column."
+        )
+    check_data_term_columns(args, train_dataset, data_dataset)
     if adapter.conditioned_on_source_image:
         check_source_image_column(adapter, args, train_dataset, data_dataset)
 

@@ -193,7 +193,11 @@ def check_fresh_start(trainer: "DDRLTrainer") -> None:
     Their steps would collide with this run's: a failure save at such a step would be skipped, and
     `resume_from_checkpoint=True` would load the other run's weights.
     """
-    args = trainer.args
+    check_fresh_output_dir(trainer.args)
+
+
+def check_fresh_output_dir(args) -> None:
+    """[`check_fresh_start`] on a config alone, so that the `trl-ddrl` script runs it before loading the model."""
     if args.save_strategy == "no" or not os.path.isdir(args.output_dir):
         return
     found = sorted(_checkpoint_folders(args.output_dir), key=lambda item: item[0])

@@ -34,7 +34,13 @@ from trl.trainer.base_trainer import _BaseTrainer
 from trl.trainer.utils import RepeatSampler
 
 from .config import DDRLConfig
-from .data import DiffusionDataCollator, check_data_columns, check_prompt_datasets, read_row
+from .data import (
+    DiffusionDataCollator,
+    check_data_columns,
+    check_data_term_columns,
+    check_prompt_datasets,
+    read_row,
+)
 from .ema import EMA_FOLDER, EMACallback, ParameterEMA
 from .evaluation import Evaluator
 from .fault_handling import (
@@ -54,6 +60,7 @@ from .model_card import hub_base_model, save_model_card
 from .parallel import prepare_parallelism
 from .pipelines import ADAPTERS, Conditioning, SamplingSettings, get_adapter
 from .pipelines.experts import denoiser_parts, lora_load_arguments, lora_weight_name, trained_components
+from .preflight import check_hub_token, check_model_path, check_trainer_args
 from .rewards import RewardFunctionError, check_rewards, get_reward_function
 from .sde_window import initial_states, join_prefix, rollout_steps
 from .tracking import SampleLoggingCallback, Samples, expose_config_to_trackers
@@ -310,17 +317,25 @@ class DDRLTrainer(_BaseTrainer):
     ):
         if isinstance(model, str):
             model_id = model
-            pipeline = self._load_pipeline(model, args)
+            check_model_path(model)
         elif isinstance(model, DiffusionPipeline):
-            pipeline = model
-            model_id = pipeline.name_or_path or type(pipeline).__name__
+            model_id = model.name_or_path or type(model).__name__
         else:
             raise TypeError(
                 f"model must be a hub id, a local path or a diffusers DiffusionPipeline; got {type(model).__name__}."
             )
-        if args is None:
-            args = DDRLConfig(f"{str(model_id).rstrip('/').split('/')[-1]}-DDRL")
+        # Everything that needs no model is checked before loading it (minutes for large pipelines).
+        args = check_trainer_args(args, model_id)
+        check_hub_token(args)
         train_dataset, data_dataset = check_prompt_datasets(train_dataset, data_dataset, args.prompts_per_step)
+        check_data_term_columns(args, train_dataset, data_dataset)
+        self.reward_funcs, self.reward_func_names = self._resolve_reward_funcs(reward_funcs)
+        if args.reward_weights is not None and len(args.reward_weights) != len(self.reward_funcs):
+            raise ValueError(
+                f"reward_weights has {len(args.reward_weights)} values but there are {len(self.reward_funcs)} reward "
+                f"functions ({', '.join(self.reward_func_names)}). Give one weight per function."
+            )
+        pipeline = self._load_pipeline(model, args) if isinstance(model, str) else model
 
         self.pipeline = pipeline
         self.model_id = str(model_id)
@@ -362,12 +377,6 @@ class DDRLTrainer(_BaseTrainer):
             args.activation_checkpointing = args.gradient_checkpointing = False
         self.is_peft = peft_config is not None
 
-        self.reward_funcs, self.reward_func_names = self._resolve_reward_funcs(reward_funcs)
-        if args.reward_weights is not None and len(args.reward_weights) != len(self.reward_funcs):
-            raise ValueError(
-                f"reward_weights has {len(args.reward_weights)} values but there are {len(self.reward_funcs)} reward "
-                f"functions ({', '.join(self.reward_func_names)}). Give one weight per function."
-            )
         self.reward_weights = torch.tensor(args.reward_weights or [1.0] * len(self.reward_funcs), dtype=torch.float32)
         self.evaluator = Evaluator(self, args, eval_reward_funcs, eval_dataset)
 
@@ -469,7 +478,7 @@ class DDRLTrainer(_BaseTrainer):
                 return pipeline_class.from_pretrained(model, **kwargs)
         except (OSError, ValueError) as error:
             raise ValueError(
-                f"Could not load a diffusers pipeline from model={model!r}: {error}. Pass a hub id or a local directory "
+                f"Could not load a diffusers pipeline from model={model!r}: {str(error).rstrip('. ')}. Pass a hub id or a local directory "
                 "saved with pipeline.save_pretrained (it holds a model_index.json)."
             ) from error
 

@@ -69,8 +69,8 @@ class DDRLScriptArguments:
 
     Args:
         dataset_name (`str`, *optional*):
-            Prompts to train on: a Hub dataset id, a local folder loadable with `datasets.load_dataset`, or a local
-            file: `.txt` (one prompt per line), `.json` / `.jsonl`, `.csv` or `.parquet`.
+            Prompts to train on: a Hub dataset id, a local folder loadable with `datasets.load_dataset` or written by
+            `save_to_disk`, or a local file: `.txt` (one prompt per line), `.json` / `.jsonl`, `.csv` or `.parquet`.
         dataset_config (`str`, *optional*):
             Configuration name of the dataset (the `name` argument of `datasets.load_dataset`).
         dataset_train_split (`str`, *optional*, defaults to `"train"`):
@@ -98,7 +98,7 @@ class DDRLScriptArguments:
     dataset_name: str | None = field(
         default=None,
         metadata={
-            "help": "Prompts: a Hub dataset id, a local folder, or a local .txt (one prompt per line), .json, .jsonl, "
+            "help": "Prompts: a Hub dataset id, a local folder (also one written by save_to_disk), or a local .txt (one prompt per line), .json, .jsonl, "
             ".csv or .parquet file."
         },
     )
@@ -174,6 +174,35 @@ def make_parser(prog: str | None = "trl-ddrl") -> DDRLParser:
     )
 
 
+def saved_splits(path: str) -> list[str] | None:
+    """
+    The splits of a folder written by `Dataset.save_to_disk` (`["train"]` for a single `Dataset`, whatever its split
+    name) or `DatasetDict.save_to_disk`, or None for any other path.
+    """
+    if os.path.isfile(os.path.join(path, "dataset_dict.json")):
+        import json
+
+        with open(os.path.join(path, "dataset_dict.json")) as file:
+            return list(json.load(file)["splits"])
+    if os.path.isfile(os.path.join(path, "state.json")) and os.path.isfile(os.path.join(path, "dataset_info.json")):
+        return ["train"]
+    return None
+
+
+def load_saved_dataset(path: str, split: str, option: str) -> "Dataset":
+    """The `split` of a `save_to_disk` folder (a single saved `Dataset` is its only split); `UsageError` if absent."""
+    from datasets import DatasetDict, load_from_disk
+
+    splits = saved_splits(path)
+    if split not in splits:
+        raise UsageError(
+            f"--{option}={path!r} is a saved dataset with the splits {splits}, not {split!r}. Set the split option "
+            f"to one of them."
+        )
+    dataset = load_from_disk(path)
+    return dataset[split] if isinstance(dataset, DatasetDict) else dataset
+
+
 def load_dataset_argument(name: str, config: str | None, split: str, option: str) -> "Dataset":
     """
     Load `name` (a Hub id, a local folder or a local prompt file) with `datasets.load_dataset`.
@@ -204,6 +233,8 @@ def load_dataset_argument(name: str, config: str | None, split: str, option: str
     try:
         if os.path.isfile(name):
             dataset = load_dataset(LOCAL_FILE_BUILDERS[extension], data_files=name, split="train")
+        elif saved_splits(name) is not None:
+            dataset = load_saved_dataset(name, split, option)
         else:
             dataset = load_dataset(name, name=config, split=split)
     except Exception as error:  # any failure here comes from the option's value; the cause is chained
@@ -216,6 +247,15 @@ def load_dataset_argument(name: str, config: str | None, split: str, option: str
     return dataset
 
 
+def require_dataset_name(script_args: DDRLScriptArguments) -> None:
+    """Raise a `UsageError` when `--dataset_name` is missing."""
+    if script_args.dataset_name is None:
+        raise UsageError(
+            "--dataset_name is required with --model_name_or_path: give the prompts to train on, as a Hub dataset "
+            "id, a local folder, or a .txt (one prompt per line), .jsonl or .csv file."
+        )
+
+
 def load_prompt_dataset(script_args: DDRLScriptArguments, split: str | None = None) -> "Dataset":
     """
     The prompt dataset of `--dataset_name`, with its prompt column named `prompt`.
@@ -224,11 +264,7 @@ def load_prompt_dataset(script_args: DDRLScriptArguments, split: str | None = No
         script_args ([`DDRLScriptArguments`]): The script options.
         split (`str`, *optional*): Split to load; defaults to `dataset_train_split`.
     """
-    if script_args.dataset_name is None:
-        raise UsageError(
-            "--dataset_name is required with --model_name_or_path: give the prompts to train on, as a Hub dataset "
-            "id, a local folder, or a .txt (one prompt per line), .jsonl or .csv file."
-        )
+    require_dataset_name(script_args)
     dataset = load_dataset_argument(
         script_args.dataset_name,
         script_args.dataset_config,
@@ -268,6 +304,9 @@ def load_eval_dataset(script_args: DDRLScriptArguments, training_args: DDRLConfi
     name, split = script_args.dataset_name, script_args.dataset_test_split
     if os.path.isfile(name):
         splits, has = ["train"], "is a single file, which loads as one 'train' split"
+    elif saved_splits(name) is not None:
+        splits = saved_splits(name)
+        has = f"is a saved dataset with only the splits {splits}"
     else:
         try:
             splits = get_dataset_split_names(name, script_args.dataset_config)
@@ -365,17 +404,50 @@ def get_model_init_kwargs(model_args: ModelConfig, training_args: DDRLConfig) ->
     return kwargs
 
 
+def resume_argument(value: str | None) -> str | bool | None:
+    """`--resume_from_checkpoint` as `trainer.train` takes it: `true` (any case) resumes from the newest checkpoint."""
+    return True if isinstance(value, str) and value.lower() == "true" else value
+
+
+def check_before_loading(script_args: DDRLScriptArguments, training_args: DDRLConfig, model_args: ModelConfig) -> None:
+    """
+    The checks that need no model, before anything is loaded: the model path, the output folder (a new run in a folder
+    holding checkpoints), the Hub token with `--push_to_hub`, and the options refused for diffusers pipelines. The
+    trainer checks the datasets and rewards before it loads the pipeline. Raise `UsageError` naming the option.
+    """
+    from trl_ddrl.fault_handling import CheckpointError, check_fresh_output_dir
+    from trl_ddrl.preflight import check_hub_token, check_model_path
+
+    get_model_init_kwargs(model_args, training_args)
+    try:
+        check_model_path(model_args.model_name_or_path, option="--model_name_or_path")
+        check_hub_token(training_args)
+    except ValueError as error:
+        raise UsageError(str(error).replace("push_to_hub=True", "--push_to_hub")) from error
+    if training_args.resume_from_checkpoint is None:
+        try:
+            check_fresh_output_dir(training_args)
+        except CheckpointError:
+            output_dir = training_args.output_dir
+            raise UsageError(
+                f"--output_dir {output_dir} already holds checkpoints of an earlier run. Choose one: resume it with "
+                f"--resume_from_checkpoint true (or the path of one checkpoint folder); start a new run with another "
+                f"--output_dir; or delete the old checkpoints (rm -r {os.path.join(output_dir, 'checkpoint-*')}) to "
+                "overwrite it."
+            ) from None
+
+
 def build_trainer(
     script_args: DDRLScriptArguments, training_args: DDRLConfig, model_args: ModelConfig
 ) -> "DDRLTrainer":
     """Load the datasets and rewards named by the options and build the [`DDRLTrainer`]; raise `UsageError` if wrong."""
-    from trl_ddrl.trainer import DDRLTrainer
-
     if not script_args.reward_funcs:
         raise UsageError(
             "--reward_funcs is required with --model_name_or_path: give one or more registered reward names (for "
             "example jpeg_compressibility), reward-server URLs, or module:function paths to your own functions."
         )
+    require_dataset_name(script_args)
+    check_before_loading(script_args, training_args, model_args)
     reward_funcs = [resolve_reward_func(spec) for spec in script_args.reward_funcs]
     train_dataset = load_prompt_dataset(script_args)
     eval_dataset = load_eval_dataset(script_args, training_args)
@@ -388,6 +460,8 @@ def build_trainer(
             "data_dataset_name",
         )
     training_args.model_init_kwargs = get_model_init_kwargs(model_args, training_args)
+    from trl_ddrl.trainer import DDRLTrainer
+
     try:
         return DDRLTrainer(
             model=model_args.model_name_or_path,
@@ -435,8 +509,13 @@ def main(script_args: DDRLScriptArguments, training_args: DDRLConfig, model_args
             print(f"{key}: {value}")
         return
 
+    from trl_ddrl.fault_handling import CheckpointError
+
     trainer = build_trainer(script_args, training_args, model_args)
-    trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    try:
+        trainer.train(resume_from_checkpoint=resume_argument(training_args.resume_from_checkpoint))
+    except CheckpointError as error:  # a checkpoint to resume from that is missing, incomplete or incompatible
+        raise UsageError(f"--resume_from_checkpoint: {error}") from error
     trainer.save_model(training_args.output_dir)
     trainer.accelerator.print(f"Model saved to {training_args.output_dir}.")
     if training_args.push_to_hub:
