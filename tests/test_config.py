@@ -81,3 +81,20 @@ def test_gradient_accumulation_must_divide_the_iteration():
 def test_kl_baseline_accepts_reference_updates():
     config = make(kl_beta=0.04, data_beta=0.0, update_ref_every=10)
     assert config.update_ref_every == 10
+
+
+def test_a_run_inside_its_warm_up_warns_with_the_fix():
+    with pytest.warns(UserWarning) as record:
+        DDRLConfig(output_dir="out", max_steps=3, report_to="none")
+    message = str(record[0].message)
+    assert "warmup_steps=50 is at least half of max_steps=3" in message
+    assert "reaches only 4% of learning_rate=1e-05" in message
+    assert "Set warmup_steps=0, or a ratio such as warmup_steps=0.1" in message
+
+
+@pytest.mark.parametrize(
+    "kwargs", [{"max_steps": 3, "warmup_steps": 0}, {"max_steps": 500}, {"max_steps": 3, "warmup_steps": 0.1}, {}]
+)
+def test_no_warm_up_warning_when_the_run_is_long_enough(kwargs, recwarn):
+    DDRLConfig(output_dir="out", report_to="none", **kwargs)
+    assert not [w for w in recwarn if "warmup_steps" in str(w.message)]

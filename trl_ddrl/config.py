@@ -2,12 +2,13 @@
 """Configuration of the DDRL trainer."""
 
 import math
+import warnings
 from dataclasses import dataclass, field
 
 import torch
 from trl.trainer.base_config import _BaseConfig
 
-from .config_checks import validate_types
+from .config_checks import validate_types, warmup_warning
 from .sde_window import SDE_WINDOW_POSITION_CHOICES, resolve_sde_window_range
 
 
@@ -656,6 +657,9 @@ class DDRLConfig(_BaseConfig):
                 "remove_unused_columns=True would drop the prompt and image columns that DDRL needs. Set it to False."
             )
 
+        warning = warmup_warning(self.warmup_steps, self.max_steps, self.learning_rate)
+        if warning:
+            warnings.warn(warning, UserWarning, stacklevel=3)
         self._check_sde_window()
         self._derive_gradient_accumulation = derive_gradient_accumulation
         self._derive_micro_batches()

@@ -125,3 +125,22 @@ def validate_types(config: Any) -> None:
             raise ValueError(
                 f"{name}={value} must be a positive number of {'frames' if name == 'num_frames' else 'pixels' if name in ('height', 'width') else 'tokens'}, or None for the pipeline's default."
             )
+
+
+def warmup_warning(warmup_steps: float, max_steps: int, learning_rate: float) -> str | None:
+    """
+    The warning for a run that ends inside (or mostly inside) its linear warm-up, or None.
+
+    With `warmup_steps >= max_steps / 2` the learning rate spends at least half of the run below its target; with the
+    authors' 50-step default and `max_steps=3` it peaks at 4% of `learning_rate`. Only `max_steps > 0` runs are checked
+    (the length of an epoch-based run is known only once the dataset is).
+    """
+    if max_steps <= 0 or warmup_steps < 1 or warmup_steps < max_steps / 2:
+        return None
+    peak = min(1.0, (max_steps - 1) / warmup_steps) if max_steps > 1 else 0.0
+    return (
+        f"warmup_steps={warmup_steps:g} is at least half of max_steps={max_steps}: the learning rate rises linearly "
+        f"from 0 over {warmup_steps:g} optimizer steps and reaches only {peak:.0%} of learning_rate={learning_rate:g} "
+        "by the last step (the default is the authors' 50-step warm-up, for runs of hundreds of steps). Set "
+        "warmup_steps=0, or a ratio such as warmup_steps=0.1, for a short run."
+    )
