@@ -16,7 +16,7 @@ accelerate launch --config_file trl_ddrl/accelerate_configs/zero3.yaml examples/
 ```
 
 `--data_dataset` is a Hub dataset id or a local folder (`datasets.load_dataset`, e.g. an `imagefolder` with a
-`metadata.jsonl`) with an `image` column and a `text` caption column. The run writes a diffusers pipeline (or a LoRA)
+`metadata.jsonl`) with an `image` column and a `prompt` caption column (`--caption_column` names another, as in the CLI). The run writes a diffusers pipeline (or a LoRA)
 to `--output_dir`.
 """
 
@@ -38,7 +38,9 @@ def main() -> None:
     )
     parser.add_argument("--prompts", required=True, help="Text file with one training prompt per line.")
     parser.add_argument("--data_dataset", required=True, help="Image-caption data for the data term.")
-    parser.add_argument("--caption_column", default="text", help="Caption column of --data_dataset.")
+    parser.add_argument(
+        "--caption_column", default="prompt", help="Caption column of --data_dataset (DDRLConfig's default)."
+    )
     parser.add_argument("--output_dir", default="flux2-klein-ddrl")
     parser.add_argument("--resolution", type=int, default=512, help="Training height and width (multiple of 16).")
     parser.add_argument("--guidance_scale", type=float, default=1.0, help="Rollout CFG (klein-base); 1.0: none.")

@@ -15,7 +15,7 @@ python examples/train_qwenimage.py --prompts prompts.txt --data_dataset ./images
 ```
 
 `--data_dataset` is a Hub dataset id or a local folder (`datasets.load_dataset`, e.g. an `imagefolder` with a
-`metadata.jsonl`) with an `image` column and a `text` caption column. The run writes a diffusers pipeline (or a LoRA
+`metadata.jsonl`) with an `image` column and a `prompt` caption column (`--caption_column` names another, as in the CLI). The run writes a diffusers pipeline (or a LoRA
 that `QwenImagePipeline.load_lora_weights` loads) to `--output_dir`.
 """
 
@@ -33,7 +33,9 @@ def main() -> None:
     parser.add_argument("--model", default="Qwen/Qwen-Image", help="Hub id or local QwenImagePipeline.")
     parser.add_argument("--prompts", required=True, help="Text file with one training prompt per line.")
     parser.add_argument("--data_dataset", required=True, help="Image-caption data for the data term.")
-    parser.add_argument("--caption_column", default="text", help="Caption column of --data_dataset.")
+    parser.add_argument(
+        "--caption_column", default="prompt", help="Caption column of --data_dataset (DDRLConfig's default)."
+    )
     parser.add_argument("--output_dir", default="qwen-image-ddrl")
     parser.add_argument("--resolution", type=int, default=512, help="Training height and width, a multiple of 16.")
     parser.add_argument("--guidance_scale", type=float, default=4.0, help="True CFG in rollouts; 1 disables it.")

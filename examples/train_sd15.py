@@ -14,7 +14,7 @@ python examples/train_sd15.py --prompts prompts.txt --data_dataset ./images --lo
 ```
 
 `--data_dataset` is a Hub dataset id or a local folder (`datasets.load_dataset`, e.g. an `imagefolder` with a
-`metadata.jsonl`) with an `image` column and a `text` caption column. The run writes a diffusers pipeline (or a LoRA,
+`metadata.jsonl`) with an `image` column and a `prompt` caption column (`--caption_column` names another, as in the CLI). The run writes a diffusers pipeline (or a LoRA,
 `pytorch_lora_weights.safetensors`, for `pipeline.load_lora_weights`) to `--output_dir`.
 """
 
@@ -35,7 +35,9 @@ def main() -> None:
     )
     parser.add_argument("--prompts", required=True, help="Text file with one training prompt per line.")
     parser.add_argument("--data_dataset", required=True, help="Image-caption data for the data term.")
-    parser.add_argument("--caption_column", default="text", help="Caption column of --data_dataset.")
+    parser.add_argument(
+        "--caption_column", default="prompt", help="Caption column of --data_dataset (DDRLConfig's default)."
+    )
     parser.add_argument("--reward", default="aesthetic", help="Reward name (see docs/rewards.md), e.g. pickscore.")
     parser.add_argument("--output_dir", default="sd15-ddrl")
     parser.add_argument("--resolution", type=int, default=512, help="Training height and width in pixels.")

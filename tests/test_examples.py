@@ -53,7 +53,7 @@ def data_files(tmp_path_factory) -> dict[str, str]:
         cosmos.append({"prompt": prompt, "image": str(images / f"{index}.png")})
     (images / "metadata.jsonl").write_text(
         "".join(
-            json.dumps({"file_name": f"{index}.png", "text": prompt}) + "\n" for index, prompt in enumerate(PROMPTS)
+            json.dumps({"file_name": f"{index}.png", "prompt": prompt}) + "\n" for index, prompt in enumerate(PROMPTS)
         )
     )
     (root / "videos.jsonl").write_text("".join(json.dumps(row) + "\n" for row in videos))
