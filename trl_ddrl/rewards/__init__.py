@@ -4,7 +4,9 @@
 import importlib
 from typing import TYPE_CHECKING
 
-from .base import RewardFunctionError, available_rewards, check_rewards, get_reward_function, register_reward
+from . import builtin  # noqa: F401  (registers the built-in rewards; a new reward module adds its import here)
+from .base import RewardFunctionError, check_rewards
+from .registry import available_rewards, get_reward_function, register_reward
 
 
 # Classes imported on first use: the reward models pull in transformers, the server needs the `rewards` extra.

@@ -7,15 +7,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .base import register_reward
-
-
-def to_uint8_frames(images: torch.Tensor) -> np.ndarray:
-    """`[B, C, H, W]` or `[B, F, C, H, W]` floats in [0, 1] -> `[N, H, W, C]` uint8 frames (videos flattened)."""
-    if images.ndim == 5:
-        images = images.flatten(0, 1)
-    array = (images.detach().float().clamp(0, 1) * 255).round().to(torch.uint8).cpu()
-    return array.permute(0, 2, 3, 1).numpy()
+from .frames import to_uint8_frames
+from .registry import register_reward
 
 
 def jpeg_size_kb(frame: np.ndarray, quality: int = 95) -> float:

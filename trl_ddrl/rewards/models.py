@@ -16,7 +16,7 @@ from PIL import Image
 from torch import nn
 from transformers import AutoTokenizer, CLIPModel
 
-from .builtin import to_uint8_frames
+from .frames import to_uint8_frames
 from .video import score_per_frame
 
 

@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from PIL import Image
 
-from .builtin import to_uint8_frames
+from .frames import to_uint8_frames
 from .video import score_per_frame
 
 

@@ -26,7 +26,7 @@ import torch
 from PIL import Image
 
 from .base import RewardFunctionError
-from .builtin import to_uint8_frames
+from .frames import to_uint8_frames
 
 
 logger = logging.getLogger(__name__)

@@ -25,7 +25,8 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
 from torch import nn
 
-from .base import RewardFunctionError, available_rewards, check_rewards, get_reward_function
+from .base import RewardFunctionError, check_rewards
+from .registry import available_rewards, get_reward_function
 from .remote import ImageTooLarge, decode_images
 from .video import reward_name
 

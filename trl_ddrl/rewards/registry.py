@@ -1,0 +1,56 @@
+# Copyright 2026 The trl_ddrl Authors. Licensed under the Apache License, Version 2.0.
+"""
+The reward-name registry: `register_reward("name")` decorates a factory, `get_reward_function("name[:arg]")` builds one.
+
+The registry imports none of the rewards it holds: each reward module registers its own factories when imported, and
+`trl_ddrl/rewards/__init__.py` imports those modules (so `import trl_ddrl.rewards` fills the registry). A new reward
+module adds `@register_reward(...)` to its factories and one import line to the package `__init__`.
+"""
+
+from collections.abc import Callable
+
+from .base import RewardFunction
+
+
+_REGISTRY: dict[str, Callable[..., RewardFunction]] = {}
+
+
+def register_reward(name: str) -> Callable[[Callable[..., RewardFunction]], Callable[..., RewardFunction]]:
+    """
+    Register a reward factory under `name`, so that `reward_funcs=["name"]` or `"name:<argument>"` builds it.
+
+    The factory is called with the text after the first `:` (if any) as its single positional argument.
+    """
+
+    def decorator(factory: Callable[..., RewardFunction]) -> Callable[..., RewardFunction]:
+        if name in _REGISTRY:
+            raise ValueError(f"A reward named {name!r} is already registered.")
+        _REGISTRY[name] = factory
+        return factory
+
+    return decorator
+
+
+def available_rewards() -> list[str]:
+    """Names understood by [`get_reward_function`]."""
+    return sorted(_REGISTRY)
+
+
+def get_reward_function(spec: str) -> RewardFunction:
+    """
+    Build a reward function from its name.
+
+    `spec` is a registered name (`"jpeg_compressibility"`), a name with an argument (`"clip_score:<hub id or path>"`),
+    or an `http(s)://` URL of a reward server started with `trl-ddrl-reward-server`.
+    """
+    if spec.startswith(("http://", "https://")):
+        from .remote import RemoteReward
+
+        return RemoteReward(spec)
+    name, _, argument = spec.partition(":")
+    if name not in _REGISTRY:
+        raise ValueError(
+            f"Unknown reward function {spec!r}. Known names: {', '.join(available_rewards())}; or pass an "
+            "http(s):// URL of a reward server, or a callable."
+        )
+    return _REGISTRY[name](argument) if argument else _REGISTRY[name]()
