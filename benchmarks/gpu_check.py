@@ -104,8 +104,17 @@ CASES = [
         max_sequence_length=512,
         lora_targets=("to_q", "to_k", "to_v", "to_out.0"),
     ),
-    Case("sd35m-lora-gaussian", "sd3.5-medium", 32, 512, 512, prompts_per_step=2, max_sequence_length=256,
-         log_ratio_form="gaussian", iterations=1),
+    Case(
+        "sd35m-lora-gaussian",
+        "sd3.5-medium",
+        32,
+        512,
+        512,
+        prompts_per_step=2,
+        max_sequence_length=256,
+        log_ratio_form="gaussian",
+        iterations=1,
+    ),
 ]
 CASES_BY_NAME = {case.name: case for case in CASES}
 
@@ -493,7 +502,9 @@ def run_case(case: Case, tiny: bool, peak_override: float | None = None) -> dict
     }
     if peak_tf:
         result["bf16_peak_tflops"] = peak_tf
-        result["mfu_iteration"] = (floor["rollout_flops"] + floor["train_flops"]) / trainer_iteration / (peak_tf * 1e12)
+        result["mfu_iteration"] = (
+            (floor["rollout_flops"] + floor["train_flops"]) / trainer_iteration / (peak_tf * 1e12)
+        )
         result["mfu_replay"] = floor["train_flops"] / replay_s / (peak_tf * 1e12)
         result["mfu_raw_iteration"] = (
             (floor["rollout_flops"] + floor["train_flops"]) / floor["iteration_s"] / (peak_tf * 1e12)

@@ -21,23 +21,22 @@ from transformers import (
 )
 from transformers.processing_utils import ProcessorMixin
 
-
-CHARACTERS = "abcdefghijklmnopqrstuvwxyz0123456789"
+from trl_ddrl.model_configs.tokenizers import (
+    CHARACTERS,
+    byte_qwen_tokenizer,
+    character_clip_tokenizer,
+    character_t5_tokenizer,
+)
 
 
 def tiny_clip_tokenizer(max_length: int = 16) -> CLIPTokenizer:
     """A character-level CLIP BPE tokenizer (no merges)."""
-    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
-    for character in CHARACTERS:
-        vocab[character] = len(vocab)
-        vocab[character + "</w>"] = len(vocab)
-    return CLIPTokenizer(vocab=vocab, merges=[], model_max_length=max_length)
+    return character_clip_tokenizer(max_length)
 
 
 def tiny_t5_tokenizer(max_length: int = 16) -> T5Tokenizer:
     """A character-level unigram T5 tokenizer."""
-    pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("▁", -1.0)] + [(c, -1.0) for c in CHARACTERS]
-    return T5Tokenizer(vocab=pieces, extra_ids=0, model_max_length=max_length)
+    return character_t5_tokenizer(max_length)
 
 
 def tiny_clip_text_encoder(vocab_size: int, hidden_size: int = 16, projection_dim: int = 16, seed: int = 0):
@@ -521,28 +520,9 @@ def tiny_flux2_pipeline(seed: int = 0, klein: bool = False, is_distilled: bool =
     )
 
 
-QWEN_SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
-# Renders the `[{"role", "content": [{"type": "text", "text"}]}]` conversations of Cosmos Predict2.5's prompt encoder.
-QWEN_CHAT_TEMPLATE = (
-    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
-    "{% for part in message['content'] %}{{ part['text'] }}{% endfor %}<|im_end|>\n{% endfor %}"
-)
-
-
 def tiny_qwen_tokenizer():
     """A byte-level `Qwen2Tokenizer` without merges (one token per byte) plus Qwen's chat special tokens."""
-    from transformers import Qwen2Tokenizer
-    from transformers.convert_slow_tokenizer import bytes_to_unicode
-
-    vocab = {character: index for index, character in enumerate(bytes_to_unicode().values())}
-    for token in QWEN_SPECIAL_TOKENS:
-        vocab[token] = len(vocab)
-    tokenizer = Qwen2Tokenizer(
-        vocab=vocab, merges=[], unk_token=None, bos_token=None, eos_token="<|im_end|>", pad_token="<|endoftext|>"
-    )
-    tokenizer.add_tokens(QWEN_SPECIAL_TOKENS, special_tokens=True)
-    tokenizer.chat_template = QWEN_CHAT_TEMPLATE
-    return tokenizer
+    return byte_qwen_tokenizer()
 
 
 def tiny_qwen2_5_vl_text_encoder(

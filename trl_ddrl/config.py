@@ -342,6 +342,12 @@ class DDRLConfig(_BaseConfig):
         default=50, metadata={"help": "Linear warm-up optimizer steps (the authors' 50); a float < 1 is a ratio."}
     )
     logging_steps: float = field(default=1, metadata={"help": "Log every X optimizer steps."})
+    activation_checkpointing: bool | None = field(
+        default=None,
+        metadata={
+            "help": "Recompute the denoiser's activations in the backward pass (diffusers' gradient checkpointing)."
+        },
+    )
     gradient_checkpointing: bool | None = field(
         default=None,
         metadata={"help": "Deprecated alias of `activation_checkpointing` (diffusers' gradient checkpointing)."},
@@ -586,6 +592,9 @@ class DDRLConfig(_BaseConfig):
         if derive_gradient_accumulation:
             self.gradient_accumulation_steps = 1
         super().__post_init__()
+        if self.activation_checkpointing is None:
+            # transformers < 5.2x has no `activation_checkpointing` of its own to resolve from the alias.
+            self.activation_checkpointing = bool(self.gradient_checkpointing)
 
         self._check_choice("scale_rewards", SCALE_REWARDS_CHOICES)
         self._check_choice("data_noise", DATA_NOISE_CHOICES)
