@@ -113,6 +113,22 @@ def test_eval_strategy_steps_evaluates_during_training_and_reports_the_reward_ga
     assert all("reward" not in entry for entry in evals)
 
 
+def test_a_resumed_run_does_not_evaluate_its_start_again(tiny_sd3_path, tmp_path):
+    settings = {
+        "eval_strategy": "steps",
+        "eval_steps": 1,
+        "eval_on_start": True,
+        "save_strategy": "steps",
+        "save_steps": 1,
+    }
+    make_trainer(tiny_sd3_path, tmp_path, max_steps=1, **settings).train()
+    trainer = make_trainer(tiny_sd3_path, tmp_path, max_steps=2, **settings)
+    trainer.train(resume_from_checkpoint=True)
+    evals = [entry["step"] for entry in trainer.state.log_history if "eval_reward" in entry]
+    assert evals == [0, 1, 2]  # not a second evaluation at the resumed step 1
+    assert trainer.args.eval_on_start  # restored after the run
+
+
 def test_prompts_only_eval_dataset_has_no_data_loss_and_bad_inputs_fail_clearly(tiny_sd3_path, tmp_path):
     trainer = DDRLTrainer(
         tiny_sd3_path, brightness, args=make_args(tmp_path, eval_num_generations=1), train_dataset=prompt_dataset()

@@ -664,3 +664,11 @@ def test_an_iteration_reads_each_prompt_row_once(tiny_sd3_path, tmp_path, monkey
     train_reads = [position for name, position in read_positions if name == "train_dataset"]
     assert len(train_reads) == args.prompts_per_step == len(set(train_reads))
     assert trainer.state.log_history[0]["loss/data"] > 0
+
+
+@pytest.mark.parametrize("key", ["torch_dtype", "dtype"])
+def test_pipeline_dtype_is_passed_as_dtype_without_the_deprecation_warning(tiny_sd3_path, key, recwarn):
+    args = DDRLConfig(output_dir="unused", report_to="none", model_init_kwargs={key: "float16"})
+    pipeline = DDRLTrainer._load_pipeline(tiny_sd3_path, args)
+    assert pipeline.transformer.dtype == torch.float16
+    assert not [w for w in recwarn if "torch_dtype" in str(w.message)]

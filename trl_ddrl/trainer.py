@@ -453,14 +453,17 @@ class DDRLTrainer(_BaseTrainer):
     @staticmethod
     def _load_pipeline(model: str, args: DDRLConfig | None) -> DiffusionPipeline:
         kwargs = dict(args.model_init_kwargs or {}) if args is not None else {}
-        dtype = kwargs.get("torch_dtype")
+        # diffusers >= 0.42 names it `dtype` and warns on `torch_dtype`; both are accepted here.
+        key = "torch_dtype" if "torch_dtype" in kwargs else "dtype"
+        dtype = kwargs.pop(key, None)
         if isinstance(dtype, str) and dtype != "auto":
             if not isinstance(getattr(torch, dtype, None), torch.dtype):
                 raise ValueError(
-                    f"model_init_kwargs.torch_dtype={dtype!r} is not a torch dtype; use 'bfloat16', 'float16' or "
-                    "'float32'."
+                    f"model_init_kwargs.{key}={dtype!r} is not a torch dtype; use 'bfloat16', 'float16' or 'float32'."
                 )
-            kwargs["torch_dtype"] = getattr(torch, dtype)
+            dtype = getattr(torch, dtype)
+        if dtype is not None:
+            kwargs["dtype"] = dtype
         try:
             # diffusers resolves only its own pipeline classes from `model_index.json`; ours (the digits pipeline)
             # are looked up among the adapters.
@@ -899,6 +902,9 @@ class DDRLTrainer(_BaseTrainer):
         # Every call starts from a fresh rollout, also a resume on this same trainer after a failure.
         self._buffer = None
         expose_config_to_trackers(self.model)
+        # A resumed run had its start evaluated already (the checkpoint's log history holds it): no second one.
+        eval_on_start = self.args.eval_on_start
+        self.args.eval_on_start = eval_on_start and resume_from_checkpoint is None
         try:
             output = super().train(resume_from_checkpoint, *args, **kwargs)
         except (Exception, KeyboardInterrupt):
@@ -906,6 +912,7 @@ class DDRLTrainer(_BaseTrainer):
             self._save_checkpoint_after_failure()
             raise
         finally:
+            self.args.eval_on_start = eval_on_start
             # A run that raised never reaches on_train_end: give SIGTERM back to whoever had it.
             self._preemption.restore_signal_handler()
         self._preemption.exit_if_stopped()

@@ -399,7 +399,7 @@ def get_model_init_kwargs(model_args: ModelConfig, training_args: DDRLConfig) ->
     ):
         if getattr(model_args, name):
             raise UsageError(f"--{name}={getattr(model_args, name)!r} is not supported. {fix}")
-    kwargs = {"torch_dtype": model_args.dtype, "revision": model_args.model_revision}
+    kwargs = {"dtype": model_args.dtype, "revision": model_args.model_revision}
     kwargs.update(training_args.model_init_kwargs or {})
     return kwargs
 
@@ -517,10 +517,12 @@ def main(script_args: DDRLScriptArguments, training_args: DDRLConfig, model_args
     except CheckpointError as error:  # a checkpoint to resume from that is missing, incomplete or incompatible
         raise UsageError(f"--resume_from_checkpoint: {error}") from error
     trainer.save_model(training_args.output_dir)
-    trainer.accelerator.print(f"Model saved to {training_args.output_dir}.")
+    if trainer.is_world_process_zero():  # `accelerator.print` prints once per node
+        print(f"Model saved to {training_args.output_dir}.")
     if training_args.push_to_hub:
         trainer.push_to_hub(dataset_name=script_args.dataset_name)
-        trainer.accelerator.print(f"Model pushed to https://huggingface.co/{trainer.hub_model_id}.")
+        if trainer.is_world_process_zero():
+            print(f"Model pushed to https://huggingface.co/{trainer.hub_model_id}.")
     trainer.accelerator.end_training()  # finish the trackers and destroy the process group (Trainer.end in 5.18+)
 
 
