@@ -17,6 +17,7 @@ import base64
 import io
 import json
 import logging
+import random
 import time
 from typing import Any
 
@@ -60,7 +61,10 @@ class ImageTooLarge(ValueError):
 
 
 def _unpng(data: str, max_pixels: int | None = None) -> torch.Tensor:
-    """One base64 PNG (8- or 16-bit, gray, RGB, RGBA or palette) as float `[C, H, W]` in `[0, 1]`."""
+    """
+    One base64 PNG (8- or 16-bit, gray, RGB, RGBA or palette) as float `[C, H, W]` in `[0, 1]`, alpha composited on
+    white (`C` is 1 or 3).
+    """
     try:
         image = Image.open(io.BytesIO(base64.b64decode(data, validate=True)))
     except Image.DecompressionBombError as error:
@@ -79,22 +83,54 @@ def _unpng(data: str, max_pixels: int | None = None) -> torch.Tensor:
     scale = 255.0 if array.dtype == np.uint8 else 65535.0  # 16-bit PNGs: mode I;16 (or I)
     if array.ndim == 2:
         array = array[..., None]
-    return torch.from_numpy(array.astype(np.float32) / scale).permute(2, 0, 1)
+    pixels = torch.from_numpy(array.astype(np.float32) / scale).permute(2, 0, 1)
+    if image.mode in ("RGBA", "LA"):  # composited on white, as the trainer does with RGBA data images
+        color, alpha = pixels[:-1], pixels[-1:]
+        pixels = color * alpha + (1.0 - alpha)
+    return pixels
+
+
+def _stack(tensors: list[torch.Tensor], what: str, within: str = "") -> torch.Tensor:
+    """Stack decoded images (or videos); gray ones become RGB beside RGB ones; different sizes raise naming two."""
+    if len({tensor.shape[-3] for tensor in tensors}) > 1:
+        tensors = [tensor.expand(*tensor.shape[:-3], 3, *tensor.shape[-2:]) for tensor in tensors]
+    shapes = [tuple(tensor.shape) for tensor in tensors]
+    if len(set(shapes)) > 1:
+        other = next(index for index, shape in enumerate(shapes) if shape != shapes[0])
+        raise ValueError(
+            f"{what} 0{within} has the shape {shapes[0]} but {what} {other} has {shapes[other]}; all {what}s of one "
+            "request must have the same size (resize them, or send one request per size)."
+        )
+    return torch.stack(tensors)
 
 
 def decode_images(encoded: list[str] | list[list[str]], max_pixels: int | None = None) -> torch.Tensor:
     """
     Inverse of [`encode_images`]: float images `[B, C, H, W]` (or videos `[B, F, C, H, W]`) in `[0, 1]`. 16-bit PNGs
-    are scaled by 65535. With `max_pixels`, an image or frame with more pixels raises [`ImageTooLarge`] before it is
+    are scaled by 65535; RGBA and gray + alpha images are composited on white; gray images sent beside RGB ones
+    become RGB; images (or frames) of different sizes raise a `ValueError` naming two of them. With `max_pixels`, an image or frame with more pixels raises [`ImageTooLarge`] before it is
     decoded.
     """
     if not encoded:
         raise ValueError("No images to decode.")
     if all(isinstance(item, str) for item in encoded):
-        return torch.stack([_unpng(item, max_pixels) for item in encoded])
+        return _stack([_unpng(item, max_pixels) for item in encoded], "image")
     if all(isinstance(item, list) and item and all(isinstance(frame, str) for frame in item) for item in encoded):
-        return torch.stack([torch.stack([_unpng(frame, max_pixels) for frame in video]) for video in encoded])
+        videos = []
+        for index, video in enumerate(encoded):
+            videos.append(_stack([_unpng(frame, max_pixels) for frame in video], "frame", f" of video {index}"))
+        return _stack(videos, "video")
     raise ValueError("images must be a list of base64 PNG strings, or a list of non-empty lists of them (videos).")
+
+
+def _retry_after(response: httpx.Response) -> float | None:
+    """Seconds a 503 (server busy) or 429 answer asks to wait (`Retry-After`), or None for other answers."""
+    if response.status_code not in (429, 503):
+        return None
+    try:
+        return max(0.0, float(response.headers["retry-after"]))
+    except (KeyError, ValueError):
+        return None
 
 
 def _jsonable(values: list) -> bool:
@@ -110,8 +146,9 @@ class RemoteReward:
     A reward computed by a server: sends prompts, images (PNG) and per-sample columns to `POST <url>/score`.
 
     Connection errors, timeouts and 5xx answers are retried `max_retries` times, waiting `backoff * 2**attempt`
-    seconds before retry `attempt` (0-based); then, and on any 4xx answer, a [`RewardFunctionError`] naming the URL is
-    raised.
+    seconds before retry `attempt` (0-based); then, and on any other 4xx answer, a [`RewardFunctionError`] naming the
+    URL is raised. A busy server's 503 (or 429) with `Retry-After` is not a failure: the request is sent again after
+    that many seconds (plus up to half as much jitter), for up to `timeout` seconds of such waits in all.
 
     `trainer_state` is not sent. Per-sample columns (lists of length `B`) are sent when they are JSON-serialisable
     (others, such as PIL image columns, are skipped), or exactly those named in `columns`.
@@ -191,45 +228,56 @@ class RemoteReward:
     def _post(self, client: httpx.Client, payload: dict[str, Any]) -> list:
         expected = len(payload["prompts"])
         last_error = "no attempt made"
-        for attempt in range(self.max_retries + 1):
-            if attempt:
-                delay = self.backoff * 2 ** (attempt - 1)
-                logger.warning(
-                    "Reward server %s failed (%s); retry %d in %.1fs.", self.url, last_error, attempt, delay
-                )
-                time.sleep(delay)
+        failures, busy_seconds = 0, 0.0
+        while True:
             try:
                 response = client.post(self.url, json=payload)
             except httpx.TimeoutException as error:
                 last_error = f"timed out after {self.timeout}s ({type(error).__name__})"
-                continue
             except httpx.TransportError as error:
                 last_error = f"{type(error).__name__}: {error}"
-                continue
-            if response.status_code >= 500:
+            else:
+                delay = _retry_after(response)
+                if delay is not None and busy_seconds + delay <= self.timeout:
+                    # The server sheds load: wait as told (with jitter, so that refused clients do not return
+                    # together), within `timeout` seconds in all; this is not a failure.
+                    delay *= 1.0 + 0.5 * random.random()
+                    logger.info("Reward server %s is busy; retrying in %.1fs.", self.url, delay)
+                    time.sleep(delay)
+                    busy_seconds += delay
+                    continue
+                if response.status_code < 400:
+                    return self._rewards(response, expected)
+                if response.status_code < 500:
+                    raise RewardFunctionError(
+                        f"Reward server {self.url} rejected the request with HTTP {response.status_code}: "
+                        f"{response.text[:500]}"
+                    )
                 last_error = f"HTTP {response.status_code}: {response.text[:500]}"
-                continue
-            if response.status_code >= 400:
-                raise RewardFunctionError(
-                    f"Reward server {self.url} rejected the request with HTTP {response.status_code}: "
-                    f"{response.text[:500]}"
-                )
-            try:
-                rewards = response.json()["rewards"]
-            except (ValueError, KeyError, TypeError):
-                raise RewardFunctionError(
-                    f'Reward server {self.url} answered {response.text[:200]!r}; expected JSON {{"rewards": [...]}}.'
-                ) from None
-            if not isinstance(rewards, list) or len(rewards) != expected:
-                raise RewardFunctionError(
-                    f"Reward server {self.url} returned {rewards!r:.200} for {expected} samples; expected a list of "
-                    f"{expected} rewards."
-                )
-            return rewards
+            if failures == self.max_retries:
+                break
+            delay = self.backoff * 2**failures
+            failures += 1
+            logger.warning("Reward server %s failed (%s); retry %d in %.1fs.", self.url, last_error, failures, delay)
+            time.sleep(delay)
         raise RewardFunctionError(
             f"Reward server {self.url} failed {self.max_retries + 1} times; last error: {last_error}. Check that the "
             "server is running and reachable (GET /health), or raise timeout / max_retries."
         )
+
+    def _rewards(self, response: httpx.Response, expected: int) -> list:
+        try:
+            rewards = response.json()["rewards"]
+        except (ValueError, KeyError, TypeError):
+            raise RewardFunctionError(
+                f'Reward server {self.url} answered {response.text[:200]!r}; expected JSON {{"rewards": [...]}}.'
+            ) from None
+        if not isinstance(rewards, list) or len(rewards) != expected:
+            raise RewardFunctionError(
+                f"Reward server {self.url} returned {rewards!r:.200} for {expected} samples; expected a list of "
+                f"{expected} rewards."
+            )
+        return rewards
 
     def __call__(self, prompts: list[str], images: torch.Tensor, **kwargs: Any) -> list[float | None]:
         """Rewards, one per sample, for `images` `[B, C, H, W]` or videos `[B, F, C, H, W]` in `[0, 1]`."""
