@@ -13,8 +13,9 @@ dropped) with a brightness reward computed on the GPU, and records per measured 
 - the **raw compute floor** of the same iteration (the adapter's denoiser calls alone: the rollout's no-grad forwards
   and, per micro-batch, the replay and data forwards with one backward, then one AdamW step) on the trained module
   right after training, and `trainer / raw`;
-- replay tokens/s and model FLOP utilisation against the GPU's bf16 peak (FLOPs counted by torch's
-  `FlopCounterMode` over one raw iteration);
+- replay tokens/s and model FLOP utilisation against the GPU's bf16 peak (useful FLOPs: torch's `FlopCounterMode`
+  over one denoiser forward of each batch shape, times the forwards of the iteration, a backward counting twice its
+  forward; activation-checkpointing recomputation is not counted as useful);
 - peak CUDA memory (`max_memory_allocated` and `max_memory_reserved`), beside the memory estimator's prediction for
   the same settings where `trl_ddrl.memory` is installed;
 - the on-policy ratio of every trained transition: max and mean `|log r|` and the clip fraction per trained step;
@@ -287,7 +288,7 @@ def raw_floor(trainer, case: Case, device: torch.device, count_flops: bool) -> d
     The bare compute of one iteration of `case` on the trained module, through the adapter's `predict` (the denoiser
     call with CFG): `num_inference_steps` no-grad forwards of the rollout batch, then per micro-batch a forward of the
     replayed states (and with a data term one of the noised data) and one backward, then a clipped AdamW step. Timed
-    twice after a warm-up (the median); with `count_flops` the FLOPs of each phase come from `FlopCounterMode`.
+    once each; with `count_flops` the useful FLOPs of each phase, from `FlopCounterMode` over one forward.
     """
     from torch.utils.flop_counter import FlopCounterMode
 
@@ -334,15 +335,20 @@ def raw_floor(trainer, case: Case, device: torch.device, count_flops: bool) -> d
         synchronize(device)
         return time.perf_counter() - start
 
-    timed(rollout), timed(train)  # warm-up
-    rollout_s = statistics.median(timed(rollout) for _ in range(2))
-    train_s = statistics.median(timed(train) for _ in range(2))
-    result = {"rollout_s": rollout_s, "train_s": train_s, "iteration_s": rollout_s + train_s}
-    if count_flops:
-        for phase, fn in (("rollout", rollout), ("train", train)):
+    # The trainer's iterations warmed the kernels up: one timed run of each phase.
+    result = {"rollout_s": timed(rollout), "train_s": timed(train)}
+    result["iteration_s"] = result["rollout_s"] + result["train_s"]
+    if count_flops:  # one forward of each batch shape; a backward counts twice its forward (the 6ND convention)
+        index = torch.zeros(samples, dtype=torch.long, device=device)
+        with torch.no_grad(), autocast:
             with FlopCounterMode(display=False) as counter:
-                fn()
-            result[f"{phase}_flops"] = float(counter.get_total_flops())
+                adapter.predict(denoiser, latents, index, conditioning)
+            rollout_forward = counter.get_total_flops()
+            with FlopCounterMode(display=False) as counter:
+                adapter.predict(denoiser, micro_latents, index[: case.micro_batch], micro_conditioning)
+            micro_forward = counter.get_total_flops()
+        result["rollout_flops"] = float(rollout_forward * case.num_inference_steps)
+        result["train_flops"] = float(3 * micro_forward * forwards * micro_batches)
     result["replay_rows"] = micro_batches * case.micro_batch * forwards
     return result
 
