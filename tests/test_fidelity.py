@@ -20,7 +20,15 @@ from trl_ddrl.losses import (
     reverse_kl,
 )
 from trl_ddrl.rollout_plan import select_train_steps
-from trl_ddrl.sampling import churn_eta, churn_sigma, ddim_step, edm_churn_step, flow_sde_step, score_transition
+from trl_ddrl.sampling import (
+    churn_eta,
+    churn_sigma,
+    ddim_step,
+    edm_churn_step,
+    flow_sde_step,
+    score_transition,
+    transition_log_ratio,
+)
 
 
 def official_log_ratio(sample_edm, mu_current_edm, mu_old_edm):
@@ -42,6 +50,8 @@ def test_flow_edm_log_ratio_is_the_official_squared_distance_in_edm_coordinates(
     to_edm = 1 / (1 - sigma_next)
     expected = official_log_ratio(old.prev_sample * to_edm, new.mean * to_edm, old.mean * to_edm)
     torch.testing.assert_close(new_score - old_score, expected)
+    # The trainer forms it element-wise from the rollout's mean, as the official code does.
+    torch.testing.assert_close(transition_log_ratio(new, old.mean, "edm_squared_distance"), expected)
     # that is the flow-coordinate squared distance divided by (1 - t_next)^2 ...
     flow_distance = ((old.prev_sample - new.mean) ** 2 - (old.prev_sample - old.mean) ** 2).mean()
     torch.testing.assert_close(new_score - old_score, -flow_distance[None] / (1 - sigma_next) ** 2)

@@ -101,7 +101,7 @@ def test_clipped_policy_loss_hand_computed():
     log_prob = torch.log(torch.tensor([1.5, 0.5, 1.05, 1.5]))
     old = torch.zeros(4)
     adv = torch.tensor([1.0, 1.0, -2.0, -1.0])
-    loss, ratio, clipped = clipped_policy_loss(log_prob, old, adv, clip)
+    loss, ratio, clipped = clipped_policy_loss(log_prob - old, adv, clip)
     # A>0, r=1.5 -> clipped at 1.1: -1.1 ; A>0, r=0.5 -> unclipped -0.5 ; A<0, r=1.05 inside -> 2.1 ; A<0 r=1.5 -> 1.5
     torch.testing.assert_close(loss, torch.tensor([-1.1, -0.5, 2.1, 1.5]))
     torch.testing.assert_close(ratio, torch.tensor([1.5, 0.5, 1.05, 1.5]))
@@ -110,7 +110,7 @@ def test_clipped_policy_loss_hand_computed():
 
 def test_clipped_policy_loss_gradient_vanishes_outside_the_clip():
     log_prob = torch.tensor([0.5, 0.0], requires_grad=True)
-    loss, _, _ = clipped_policy_loss(log_prob, torch.zeros(2), torch.tensor([1.0, 1.0]), 0.1)
+    loss, _, _ = clipped_policy_loss(log_prob, torch.tensor([1.0, 1.0]), 0.1)
     loss.sum().backward()
     assert log_prob.grad[0] == 0 and log_prob.grad[1] == -1
 

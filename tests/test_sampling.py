@@ -1,10 +1,22 @@
 import math
+from dataclasses import replace
 
 import pytest
 import torch
 from diffusers import DDIMScheduler, FlowMatchEulerDiscreteScheduler
 
-from trl_ddrl.sampling import ddim_step, flow_cps_step, flow_sde_step, gaussian_log_prob
+from trl_ddrl.losses import clipped_policy_loss
+from trl_ddrl.sampling import (
+    StepOutput,
+    churn_eta,
+    ddim_step,
+    edm_squared_distance_log_prob,
+    flow_cps_step,
+    flow_sde_step,
+    gaussian_log_prob,
+    score_transition,
+    transition_log_ratio,
+)
 
 
 def test_gaussian_log_prob_matches_torch_normal():
@@ -165,3 +177,80 @@ def test_flow_cps_with_eta_zero_or_a_last_step_is_the_euler_step():
     last = flow_cps_step(x, v, 0.3, 0.0, eta=0.8)
     torch.testing.assert_close(last.prev_sample, x - 0.3 * v)
     assert torch.all(last.std == 0) and torch.all(last.log_prob == 0)
+
+
+def high_noise_transition(num_changed: int, form: str):
+    """
+    A churn transition at EDM sigma 150 (`|l|` about 2200) whose replayed mean differs from the rollout's by a
+    relative 1e-6 of the residual in the first `num_changed` of 4096 elements (alternating signs over 4 samples):
+    the true log-ratios are about `1e-6 * num_changed`. Returns the replayed step, the rollout's mean and the float64
+    reference log-ratio computed from the same float32 tensors.
+    """
+    generator = torch.Generator().manual_seed(0)
+    sigma_edm, eta = 150.0, churn_eta(20)
+    to_flow = 1 / (1 + sigma_edm)  # 1 - t at the next state's level
+    std = to_flow * sigma_edm * math.sqrt(eta**2 + 2 * eta)
+    old_mean = torch.randn(4, 4096, generator=generator)
+    x = old_mean + std * torch.randn(4, 4096, generator=generator)
+    mean = old_mean.clone()
+    signs = torch.tensor([[1.0], [-1.0], [1.0], [-1.0]])
+    mean[:, :num_changed] += 1e-6 * signs * (x - old_mean)[:, :num_changed]
+    step = StepOutput(
+        prev_sample=x,
+        mean=mean,
+        std=torch.full((4,), std),
+        log_prob=torch.zeros(4),
+        edm_scale=torch.full((4,), 1 / to_flow),
+    )
+    weight = step.edm_scale.double() ** 2 if form == "edm_squared_distance" else 1 / (2 * step.std.double() ** 2)
+    distance = (x.double() - mean.double()) ** 2 - (x.double() - old_mean.double()) ** 2
+    return step, old_mean, -weight * distance.mean(dim=1)
+
+
+@pytest.mark.parametrize("num_changed", [1, 10, 100, 1000])
+def test_high_noise_log_ratio_matches_a_float64_reference(num_changed):
+    step, old_mean, reference = high_noise_transition(num_changed, "edm_squared_distance")
+    assert 1e-7 < reference.abs().min() and reference.abs().max() < 2e-3  # true differences of 1e-6 .. 1e-3
+    assert score_transition(step, "edm_squared_distance").log_prob.abs().min() > 2000
+    _, ratio, _ = clipped_policy_loss(
+        transition_log_ratio(step, old_mean, "edm_squared_distance"), torch.ones(4), clip_range=1e-4
+    )
+    torch.testing.assert_close(ratio.double(), reference.exp(), atol=1e-7, rtol=0)
+    # Subtracting the two per-sample float32 scores (the old way) is off by up to their spacing, 2.4e-4.
+    old_way = edm_squared_distance_log_prob(step.prev_sample, step.mean, step.edm_scale) - (
+        edm_squared_distance_log_prob(step.prev_sample, old_mean, step.edm_scale)
+    )
+    assert (old_way.double().exp() - reference.exp()).abs().max() > 1e-6
+
+
+def test_gaussian_log_ratio_matches_a_float64_reference():
+    step, old_mean, reference = high_noise_transition(100, "gaussian")
+    log_ratio = transition_log_ratio(step, old_mean, "gaussian").double()
+    torch.testing.assert_close(log_ratio, reference, atol=1e-9, rtol=1e-6)
+    # It is the difference of the two Gaussian log-densities.
+    old = gaussian_log_prob(step.prev_sample, old_mean, step.std)
+    new = gaussian_log_prob(step.prev_sample, step.mean, step.std)
+    torch.testing.assert_close(log_ratio.float(), new - old, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("form", ["edm_squared_distance", "gaussian"])
+def test_log_ratio_is_exactly_zero_on_a_bit_identical_replay_and_on_deterministic_steps(form):
+    x, v = torch.randn(3, 2, 4), torch.randn(3, 2, 4)
+    rollout = flow_sde_step(x, v, 0.9, 0.7, eta=1.0, noise_sigma_max=0.9)
+    replay = flow_sde_step(x, v, 0.9, 0.7, eta=1.0, noise_sigma_max=0.9, prev_sample=rollout.prev_sample)
+    assert torch.equal(transition_log_ratio(replay, rollout.mean, form), torch.zeros(3))
+    last = flow_sde_step(x, v, 0.3, 0.0, eta=0.0, noise_sigma_max=0.9)
+    assert torch.equal(transition_log_ratio(last, rollout.mean, form), torch.zeros(3))
+
+
+@pytest.mark.parametrize("form", ["edm_squared_distance", "gaussian"])
+def test_log_ratio_gradient_is_the_score_gradient(form):
+    x, old_mean = torch.randn(2, 6), torch.randn(2, 6)
+    mean = (old_mean + 0.1 * torch.randn(2, 6)).requires_grad_()
+    std, edm_scale = torch.tensor([0.5, 0.7]), torch.tensor([3.0, 2.0])
+    step = StepOutput(prev_sample=x, mean=mean, std=std, log_prob=torch.zeros(2), edm_scale=edm_scale)
+    transition_log_ratio(step, old_mean, form).sum().backward()
+    expected_mean = mean.detach().requires_grad_()
+    replay = replace(step, log_prob=gaussian_log_prob(x, expected_mean, std), mean=expected_mean)
+    score_transition(replay, form).log_prob.sum().backward()
+    torch.testing.assert_close(mean.grad, expected_mean.grad)

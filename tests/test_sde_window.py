@@ -181,7 +181,7 @@ def test_training_on_the_window_uses_its_steps_for_replay_and_data_term(tmp_path
         window = sde_window_steps(STEPS, 2, iteration, seed=0, window_range=[0, 4])
         assert buffer.step_indices.tolist() == window
         # the replayed log-likelihood of every stored transition is the rollout's (on-policy ratio 1 before the step)
-        assert (buffer.old_log_probs != 0).all()
+        assert (buffer.old_means != buffer.next_states).all()
     logs = [log for log in trainer.state.log_history if "sde_window/first_step" in log]
     # one optimizer step per iteration: every replay runs the rollout's weights, so the likelihood ratio is 1
     assert [log["ratio/mean"] for log in logs] == pytest.approx([1.0] * 3, abs=1e-6)

@@ -142,22 +142,22 @@ def compute_advantages(
 
 
 def clipped_policy_loss(
-    log_prob: torch.Tensor, old_log_prob: torch.Tensor, advantages: torch.Tensor, clip_range: float
+    log_ratio: torch.Tensor, advantages: torch.Tensor, clip_range: float
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """
-    PPO's clipped surrogate on the per-step likelihood ratio `r = exp(log_prob - old_log_prob)`:
+    PPO's clipped surrogate on the per-step likelihood ratio `r = exp(log_ratio)`:
     `max(-A r, -A clip(r, 1 - clip_range, 1 + clip_range))`.
 
     Args:
-        log_prob (`torch.Tensor` of shape `[B]`): Log-likelihood of the stored transitions under the current model.
-        old_log_prob (`torch.Tensor` of shape `[B]`): Their log-likelihood at rollout time.
+        log_ratio (`torch.Tensor` of shape `[B]`): Log-likelihood ratio of the stored transitions, current model
+            over rollout ([`~trl_ddrl.sampling.transition_log_ratio`], exact to float32's relative precision).
         advantages (`torch.Tensor` of shape `[B]`): Advantages.
         clip_range (`float`): Clipping range.
 
     Returns:
         `tuple` of three `[B]` tensors: the loss, the ratio and whether the clipped branch was taken.
     """
-    ratio = torch.exp(log_prob.float() - old_log_prob.float())
+    ratio = torch.exp(log_ratio.float())
     unclipped = -advantages * ratio
     clipped = -advantages * torch.clamp(ratio, 1.0 - clip_range, 1.0 + clip_range)
     return torch.maximum(unclipped, clipped), ratio, clipped > unclipped

@@ -11,7 +11,8 @@ Every transition also carries `edm_scale`, the factor that maps its coordinates 
 sigma * eps`, the variance-exploding form the authors' Cosmos sampler works in): `1 / (1 - t_next)` for a flow state
 `x_t = (1 - t) x0 + t eps` (with `sigma = t / (1 - t)`), `1 / sqrt(alpha_bar_next)` for a DDPM state `sqrt(a) x0 +
 sqrt(1 - a) eps` (with `sigma = sqrt((1 - a) / a)`). [`score_transition`] turns a transition into the log-likelihood
-the policy ratio uses, in either of the two forms of `DDRLConfig.log_ratio_form`.
+the policy ratio uses, in either of the two forms of `DDRLConfig.log_ratio_form`; [`transition_log_ratio`] forms
+the ratio itself from the rollout's mean, element-wise, so that it keeps its precision at high noise.
 
 Shapes: `sample`, `model_output`, `noise` and `prev_sample` are `[B, ...]`; schedule values (`sigma`, `alpha_prod`)
 are scalars or `[B]` tensors, one per sample, so that a micro-batch may mix steps.
@@ -127,6 +128,55 @@ def score_transition(step: StepOutput, log_ratio_form: str) -> StepOutput:
     score = edm_squared_distance_log_prob(step.prev_sample, step.mean, edm_scale)
     score = torch.where(step.std > 0, score, torch.zeros_like(score))
     return replace(step, log_prob=score)
+
+
+def log_ratio_weight(step: StepOutput, log_ratio_form: str) -> torch.Tensor:
+    """
+    The weight `w` (`[B]`, float32) of the squared distance in the score of `log_ratio_form`, `l = -w mean((x -
+    mu)^2) + const`: `edm_scale^2` for `"edm_squared_distance"`, `1 / (2 std^2)` for `"gaussian"` (whose `-log std`
+    and constant do not depend on the model), 0 on deterministic steps (`std == 0`).
+    """
+    positive = step.std > 0
+    if log_ratio_form == "gaussian":
+        safe_std = torch.where(positive, step.std, torch.ones_like(step.std)).float()
+        weight = 1 / (2 * safe_std**2)
+    elif log_ratio_form == "edm_squared_distance":
+        weight = (step.edm_scale if step.edm_scale is not None else torch.ones_like(step.std)).float() ** 2
+    else:
+        raise ValueError(
+            f"log_ratio_form={log_ratio_form!r} is not valid; choose 'edm_squared_distance' or 'gaussian'."
+        )
+    return torch.where(positive, weight, torch.zeros_like(weight))
+
+
+def transition_log_ratio(step: StepOutput, old_mean: torch.Tensor, log_ratio_form: str) -> torch.Tensor:
+    r"""
+    The per-step log-likelihood ratio `l_theta - l_old` of the stored transition `x = step.prev_sample`, between the
+    replay `step` (mean `mu`) and the rollout that drew it (mean `old_mean`, same state, same `std`: a step's `std`
+    and `edm_scale` depend on the schedule only). Both scores of [`score_transition`] are `-w mean((x - mu)^2) +
+    const` (see [`log_ratio_weight`]), so
+
+    $$ \log r = -w \operatorname{mean}ig((x - \mu)^2 - (x - \mu_{old})^2ig)
+              = -w \operatorname{mean}ig((\mu_{old} - \mu)\,((x - \mu) + (x - \mu_{old}))ig). $$
+
+    The difference is taken element-wise before the mean (as cosmos-rl's `wfm_trainer.py` does,
+    `-(diff_current - diff_old)`), in the factored form: `mu_old - mu` is exact in float32 when the two means are
+    close, so the result has float32's relative precision *of the difference*. Subtracting two per-sample scores
+    instead loses it at high noise, where `|l|` is in the thousands (about 2250 at EDM sigma 152) and two float32
+    scores differ in steps of 2.4e-4, more than the clip range 1e-4. When the replay's mean is bit-identical to the
+    rollout's the log-ratio is exactly 0. The gradient is the score's: `d log r / d mu = 2 w (x - mu) / numel`.
+
+    Args:
+        step ([`StepOutput`]): The replayed transition, `prev_sample` the stored next state `[B, ...]`.
+        old_mean (`torch.Tensor` of shape `[B, ...]`): The transition's mean at rollout time.
+        log_ratio_form (`str`): `"edm_squared_distance"` or `"gaussian"`.
+
+    Returns:
+        `torch.Tensor` of shape `[B]`, float32.
+    """
+    x, mean, old_mean = step.prev_sample.float(), step.mean.float(), old_mean.float()
+    difference = (old_mean - mean) * ((x - mean) + (x - old_mean))
+    return -log_ratio_weight(step, log_ratio_form) * difference.mean(dim=tuple(range(1, x.ndim)))
 
 
 def _finish_step(

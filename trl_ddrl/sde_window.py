@@ -19,7 +19,7 @@ Everything here is a pure function of the configuration and the iteration number
 so every process draws the same window and a resumed run draws the same windows as an uninterrupted one.
 """
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -215,16 +215,20 @@ def sample_shared_prefix(
     return torch.cat(states)[inverse.to(device)]
 
 
-def join_prefix(
-    prefix: torch.Tensor, latents: torch.Tensor, log_probs: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
+def join_prefix(prefix: torch.Tensor, trajectory):
     """
-    Prepend a shared prefix's states `[B, p + 1, ...]` to a trajectory sampled from its last state (`latents`
-    `[B, T - p + 1, ...]`, `log_probs` `[B, T - p]`): the whole trajectory's states `[B, T + 1, ...]` and
-    log-likelihoods `[B, T]` (0 on the deterministic prefix steps).
+    Prepend a shared prefix's states `[B, p + 1, ...]` to a [`~trl_ddrl.pipelines.Trajectory`] sampled from its last
+    state (`T - p` steps): the whole trajectory of `T` steps. The deterministic prefix steps have log-likelihood 0
+    and their means are their next states. (The churn sampler, the one recording `denoised`, has no window.)
     """
+    log_probs = trajectory.log_probs
     prefix_log_probs = torch.zeros(prefix.shape[0], prefix.shape[1] - 1, device=log_probs.device)
-    return torch.cat([prefix[:, :-1], latents], dim=1), torch.cat([prefix_log_probs, log_probs], dim=1)
+    return replace(
+        trajectory,
+        latents=torch.cat([prefix[:, :-1], trajectory.latents], dim=1),
+        log_probs=torch.cat([prefix_log_probs, log_probs], dim=1),
+        means=torch.cat([prefix[:, 1:], trajectory.means], dim=1),
+    )
 
 
 def initial_states(

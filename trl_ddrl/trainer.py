@@ -62,6 +62,7 @@ from .pipelines import ADAPTERS, Conditioning, SamplingSettings, get_adapter
 from .pipelines.experts import denoiser_parts, lora_load_arguments, lora_weight_name, trained_components
 from .preflight import check_hub_token, check_model_path, check_trainer_args
 from .rewards import RewardFunctionError, check_rewards, get_reward_function
+from .sampling import transition_log_ratio
 from .sde_window import initial_states, join_prefix, rollout_steps
 from .tracking import SampleLoggingCallback, Samples, expose_config_to_trackers
 from .utils import image_grid, save_denoiser, save_video_grid_gif, saved_separately, unique_with_index
@@ -102,7 +103,7 @@ class RolloutBuffer:
 
     states: torch.Tensor  # [S, K, ...] state before each trained step
     next_states: torch.Tensor  # [S, K, ...] state after it
-    old_log_probs: torch.Tensor  # [S, K]
+    old_means: torch.Tensor  # [S, K, ...] each transition's mean at rollout time (the log-ratio is taken against it)
     step_indices: torch.Tensor  # [K] sampler step index of each trained step
     advantages: torch.Tensor  # [S]
     conditioning: Conditioning  # [S, ...] each
@@ -119,7 +120,7 @@ class RolloutBuffer:
         batch = {
             "states": self.states[sample, position],
             "next_states": self.next_states[sample, position],
-            "old_log_probs": self.old_log_probs[sample, position],
+            "old_means": self.old_means[sample, position],
             "step_index": self.step_indices[position],
             "num_data_rows": self.data_rows[index],
             "advantages": self.advantages[sample],
@@ -594,7 +595,7 @@ class DDRLTrainer(_BaseTrainer):
         prompts = [row["prompt"] for row in rows]
         chunk = args.rollout_batch_size or len(prompts)
         start = time.perf_counter()
-        latents, log_probs, images, denoised = [], [], [], []
+        latents, means, images, denoised = [], [], [], []
         scored = self._pending_rewards = []  # cancelled by `train` if it stops on an error or Ctrl-C
         with (
             _gradient_checkpointing_paused(self.accelerator.unwrap_model(self.model)),
@@ -628,13 +629,12 @@ class DDRLTrainer(_BaseTrainer):
                     steps=range(schedule.prefix, args.num_inference_steps),
                     stochastic_steps=schedule.stochastic,
                 )
-                chunk_latents, chunk_log_probs = trajectory.latents, trajectory.log_probs
                 if schedule.prefix:
-                    chunk_latents, chunk_log_probs = join_prefix(prefix[i : i + chunk], chunk_latents, chunk_log_probs)
-                chunk_images = self.adapter.decode(chunk_latents[:, -1])
-                self._divergence.check_samples(chunk_latents, chunk_images, iteration)
-                latents.append(chunk_latents)
-                log_probs.append(chunk_log_probs)
+                    trajectory = join_prefix(prefix[i : i + chunk], trajectory)
+                chunk_images = self.adapter.decode(trajectory.latents[:, -1])
+                self._divergence.check_samples(trajectory.latents, chunk_images, iteration)
+                latents.append(trajectory.latents)
+                means.append(trajectory.means)
                 denoised.append(trajectory.denoised)
                 images.append(chunk_images)
                 # Scoring this chunk overlaps the sampling of the next one.
@@ -645,7 +645,7 @@ class DDRLTrainer(_BaseTrainer):
                     else self._score(*score_args)
                 )
         rollout_time = time.perf_counter() - start
-        latents, log_probs, images = torch.cat(latents), torch.cat(log_probs), torch.cat(images)
+        latents, means, images = torch.cat(latents), torch.cat(means), torch.cat(images)
 
         start = time.perf_counter()
         results = [item.result() if isinstance(item, Future) else item for item in scored]
@@ -695,7 +695,7 @@ class DDRLTrainer(_BaseTrainer):
         return RolloutBuffer(
             states=latents[:, steps],
             next_states=latents[:, steps + 1],
-            old_log_probs=log_probs[:, steps],
+            old_means=means[:, steps],
             step_indices=steps,
             advantages=advantages,
             conditioning=conditioning,
@@ -773,9 +773,8 @@ class DDRLTrainer(_BaseTrainer):
             inputs["conditioning"],
             inputs.get("previous_denoised"),
         )
-        policy_loss, ratio, is_clipped = clipped_policy_loss(
-            step.log_prob, inputs["old_log_probs"], inputs["advantages"], args.clip_range
-        )
+        log_ratio = transition_log_ratio(step, inputs["old_means"], args.log_ratio_form)
+        policy_loss, ratio, is_clipped = clipped_policy_loss(log_ratio, inputs["advantages"], args.clip_range)
         loss = policy_loss.mean()
         # Kept on the device and gathered once per logging step: no host sync or collective per micro-batch.
         self._loss_metrics["loss/policy"].append(loss.detach())

@@ -54,12 +54,15 @@ class Trajectory:
     Attributes:
         latents (`torch.Tensor` of shape `[B, T + 1, ...]`): States `x_0` (pure noise) to `x_T` (the sample), float32.
         log_probs (`torch.Tensor` of shape `[B, T]`): Log-likelihood of each transition at sampling time.
+        means (`torch.Tensor` of shape `[B, T, ...]`): Mean of each transition at sampling time, float32: the
+            replay's exact log-ratio ([`~trl_ddrl.sampling.transition_log_ratio`]) is taken against it.
         denoised (`torch.Tensor` of shape `[B, T, ...]`, *optional*): Each step's denoised estimate, recorded by
             multistep samplers (`"churn"`), whose replay of step `i` needs the estimate of step `i - 1`.
     """
 
     latents: torch.Tensor
     log_probs: torch.Tensor
+    means: torch.Tensor
     denoised: torch.Tensor | None = None
 
 
@@ -334,7 +337,8 @@ class DiffusionAdapter(ABC):
         stochastic_steps: Collection[int] | None = None,
     ) -> Trajectory:
         """
-        Run the stochastic sampler from `noise`, recording every state and every transition's log-likelihood.
+        Run the stochastic sampler from `noise`, recording every state and every transition's mean and
+        log-likelihood.
 
         Every step but the last is stochastic with `eta` (default `settings.eta`; 0 gives the deterministic sampler);
         the last one lands on the clean sample and is deterministic (its log-likelihood is 0 and it is never trained).
@@ -347,7 +351,7 @@ class DiffusionAdapter(ABC):
         num_steps = self.settings.num_inference_steps
         steps = range(num_steps) if steps is None else steps
         latents = [noise.float()]
-        log_probs = []
+        log_probs, means = [], []
         batch = noise.shape[0]
         for i in steps:
             stochastic = i < num_steps - 1 and (stochastic_steps is None or i in stochastic_steps)
@@ -357,7 +361,12 @@ class DiffusionAdapter(ABC):
             out = score_transition(out, self.settings.log_ratio_form)
             latents.append(out.prev_sample)
             log_probs.append(out.log_prob)
-        return Trajectory(latents=torch.stack(latents, dim=1), log_probs=torch.stack(log_probs, dim=1))
+            means.append(out.mean)
+        return Trajectory(
+            latents=torch.stack(latents, dim=1),
+            log_probs=torch.stack(log_probs, dim=1),
+            means=torch.stack(means, dim=1),
+        )
 
     def transition_log_prob(
         self,
@@ -557,7 +566,7 @@ class FlowMatchingAdapter(DiffusionAdapter):
         eta = self.settings.eta if eta is None else eta
         levels = self.model_sigmas(eta)
         latents = [noise.float() * (levels[0] / self._sigma_table()[0])]
-        log_probs, denoised = [], []
+        log_probs, means, denoised = [], [], []
         for i in range(self.settings.num_inference_steps):
             step_index = torch.full((noise.shape[0],), i, dtype=torch.long, device=noise.device)
             output = self._guided_velocity(denoiser, latents[-1], levels[step_index], conditioning)
@@ -566,10 +575,12 @@ class FlowMatchingAdapter(DiffusionAdapter):
             out = score_transition(out, self.settings.log_ratio_form)
             latents.append(out.prev_sample)
             log_probs.append(out.log_prob)
+            means.append(out.mean)
             denoised.append(out.denoised)
         return Trajectory(
             latents=torch.stack(latents, dim=1),
             log_probs=torch.stack(log_probs, dim=1),
+            means=torch.stack(means, dim=1),
             denoised=torch.stack(denoised, dim=1),
         )
 
