@@ -3,6 +3,7 @@
 
 import importlib.metadata
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -92,6 +93,33 @@ def test_help_lists_ddrl_fields(tmp_path):
     ):
         assert option in result.stdout, option
     assert "--accelerate_config" in result.stdout
+
+
+def test_help_groups_the_options_and_hides_the_language_model_ones():
+    help_text = ddrl.make_parser().format_help()
+    titles = [line[:-1] for line in help_text.splitlines() if line.endswith(":") and not line.startswith(" ")]
+    assert titles == [
+        "options",
+        "model",
+        "data",
+        "DDRL objective",
+        "sampling",
+        "rewards",
+        "evaluation and logging",
+        "training",
+        "parallelism",
+        "other training options",
+    ]
+    sections = dict(
+        zip(titles, re.split(r"^(?:" + "|".join(map(re.escape, titles)) + "):$", help_text, flags=re.M)[1:])
+    )
+    assert "--model_name_or_path" in sections["model"] and "--data_beta" in sections["DDRL objective"]
+    assert "--reward_funcs" in sections["rewards"] and "--dataset_name" in sections["data"]
+    assert "--adam_epsilon" in sections["other training options"]
+    for refused in ("--load_in_4bit", "--attn_implementation", "--lora_task_type"):
+        assert f"  {refused}" not in help_text, refused
+    # Still parsed, so that the refusal names the option.
+    assert ddrl.make_parser().parse_args_into_dataclasses(["--load_in_4bit", "true"])[2].load_in_4bit
 
 
 def test_bad_field_value_is_one_clear_error(tmp_path):

@@ -161,8 +161,13 @@ class DDRLParser(TrlParser):
 
 
 def make_parser(prog: str | None = "trl-ddrl") -> DDRLParser:
-    """The parser of the script: `DDRLScriptArguments`, [`DDRLConfig`] and TRL's `ModelConfig`, plus `--config`."""
-    return DDRLParser(
+    """
+    The parser of the script: `DDRLScriptArguments`, [`DDRLConfig`] and TRL's `ModelConfig`, plus `--config`; its
+    `--help` is grouped, DDRL's options first ([`~trl_ddrl.cli_help.group_options`]).
+    """
+    from trl_ddrl.cli_help import REFUSED_OPTIONS, group_options
+
+    parser = DDRLParser(
         (DDRLScriptArguments, DDRLConfig, ModelConfig),
         prog=prog,
         usage="%(prog)s [--config FILE.yaml] [--accelerate_config NAME|FILE.yaml] [options]",
@@ -170,8 +175,12 @@ def make_parser(prog: str | None = "trl-ddrl") -> DDRLParser:
         "Without --model_name_or_path, runs the built-in default job.",
         epilog="Options that are not listed here (for example --num_processes, --mixed_precision, "
         "--main_process_port) go to `accelerate launch`. --accelerate_config takes zero2, zero3, fsdp, multi_gpu, "
-        "single_gpu, a config shipped with TRL, or a path to an accelerate YAML file.",
+        "single_gpu, a config shipped with TRL, or a path to an accelerate YAML file. Not listed: options of "
+        f"transformers language models that do not apply to diffusers pipelines ({', '.join(REFUSED_OPTIONS)}); "
+        "those that would change the run are refused with an error.",
     )
+    group_options(parser)
+    return parser
 
 
 def saved_splits(path: str) -> list[str] | None:
