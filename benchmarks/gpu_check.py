@@ -301,8 +301,7 @@ def raw_floor(trainer, case: Case, device: torch.device, count_flops: bool) -> d
     prompts = [PROMPTS[i % len(PROMPTS)] for i in range(samples)]
     conditioning = adapter.encode_prompts(prompts, device)
     micro_conditioning = adapter.encode_prompts(prompts[: case.micro_batch], device)
-    generator = torch.Generator(device).manual_seed(0)
-    latents = adapter.sample_noise(samples, generator)
+    latents = adapter.sample_noise(samples, torch.Generator().manual_seed(0))  # a CPU generator, as the trainer's
     micro_latents = latents[: case.micro_batch]
     trained_steps = trainer.args.num_trained_steps
     micro_batches = samples * trained_steps // case.micro_batch
@@ -389,11 +388,11 @@ def peak_tflops(device: torch.device, override: float | None) -> float | None:
     return next((value for key, value in BF16_PEAK_TFLOPS.items() if key in name), None)
 
 
-def run_case(case: Case, tiny: bool, peak_override: float | None = None) -> dict[str, Any]:
+def run_case(case: Case, tiny: bool, peak_override: float | None = None, with_estimate: bool = True) -> dict[str, Any]:
     """Train `case` for `1 + case.iterations` iterations and measure it (see the module docstring)."""
     from peft import LoraConfig
 
-    from trl_ddrl import DDRLConfig, DDRLTrainer
+    from trl_ddrl import DDRLTrainer
 
     device = torch.device("cuda" if torch.cuda.is_available() and not tiny else "cpu")
     if tiny:
@@ -404,32 +403,7 @@ def run_case(case: Case, tiny: bool, peak_override: float | None = None) -> dict
     build_s = time.perf_counter() - start
     samples = case.prompts_per_step * case.num_generations
     with tempfile.TemporaryDirectory(prefix="ddrl-gpu-check-") as output_dir:
-        config = DDRLConfig(
-            output_dir=output_dir,
-            prompts_per_step=case.prompts_per_step,
-            num_generations=case.num_generations,
-            num_inference_steps=case.num_inference_steps,
-            train_timestep_fraction=case.train_timestep_fraction,
-            per_device_train_batch_size=case.micro_batch,
-            data_beta=case.data_beta,
-            sampler=case.sampler,
-            log_ratio_form=case.log_ratio_form,
-            height=case.height,
-            width=case.width,
-            num_frames=case.num_frames,
-            max_sequence_length=case.max_sequence_length,
-            learning_rate=1e-4 if case.lora_rank else 1e-5,
-            warmup_steps=0,
-            max_steps=1 + case.iterations,
-            gradient_checkpointing=not tiny,
-            bf16=device.type == "cuda",
-            logging_steps=1,
-            report_to="none",
-            save_strategy="no",
-            disable_tqdm=True,
-            log_level="error",
-            seed=0,
-        )
+        config = config_for(case, output_dir, tiny, device)
         peft_config = (
             LoraConfig(r=case.lora_rank, lora_alpha=case.lora_rank, target_modules=list(case.lora_targets))
             if case.lora_rank
@@ -465,7 +439,10 @@ def run_case(case: Case, tiny: bool, peak_override: float | None = None) -> dict
         )
         changed = sum(not torch.equal(b, p.detach()) for b, p in zip(before, parameters, strict=False))
         logs = [entry for entry in trainer.state.log_history if "time/rollout" in entry]
-        floor = raw_floor(trainer, case, device, count_flops=True)
+        try:
+            floor = raw_floor(trainer, case, device, count_flops=True)
+        except Exception:  # keep the trainer's figures
+            floor = {"error": traceback.format_exc()}
 
     # Drop the warm-up iteration (index 0).
     iteration = timer.iteration_s[1:]
@@ -498,14 +475,16 @@ def run_case(case: Case, tiny: bool, peak_override: float | None = None) -> dict
             "per_iteration_s": iteration,
         },
         "raw": floor,
-        "ratio_trainer_over_raw": trainer_iteration / floor["iteration_s"],
-        "replay_tokens_per_s": floor["replay_rows"] * tokens / replay_s,
         "memory": peak,
-        "memory_estimate": memory_estimate(case, config),
+        "memory_estimate": memory_estimate(case, config) if with_estimate else {"available": False},
         "on_policy_ratio_per_step": recorder.summary(),
         "policy_loss_wrapped_in": recorder.patched,
         "trained_weights_changed": {"checked": len(before), "changed": int(changed)},
     }
+    if "error" in floor:
+        return result
+    result["ratio_trainer_over_raw"] = trainer_iteration / floor["iteration_s"]
+    result["replay_tokens_per_s"] = floor["replay_rows"] * tokens / replay_s
     if peak_tf:
         result["bf16_peak_tflops"] = peak_tf
         result["mfu_iteration"] = (
@@ -515,10 +494,67 @@ def run_case(case: Case, tiny: bool, peak_override: float | None = None) -> dict
         result["mfu_raw_iteration"] = (
             (floor["rollout_flops"] + floor["train_flops"]) / floor["iteration_s"] / (peak_tf * 1e12)
         )
-    estimate = result["memory_estimate"]
+    add_estimate_error(result)
+    return result
+
+
+def add_estimate_error(result: dict[str, Any]) -> None:
+    """The estimate's relative error against the measured `max_memory_allocated`, where both exist."""
+    estimate, peak = result["memory_estimate"], result["memory"]
     if peak and "peak_gib" in estimate:
         result["memory_estimate_relative_error"] = estimate["peak_gib"] / peak["max_memory_allocated_gib"] - 1
-    return result
+
+
+def config_for(case: Case, output_dir: str, tiny: bool, device: torch.device):
+    """The `DDRLConfig` a case trains with."""
+    from trl_ddrl import DDRLConfig
+
+    return DDRLConfig(
+        output_dir=output_dir,
+        prompts_per_step=case.prompts_per_step,
+        num_generations=case.num_generations,
+        num_inference_steps=case.num_inference_steps,
+        train_timestep_fraction=case.train_timestep_fraction,
+        per_device_train_batch_size=case.micro_batch,
+        data_beta=case.data_beta,
+        sampler=case.sampler,
+        log_ratio_form=case.log_ratio_form,
+        height=case.height,
+        width=case.width,
+        num_frames=case.num_frames,
+        max_sequence_length=case.max_sequence_length,
+        learning_rate=1e-4 if case.lora_rank else 1e-5,
+        warmup_steps=0,
+        max_steps=1 + case.iterations,
+        gradient_checkpointing=not tiny,
+        bf16=device.type == "cuda",
+        logging_steps=1,
+        report_to="none",
+        save_strategy="no",
+        disable_tqdm=True,
+        log_level="error",
+        seed=0,
+    )
+
+
+def add_estimates(output: str) -> None:
+    """
+    Fill in the memory estimator's prediction for every measured case of a results file (the estimator runs on the
+    CPU: the GPU run skips it with `--no-estimate`, so that no GPU time goes to it), and redraw the table.
+    """
+    with open(output) as file:
+        results = json.load(file)
+    for name, result in results["cases"].items():
+        if "error" in result:
+            continue
+        case = Case(**{**result["case"], "lora_targets": tuple(result["case"]["lora_targets"])})
+        with tempfile.TemporaryDirectory() as output_dir:
+            config = config_for(case, output_dir, tiny=False, device=torch.device("cpu"))
+            config.bf16 = True
+            result["memory_estimate"] = memory_estimate(case, config)
+        add_estimate_error(result)
+        print(f"[gpu_check] {name}: estimate {result['memory_estimate']}", flush=True)
+    write(results, output)
 
 
 def environment() -> dict[str, Any]:
@@ -552,6 +588,7 @@ def markdown_table(results: dict[str, Any]) -> str:
         "peak alloc GiB | estimate GiB | max abs log r | clip frac | weights changed |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
+    nan = float("nan")
     for name, case in results["cases"].items():
         if "error" in case:
             lines.append(f"| {name} | failed: {case['error'].splitlines()[-1][:120]} |" + " |" * 13)
@@ -563,7 +600,7 @@ def markdown_table(results: dict[str, Any]) -> str:
         estimate = case["memory_estimate"].get("peak_gib")
         lines.append(
             f"| {name} | {t['iteration_s']:.2f} | {t['rollout_s']:.2f} | {t['reward_s']:.3f} | {t['replay_s']:.2f} | "
-            f"{t['optimizer_s']:.2f} | {case['raw']['iteration_s']:.2f} | {case['ratio_trainer_over_raw']:.3f} | "
+            f"{t['optimizer_s']:.2f} | {case['raw'].get('iteration_s', nan):.2f} | {case.get('ratio_trainer_over_raw', nan):.3f} | "
             f"{case.get('mfu_replay', float('nan')):.1%} | "
             f"{case['memory'].get('max_memory_allocated_gib', float('nan')):.1f} | "
             f"{'n/a' if estimate is None else f'{estimate:.1f}'} | {max_log_r:.2e} | {clip:.3f} | "
@@ -580,13 +617,15 @@ def write(results: dict[str, Any], output: str) -> None:
         file.write(markdown_table(results))
 
 
-def run_in_subprocess(name: str, timeout_s: float, peak: float | None) -> dict[str, Any]:
+def run_in_subprocess(name: str, timeout_s: float, peak: float | None, estimate: bool) -> dict[str, Any]:
     """Run one case in its own process, so that a crash or an out-of-memory error does not stop the others."""
     with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as handle:
         path = handle.name
     command = [sys.executable, os.path.abspath(__file__), "--case-worker", name, "--worker-output", path]
     if peak:
         command += ["--peak-tflops", str(peak)]
+    if not estimate:
+        command.append("--no-estimate")
     start = time.perf_counter()
     try:
         completed = subprocess.run(command, timeout=timeout_s, capture_output=True, text=True)
@@ -613,6 +652,10 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--case-timeout-s", type=float, default=None, help="At most this many seconds per case.")
     parser.add_argument("--peak-tflops", type=float, default=None, help="bf16 peak of the GPU (default: by name).")
     parser.add_argument("--output", default=os.path.join(RESULTS, "gpu_check.json"))
+    parser.add_argument("--no-estimate", action="store_true", help="Skip the memory estimator (run it later on CPU).")
+    parser.add_argument(
+        "--add-estimates", action="store_true", help="Only add the estimator's predictions to --output's cases."
+    )
     parser.add_argument("--case-worker", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--worker-output", default=None, help=argparse.SUPPRESS)
     return parser.parse_args()
@@ -621,9 +664,17 @@ def parse_args() -> argparse.Namespace:
 def main() -> None:
     args = parse_args()
     if args.case_worker:  # one case, in this process (started by the orchestrator)
-        result = run_case(CASES_BY_NAME[args.case_worker], tiny=False, peak_override=args.peak_tflops)
+        result = run_case(
+            CASES_BY_NAME[args.case_worker],
+            tiny=False,
+            peak_override=args.peak_tflops,
+            with_estimate=not args.no_estimate,
+        )
         with open(args.worker_output, "w") as file:
             json.dump(result, file)
+        return
+    if args.add_estimates:
+        add_estimates(args.output)
         return
     names = args.cases or list(CASES_BY_NAME)
     unknown = sorted(set(names) - set(CASES_BY_NAME))
@@ -639,19 +690,19 @@ def main() -> None:
         print(f"[gpu_check] {name}: starting ({left:.0f} s of the budget left)", flush=True)
         if args.tiny:
             try:
-                results["cases"][name] = run_case(CASES_BY_NAME[name], tiny=True)
+                results["cases"][name] = run_case(CASES_BY_NAME[name], tiny=True, with_estimate=not args.no_estimate)
             except Exception:
                 results["cases"][name] = {"error": traceback.format_exc()}
         else:
             timeout = min(left, args.case_timeout_s or left)
-            results["cases"][name] = run_in_subprocess(name, timeout, args.peak_tflops)
+            results["cases"][name] = run_in_subprocess(name, timeout, args.peak_tflops, not args.no_estimate)
         case = results["cases"][name]
         if "error" in case:
             print(f"[gpu_check] {name}: FAILED\n{case['error']}", flush=True)
         else:
             print(
                 f"[gpu_check] {name}: {case['trainer']['iteration_s']:.2f} s/iteration, trainer/raw "
-                f"{case['ratio_trainer_over_raw']:.3f}, peak {case['memory'].get('max_memory_allocated_gib', 0):.1f} "
+                f"{case.get('ratio_trainer_over_raw', float('nan')):.3f}, peak {case['memory'].get('max_memory_allocated_gib', 0):.1f} "
                 f"GiB",
                 flush=True,
             )
