@@ -256,7 +256,7 @@ class RatioRecorder:
         def recorded(*args, **kwargs):
             loss, ratio, is_clipped = policy_loss(*args, **kwargs)
             steps = self._step_index.reshape(-1).tolist()
-            log_ratio = ratio.detach().double().log().reshape(-1).cpu()
+            log_ratio = (args[0] if args else kwargs["log_ratio"]).detach().double().reshape(-1).cpu()
             clipped = is_clipped.detach().reshape(-1).cpu()
             for row, step in enumerate(steps):
                 self.log_ratios[step].append(log_ratio[row : row + 1])
