@@ -398,3 +398,34 @@ def test_trainer_with_the_churn_sampler_replays_on_policy(tmp_path):
     assert trainer._buffer.previous_denoised.shape == trainer._buffer.states.shape
     ratios = [log["ratio/mean"] for log in trainer.state.log_history if "ratio/mean" in log]
     assert ratios[0] == 1.0
+
+
+@pytest.mark.parametrize("sampler", ["churn", "flow_sde"])
+def test_data_term_noise_is_the_rollouts_standard_noise_for_cosmos_predict2(tmp_path, sampler):
+    """
+    cosmos-rl `wfm_trainer.py` L507-516: the data term noises the data with the rollout's standard-normal noise
+    (`gaussian_noise`, the `x_sigma` drawn before `* sigma_max`, L898-904, L964). Cosmos Predict2 starts from
+    `80 * eps` (flow `t_0 * eps`, churned further): the recorded initial state is not the noise itself.
+    """
+    from datasets import Dataset
+    from test_pipelines_unet import ddrl_config
+    from tiny_models import tiny_cosmos2_pipeline
+
+    from trl_ddrl import DDRLTrainer
+
+    args = ddrl_config(
+        tmp_path, max_steps=1, data_beta=0.0, sampler=sampler, eta=None, max_sequence_length=16, height=32, width=32
+    )
+    trainer = DDRLTrainer(
+        tiny_cosmos2_pipeline(),
+        lambda prompts, images, **kwargs: images.flatten(1).mean(dim=1).tolist(),
+        args=args,
+        train_dataset=Dataset.from_dict({"prompt": ["a cat", "a red car"]}),
+    )
+    trainer.train()
+    buffer, adapter = trainer._buffer, trainer.adapter
+    initial_level = float(adapter.model_sigmas()[0])
+    assert initial_level < 0.99  # 80/81, churned: the state is t_0 * eps, not eps
+    assert buffer.step_indices[0] == 0
+    torch.testing.assert_close(buffer.initial_noise * initial_level, buffer.states[:, 0])
+    assert abs(float(buffer.initial_noise.std()) - 1.0) < 0.1

@@ -699,7 +699,7 @@ class DDRLTrainer(_BaseTrainer):
             step_indices=steps,
             advantages=advantages,
             conditioning=conditioning,
-            initial_noise=latents[:, 0],
+            initial_noise=self.adapter.standard_noise(latents[:, 0]),
             data_latents=data_latents,
             data_conditioning=data_conditioning,
             order=order.to(device),

@@ -325,6 +325,13 @@ class DiffusionAdapter(ABC):
         shape = (batch_size, *self.latent_shape())
         return to_device(torch.randn(shape, generator=generator, dtype=torch.float32), self.device)
 
+    def standard_noise(self, initial_state: torch.Tensor) -> torch.Tensor:
+        """
+        The standard-normal noise `eps` of a rollout's recorded initial state `[B, ...]`, which the data term reuses
+        (`data_noise="rollout"`, the authors' `gaussian_noise`): the state itself for families that start from `eps`.
+        """
+        return initial_state
+
     @torch.no_grad()
     def sample(
         self,
@@ -414,6 +421,31 @@ class FlowMatchingAdapter(DiffusionAdapter):
         else:
             default_height = default_width = self.pipeline.default_sample_size * self.pipeline.vae_scale_factor
         return self.settings.height or default_height, self.settings.width or default_width
+
+    def initial_noise_scale(self) -> torch.Tensor | None:
+        """
+        The factor `sample_noise` puts on standard noise (a 0-d tensor on `device`), or `None` for 1: schedules that
+        start at pure noise (`t = 1`). One that starts below it (Cosmos Predict2's `80 / 81`) starts from the flow
+        state `t_0 * eps`.
+        """
+        return None
+
+    def sample_noise(self, batch_size: int, generator: torch.Generator | None = None) -> torch.Tensor:
+        noise = super().sample_noise(batch_size, generator)
+        scale = self.initial_noise_scale()
+        return noise if scale is None else noise * scale
+
+    def standard_noise(self, initial_state: torch.Tensor) -> torch.Tensor:
+        """
+        `initial_state / (initial_noise_scale * churned_level_0 / sigma_0)`: the churn sampler rescales the initial
+        noise to its churned level (see `sample`), the other samplers start from `sample_noise` as it is. Device
+        arithmetic only (no read-back).
+        """
+        factor = self.initial_noise_scale()
+        if self.settings.sampler == "churn":
+            churn = self.model_sigmas()[0] / self._sigma_table()[0]
+            factor = churn if factor is None else factor * churn
+        return initial_state if factor is None else initial_state / factor
 
     def model_sigmas(self, eta: float | None = None) -> torch.Tensor:
         """

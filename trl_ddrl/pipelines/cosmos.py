@@ -18,7 +18,8 @@ step and the flow Euler step are the same DDIM update, so `eta = 0` reproduces t
 Two details differ from the pipeline:
 
 - The pipeline starts from `x = 80 * eps`, i.e. the flow state `t_0 * eps` with `t_0 = 80 / 81`; `sample_noise`
-  returns that state (so the recorded initial state, used as the rollout noise of the data term, is `t_0 * eps`).
+  returns that state. The data term's rollout noise is `eps` itself (`standard_noise`), as the authors' trainer
+  reuses its standard-normal draw.
 - The pipeline repeats its last sigma (`final_sigmas_type="sigma_min"`), so its last step is a no-op and it decodes
   the state at `s = 0.002`. DDRL's last step goes on to `t = 0`, decoding the denoised estimate at that level.
 
@@ -69,9 +70,9 @@ class Cosmos2TextToImageAdapter(VideoFlowMatchingAdapter):
         flow = edm / (1 + edm)
         return torch.cat([flow, flow.new_zeros(1)]).float().to(self.device)
 
-    def sample_noise(self, batch_size: int, generator: torch.Generator | None = None) -> torch.Tensor:
+    def initial_noise_scale(self) -> torch.Tensor:
         """The pipeline's initial state `sigma_max * eps` in flow coordinates: `t_0 * eps`, `t_0 = s_max / (1 + s_max)`."""
-        return super().sample_noise(batch_size, generator) * self._sigma_table()[0]
+        return self._sigma_table()[0]
 
     def encode_prompts(self, prompts: list[str], device: torch.device) -> Conditioning:
         return encode_prompt_pairs(self, prompts, device)
