@@ -196,6 +196,12 @@ def test_default_config_is_the_official_recipe(tmp_path):
         ("train_timestep_selection", "all"),
         ("loss_scale", 0.0),
         ("sde_window_size", 2),  # with train_timestep_selection="random" below
+        ("karras_sigmas", [200.0, 0.01]),
+        ("karras_sigmas", [0.01, 200.0, 7.0]),
+        ("data_text_dropout", 1.0),
+        ("data_latents", "mode"),
+        ("reward_clip", 0.0),
+        ("reward_error_policy", "mean"),
     ],
 )
 def test_bad_recipe_values_name_the_field(tmp_path, field, value):

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from trl_ddrl.losses import (
+    clip_and_fill_rewards,
     clipped_policy_loss,
     compute_advantages,
     flow_matching_loss,
@@ -138,3 +139,23 @@ def test_gaussian_kl_hand_computed_and_matches_torch():
     q = torch.distributions.Normal(ref, 2.0)
     torch.testing.assert_close(gaussian_kl(mean, ref, std), torch.distributions.kl_divergence(p, q).mean(dim=1))
     assert gaussian_kl(mean, ref, torch.tensor([0.0])).item() == 0
+
+
+def test_clip_and_fill_rewards_is_the_authors_reward_treatment():
+    """
+    cosmos-rl `config/wfm/__init__.py` L117-123 (`reward_clip_min/max = -5, 5`) and `t2v_model.py` L704-712: invalid
+    rewards take the mean of the group's valid ones; a group without any stays missing.
+    """
+    nan = float("nan")
+    rewards = torch.tensor([[7.0], [nan], [1.0], [-9.0], [nan], [nan]])
+    out = clip_and_fill_rewards(rewards, num_generations=3, clip=5.0, fill_group_mean=True)
+    assert out[:3, 0].tolist() == [5.0, 3.0, 1.0]  # clamped first, then the group's mean of (5, 1)
+    assert out[3, 0] == -5.0
+    # the second group has one valid reward: its mean fills the others
+    assert out[4:, 0].tolist() == [-5.0, -5.0]
+    assert torch.isnan(clip_and_fill_rewards(torch.tensor([[nan], [nan]]), 2, fill_group_mean=True)).all()
+    untouched = clip_and_fill_rewards(rewards, 3)
+    assert torch.equal(torch.isnan(untouched), torch.isnan(rewards)) and untouched[0, 0] == 7.0
+    # the filled group then normalises like the official (r - mean) / (std + 1e-4) over all G values
+    result = compute_advantages(out[:3], torch.ones(1), 3, advantage_clip=5.0)
+    torch.testing.assert_close(result.advantages[1], torch.tensor(0.0))

@@ -118,3 +118,47 @@ def test_text_to_world_lora_loads_with_load_lora_weights(tmp_path):
     assert_lora_loads_into_a_fresh_pipeline(
         trainer, tiny_cosmos2_5_pipeline, lambda adapter: adapter.encode_prompts(PROMPTS, CPU)
     )
+
+
+def official_karras_sigmas(t_min: float, t_max: float, num_steps: int, order: float) -> list[float]:
+    """cosmos-rl `sampler/__init__.py` L542-546 (`get_rev_ts`), the EDM levels of the authors' rollouts."""
+    return [
+        (t_max ** (1 / order) + i / num_steps * (t_min ** (1 / order) - t_max ** (1 / order))) ** order
+        for i in range(num_steps + 1)
+    ]
+
+
+def test_karras_schedule_is_the_authors_cosmos_predict2_5_rollout():
+    """
+    The authors' Cosmos Predict2.5 rollout: 20 churned steps on Karras levels from EDM sigma 200 to 0.01 (rho 7;
+    config/wfm/__init__.py L92-96 `SDEConfig`, sampler L707 `rho=7`), churn 1/21 (L600), then the clean denoise
+    (`sample_clean`, L787-794), starting from `200 * eps` (wfm_trainer.py L898-904).
+    """
+    adapter = get_adapter(
+        tiny_cosmos2_5_pipeline(), settings(num_inference_steps=21, eta=None, karras_sigmas=(200.0, 0.01, 7.0))
+    )
+    assert adapter.settings.sampler == "churn" and adapter.settings.eta == pytest.approx(1 / 21)
+    edm = torch.tensor(official_karras_sigmas(0.01, 200.0, 20, 7), dtype=torch.float64)
+    expected = torch.cat([edm / (1 + edm), torch.zeros(1, dtype=torch.float64)]).float()
+    torch.testing.assert_close(adapter._sigma_table(), expected)
+    # The trained (churned) levels of train_on = [0, 2, ..., 18], as the issue lists them.
+    trained = [round(float(level), 3) for level in adapter.model_sigmas()[0:19:2]]
+    assert trained == [0.995, 0.992, 0.985, 0.972, 0.944, 0.882, 0.751, 0.515, 0.237, 0.065]
+    # The initial state is the EDM state 200 * eps in flow coordinates; the data term gets eps back.
+    noise = adapter.sample_noise(2, torch.Generator().manual_seed(0))
+    eps = torch.randn(noise.shape, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(noise, eps * (200 / 201))
+    conditioning = adapter.encode_prompts(["a cat", "a red car"], torch.device("cpu"))
+    trajectory = adapter.sample(adapter.denoiser, conditioning, noise, generator=torch.Generator().manual_seed(1))
+    assert trajectory.latents.shape[1] == 22
+    torch.testing.assert_close(adapter.standard_noise(trajectory.latents[:, 0]), eps)
+    assert bool((trajectory.log_probs[:, -1] == 0).all())  # the clean denoise is deterministic
+
+
+def test_karras_sigmas_need_a_flow_family():
+    from tiny_models import tiny_sd15_pipeline
+
+    with pytest.raises(ValueError, match="karras_sigmas"):
+        get_adapter(
+            tiny_sd15_pipeline(), SamplingSettings(num_inference_steps=3, eta=1.0, karras_sigmas=(80, 0.002, 7))
+        )

@@ -399,3 +399,35 @@ def test_video_to_world_trains_from_each_rows_conditioning_frames(tmp_path):
 
     with pytest.raises(ValueError, match="conditioning frames"):
         DDRLTrainer(pipeline, mean_pixel, args=args, train_dataset=Dataset.from_dict({"prompt": PROMPTS}))
+
+
+@pytest.mark.parametrize("family", ["flux", "wan"])
+def test_collator_posterior_mean_and_text_dropout(family):
+    """`data_latents="mean"` encodes to the posterior mean whatever the generator; `data_text_dropout` zeroes rows."""
+    adapter = get_adapter(FAMILIES[family][0](), settings(family))
+    rows = [{"image": pixels, "prompt": prompt} for pixels, prompt in zip(pixels_column(family), PROMPTS)]
+    sampled = [DiffusionDataCollator(adapter)(rows, torch.Generator().manual_seed(i))["latents"] for i in (0, 1)]
+    assert not torch.equal(*sampled)
+    mean_collator = DiffusionDataCollator(adapter, posterior_mean=True)
+    means = [mean_collator(rows, torch.Generator().manual_seed(i))["latents"] for i in (0, 1)]
+    torch.testing.assert_close(*means, atol=0, rtol=0)
+    # Everything dropped at (almost) 1, nothing at 0: the embeddings are zeroed row by row, other tensors kept.
+    kept = DiffusionDataCollator(adapter, text_dropout=0.0)(rows)["conditioning"]
+    dropped = DiffusionDataCollator(adapter, text_dropout=0.999)(rows, torch.Generator().manual_seed(0))[
+        "conditioning"
+    ]
+    assert set(kept) == set(dropped)
+    for key, value in dropped.items():
+        if "embeds" in key:
+            assert not value.any() and kept[key].any()
+        else:
+            torch.testing.assert_close(value, kept[key])
+
+
+def test_drop_text_zeroes_only_the_dropped_rows_embeddings():
+    from trl_ddrl.data import drop_text
+
+    conditioning = {"prompt_embeds": torch.ones(3, 2, 4), "prompt_attention_mask": torch.ones(3, 2)}
+    dropped = drop_text(conditioning, torch.tensor([True, False, True]))
+    assert dropped["prompt_embeds"][:, 0, 0].tolist() == [1.0, 0.0, 1.0]
+    assert torch.equal(dropped["prompt_attention_mask"], conditioning["prompt_attention_mask"])

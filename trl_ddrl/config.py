@@ -15,7 +15,8 @@ from .sde_window import SDE_WINDOW_POSITION_CHOICES, resolve_sde_window_range
 SCALE_REWARDS_CHOICES = ("group", "batch", "none")
 DATA_NOISE_CHOICES = ("rollout", "independent")
 MULTI_OBJECTIVE_CHOICES = ("normalize_then_average", "sum_then_normalize", "normalize_then_sum")
-REWARD_ERROR_POLICY_CHOICES = ("raise", "drop_group")
+REWARD_ERROR_POLICY_CHOICES = ("raise", "drop_group", "group_mean")
+DATA_LATENTS_CHOICES = ("sample", "mean")
 DATA_SOURCE_CHOICES = ("dataset", "base_model")
 LOG_RATIO_FORM_CHOICES = ("edm_squared_distance", "gaussian")
 KL_FORM_CHOICES = ("edm_squared_distance", "gaussian")
@@ -201,7 +202,12 @@ class DDRLConfig(_BaseConfig):
         reward_error_policy (`str`, *optional*, defaults to `"raise"`):
             What to do when a reward function raises, times out or returns NaN, None or a wrong number of values:
             `"raise"` stops with an error naming the function and prompt; `"drop_group"` gives the group's samples a
-            zero advantage, counts them in the `reward/dropped_groups` metric and goes on.
+            zero advantage, counts them in the `reward/dropped_groups` metric and goes on; `"group_mean"` (the
+            authors', cosmos-rl `t2v_model.py` `_sync_rewards_across_rollouts`) replaces each failed sample's reward by
+            the mean of its group's valid ones (a group with none gets zero advantages, as with `"drop_group"`).
+        reward_clip (`float`, *optional*):
+            Clamp every reward to `[-reward_clip, reward_clip]` before the advantages. The authors clamp their reward
+            server's scores to `[-5, 5]` (`RemoteRewardConfig.reward_clip_min/max`). Unset: no clamping.
         num_iterations (`int`, *optional*, defaults to `1`):
             Number of passes over the transitions of one iteration (the PPO epochs, GRPO's mu).
 
@@ -233,6 +239,13 @@ class DDRLConfig(_BaseConfig):
         same_initial_noise (`bool`, *optional*, defaults to `False`):
             All samples of a group start from the same initial noise (the authors' `use_same_seed`, Flow-GRPO's
             `same_latent`), so that they differ only by the sampler's noise. The released DDRL recipe sets it off.
+        karras_sigmas (`list[float]`, *optional*):
+            `[sigma_max, sigma_min, rho]`: sample flow-matching models on EDM's Karras noise levels instead of the
+            pipeline scheduler's: `num_inference_steps - 1` steps between `num_inference_steps` Karras levels (EDM
+            sigmas, flow `t = s / (1 + s)`), then a last, deterministic step from `sigma_min` to the clean sample. The
+            authors' Cosmos Predict2.5 recipe is `[200, 0.01, 7]` with `num_inference_steps=21` (their 20 churned
+            steps and `sample_clean`; `SDEConfig`, `Sampler.forward`); the default churn `eta` is then `1 /
+            num_inference_steps`. Unset: the scheduler's levels.
 
         > Parameters that control the data term
 
@@ -248,6 +261,14 @@ class DDRLConfig(_BaseConfig):
         data_on_first_step_only (`bool`, *optional*, defaults to `False`):
             Compute the data term only on the first trained step of each sample, which saves one forward pass per
             trained step.
+        data_text_dropout (`float`, *optional*, defaults to `0.0`):
+            Probability that a data-term sample loses its prompt: its prompt embeddings (every conditioning tensor
+            whose name holds `embeds`, masks kept) are zeroed, so that the unconditional branch that CFG evaluates
+            also gets the data regularisation. The authors' Cosmos recipe drops 20% (`dropout_rate = 0.2` of the text
+            conditioner, whose dropout zeroes the embedding).
+        data_latents (`str`, *optional*, defaults to `"sample"`):
+            Latents of the data term's images/videos: `"sample"` draws from the VAE posterior, `"mean"` takes its
+            mean (the authors': their tokenizer encodes to the mean). Conditioning frames always use the mean.
         image_column (`str`, *optional*, defaults to `"image"`):
             Column holding the data images (PIL images, arrays, tensors or file paths) or videos of the data term, in
             `train_dataset` or `data_dataset`.
@@ -479,7 +500,14 @@ class DDRLConfig(_BaseConfig):
     )
     reward_error_policy: str = field(
         default="raise",
-        metadata={"help": "On a failing reward: 'raise' (default) or 'drop_group' (zero advantage, counted)."},
+        metadata={
+            "help": "On a failing reward: 'raise' (default), 'drop_group' (zero advantage, counted) or 'group_mean' "
+            "(the group's mean valid reward, the authors')."
+        },
+    )
+    reward_clip: float | None = field(
+        default=None,
+        metadata={"help": "Clamp every reward to [-reward_clip, reward_clip] (the authors' reward server: 5)."},
     )
     num_iterations: int = field(default=1, metadata={"help": "Passes over the transitions of one iteration."})
 
@@ -505,6 +533,13 @@ class DDRLConfig(_BaseConfig):
     same_initial_noise: bool = field(
         default=False, metadata={"help": "All samples of a group start from the same initial noise."}
     )
+    karras_sigmas: list[float] | None = field(
+        default=None,
+        metadata={
+            "help": "[sigma_max, sigma_min, rho]: sample on EDM Karras levels then denoise (authors' Cosmos: [200, "
+            "0.01, 7] with num_inference_steps=21). Unset: the scheduler's levels."
+        },
+    )
 
     # Data term
     data_source: str = field(
@@ -517,6 +552,13 @@ class DDRLConfig(_BaseConfig):
     )
     data_on_first_step_only: bool = field(
         default=False, metadata={"help": "Compute the data term only on each sample's first trained step."}
+    )
+    data_text_dropout: float = field(
+        default=0.0,
+        metadata={"help": "Probability of zeroing a data-term sample's prompt embeddings (the authors' Cosmos: 0.2)."},
+    )
+    data_latents: str = field(
+        default="sample", metadata={"help": "Data latents: 'sample' of the VAE posterior or its 'mean' (authors')."}
     )
     image_column: str = field(default="image", metadata={"help": "Column holding the data images or videos."})
     caption_column: str = field(default="prompt", metadata={"help": "Column of data_dataset holding the captions."})
@@ -608,6 +650,8 @@ class DDRLConfig(_BaseConfig):
         self._check_choice("data_loss_weighting", DATA_LOSS_WEIGHTING_CHOICES)
         self._check_choice("train_timestep_selection", TRAIN_TIMESTEP_SELECTION_CHOICES)
         self._check_choice("train_experts", TRAIN_EXPERTS_CHOICES)
+        self._check_choice("data_latents", DATA_LATENTS_CHOICES)
+        self._check_recipe_options()
         if not self.loss_scale > 0:
             raise ValueError(f"loss_scale={self.loss_scale} must be > 0 (the authors use 10; 1 disables scaling).")
         self._check_positive("num_generations", minimum=2, why="advantages compare samples within a group")
@@ -679,6 +723,28 @@ class DDRLConfig(_BaseConfig):
         self._check_positive("eval_num_generations")
         self._check_positive("log_samples_steps", minimum=0, why="0 logs no samples")
         self._check_positive("num_samples_to_log", minimum=0, why="0 logs no samples")
+
+    def _check_recipe_options(self) -> None:
+        """`karras_sigmas`, `data_text_dropout` and `reward_clip` (options of the authors' Cosmos recipe)."""
+        if self.karras_sigmas is not None:
+            if len(self.karras_sigmas) != 3:
+                raise ValueError(
+                    f"karras_sigmas={self.karras_sigmas} must be [sigma_max, sigma_min, rho] (the authors' Cosmos "
+                    "recipe: [200, 0.01, 7])."
+                )
+            sigma_max, sigma_min, rho = (float(value) for value in self.karras_sigmas)
+            if not (sigma_max > sigma_min > 0 and rho > 0):
+                raise ValueError(
+                    f"karras_sigmas={self.karras_sigmas} needs sigma_max > sigma_min > 0 and rho > 0 (EDM sigmas, for "
+                    "example [200, 0.01, 7])."
+                )
+            self.karras_sigmas = [sigma_max, sigma_min, rho]
+        if not 0.0 <= self.data_text_dropout < 1.0:
+            raise ValueError(
+                f"data_text_dropout={self.data_text_dropout} must be in [0, 1) (the authors' Cosmos recipe: 0.2)."
+            )
+        if self.reward_clip is not None and not self.reward_clip > 0:
+            raise ValueError(f"reward_clip={self.reward_clip} must be > 0, or unset for no clamping.")
 
     def _derive_micro_batches(self) -> None:
         """Samples and transitions per process and iteration, the micro-batches they make, the gradient accumulation."""

@@ -283,6 +283,10 @@ class DiffusionDataCollator:
         source_image_column (`str`, *optional*, defaults to `"source_image"`): For image-editing adapters
             (`conditioned_on_source_image`), the column with each row's source image; a row is then (source image,
             edited target image in `image_column`, caption), and the conditioning is the caption with the source.
+        text_dropout (`float`, *optional*, defaults to `0.0`): Probability that a row's prompt embeddings are zeroed
+            ([`drop_text`]; the authors' Cosmos recipe: 0.2).
+        posterior_mean (`bool`, *optional*, defaults to `False`): Encode the images/videos to the VAE posterior's
+            mean instead of a sample (the authors').
 
     Calling it on a list of rows returns a dict with `latents` (`[B, ...]`, float32), `conditioning` (a dict of
     `[B, ...]` tensors) and `captions` (`list[str]`), on the adapter's device.
@@ -302,8 +306,12 @@ class DiffusionDataCollator:
         image_column: str = "image",
         caption_column: str = "prompt",
         source_image_column: str = "source_image",
+        text_dropout: float = 0.0,
+        posterior_mean: bool = False,
     ):
         self.adapter = adapter
+        self.text_dropout = text_dropout
+        self.posterior_mean = posterior_mean
         self.image_column = image_column
         self.caption_column = caption_column
         self.source_image_column = source_image_column
@@ -446,11 +454,29 @@ class DiffusionDataCollator:
         unique, index = unique_with_index(self._pixel_list(rows), same=lambda a, b: a is b or torch.equal(a, b))
         pixels = torch.stack(unique).to(self.adapter.device)
         index = torch.tensor(index, device=pixels.device)
-        latents = self.adapter.encode_pixels(pixels, generator=generator)[index]
+        latents = self.adapter.encode_pixels(pixels, generator=generator, mode=self.posterior_mean)[index]
         conditioning = self.conditioning(captions, rows)
+        if self.text_dropout > 0:
+            keep = torch.rand(len(rows), generator=generator) >= self.text_dropout
+            conditioning = drop_text(conditioning, keep)
         data_conditioning = self.adapter.data_conditioning(pixels, generator=generator)
         conditioning.update({key: value[index.to(value.device)] for key, value in data_conditioning.items()})
         return {"latents": latents, "conditioning": conditioning, "captions": captions}
+
+
+def drop_text(conditioning: Conditioning, keep: torch.Tensor) -> Conditioning:
+    """
+    Zero the prompt embeddings of the rows where `keep` (`[B]` bool, on the CPU) is False: every tensor whose key holds
+    `embeds` (masks, image latents and the rest are kept), as the authors' text conditioner drops its embedding
+    (cosmos-rl `conditioner/emb_models.py` `random_dropout_input`: the embedding times a Bernoulli mask).
+    """
+    dropped = {}
+    for key, value in conditioning.items():
+        if "embeds" in key:
+            mask = keep.to(device=value.device, dtype=value.dtype).view(-1, *([1] * (value.ndim - 1)))
+            value = value * mask
+        dropped[key] = value
+    return dropped
 
 
 def check_prompt_datasets(train_dataset: Any, data_dataset: Any, prompts_per_step: int) -> tuple[Any, Any]:

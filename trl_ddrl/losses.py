@@ -63,6 +63,34 @@ def _normalize(
     return centred.view(-1), zero_std
 
 
+def clip_and_fill_rewards(
+    rewards_per_func: torch.Tensor, num_generations: int, clip: float | None = None, fill_group_mean: bool = False
+) -> torch.Tensor:
+    """
+    The authors' treatment of raw rewards before the advantages (cosmos-rl `RemoteRewardConfig.reward_clip_min/max`,
+    `t2v_model.py` `_sync_rewards_across_rollouts`): clamp to `[-clip, clip]`, then replace each missing (NaN) reward
+    by the mean of its group's valid rewards of the same function. A group with no valid reward stays NaN (dropped).
+
+    Args:
+        rewards_per_func (`torch.Tensor` of shape `[N, R]`): Raw rewards, NaN where missing, in consecutive groups.
+        num_generations (`int`): Group size `G`.
+        clip (`float`, *optional*): Clamp bound; `None` clamps nothing.
+        fill_group_mean (`bool`): Fill the missing rewards with their group's mean.
+
+    Returns:
+        `torch.Tensor` of shape `[N, R]`.
+    """
+    rewards = rewards_per_func if clip is None else rewards_per_func.clamp(-clip, clip)  # NaN stays NaN
+    if not fill_group_mean:
+        return rewards
+    grouped = rewards.view(-1, num_generations, rewards.shape[1])
+    valid = ~torch.isnan(grouped)
+    count = valid.sum(dim=1, keepdim=True)
+    mean = torch.where(valid, grouped, torch.zeros_like(grouped)).sum(dim=1, keepdim=True) / count.clamp(min=1)
+    mean = torch.where(count > 0, mean, torch.full_like(mean, float("nan")))
+    return torch.where(valid, grouped, mean.expand_as(grouped)).reshape(rewards.shape)
+
+
 def compute_advantages(
     rewards_per_func: torch.Tensor,
     reward_weights: torch.Tensor,

@@ -365,6 +365,24 @@ def churn_eta(num_inference_steps: int, s_churn: float = 1.0) -> float:
     return min(s_churn / (num_inference_steps + 1), math.sqrt(1.2) - 1)
 
 
+def karras_flow_sigmas(sigma_max: float, sigma_min: float, rho: float, num_steps: int) -> torch.Tensor:
+    r"""
+    EDM's Karras noise levels (Karras et al. 2022, eq. 5; cosmos-rl `sampler/__init__.py` `get_rev_ts`) as flow
+    sigmas, followed by 0: `num_steps + 2` values
+
+    $$ s_i = \Big(s_{max}^{1/\rho} + \tfrac{i}{n} \big(s_{min}^{1/\rho} - s_{max}^{1/\rho}\big)\Big)^{\rho},
+       \quad t_i = \frac{s_i}{1 + s_i}, \quad i = 0 .. n, \qquad t_{n+1} = 0, $$
+
+    in float64. The `n` steps between them are the authors' churned solver steps; the last step, from `s_min` to 0,
+    is their clean denoise (`sample_clean`). The authors' Cosmos Predict2.5 recipe: `s_max = 200`, `s_min = 0.01`,
+    `rho = 7`, `n = 20`, so `t_0 = 0.995`.
+    """
+    index = torch.arange(num_steps + 1, dtype=torch.float64)
+    inverse_rho = 1.0 / rho
+    edm = (sigma_max**inverse_rho + index / num_steps * (sigma_min**inverse_rho - sigma_max**inverse_rho)) ** rho
+    return torch.cat([edm / (1 + edm), edm.new_zeros(1)])
+
+
 def churn_sigma(sigma: torch.Tensor | float, eta: float) -> torch.Tensor:
     r"""
     The flow noise level after a churn: EDM's `s -> (1 + eta) s` with `s = t / (1 - t)`, in flow terms

@@ -55,7 +55,7 @@ from .fault_handling import (
     resolve_resume_checkpoint,
     staged_checkpoint,
 )
-from .losses import clipped_policy_loss, compute_advantages, reverse_kl
+from .losses import clip_and_fill_rewards, clipped_policy_loss, compute_advantages, reverse_kl
 from .model_card import hub_base_model, save_model_card
 from .parallel import prepare_parallelism
 from .pipelines import ADAPTERS, Conditioning, SamplingSettings, get_adapter
@@ -356,6 +356,7 @@ class DDRLTrainer(_BaseTrainer):
                 log_ratio_form=args.log_ratio_form,
                 data_loss_weighting=args.data_loss_weighting,
                 train_experts=args.train_experts,
+                karras_sigmas=tuple(args.karras_sigmas) if args.karras_sigmas else None,
             ),
         )
         # Two experts, one trained: only the sampling steps it computes train.
@@ -384,7 +385,12 @@ class DDRLTrainer(_BaseTrainer):
         self.data_dataset = data_dataset
         check_data_columns(self.adapter, args, train_dataset, data_dataset)
         self.data_collator_for_loss = DiffusionDataCollator(
-            self.adapter, args.image_column, args.caption_column, args.source_image_column
+            self.adapter,
+            args.image_column,
+            args.caption_column,
+            args.source_image_column,
+            text_dropout=args.data_text_dropout,
+            posterior_mean=args.data_latents == "mean",
         )
 
         self._metrics: dict[str, list[float]] = defaultdict(list)
@@ -654,7 +660,12 @@ class DDRLTrainer(_BaseTrainer):
         self._metrics["time/reward"].append(sum(seconds for _, seconds in results))
 
         # Groups may span processes: normalise on the gathered rewards (one copy per sample), then keep this slice.
-        all_rewards = self.mesh.unique_rows(gather(rewards_per_func))
+        all_rewards = clip_and_fill_rewards(
+            self.mesh.unique_rows(gather(rewards_per_func)),
+            args.num_generations,
+            args.reward_clip,
+            fill_group_mean=args.reward_error_policy == "group_mean",
+        )
         result = compute_advantages(
             all_rewards,
             self.reward_weights,

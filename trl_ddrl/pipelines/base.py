@@ -25,6 +25,7 @@ from ..sampling import (
     edm_churn_step,
     flow_cps_step,
     flow_sde_step,
+    karras_flow_sigmas,
     score_transition,
     to_device,
 )
@@ -89,12 +90,18 @@ class SamplingSettings:
     """CFG scale of the low-noise expert's steps of a two-expert denoiser; `None` takes `guidance_scale`."""
     train_experts: str = "all"
     """Which experts of a two-expert denoiser train (see `DDRLConfig.train_experts`)."""
+    karras_sigmas: tuple[float, float, float] | None = None
+    """EDM `(sigma_max, sigma_min, rho)` of a Karras schedule replacing the scheduler's (see `DDRLConfig`)."""
 
 
-def default_eta(sampler: str, num_inference_steps: int) -> float:
-    """`eta` of a sampler when it is not set: Flow-GRPO's 0.7 for its SDE, DDPO's 1.0 for DDIM, the authors' churn."""
+def default_eta(sampler: str, num_inference_steps: int, karras: bool = False) -> float:
+    """
+    `eta` of a sampler when it is not set: Flow-GRPO's 0.7 for its SDE, DDPO's 1.0 for DDIM, the authors' churn for
+    the churned steps (with a Karras schedule the last step is the clean denoise, not churned: `1 / num_inference_steps`,
+    the authors' `1 / (sample_steps + 1)`).
+    """
     if sampler == "churn":
-        return churn_eta(num_inference_steps)
+        return churn_eta(num_inference_steps - 1 if karras else num_inference_steps)
     return {"flow_sde": 0.7, "cps": 0.7, "ddim": 1.0}[sampler]
 
 
@@ -130,8 +137,14 @@ class DiffusionAdapter(ABC):
                 f"sampler={settings.sampler!r} is not available for {type(pipeline).__name__}; choose one of "
                 f"{', '.join(map(repr, self.samplers))}, or 'auto' for {self.samplers[0]!r}."
             )
+        if settings.karras_sigmas is not None and "churn" not in self.samplers:
+            raise ValueError(
+                f"karras_sigmas={list(settings.karras_sigmas)} replaces a flow-matching schedule, but "
+                f"{type(pipeline).__name__} samples with {self.samplers[0]!r}. Leave karras_sigmas unset."
+            )
         if settings.eta is None:
-            settings = replace(settings, eta=default_eta(settings.sampler, settings.num_inference_steps))
+            karras = settings.karras_sigmas is not None
+            settings = replace(settings, eta=default_eta(settings.sampler, settings.num_inference_steps, karras))
         self.settings = settings
         if settings.train_experts != "all" and not self.has_experts:
             raise ValueError(
@@ -222,8 +235,13 @@ class DiffusionAdapter(ABC):
         """Latents to pixels in `[0, 1]`: `[B, C, H, W]` for images, `[B, F, C, H, W]` for videos; no grad."""
 
     @abstractmethod
-    def encode_pixels(self, pixels: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        """Pixels in `[-1, 1]` (`[B, C, H, W]` or `[B, F, C, H, W]`) to latents; no grad."""
+    def encode_pixels(
+        self, pixels: torch.Tensor, generator: torch.Generator | None = None, mode: bool = False
+    ) -> torch.Tensor:
+        """
+        Pixels in `[-1, 1]` (`[B, C, H, W]` or `[B, F, C, H, W]`) to latents: a posterior sample, or with `mode` the
+        posterior's mode (its mean); no grad.
+        """
 
     @property
     @abstractmethod
@@ -425,10 +443,10 @@ class FlowMatchingAdapter(DiffusionAdapter):
     def initial_noise_scale(self) -> torch.Tensor | None:
         """
         The factor `sample_noise` puts on standard noise (a 0-d tensor on `device`), or `None` for 1: schedules that
-        start at pure noise (`t = 1`). One that starts below it (Cosmos Predict2's `80 / 81`) starts from the flow
-        state `t_0 * eps`.
+        start at pure noise (`t = 1`). One that starts below it (Cosmos Predict2's `80 / 81`, a Karras schedule's
+        `s_max / (1 + s_max)`) starts from the flow state `t_0 * eps`, the EDM state `s_max * eps`.
         """
-        return None
+        return None if self.settings.karras_sigmas is None else self._sigma_table()[0]
 
     def sample_noise(self, batch_size: int, generator: torch.Generator | None = None) -> torch.Tensor:
         noise = super().sample_noise(batch_size, generator)
@@ -513,8 +531,14 @@ class FlowMatchingAdapter(DiffusionAdapter):
         return {"sigmas": np.linspace(1.0, 1 / steps, steps), "mu": mu}
 
     def _sigma_table(self) -> torch.Tensor:
+        """The schedule: `sigmas()`, or with `settings.karras_sigmas` their Karras levels (`karras_flow_sigmas`)."""
         if getattr(self, "_cached_sigmas", None) is None or self._cached_sigmas.device != self.device:
-            self._cached_sigmas = self.sigmas()
+            karras = self.settings.karras_sigmas
+            if karras is None:
+                self._cached_sigmas = self.sigmas()
+            else:
+                steps = self.settings.num_inference_steps - 1
+                self._cached_sigmas = karras_flow_sigmas(*karras, steps).float().to(self.device)
             # Read once here, so that no sampler step reads a device value back to the host.
             self._noise_sigma_max = float(self._cached_sigmas[1])
         return self._cached_sigmas
@@ -718,7 +742,9 @@ class VideoFlowMatchingAdapter(FlowMatchingAdapter):
         )
 
     @torch.no_grad()
-    def encode_pixels(self, pixels: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    def encode_pixels(
+        self, pixels: torch.Tensor, generator: torch.Generator | None = None, mode: bool = False
+    ) -> torch.Tensor:
         expected = 4 if self.num_frames is None else 5
         if pixels.ndim != expected:
             what = "images [B, C, H, W]" if expected == 4 else "videos [B, F, C, H, W]"
@@ -726,7 +752,7 @@ class VideoFlowMatchingAdapter(FlowMatchingAdapter):
                 f"{type(self.pipeline).__name__} trains on {what}; got pixels of shape {tuple(pixels.shape)}."
                 + (f" Give the data term videos of num_frames={self.num_frames} frames." if expected == 5 else "")
             )
-        return self.encode_video(pixels[:, None] if expected == 4 else pixels, generator)
+        return self.encode_video(pixels[:, None] if expected == 4 else pixels, generator, mode=mode)
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:

@@ -49,5 +49,7 @@ class DigitsFlowAdapter(FlowMatchingAdapter):
         return DigitsFlowPipeline.latents_to_pixels(latents)
 
     @torch.no_grad()
-    def encode_pixels(self, pixels: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    def encode_pixels(
+        self, pixels: torch.Tensor, generator: torch.Generator | None = None, mode: bool = False
+    ) -> torch.Tensor:
         return pixels.float().clamp(-1, 1)

@@ -103,5 +103,7 @@ class FluxAdapter(FlowMatchingAdapter):
         return scaled_vae_decode(self.pipeline.vae, unpack_2x2(latents, *self._latent_size()))
 
     @torch.no_grad()
-    def encode_pixels(self, pixels: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        return pack_2x2(scaled_vae_encode(self.pipeline.vae, pixels, generator))
+    def encode_pixels(
+        self, pixels: torch.Tensor, generator: torch.Generator | None = None, mode: bool = False
+    ) -> torch.Tensor:
+        return pack_2x2(scaled_vae_encode(self.pipeline.vae, pixels, generator, mode=mode))

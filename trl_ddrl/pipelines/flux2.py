@@ -11,7 +11,7 @@ from diffusers.pipelines.flux2.pipeline_flux2 import compute_empirical_mu
 from torch import nn
 
 from .base import Conditioning, FlowMatchingAdapter, SamplingSettings
-from .latents import pack_2x2, to_unit_range, unpack_2x2
+from .latents import pack_2x2, posterior_latents, to_unit_range, unpack_2x2
 
 
 class Flux2Adapter(FlowMatchingAdapter):
@@ -132,10 +132,12 @@ class Flux2Adapter(FlowMatchingAdapter):
         return to_unit_range(vae.decode(latents.to(vae.dtype), return_dict=False)[0])
 
     @torch.no_grad()
-    def encode_pixels(self, pixels: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    def encode_pixels(
+        self, pixels: torch.Tensor, generator: torch.Generator | None = None, mode: bool = False
+    ) -> torch.Tensor:
         # `pack_2x2` is the pipelines' `_patchify_latents` followed by `_pack_latents`: the same token layout.
         vae = self.pipeline.vae
-        latents = vae.encode(pixels.to(vae.device, vae.dtype)).latent_dist.sample(generator=generator).float()
+        latents = posterior_latents(vae.encode(pixels.to(vae.device, vae.dtype)).latent_dist, generator, mode).float()
         tokens = pack_2x2(latents)
         mean, std = self._batch_norm_statistics(tokens)
         return (tokens - mean) / std

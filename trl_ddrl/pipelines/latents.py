@@ -17,10 +17,20 @@ def to_unit_range(pixels: torch.Tensor) -> torch.Tensor:
     return (pixels.float() / 2 + 0.5).clamp(0, 1)
 
 
+def posterior_latents(distribution, generator: torch.Generator | None, mode: bool) -> torch.Tensor:
+    """A sample of a VAE's `latent_dist`, or with `mode` its mode (the mean of the diagonal Gaussian)."""
+    return distribution.mode() if mode else distribution.sample(generator=generator)
+
+
 @torch.no_grad()
-def scaled_vae_encode(vae, pixels: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-    """Images `[B, C, H, W]` in `[-1, 1]` to `(z - shift_factor) * scaling_factor`, float32 (`z` a posterior sample)."""
-    latents = vae.encode(pixels.to(vae.device, vae.dtype)).latent_dist.sample(generator=generator)
+def scaled_vae_encode(
+    vae, pixels: torch.Tensor, generator: torch.Generator | None = None, mode: bool = False
+) -> torch.Tensor:
+    """
+    Images `[B, C, H, W]` in `[-1, 1]` to `(z - shift_factor) * scaling_factor`, float32 (`z` a posterior sample, or
+    with `mode` the posterior's mode).
+    """
+    latents = posterior_latents(vae.encode(pixels.to(vae.device, vae.dtype)).latent_dist, generator, mode)
     return ((latents - (vae.config.shift_factor or 0.0)) * vae.config.scaling_factor).float()
 
 

@@ -96,6 +96,8 @@ class QwenImageAdapter(FlowMatchingAdapter):
         return normalized_vae_decode(self.pipeline.vae, latents)[:, 0]
 
     @torch.no_grad()
-    def encode_pixels(self, pixels: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        latents = normalized_vae_encode(self.pipeline.vae, pixels[:, :, None], generator)
+    def encode_pixels(
+        self, pixels: torch.Tensor, generator: torch.Generator | None = None, mode: bool = False
+    ) -> torch.Tensor:
+        latents = normalized_vae_encode(self.pipeline.vae, pixels[:, :, None], generator, mode=mode)
         return pack_2x2(latents[:, :, 0])

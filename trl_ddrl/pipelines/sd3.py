@@ -60,5 +60,7 @@ class StableDiffusion3Adapter(FlowMatchingAdapter):
         return scaled_vae_decode(self.pipeline.vae, latents)
 
     @torch.no_grad()
-    def encode_pixels(self, pixels: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        return scaled_vae_encode(self.pipeline.vae, pixels, generator)
+    def encode_pixels(
+        self, pixels: torch.Tensor, generator: torch.Generator | None = None, mode: bool = False
+    ) -> torch.Tensor:
+        return scaled_vae_encode(self.pipeline.vae, pixels, generator, mode=mode)

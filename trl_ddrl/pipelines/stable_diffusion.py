@@ -17,6 +17,7 @@ from torch import nn
 from ..losses import ddpm_edm_weight, mse_per_sample
 from ..sampling import StepOutput, broadcast_per_sample, ddim_step
 from .base import Conditioning, DiffusionAdapter, SamplingSettings, positive_conditioning
+from .latents import posterior_latents
 
 
 PREDICTION_TYPES = ("epsilon", "v_prediction")
@@ -167,9 +168,11 @@ class DDIMAdapter(DiffusionAdapter):
         return (images.float() / 2 + 0.5).clamp(0, 1)
 
     @torch.no_grad()
-    def encode_pixels(self, pixels: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    def encode_pixels(
+        self, pixels: torch.Tensor, generator: torch.Generator | None = None, mode: bool = False
+    ) -> torch.Tensor:
         vae = self.pipeline.vae
-        latents = vae.encode(pixels.to(vae.device, vae.dtype)).latent_dist.sample(generator=generator)
+        latents = posterior_latents(vae.encode(pixels.to(vae.device, vae.dtype)).latent_dist, generator, mode)
         mean, std = self._latent_statistics(latents)
         return ((latents - mean) * vae.config.scaling_factor / std).float()
 
