@@ -860,3 +860,107 @@ def tiny_wan_i2v_pipeline(seed: int = 0, expand_timesteps: bool = False):
         transformer=transformer,
         expand_timesteps=expand_timesteps,
     )
+
+
+def tiny_qwen2_vl_config(tokenizer, hidden_size: int = 16, num_layers: int = 2):
+    """A `Qwen2VLConfig`: `num_layers` text layers of width `hidden_size`, a 1-block ViT (14px patches, 2x2 merge)."""
+    from transformers import Qwen2VLConfig
+
+    ids = {
+        f"{name}_token_id": tokenizer.convert_tokens_to_ids(f"<|{name}|>") for name in ("vision_start", "vision_end")
+    }
+    ids |= {"image_token_id": tokenizer.convert_tokens_to_ids("<|image_pad|>")}
+    ids |= {"video_token_id": tokenizer.convert_tokens_to_ids("<|video_pad|>")}
+    return Qwen2VLConfig(
+        text_config=dict(
+            vocab_size=len(tokenizer),
+            hidden_size=hidden_size,
+            intermediate_size=2 * hidden_size,
+            num_hidden_layers=num_layers,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+            max_position_embeddings=8192,
+            rope_scaling={"type": "mrope", "mrope_section": [1, 1, 2]},
+            pad_token_id=tokenizer.pad_token_id,
+        ),
+        vision_config=dict(depth=1, embed_dim=16, hidden_size=hidden_size, num_heads=2, mlp_ratio=1),
+        **ids,
+    )
+
+
+def tiny_qwen2_vl_tokenizer(extra_special_tokens: tuple[str, ...] = ()):
+    """[`tiny_qwen_tokenizer`] with Qwen2-VL's vision tokens (and `extra_special_tokens`)."""
+    tokenizer = tiny_qwen_tokenizer()
+    tokenizer.add_tokens(QWEN_VISION_TOKENS + list(extra_special_tokens), special_tokens=True)
+    return tokenizer
+
+
+def save_tiny_videoalign_release(directory, seed: int = 0, step: int = 7, lora_rank: int = 2, output_dim: int = 1):
+    """
+    A random VideoAlign release in the layout of `KwaiVGI/VideoReward`, written under `directory`: `base/` (the base
+    Qwen2-VL's config and tokenizer) and `release/` (`model_config.json` naming `base/`, and
+    `checkpoint-<step>/model.pth` holding a PEFT-wrapped transformers-4.45 state dict: `base_model.model.` prefix,
+    `model.layers.*` / `visual.*` keys, LoRA `lora_A` / `lora_B` pairs beside each text linear's `base_layer`, an
+    `rm_head` of `output_dim` outputs). Returns `(release path, the merged Qwen2VLModel state dict, rm_head weight)`.
+    """
+    import json
+    from pathlib import Path
+
+    from transformers import Qwen2VLModel
+
+    directory = Path(directory)
+    reward_tokens = ("<|VQ_reward|>", "<|MQ_reward|>", "<|TA_reward|>")
+    tokenizer = tiny_qwen2_vl_tokenizer(reward_tokens)
+    config = tiny_qwen2_vl_config(tokenizer)
+    (directory / "base").mkdir(parents=True)
+    config.save_pretrained(directory / "base")
+    tokenizer.save_pretrained(directory / "base")
+    torch.manual_seed(seed)
+    merged = {key: value.clone() for key, value in Qwen2VLModel(config).state_dict().items()}
+    head = torch.randn(output_dim, config.text_config.hidden_size)
+    generator = torch.Generator().manual_seed(seed + 1)
+    alpha = 2 * lora_rank
+    saved = {"base_model.model.rm_head.weight": head, "base_model.model.lm_head.weight": torch.zeros(1)}
+    for key, value in merged.items():
+        old = "model." + key.removeprefix("language_model.") if key.startswith("language_model.") else key
+        module = old.removesuffix(".weight")
+        is_lora = key.startswith("language_model.layers.") and key.endswith("proj.weight")
+        if not is_lora:
+            saved[f"base_model.model.{old}"] = value
+            continue
+        lora_a = torch.randn(lora_rank, value.shape[1], generator=generator) * 0.1
+        lora_b = torch.randn(value.shape[0], lora_rank, generator=generator) * 0.1
+        saved[f"base_model.model.{module}.base_layer.weight"] = value.clone()
+        saved[f"base_model.model.{module}.lora_A.default.weight"] = lora_a
+        saved[f"base_model.model.{module}.lora_B.default.weight"] = lora_b
+        merged[key] = value + alpha / lora_rank * lora_b @ lora_a
+    release = directory / "release"
+    (release / f"checkpoint-{step}").mkdir(parents=True)
+    torch.save(saved, release / f"checkpoint-{step}" / "model.pth")
+    model_config = {
+        "data_config": {
+            "fps": 2.0,
+            "num_frames": None,
+            "max_frame_pixels": 56 * 56,
+            "eval_dim": ["VQ", "MQ", "TA"],
+            "prompt_template_type": "detailed_special",
+            "sample_type": "uniform",
+        },
+        "model_config": {
+            "model_name_or_path": str(directory / "base"),
+            "output_dim": output_dim,
+            "use_special_tokens": True,
+            "reward_token": "special",
+        },
+        "peft_lora_config": {"lora_enable": True, "lora_r": lora_rank, "lora_alpha": alpha, "use_rslora": False},
+        "inference_config": {
+            "VQ_mean": 0.5,
+            "VQ_std": 2.0,
+            "MQ_mean": -1.0,
+            "MQ_std": 0.5,
+            "TA_mean": 0.0,
+            "TA_std": 4.0,
+        },
+    }
+    (release / "model_config.json").write_text(json.dumps(model_config))
+    return release, merged, head
