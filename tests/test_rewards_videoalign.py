@@ -211,3 +211,41 @@ def test_loading_errors_name_the_fix(release, tmp_path):
         VideoAlignReward(str(tmp_path))
     with pytest.raises(ValueError, match="no checkpoint-3"):
         VideoAlignReward(str(release[0]), checkpoint_step=3)
+
+
+def test_registered_name_selects_dimension_release_and_options(release):
+    from trl_ddrl.rewards import get_reward_function
+
+    reward = get_reward_function(f"videoalign:mq,{release[0]},video_fps=24,min_pixels=784,normalize=false")
+    assert isinstance(reward, VideoAlignReward) and reward.dimension == "mq" and reward.name == "videoalign_mq"
+    assert reward.video_fps == 24.0 and reward.settings.min_pixels == 784 and not reward.normalize
+    assert get_reward_function(f"videoalign:{release[0]}").dimension == "overall"
+    with pytest.raises(ValueError, match="no option 'fps'"):
+        get_reward_function(f"videoalign:vq,{release[0]},fps=2")
+    with pytest.raises(ValueError, match="video_fps='fast' is not a float"):
+        get_reward_function(f"videoalign:vq,{release[0]},video_fps=fast")
+
+
+def test_cli_trains_with_videoalign_and_a_vlm_judge(release, tiny_sd3_path, tmp_path, monkeypatch):
+    from tiny_models import save_tiny_llava_judge
+
+    from trl_ddrl import cli
+
+    monkeypatch.setattr(cli, "runs_in_one_process", lambda: True)
+    judge = save_tiny_llava_judge(tmp_path / "judge", answer_token="4")
+    (tmp_path / "prompts.jsonl").write_text('{"prompt": "a cat"}\n{"prompt": "a dog"}\n')
+    argv = [
+        "--model_name_or_path", tiny_sd3_path,
+        "--dataset_name", str(tmp_path / "prompts.jsonl"),
+        "--output_dir", str(tmp_path / "out"),
+        "--reward_funcs", f"videoalign:vq,{release[0]},min_pixels=784", f"vlm_judge:{judge},max_new_tokens=1",
+        "--max_steps", "1", "--save_steps", "1",
+        "--num_generations", "2", "--prompts_per_step", "2", "--num_inference_steps", "2",
+        "--per_device_train_batch_size", "4", "--max_sequence_length", "16", "--data_beta", "0",
+        "--report_to", "none", "--disable_tqdm", "true",
+    ]  # fmt: skip
+    assert cli.main(argv) == 0
+    state = json.loads((tmp_path / "out" / "checkpoint-1" / "trainer_state.json").read_text())
+    logged = state["log_history"][0]  # each reward under its object's name
+    assert np.isfinite(logged["rewards/videoalign_vq/mean"]) and logged["rewards/videoalign_vq/std"] > 0
+    assert logged["rewards/vlm_judge_judge/mean"] == 4.0

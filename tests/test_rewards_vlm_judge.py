@@ -229,3 +229,23 @@ def test_openai_judge_does_not_retry_client_errors():
         start = time.perf_counter()
         assert judge(prompts=["a"], images=torch.rand(1, 3, 8, 8)) == [None]
         assert time.perf_counter() - start < 0.5  # no back-off sleeps
+
+
+def test_registered_judges_load_local_checkpoints_and_servers(tmp_path):
+    from tiny_models import save_tiny_llava_judge
+
+    from trl_ddrl.rewards import get_reward_function
+
+    path = save_tiny_llava_judge(tmp_path / "judge", answer_token="4")
+    judge = get_reward_function(f"vlm_judge:{path},max_new_tokens=1,batch_size=2,score_range=1-5,on_error=0")
+    assert isinstance(judge, VLMJudge) and judge.batch_size == 2 and judge.on_error == 0.0
+    assert judge(prompts=["a", "b", "c"], images=torch.rand(3, 5, 3, 32, 32)) == [4.0, 4.0, 4.0]
+    with pytest.raises(ValueError, match="no option 'frames'"):
+        get_reward_function(f"vlm_judge:{path},frames=4")
+    with pytest.raises(ValueError, match="needs the judge model"):
+        get_reward_function("vlm_judge")
+    remote = get_reward_function("openai_judge:http://127.0.0.1:1/v1,big-judge,timeout=0.5,max_retries=0")
+    assert isinstance(remote, OpenAIJudge) and remote.url == "http://127.0.0.1:1/v1/chat/completions"
+    assert remote(prompts=["a"], images=torch.rand(1, 3, 8, 8)) == [None]  # nothing listens there
+    with pytest.raises(ValueError, match="needs the server and the model"):
+        get_reward_function("openai_judge:http://127.0.0.1:1/v1")

@@ -964,3 +964,53 @@ def save_tiny_videoalign_release(directory, seed: int = 0, step: int = 7, lora_r
     }
     (release / "model_config.json").write_text(json.dumps(model_config))
     return release, merged, head
+
+
+def save_tiny_llava_judge(path, answer_token: str | None = None):
+    """
+    A random `LlavaForConditionalGeneration` (1-layer CLIP ViT on 28x28 images, 1-layer Qwen2 of width 16) with a
+    `LlavaProcessor` that loads without torchvision, saved to `path` for `AutoProcessor` /
+    `AutoModelForImageTextToText`. With `answer_token`, its generation config suppresses every other token, so
+    greedy generation repeats that token.
+    """
+    from transformers import CLIPVisionConfig, LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor, Qwen2Config
+    from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+
+    tokenizer = tiny_qwen2_vl_tokenizer(("<image>",))
+    tokenizer.chat_template = (
+        "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{% for part in message['content'] %}"
+        "{% if part['type'] == 'image' %}<image>{% else %}{{ part['text'] }}{% endif %}{% endfor %}<|im_end|>\n"
+        "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+    )
+    image_processor = CLIPImageProcessorPil(size={"shortest_edge": 28}, crop_size={"height": 28, "width": 28})
+    processor = LlavaProcessor(
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        patch_size=14,
+        vision_feature_select_strategy="default",
+        num_additional_image_tokens=1,
+        chat_template=tokenizer.chat_template,
+    )
+    vision = CLIPVisionConfig(
+        hidden_size=16, intermediate_size=16, num_hidden_layers=1, num_attention_heads=2, image_size=28, patch_size=14
+    )
+    text = Qwen2Config(
+        vocab_size=len(tokenizer),
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    torch.manual_seed(0)
+    image_token_id = tokenizer.convert_tokens_to_ids("<image>")
+    model = LlavaForConditionalGeneration(
+        LlavaConfig(vision_config=vision, text_config=text, image_token_id=image_token_id, vision_feature_layer=-1)
+    )
+    if answer_token is not None:
+        keep = tokenizer.convert_tokens_to_ids(answer_token)
+        model.generation_config.suppress_tokens = [token for token in range(len(tokenizer)) if token != keep]
+    model.save_pretrained(path)
+    processor.save_pretrained(path)
+    return str(path)

@@ -4,7 +4,7 @@
 import importlib
 from typing import TYPE_CHECKING
 
-from . import builtin  # noqa: F401  (registers the built-in rewards; a new reward module adds its import here)
+from . import builtin, videoalign, vlm_judge  # noqa: F401  (register their rewards; a new reward module adds its import here)
 from .base import RewardFunctionError, check_rewards
 from .registry import available_rewards, get_reward_function, register_reward
 
@@ -20,6 +20,9 @@ _LAZY_IMPORTS = {
     "OCRReward": "ocr",
     "PerFrameReward": "video",
     "RemoteReward": "remote",
+    "OpenAIJudge": "vlm_judge",
+    "VLMJudge": "vlm_judge",
+    "VideoAlignReward": "videoalign",
     "create_app": "server",
 }
 
@@ -29,6 +32,8 @@ if TYPE_CHECKING:
     from .remote import RemoteReward
     from .server import create_app
     from .video import PerFrameReward
+    from .videoalign import VideoAlignReward
+    from .vlm_judge import OpenAIJudge, VLMJudge
 
 
 def __getattr__(name: str):

@@ -54,3 +54,23 @@ def get_reward_function(spec: str) -> RewardFunction:
             "http(s):// URL of a reward server, or a callable."
         )
     return _REGISTRY[name](argument) if argument else _REGISTRY[name]()
+
+
+def split_spec_argument(argument: str, name: str, keywords: dict[str, type]) -> tuple[list[str], dict[str, object]]:
+    """
+    Split the argument of `name:a,b,key=value` into positional parts (`["a", "b"]`) and keyword values converted with
+    `keywords[key]` (`{"key": value}`); an unknown key or a value that does not convert raises, naming the choices.
+    """
+    positional, named = [], {}
+    for part in (part.strip() for part in argument.split(",") if part.strip()):
+        key, equals, value = part.partition("=")
+        if not equals:
+            positional.append(part)
+            continue
+        if key not in keywords:
+            raise ValueError(f"{name!r} has no option {key!r}; its options are {', '.join(sorted(keywords))}.")
+        try:
+            named[key] = keywords[key](value)
+        except ValueError:
+            raise ValueError(f"{name!r} option {key}={value!r} is not a {keywords[key].__name__}.") from None
+    return positional, named

@@ -33,6 +33,7 @@ import torch
 from torch import nn
 
 from .qwen_vision import VIDEO_MIN_PIXELS, sample_video_frames, video_pixel_inputs
+from .registry import register_reward, split_spec_argument
 
 
 DIMENSIONS = ("vq", "mq", "ta")
@@ -265,6 +266,8 @@ class VideoAlignReward(nn.Module):
             Score this many evenly spaced frames (rounded to even) instead of sampling at the model's fps.
         max_pixels (`int`, *optional*):
             Largest frame area after resizing; defaults to the release's `max_frame_pixels`.
+        min_pixels (`int`, *optional*):
+            Smallest frame area after resizing (smaller frames are upscaled); defaults to qwen-vl-utils' 128 x 28 x 28.
         normalize (`bool`, *optional*, defaults to `True`):
             Normalise each dimension with the release's mean and standard deviation.
         batch_size (`int`, *optional*, defaults to `4`):
@@ -293,6 +296,7 @@ class VideoAlignReward(nn.Module):
         video_fps: float = 16.0,
         num_frames: int | None = None,
         max_pixels: int | None = None,
+        min_pixels: int | None = None,
         normalize: bool = True,
         batch_size: int = 4,
         checkpoint_step: int | None = None,
@@ -316,6 +320,7 @@ class VideoAlignReward(nn.Module):
         if num_frames is not None:
             settings.fps, settings.num_frames = None, num_frames
         settings.max_pixels = max_pixels or settings.max_pixels
+        settings.min_pixels = min_pixels or settings.min_pixels
         self.settings, self.dimension, self.normalize = settings, dimension, normalize
         self.video_fps, self.batch_size = video_fps, batch_size
         self.name = f"videoalign_{dimension}"
@@ -408,3 +413,29 @@ class VideoAlignReward(nn.Module):
         if len(prompts) != images.shape[0]:
             raise ValueError(f"VideoAlignReward got {len(prompts)} prompts for {images.shape[0]} videos.")
         return self.scores(prompts, images)[self.dimension].tolist()
+
+
+VIDEOALIGN_OPTIONS = {
+    "video_fps": float,
+    "num_frames": int,
+    "max_pixels": int,
+    "min_pixels": int,
+    "batch_size": int,
+    "normalize": lambda value: value.lower() in ("1", "true", "yes"),
+}
+
+
+@register_reward("videoalign")
+def videoalign(argument: str = "") -> VideoAlignReward:
+    """
+    `videoalign[:<dimension>][,<release>[,<base model>]][,<option>=<value>...]`: [`VideoAlignReward`], dimension
+    `overall` (default), `vq`, `mq` or `ta`; release `KwaiVGI/VideoReward` by default; options `video_fps`,
+    `num_frames`, `max_pixels`, `min_pixels`, `batch_size`, `normalize`. A first part that is not a dimension is the
+    release (`videoalign:/path/to/VideoReward`).
+    """
+    positional, options = split_spec_argument(argument, "videoalign", VIDEOALIGN_OPTIONS)
+    dimension = positional.pop(0) if positional and positional[0] in (*DIMENSIONS, OVERALL) else OVERALL
+    if len(positional) > 2:
+        raise ValueError(f"videoalign:{argument}: expected at most <dimension>,<release>,<base model> before options.")
+    release, base = (positional + [DEFAULT_CHECKPOINT, None][len(positional) :])[:2]
+    return VideoAlignReward(release, dimension, base_model_name_or_path=base, **options)

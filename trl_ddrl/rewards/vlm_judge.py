@@ -32,6 +32,7 @@ from torch import nn
 
 from .base import RewardFunctionError
 from .qwen_vision import sample_video_frames
+from .registry import register_reward, split_spec_argument
 
 
 logger = logging.getLogger(__name__)
@@ -218,7 +219,7 @@ class VLMJudge(nn.Module):
         self.processor.tokenizer.padding_side = "left"  # generation continues every row at the same position
         self.template, self.score_range, self.on_error = template, score_range, on_error
         self.num_frames, self.max_new_tokens, self.batch_size = num_frames, max_new_tokens, batch_size
-        self.name = "vlm_judge"
+        self.name = f"vlm_judge_{model_name_or_path.rstrip('/').rsplit('/', 1)[-1]}"
 
     @torch.no_grad()
     def generate(self, prompts: list[str], images: torch.Tensor) -> list[str]:
@@ -349,3 +350,49 @@ class OpenAIJudge:
         with ThreadPoolExecutor(max_workers=max(1, min(self.max_concurrency, len(bodies)))) as pool:
             parsed = list(pool.map(self.ask, bodies))
         return apply_error_policy(parsed, self.on_error, self.name, prompts)
+
+
+def _score_range(value: str) -> tuple[float, float]:
+    low, _, high = value.partition("-")
+    return float(low), float(high)
+
+
+def _on_error(value: str) -> str | float:
+    return value if value in ("none", "raise") else float(value)
+
+
+JUDGE_OPTIONS = {
+    "num_frames": int,
+    "max_new_tokens": int,
+    "score_range": _score_range,
+    "on_error": _on_error,
+}
+
+
+@register_reward("vlm_judge")
+def vlm_judge(argument: str = "") -> VLMJudge:
+    """
+    `vlm_judge:<model>[,<option>=<value>...]`: [`VLMJudge`] on a local Hub id or folder; options `num_frames`,
+    `max_new_tokens`, `batch_size`, `score_range` (`1-5`), `on_error` (`none`, `raise` or a number).
+    """
+    positional, options = split_spec_argument(argument, "vlm_judge", JUDGE_OPTIONS | {"batch_size": int})
+    if len(positional) != 1:
+        raise ValueError("vlm_judge needs the judge model: vlm_judge:<hub id or folder>[,<option>=<value>...].")
+    return VLMJudge(positional[0], **options)
+
+
+@register_reward("openai_judge")
+def openai_judge(argument: str = "") -> OpenAIJudge:
+    """
+    `openai_judge:<base URL>,<model>[,<option>=<value>...]`: [`OpenAIJudge`] (API key from `OPENAI_API_KEY` if set);
+    options `num_frames`, `max_new_tokens`, `score_range`, `on_error`, `timeout`, `max_retries`, `max_concurrency`.
+    """
+    import os
+
+    extra = {"timeout": float, "max_retries": int, "max_concurrency": int}
+    positional, options = split_spec_argument(argument, "openai_judge", JUDGE_OPTIONS | extra)
+    if len(positional) != 2:
+        raise ValueError(
+            "openai_judge needs the server and the model: openai_judge:http://127.0.0.1:8000/v1,<model name>."
+        )
+    return OpenAIJudge(*positional, api_key=os.environ.get("OPENAI_API_KEY"), **options)
