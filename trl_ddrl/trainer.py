@@ -61,6 +61,7 @@ from .parallel import prepare_parallelism
 from .pipelines import ADAPTERS, Conditioning, SamplingSettings, get_adapter
 from .pipelines.experts import denoiser_parts, lora_load_arguments, lora_weight_name, trained_components
 from .preflight import check_hub_token, check_model_path, check_trainer_args
+from .progress import samples_per_second, use_ddrl_progress
 from .rewards import RewardFunctionError, check_rewards, get_reward_function
 from .sampling import transition_log_ratio
 from .sde_window import initial_states, join_prefix, rollout_steps
@@ -425,6 +426,7 @@ class DDRLTrainer(_BaseTrainer):
             optimizers=optimizers,
         )
         self.add_callback(SampleLoggingCallback(self))
+        use_ddrl_progress(self)  # the phase of each iteration, compact console lines
 
         device = self.accelerator.device
         for module in self.adapter.frozen_modules():
@@ -981,6 +983,7 @@ class DDRLTrainer(_BaseTrainer):
         for key, values in sorted(self._loss_metrics.items()):
             metrics[key] = self.accelerator.gather(torch.stack(values)).float().mean().item()
         logs.update(metrics)
+        logs.update(samples_per_second(logs, self.args.num_trained_steps))
         super().log(logs, start_time)
         self._metrics.clear()
         self._loss_metrics.clear()
