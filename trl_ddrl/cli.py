@@ -186,6 +186,10 @@ def run_cli(argv: list[str], prog: str) -> int:
     """Run a `trl-ddrl` / `trl ddrl` command line; return the exit status."""
     from trl_ddrl.scripts.ddrl import UsageError, main
 
+    if argv[:1] == ["estimate-memory"]:
+        from trl_ddrl.memory import main as estimate_memory_main
+
+        return estimate_memory_main(argv[1:], prog=f"{prog} estimate-memory")
     launch = plan(argv, prog)
     if launch.accelerate_argv is None:
         try:

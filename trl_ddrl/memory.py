@@ -1,0 +1,1031 @@
+# Copyright 2026 The trl_ddrl Authors. Licensed under the Apache License, Version 2.0.
+"""
+Will it fit? The peak GPU memory of one DDRL iteration, estimated before launch without any weights.
+
+[`estimate_memory`] builds the pipeline's real architecture with fake tensors (`FakeTensorMode`: shapes and dtypes,
+no storage) and runs the trainer's own code path for one iteration on it: the adapter's prompt encoding, `sample`
+(the rollout, chunk by chunk), `decode`, the data term's VAE encoding, the transitions' buffer, then for micro-batches
+`transition_log_prob`, `clipped_policy_loss`, `diffusion_loss` (and the reference model's step with `kl_beta > 0`),
+backward, the optimizer step and the EMA update. A small `TorchDispatchMode` ([`LiveBytes`]) counts the bytes of the
+live tensor storages after every operation, labelled by what is running (the phase) and by what they belong to
+(weights, gradients, optimizer state, EMA, ...). The peak per GPU is the largest weighted sum over time, where the
+weights model the parallelism:
+
+- FSDP2 / ZeRO-3 divide the denoiser's weights, its gradients, the optimizer state and the EMA by the process count and
+  add the gathered blocks (two of the largest block, the one computing and the one prefetched) while the denoiser
+  runs; under FSDP2 with bf16 mixed precision the trained weights (and so gradients and optimizer state) are upcast to
+  float32 (accelerate does so). ZeRO-2 divides gradients and optimizer state, ZeRO-1 the optimizer state; DDP keeps a
+  second copy of the gradients (its buckets).
+- Context parallelism divides the activations computed inside the denoiser by the group size (each rank holds its
+  share of the tokens); trajectories, decoded samples and text encoders are whole on every rank.
+
+Attention runs on the CPU's fused (flash) kernel under fake tensors, so its memory is that of flash attention on a GPU
+(no `seq x seq` matrix). The count is of live tensors (what `torch.cuda.max_memory_allocated` reports); the caching
+allocator's fragmentation and the CUDA context come on top (see `MemoryEstimate.fits`).
+
+Speed: a denoiser call without gradients (every rollout step after the first) replays the memory profile recorded on
+its first call with the same input shapes, and the shipped architectures run at two reduced depths (one and two
+"units" of their repeated blocks), from which every term is extrapolated linearly to the real depth (the blocks are
+identical, so weights and activations grow linearly with their number). Both are exact up to rounding; `depth="full"`
+runs the real depth.
+"""
+
+import contextlib
+import copy
+import math
+import weakref
+from collections import defaultdict
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten, tree_map
+
+
+GIB = 1024**3
+
+SHARDING_CHOICES = ("none", "ddp", "zero1", "zero2", "zero3", "fsdp2")
+
+# What the bytes belong to. Persistent: weights of the denoiser (frozen and trained apart), of the VAE and other frozen
+# models, of the text encoders, of the reference model; gradients; optimizer state; EMA. Transient, by the phase that
+# allocated them: the rest.
+PERSISTENT = ("weights", "trained_weights", "vae", "text_encoders", "reference", "gradients", "optimizer", "ema")
+PHASES = ("text_encoders", "rollout", "vae_decode", "data", "replay", "optimizer", "ema")
+GATHERED = "gathered_blocks"
+
+
+# ---- counting live bytes ----------------------------------------------------------------------------------------------
+
+
+@dataclass(eq=False)
+class _Window:
+    """The peak of the weighted live bytes over a stretch of the run, and what was live then."""
+
+    start: dict
+    peak: float = -1.0
+    snapshot: dict = field(default_factory=dict)
+
+
+class LiveBytes(TorchDispatchMode):
+    """
+    Count the bytes of live tensor storages, labelled `(category, inside_denoiser)`, and track the peak of their
+    weighted sum (`weight(label)`, see the module docstring).
+
+    Every output of every operation is registered once per storage (views and in-place results share their input's)
+    and unregistered when its storage is freed. Tensors that exist before the mode is entered (weights) are added with
+    [`LiveBytes.register`]. Under a fake-tensor mode, reading a value back (`.item()`, `bool(tensor)`) gives a
+    placeholder (1, or `True`), which only the host-side bookkeeping of the code path sees.
+    """
+
+    def __init__(self, weight: Callable[[tuple[str, bool]], float] = lambda label: 1.0, fake: bool = True):
+        super().__init__()
+        self.weight = weight
+        self.fake = fake
+        self.live: dict[int, tuple[tuple[str, bool], int, weakref.ref]] = {}
+        self.totals: dict[tuple[str, bool], int] = defaultdict(int)
+        self.category = "other"
+        self.inside_denoiser = 0
+        self.gathered = 0  # bytes of gathered (sharded) parameters while the denoiser runs
+        self.windows: list[_Window] = []
+
+    # -- labels ---------------------------------------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def labelled(self, category: str) -> Iterator[None]:
+        previous, self.category = self.category, category
+        try:
+            yield
+        finally:
+            self.category = previous
+
+    @contextlib.contextmanager
+    def window(self) -> Iterator[_Window]:
+        """Track the peak from here to the end of the block."""
+        window = _Window(start=self.current())
+        window.peak, window.snapshot = self.weighted(window.start), dict(window.start)
+        self.windows.append(window)
+        try:
+            yield window
+        finally:
+            self.windows.remove(window)
+
+    def current(self) -> dict:
+        totals = {label: size for label, size in self.totals.items() if size}
+        if self.inside_denoiser and self.gathered:
+            totals[(GATHERED, False)] = self.gathered
+        return totals
+
+    def weighted(self, totals: dict) -> float:
+        return sum(size * self.weight(label) for label, size in totals.items())
+
+    def check(self, extra: dict | None = None) -> None:
+        """Update the open windows' peaks with the current totals (plus `extra`, a replayed spike)."""
+        totals = self.current()
+        if extra:
+            totals = dict(totals)
+            for label, size in extra.items():
+                totals[label] = totals.get(label, 0) + size
+        value = self.weighted(totals)
+        for window in self.windows:
+            if value > window.peak:
+                window.peak, window.snapshot = value, totals
+
+    # -- registration ---------------------------------------------------------------------------------------------
+
+    def register(self, tensor: torch.Tensor, category: str | None = None) -> None:
+        """Count `tensor`'s storage (once) under `category` (default: the current one)."""
+        storage = tensor.untyped_storage()
+        key = storage._cdata
+        if key in self.live:
+            return
+        label = (category or self.category, bool(self.inside_denoiser))
+        size = storage.nbytes()
+        self.live[key] = (label, size, weakref.ref(storage, lambda _, key=key: self._free(key)))
+        self.totals[label] += size
+        self.check()
+
+    def relabel(self, tensor: torch.Tensor, category: str) -> None:
+        """Move `tensor`'s storage to `category` (a gradient once accumulated, an optimizer state once created)."""
+        key = tensor.untyped_storage()._cdata
+        if key not in self.live:
+            return self.register(tensor, category)
+        label, size, ref = self.live[key]
+        new_label = (category, False)
+        self.totals[label] -= size
+        self.totals[new_label] += size
+        self.live[key] = (new_label, size, ref)
+
+    def _free(self, key: int) -> None:
+        entry = self.live.pop(key, None)
+        if entry is not None:
+            label, size, _ = entry
+            self.totals[label] -= size
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if self.fake and func is torch.ops.aten.equal.default:
+            return True
+        if self.fake and func in (torch.ops.aten._local_scalar_dense.default, torch.ops.aten.is_nonzero.default):
+            return True if args[0].dtype == torch.bool else 1
+        output = func(*args, **kwargs)
+        for value in tree_flatten(output)[0]:
+            if isinstance(value, torch.Tensor) and value.device.type != "meta":
+                self.register(value)
+        return output
+
+
+# ---- the result -------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class MemoryEstimate:
+    """
+    The estimated memory of one DDRL iteration on each GPU.
+
+    Attributes:
+        model (`str`): The architecture.
+        peak_bytes (`int`): Peak bytes of live tensors per GPU (compare with `torch.cuda.max_memory_allocated`).
+        phases (`dict[str, int]`): Peak of each phase (`text_encoders`, `rollout`, `vae_decode`, `data`, `replay`,
+            `optimizer`, `ema`), each including everything live then.
+        breakdown (`dict[str, int]`): What is live at the peak, by category: persistent (`weights` of the frozen
+            denoiser, `trained_weights`, `vae`, `text_encoders`, `reference`, `gradients`, `optimizer`, `ema`),
+            `gathered_blocks` (FSDP2 / ZeRO-3), and the transient tensors of each phase (`<phase>` for its
+            trajectories, samples and buffers, `<phase>/activations` for what the denoiser computes).
+        peak_phase (`str`): The phase where the peak happens.
+        settings (`dict`): What was estimated (processes, sharding, context parallelism, sizes, dtypes).
+    """
+
+    model: str
+    peak_bytes: int
+    phases: dict[str, int]
+    breakdown: dict[str, int]
+    peak_phase: str
+    settings: dict = field(default_factory=dict)
+
+    @property
+    def peak_gib(self) -> float:
+        return self.peak_bytes / GIB
+
+    @property
+    def largest(self) -> str:
+        """The largest term at the peak."""
+        return max(self.breakdown, key=self.breakdown.get)
+
+    def fits(self, gpu_memory_gib: float = 80.0, overhead_gib: float = 2.0, fragmentation: float = 0.05) -> bool:
+        """Whether the peak, plus `fragmentation` of it and `overhead_gib` (CUDA context, workspaces), fits the GPU."""
+        return self.peak_gib * (1 + fragmentation) + overhead_gib <= gpu_memory_gib
+
+    def advice(self) -> list[str]:
+        """What to change to lower the peak, for its largest terms."""
+        settings = self.settings
+        tips = []
+        terms = sorted(self.breakdown.items(), key=lambda item: -item[1])[:3]
+        for name, size in terms:
+            tip = _ADVICE.get(name.split("/")[0] if not name.endswith("/activations") else "activations")
+            if name == "replay/activations" and not settings.get("activation_checkpointing"):
+                tip = "turn activation_checkpointing on (the default), or lower per_device_train_batch_size"
+            elif name in ("weights", "trained_weights", "gradients", "optimizer", "ema", "reference") and settings.get(
+                "sharding"
+            ) not in ("fsdp2", "zero3"):
+                tip = f"{_ADVICE.get(name, '')}; shard it with FSDP2 or ZeRO-3 (--accelerate_config fsdp)".lstrip("; ")
+            if tip:
+                tips.append(f"{name} ({size / GIB:.1f} GiB): {tip}")
+        return tips
+
+    def table(self) -> str:
+        """A readable report: the peak, each phase's peak, the terms at the peak and what to change."""
+        s = self.settings
+        lines = [
+            f"{self.model}: peak {self.peak_gib:.1f} GiB per GPU (live tensors) in phase '{self.peak_phase}'; "
+            f"{s.get('num_processes')} process(es), sharding {s.get('sharding')}, context parallel "
+            f"{s.get('context_parallel_size')}, {'LoRA' if s.get('lora') else 'full fine-tuning'}",
+            "",
+            "phase peaks (GiB per GPU):",
+        ]
+        lines += [f"  {name:<14} {size / GIB:8.2f}" for name, size in self.phases.items()]
+        lines += ["", f"live at the peak ({self.peak_phase}):"]
+        for name, size in sorted(self.breakdown.items(), key=lambda item: -item[1]):
+            if size >= 1024**2:
+                lines.append(f"  {name:<24} {size / GIB:8.2f}")
+        lines += ["", f"largest term: {self.largest}"]
+        lines += [f"  - {tip}" for tip in self.advice()]
+        return "\n".join(lines)
+
+    def to_dict(self) -> dict:
+        return {
+            "model": self.model,
+            "peak_gib_per_gpu": round(self.peak_gib, 2),
+            "peak_phase": self.peak_phase,
+            "phases_gib": {name: round(size / GIB, 2) for name, size in self.phases.items()},
+            "breakdown_gib": {name: round(size / GIB, 2) for name, size in self.breakdown.items()},
+            "largest": self.largest,
+            "settings": self.settings,
+        }
+
+
+_ADVICE = {
+    "weights": "the frozen denoiser weights",
+    "trained_weights": "train a LoRA adapter (--use_peft) instead of every weight",
+    "gradients": "train a LoRA adapter (--use_peft)",
+    "optimizer": "train a LoRA adapter, or an 8-bit AdamW (--optim adamw_bnb_8bit)",
+    "ema": "use_ema=False, or an EMA of a LoRA adapter",
+    "reference": "train a LoRA adapter (the reference is the adapter-disabled denoiser), or kl_beta=0",
+    "text_encoders": "the text encoders stay on every GPU; encode prompts once and drop them",
+    "vae": "the VAE stays on every GPU",
+    "gathered_blocks": "blocks gathered by FSDP2 / ZeRO-3 while they compute",
+    "rollout": "lower rollout_batch_size (trajectories: samples x (steps + 1) x latent, float32), or prompts_per_step",
+    "vae_decode": "lower rollout_batch_size (decoded samples are float32)",
+    "data": "lower prompts_per_step (the data batch is encoded at once)",
+    "replay": "lower per_device_train_batch_size",
+    "activations": "lower per_device_train_batch_size or rollout_batch_size, or use context parallelism",
+}
+
+
+# ---- parallelism ------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Parallelism:
+    """How the processes share the work (see the module docstring for what each choice divides)."""
+
+    num_processes: int = 1
+    sharding: str = "none"
+    context_parallel_size: int = 1
+    upcast_trained: float = 1.0  # FSDP2 + bf16 mixed precision upcasts the trained low-precision weights to float32
+
+    def __post_init__(self):
+        if self.sharding not in SHARDING_CHOICES:
+            raise ValueError(f"sharding={self.sharding!r} is not one of {', '.join(SHARDING_CHOICES)}.")
+        if self.num_processes < 1 or self.num_processes % self.context_parallel_size:
+            raise ValueError(
+                f"num_processes={self.num_processes} must be a positive multiple of context_parallel_size="
+                f"{self.context_parallel_size}."
+            )
+
+    @property
+    def data_parallel_size(self) -> int:
+        return self.num_processes // self.context_parallel_size
+
+    def weight(self, label: tuple[str, bool]) -> float:
+        category, inside_denoiser = label
+        world, sharding = self.num_processes, self.sharding
+        full_shard = sharding in ("fsdp2", "zero3") and world > 1
+        factor = 1.0
+        if category in ("weights", "reference") and full_shard:
+            factor = 1 / world
+        elif category == "trained_weights" and full_shard:
+            factor = self.upcast_trained / world
+        elif category == "gradients":
+            if sharding in ("zero2", "zero3", "fsdp2") and world > 1:
+                factor = self.upcast_trained / world
+            elif sharding == "ddp" and world > 1:
+                factor = 2.0
+        elif category == "optimizer" and sharding not in ("none", "ddp") and world > 1:
+            factor = (self.upcast_trained if sharding == "fsdp2" else 1.0) / world
+        elif category == "ema" and full_shard:
+            factor = 1 / world
+        if inside_denoiser and category not in PERSISTENT and category != GATHERED:
+            factor /= self.context_parallel_size
+        return factor
+
+
+# ---- building the model with fake tensors ---------------------------------------------------------------------------
+
+
+def _fake_parameters(module: nn.Module, fake_mode) -> None:
+    """Replace every parameter and buffer of `module` (meta or real) by a fake CPU tensor of its shape and dtype."""
+    with fake_mode:
+        for submodule in module.modules():
+            for name, parameter in list(submodule._parameters.items()):
+                if parameter is not None:
+                    fake = torch.empty(parameter.shape, dtype=parameter.dtype, device="cpu")
+                    submodule._parameters[name] = nn.Parameter(fake, requires_grad=parameter.requires_grad)
+            for name, buffer in list(submodule._buffers.items()):
+                if buffer is not None:
+                    submodule._buffers[name] = torch.zeros(buffer.shape, dtype=buffer.dtype, device="cpu")
+
+
+DEPTH_KEYS = ("num_layers", "num_single_layers")
+
+
+def _depth_units(spec: dict) -> int:
+    """The number of 'units' of repeated blocks: the greatest common divisor of the denoisers' block counts."""
+    counts = [
+        component["config"][key]
+        for name, component in spec["components"].items()
+        if name.startswith("transformer")
+        for key in DEPTH_KEYS
+        if isinstance(component.get("config", {}).get(key), int) and component["config"][key] > 0
+    ]
+    return math.gcd(*counts) if counts else 0
+
+
+def _scaled_spec(spec: dict, units: int, total_units: int) -> dict:
+    """`spec` with every denoiser's block counts scaled to `units / total_units` (block index lists too)."""
+    spec = copy.deepcopy(spec)
+    for name, component in spec["components"].items():
+        if not name.startswith("transformer"):
+            continue
+        config = component["config"]
+        for key in DEPTH_KEYS:
+            if isinstance(config.get(key), int) and config[key] > 0:
+                original = config[key]
+                config[key] = original * units // total_units
+                if key == "num_layers" and isinstance(config.get("dual_attention_layers"), list):
+                    share = len(config["dual_attention_layers"]) / original
+                    config["dual_attention_layers"] = list(range(round(share * config[key])))
+    return spec
+
+
+# ---- the iteration --------------------------------------------------------------------------------------------------
+
+
+def _denoisers(adapter) -> list[nn.Module]:
+    """The networks that compute: the denoiser, or both experts of a two-expert one."""
+    denoiser = adapter.denoiser
+    if adapter.has_experts:
+        return [denoiser.transformer, denoiser.transformer_2]
+    return [denoiser]
+
+
+def _largest_block_bytes(module: nn.Module, dtype_size: int) -> int:
+    """Bytes (at `dtype_size` per element) of the largest repeated block: what FSDP2 gathers at once."""
+    largest = 0
+    for child in module.modules():
+        if isinstance(child, nn.ModuleList) and len(child) > 1:
+            for block in child:
+                largest = max(largest, sum(p.numel() for p in block.parameters()) * dtype_size)
+    return largest
+
+
+class _Memoized:
+    """
+    Replay a module's calls without gradients: the first call per input signature runs and its memory profile (the
+    peak over the call relative to its start) is recorded; later calls add that spike and return fresh outputs of the
+    recorded shapes. Calls with gradients always run.
+    """
+
+    def __init__(self, counter: LiveBytes, module: nn.Module):
+        self.counter, self.module = counter, module
+        self.original = module.forward
+        self.records: dict[Any, tuple[dict, Any]] = {}
+
+    def signature(self, args, kwargs) -> Any:
+        def describe(value):
+            if isinstance(value, torch.Tensor):
+                return ("tensor", tuple(value.shape), value.dtype)
+            return value if isinstance(value, (int, float, str, bool, type(None))) else type(value).__name__
+
+        leaves, spec = tree_flatten((args, kwargs))
+        return (str(spec), tuple(describe(leaf) for leaf in leaves), torch.is_autocast_enabled("cpu"))
+
+    def __call__(self, *args, **kwargs):
+        if torch.is_grad_enabled():
+            return self.original(*args, **kwargs)
+        key = self.signature(args, kwargs)
+        if key in self.records:
+            spike, output = self.records[key]
+            self.counter.check(extra=spike)
+            return tree_map(
+                lambda value: (
+                    torch.empty(value.shape, dtype=value.dtype) if isinstance(value, torch.Tensor) else value
+                ),
+                output,
+            )
+        with self.counter.window() as window:
+            output = self.original(*args, **kwargs)
+        spike = {label: size - window.start.get(label, 0) for label, size in window.snapshot.items()}
+        self.records[key] = (spike, output)
+        return output
+
+
+@contextlib.contextmanager
+def _inside(counter: LiveBytes, modules: list[nn.Module]) -> Iterator[None]:
+    """Mark the tensors allocated while any of `modules` runs forward as activations (backward: see the caller)."""
+
+    def enter(*_):
+        counter.inside_denoiser += 1
+
+    def leave(*_):
+        counter.inside_denoiser -= 1
+
+    handles = []
+    for module in modules:
+        handles.append(module.register_forward_pre_hook(enter))
+        handles.append(module.register_forward_hook(leave))
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def _synthetic_prompts(count: int) -> list[str]:
+    return [f"a detailed photograph number {index} of a cat sitting on a wooden table" for index in range(count)]
+
+
+def run_iteration(
+    pipeline,
+    args,
+    counter: LiveBytes,
+    peft_config: Any | None = None,
+    parallelism: Parallelism | None = None,
+    windows: dict[str, _Window] | None = None,
+) -> None:
+    """
+    Run one DDRL iteration of `args` on `pipeline` the way the trainer does, under `counter`, recording each phase's
+    peak window in `windows`. Works on fake and on real tensors (the CPU validation runs it for real).
+    """
+    from .data import DiffusionDataCollator
+    from .ema import ParameterEMA
+    from .losses import clipped_policy_loss, reverse_kl
+    from .pipelines import SamplingSettings, get_adapter
+    from .sde_window import initial_states, join_prefix, rollout_steps
+    from .trainer import RolloutBuffer, order_micro_batches
+
+    parallelism = parallelism or Parallelism()
+    windows = {} if windows is None else windows
+    adapter = get_adapter(
+        pipeline,
+        SamplingSettings(
+            num_inference_steps=args.num_inference_steps,
+            eta=args.eta,
+            sampler=args.sampler,
+            guidance_scale=args.guidance_scale,
+            guidance_scale_2=args.guidance_scale_2,
+            height=args.height,
+            width=args.width,
+            num_frames=args.num_frames,
+            max_sequence_length=args.max_sequence_length,
+            num_conditioning_frames=args.num_conditioning_frames,
+            log_ratio_form=args.log_ratio_form,
+            data_loss_weighting=args.data_loss_weighting,
+            train_experts=args.train_experts,
+        ),
+    )
+    # As DDRLTrainer.__init__: frozen parts, LoRA or full training, activation checkpointing.
+    for module in adapter.frozen_modules():
+        module.requires_grad_(False).eval()
+    denoiser = adapter.denoiser
+    if peft_config is not None:
+        denoiser.requires_grad_(False)
+        denoiser.add_adapter(peft_config)
+    else:
+        denoiser.requires_grad_(True)
+    if args.activation_checkpointing or args.gradient_checkpointing:
+        denoiser.enable_gradient_checkpointing()
+    trainable = [parameter for parameter in denoiser.parameters() if parameter.requires_grad]
+    for name, module in pipeline.components.items():
+        if not isinstance(module, nn.Module):
+            continue
+        category = "weights" if name.startswith(adapter.denoiser_name) else "vae"
+        if "text_encoder" in name:
+            category = "text_encoders"
+        for tensor in [*module.parameters(), *module.buffers()]:
+            counter.register(tensor, "trained_weights" if tensor.requires_grad else category)
+    # The sampler's noise-level table holds host-side values: built outside the counted run, as on the first step.
+    adapter._sigma_table()
+    if hasattr(adapter, "model_sigmas"):
+        adapter.model_sigmas()
+
+    def mixed():
+        return torch.autocast("cpu", dtype=torch.bfloat16, enabled=bool(args.bf16))
+
+    denoisers = _denoisers(adapter)
+    device = adapter.device
+    generator = torch.Generator().manual_seed(0)
+
+    @contextlib.contextmanager
+    def phase(name: str):
+        with counter.labelled(name), counter.window() as window:
+            yield
+        previous = windows.get(name)
+        if previous is None or window.peak > previous.peak:
+            windows[name] = window
+
+    needs_reference = args.kl_beta > 0 or (args.data_beta > 0 and args.data_source == "base_model")
+    reference = None
+    if needs_reference and peft_config is None:
+        with counter.labelled("reference"):
+            reference = copy.deepcopy(denoiser).requires_grad_(False).eval()
+    # Every call without gradients but the first of each shape (rollout steps, the data term's second prompt
+    # encoding) replays the first one's memory profile.
+    memoized = [*denoisers, *[m for n, m in pipeline.components.items() if "text_encoder" in n and m is not None]]
+    for module in memoized:
+        module.forward = _Memoized(counter, module)
+
+    with counter.labelled("optimizer"):
+        optimizer = torch.optim.AdamW(trainable, lr=args.learning_rate, foreach=True)
+        # Steady state: the optimizer state exists before the iteration (created at the first step).
+        for parameter in trainable:
+            state = optimizer.state[parameter]
+            state["step"] = torch.tensor(1.0)
+            state["exp_avg"] = torch.zeros_like(parameter)
+            state["exp_avg_sq"] = torch.zeros_like(parameter)
+    ema = None
+    if args.use_ema:
+        with counter.labelled("ema"):
+            ema = ParameterEMA(denoiser, args.ema_sigma_rel, args.ema_iteration_shift, args.ema_decay)
+
+    samples = (args.prompts_per_step * args.num_generations) // parallelism.data_parallel_size
+    prompts = _synthetic_prompts(max(1, samples // args.num_generations))
+    prompts = [prompts[index * len(prompts) // samples] for index in range(samples)]
+    rows = [{"prompt": prompt} for prompt in prompts]
+    collator = DiffusionDataCollator(adapter, args.image_column, args.caption_column, args.source_image_column)
+    chunk = args.rollout_batch_size or samples
+
+    with torch.no_grad():
+        with phase("text_encoders"), mixed():
+            conditioning = collator.conditioning(prompts, rows)
+        if adapter.num_conditioning_frames:
+            with phase("data"), mixed():
+                frames = torch.zeros(
+                    len(set(prompts)), adapter.num_conditioning_frames, adapter.pixel_channels, *adapter.resolution
+                )
+                encoded = adapter.encode_condition_frames(frames)
+                index = torch.tensor([sorted(set(prompts)).index(prompt) for prompt in prompts])
+                conditioning.update({key: value[index] for key, value in encoded.items()})
+
+        latents, log_probs, images, denoised = [], [], [], []
+        schedule = rollout_steps(args, 0)
+        with phase("rollout"), mixed(), _inside(counter, denoisers):
+            noise, prefix = initial_states(
+                adapter, denoiser, conditioning, samples, args, 0, schedule.prefix, 0, generator, chunk
+            )
+        for start in range(0, samples, chunk):
+            with phase("rollout"), mixed(), _inside(counter, denoisers):
+                trajectory = adapter.sample(
+                    denoiser,
+                    {key: value[start : start + chunk] for key, value in conditioning.items()},
+                    noise[start : start + chunk],
+                    generator=generator,
+                    steps=range(schedule.prefix, args.num_inference_steps),
+                    stochastic_steps=schedule.stochastic,
+                )
+                chunk_latents, chunk_log_probs = trajectory.latents, trajectory.log_probs
+                if schedule.prefix:
+                    chunk_latents, chunk_log_probs = join_prefix(
+                        prefix[start : start + chunk], chunk_latents, chunk_log_probs
+                    )
+            with phase("vae_decode"), mixed():
+                images.append(adapter.decode(chunk_latents[:, -1]))
+            latents.append(chunk_latents)
+            log_probs.append(chunk_log_probs)
+            denoised.append(trajectory.denoised)
+            del trajectory, chunk_latents, chunk_log_probs
+        with phase("rollout"):
+            latents, log_probs, images = torch.cat(latents), torch.cat(log_probs), torch.cat(images)
+            advantages = torch.zeros(samples, device=device)
+
+        data_latents = data_conditioning = None
+        if args.data_beta > 0:
+            with phase("data"), mixed():
+                if args.data_source == "base_model":
+                    data_latents, data_conditioning = latents[:, -1].clone(), conditioning
+                else:
+                    distinct = len(set(prompts))
+                    shape = (adapter.pixel_channels, *adapter.resolution)
+                    if adapter.num_frames is not None:
+                        shape = (adapter.num_frames, *shape)
+                    pixels = torch.zeros(distinct, *shape, device=device)
+                    index = torch.tensor([sorted(set(prompts)).index(prompt) for prompt in prompts], device=device)
+                    data_latents = adapter.encode_pixels(pixels, generator=generator)[index]
+                    data_conditioning = collator.conditioning(prompts, rows)
+                    data_conditioning.update(
+                        {key: value[index] for key, value in adapter.data_conditioning(pixels).items()}
+                    )
+                    del pixels
+
+        with phase("rollout"):
+            steps = torch.tensor(schedule.trained, device=device)
+            num_steps = len(schedule.trained)
+            order, data_rows = order_micro_batches(
+                torch.randperm(samples * num_steps),
+                num_steps,
+                args.per_device_train_batch_size,
+                args.data_on_first_step_only,
+            )
+            buffer = RolloutBuffer(
+                states=latents[:, steps],
+                next_states=latents[:, steps + 1],
+                old_log_probs=log_probs[:, steps],
+                step_indices=steps,
+                advantages=advantages,
+                conditioning=conditioning,
+                initial_noise=latents[:, 0],
+                data_latents=data_latents,
+                data_conditioning=data_conditioning,
+                order=order.to(device),
+                data_rows=data_rows,
+                previous_denoised=torch.cat(denoised)[:, (steps - 1).clamp(min=0)]
+                if denoised[0] is not None
+                else None,
+            )
+            # The trainer keeps the last samples on the CPU for logging; the rest of the rollout is dropped.
+            del latents, log_probs, images, denoised, advantages
+
+    def accumulate(parameter):
+        counter.relabel(parameter.grad, "gradients")
+
+    hooks = [parameter.register_post_accumulate_grad_hook(accumulate) for parameter in trainable]
+    computing = [*denoisers, *([reference] if reference is not None else [])]
+    with phase("replay"), mixed(), _inside(counter, computing):
+        with counter.window() as first:
+            inputs = buffer.micro_batch(0, args.per_device_train_batch_size)
+            step = adapter.transition_log_prob(
+                denoiser,
+                inputs["states"],
+                inputs["next_states"],
+                inputs["step_index"],
+                inputs["conditioning"],
+                inputs.get("previous_denoised"),
+            )
+            policy_loss, _, _ = clipped_policy_loss(
+                step.log_prob, inputs["old_log_probs"], inputs["advantages"], args.clip_range
+            )
+            loss = policy_loss.mean()
+            rows_used = inputs["num_data_rows"]
+            if args.data_beta > 0 and rows_used:
+                x0 = inputs["data_latents"][:rows_used]
+                data_conditioning = {key: value[:rows_used] for key, value in inputs["data_conditioning"].items()}
+                data_loss = adapter.diffusion_loss(
+                    denoiser,
+                    x0,
+                    data_conditioning,
+                    inputs["step_index"][:rows_used],
+                    inputs["initial_noise"][:rows_used],
+                )
+                loss = loss + args.data_beta * data_loss.mean()
+            if args.kl_beta > 0:
+                with torch.no_grad(), _reference(denoiser, reference, counter, parallelism) as model:
+                    ref_step = adapter.transition_log_prob(
+                        model, inputs["states"], inputs["next_states"], inputs["step_index"], inputs["conditioning"]
+                    )
+                loss = (
+                    loss
+                    + args.kl_beta
+                    * reverse_kl(step.mean, ref_step.mean, step.std, step.edm_scale, args.kl_form).mean()
+                )
+            counter.inside_denoiser += 1  # what the backward pass allocates is the denoiser's
+            try:
+                (loss * args.loss_scale).backward()
+            finally:
+                counter.inside_denoiser -= 1
+            del inputs, step, policy_loss, loss
+        if args.gradient_accumulation_steps > 1 and args.steps_per_generation > 1:
+            # The next micro-batches repeat the first with every gradient already there (accumulated in place).
+            counter.check(
+                extra={
+                    label: size - first.start.get(label, 0)
+                    for label, size in first.snapshot.items()
+                    if label[0] != "gradients"
+                }
+            )
+    for hook in hooks:
+        hook.remove()
+    with phase("optimizer"):
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    if ema is not None:
+        with phase("ema"):
+            ema.step()
+    for module in memoized:
+        del module.forward
+
+
+@contextlib.contextmanager
+def _reference(denoiser, reference, counter: LiveBytes, parallelism: Parallelism):
+    """The reference model: the adapter-disabled denoiser under LoRA, else the frozen copy (gathered whole when
+    sharded: TRL's `prepare_fsdp` / ZeRO-3 wrap it at the root)."""
+    if reference is None:
+        denoiser.disable_adapters()
+        try:
+            yield denoiser
+        finally:
+            denoiser.enable_adapters()
+        return
+    gathered = 0
+    if parallelism.sharding in ("fsdp2", "zero3") and parallelism.num_processes > 1:
+        gathered = sum(p.numel() * p.element_size() for p in reference.parameters())
+    counter.gathered += gathered
+    try:
+        yield reference
+    finally:
+        counter.gathered -= gathered
+
+
+# ---- the estimator --------------------------------------------------------------------------------------------------
+
+
+def _resolve_model(model_or_name) -> tuple[str, dict | None, Callable | None]:
+    """(name, shipped spec or None, builder of a pipeline or None)."""
+    from . import model_configs
+
+    if isinstance(model_or_name, str):
+        if model_or_name in model_configs.list_models():
+            return model_or_name, model_configs.load_model_config(model_or_name), None
+        raise ValueError(
+            f"model={model_or_name!r} is not a shipped architecture; use one of "
+            f"{', '.join(model_configs.list_models())}, or pass a function that builds the pipeline."
+        )
+    if callable(model_or_name):
+        return getattr(model_or_name, "__name__", "pipeline"), None, model_or_name
+    raise TypeError(f"model must be a shipped architecture name or a pipeline builder; got {type(model_or_name)}.")
+
+
+def _build_from_spec(spec: dict, torch_dtype: torch.dtype, device: str = "meta"):
+    """A pipeline of `spec` (a `trl_ddrl.model_configs` JSON, possibly edited) on `device` (meta: no memory)."""
+    import diffusers
+
+    from . import model_configs
+
+    components: dict[str, Any] = {}
+    with torch.device(device):
+        for name, component in spec["components"].items():
+            if "tokenizer" in component:
+                components[name] = model_configs._build_component(component, torch_dtype, None)
+        for name, component in spec["components"].items():
+            if "tokenizer" in component:
+                continue
+            tokenizer = components.get(name.replace("text_encoder", "tokenizer"))
+            ids = (
+                model_configs._tokenizer_ids(tokenizer)
+                if tokenizer is not None and component.get("config_class") == "CLIPTextConfig"
+                else None
+            )
+            components[name] = model_configs._build_component(component, torch_dtype, ids)
+    return getattr(diffusers, spec["pipeline_class"])(**components)
+
+
+def _measure(build: Callable, args, peft_config, parallelism: Parallelism, fake: bool) -> tuple[dict, int]:
+    """Run one iteration of a freshly built pipeline; return each phase's peak window and the gathered bytes."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    fake_mode = FakeTensorMode(allow_non_fake_inputs=True) if fake else None
+    pipeline = build()
+    if fake_mode is not None:
+        for module in pipeline.components.values():
+            if isinstance(module, nn.Module):
+                _fake_parameters(module, fake_mode)
+    counter = LiveBytes(parallelism.weight, fake=fake)
+    windows: dict[str, _Window] = {}
+    with fake_mode if fake_mode is not None else contextlib.nullcontext():
+        adapter_denoiser = getattr(pipeline, "transformer", None) or getattr(pipeline, "unet", None)
+        if parallelism.sharding in ("fsdp2", "zero3") and parallelism.num_processes > 1:
+            dtype_size = 2 if args.bf16 else next(adapter_denoiser.parameters()).element_size()
+            counter.gathered = 2 * _largest_block_bytes(adapter_denoiser, dtype_size)
+        with counter:
+            run_iteration(pipeline, args, counter, peft_config, parallelism, windows)
+    return windows, counter.gathered
+
+
+def estimate_memory(
+    model_or_name,
+    args,
+    *,
+    num_processes: int = 1,
+    sharding: str = "none",
+    context_parallel_size: int | None = None,
+    peft_config: Any | None = None,
+    torch_dtype: torch.dtype | str | None = None,
+    depth: str = "extrapolate",
+    fake: bool = True,
+) -> MemoryEstimate:
+    """
+    Estimate the peak GPU memory per process of one DDRL iteration of `args` (a [`DDRLConfig`]).
+
+    Args:
+        model_or_name (`str` or callable): A shipped architecture (`trl_ddrl.model_configs.list_models()`: the real
+            configs, no weights), or a function returning a diffusers pipeline (built on the meta device or with real
+            weights; its tensors are replaced by fake ones unless `fake=False`).
+        args ([`DDRLConfig`]): The training configuration (sizes, group size, steps, micro-batches, EMA, KL, ...).
+        num_processes (`int`): Processes (GPUs) of the run.
+        sharding (`str`): `"none"`, `"ddp"`, `"zero1"`, `"zero2"`, `"zero3"` or `"fsdp2"`.
+        context_parallel_size (`int`, *optional*): Defaults to `args.context_parallel_size`.
+        peft_config (`peft.LoraConfig`, *optional*): Estimate LoRA training instead of full fine-tuning.
+        torch_dtype (`torch.dtype` or `str`, *optional*): Weight dtype; defaults to
+            `args.model_init_kwargs["torch_dtype"]`, else bfloat16.
+        depth (`str`): `"extrapolate"` (shipped architectures: two reduced depths, extrapolated) or `"full"`.
+        fake (`bool`): Run on fake tensors (no memory). `False` runs for real, on the CPU (for validation).
+
+    Returns:
+        [`MemoryEstimate`]: `peak_bytes`, per-phase peaks, what is live at the peak.
+    """
+    name, spec, builder = _resolve_model(model_or_name)
+    dtype = torch_dtype or (args.model_init_kwargs or {}).get("torch_dtype") or torch.bfloat16
+    dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
+    cp = context_parallel_size or args.context_parallel_size
+    low_precision = dtype in (torch.bfloat16, torch.float16) or bool(args.bf16)
+    parallelism = Parallelism(
+        num_processes,
+        sharding,
+        cp,
+        upcast_trained=2.0 if sharding == "fsdp2" and low_precision and peft_config is None else 1.0,
+    )
+    args = _for_processes(args, parallelism, dtype)
+    if spec is not None:
+        spec = _with_defaults(spec, args)
+    runs: list[tuple[float, dict]] = []
+    units = _depth_units(spec) if spec is not None and depth == "extrapolate" else 0
+    if units > 2:
+        for used in (1, 2):
+            scaled = _scaled_spec(spec, used, units)
+            windows, _ = _measure(
+                lambda scaled=scaled: _build_from_spec(scaled, dtype), args, peft_config, parallelism, fake
+            )
+            runs.append((used, windows))
+        phases = _extrapolate(runs, units, parallelism)
+    else:
+        build = (lambda: _build_from_spec(spec, dtype)) if spec is not None else builder
+        windows, _ = _measure(build, args, peft_config, parallelism, fake)
+        phases = {name_: (window.peak, window.snapshot) for name_, window in windows.items()}
+    return _result(name, phases, parallelism, args, peft_config, dtype)
+
+
+def _for_processes(args, parallelism: Parallelism, dtype: torch.dtype):
+    """A copy of `args` with the derived per-process sizes of `parallelism` (the config derives them for its own)."""
+    args = copy.copy(args)
+    samples = args.prompts_per_step * args.num_generations
+    if samples % parallelism.data_parallel_size:
+        raise ValueError(
+            f"prompts_per_step * num_generations = {samples} must be divisible by the {parallelism.data_parallel_size} "
+            "data-parallel processes. Change prompts_per_step or num_processes."
+        )
+    args.samples_per_process = samples // parallelism.data_parallel_size
+    transitions = args.samples_per_process * args.num_trained_steps
+    args.steps_per_generation = max(1, transitions // args.per_device_train_batch_size)
+    if getattr(args, "_derive_gradient_accumulation", False):
+        args.gradient_accumulation_steps = args.steps_per_generation
+    if args.bf16 is False and dtype in (torch.bfloat16, torch.float16):
+        args.bf16 = True  # bf16 weights train under bf16 autocast on a GPU
+    return args
+
+
+def _with_defaults(spec: dict, args) -> dict:
+    """The shipped resolution and frame count when `args` leaves them unset."""
+    height, width = spec.get("default_resolution", (None, None))
+    args.height = args.height or height
+    args.width = args.width or width
+    if args.num_frames is None and spec.get("default_num_frames"):
+        args.num_frames = spec["default_num_frames"]
+    return spec
+
+
+def _extrapolate(runs: list[tuple[float, dict]], units: int, parallelism: Parallelism) -> dict:
+    """Each phase's live bytes at its peak, extrapolated linearly from the reduced depths to `units`."""
+    (u1, first), (u2, second) = runs
+    phases = {}
+    for name in first:
+        a, b = first[name].snapshot, second[name].snapshot
+        snapshot = {}
+        for label in set(a) | set(b):
+            value = a.get(label, 0) + (b.get(label, 0) - a.get(label, 0)) * (units - u1) / (u2 - u1)
+            snapshot[label] = max(0, int(value))
+        if (GATHERED, False) in a:
+            snapshot[(GATHERED, False)] = a[(GATHERED, False)]
+        phases[name] = (sum(size * parallelism.weight(label) for label, size in snapshot.items()), snapshot)
+    return phases
+
+
+def _category_name(label: tuple[str, bool]) -> str:
+    category, inside = label
+    if category in PERSISTENT or category == GATHERED:
+        return category
+    return f"{category}/activations" if inside else category
+
+
+def _result(name, phases: dict, parallelism: Parallelism, args, peft_config, dtype) -> MemoryEstimate:
+    peaks = {phase: int(value) for phase, (value, _) in phases.items()}
+    peak_phase = max(peaks, key=peaks.get)
+    breakdown: dict[str, int] = defaultdict(int)
+    for label, size in phases[peak_phase][1].items():
+        breakdown[_category_name(label)] += int(size * parallelism.weight(label))
+    settings = {
+        "num_processes": parallelism.num_processes,
+        "sharding": parallelism.sharding,
+        "context_parallel_size": parallelism.context_parallel_size,
+        "lora": peft_config is not None,
+        "torch_dtype": str(dtype).removeprefix("torch."),
+        "height": args.height,
+        "width": args.width,
+        "num_frames": args.num_frames,
+        "num_generations": args.num_generations,
+        "prompts_per_step": args.prompts_per_step,
+        "samples_per_process": args.samples_per_process,
+        "rollout_batch_size": args.rollout_batch_size,
+        "num_inference_steps": args.num_inference_steps,
+        "per_device_train_batch_size": args.per_device_train_batch_size,
+        "activation_checkpointing": bool(args.activation_checkpointing or args.gradient_checkpointing),
+        "use_ema": args.use_ema,
+        "kl_beta": args.kl_beta,
+        "data_beta": args.data_beta,
+        "guidance_scale": args.guidance_scale,
+    }
+    ordered = {phase: peaks[phase] for phase in PHASES if phase in peaks}
+    return MemoryEstimate(
+        model=name,
+        peak_bytes=peaks[peak_phase],
+        phases=ordered,
+        breakdown=dict(breakdown),
+        peak_phase=peak_phase,
+        settings=settings,
+    )
+
+
+# ---- command line ---------------------------------------------------------------------------------------------------
+
+
+def main(argv: list[str], prog: str = "trl-ddrl estimate-memory") -> int:
+    """
+    `trl-ddrl estimate-memory --model_name_or_path NAME [training options] [--num_processes N] [--sharding S]`:
+    print the estimate for the training options (the same as `trl-ddrl`'s, `--config` included) and exit with 0 when
+    it fits `--gpu_memory_gib`, 1 when not.
+    """
+    import argparse
+    import json
+
+    from .model_configs import list_models
+    from .scripts.ddrl import get_lora_config, get_model_init_kwargs, make_parser
+
+    own = argparse.ArgumentParser(prog=prog, add_help=False)
+    own.add_argument("--num_processes", type=int, default=1, help="GPUs of the run (default 1).")
+    own.add_argument("--sharding", choices=SHARDING_CHOICES, default=None, help="Default: fsdp2 with >1 process.")
+    own.add_argument("--gpu_memory_gib", type=float, default=80.0, help="Memory of one GPU (default 80).")
+    own.add_argument("--json", action="store_true", help="Print the estimate as JSON.")
+    own.add_argument("--help", "-h", action="store_true")
+    known, rest = own.parse_known_args(argv)
+    parser = make_parser(prog=prog)
+    if known.help:
+        own.print_help()
+        print(f"\nArchitectures: {', '.join(list_models())}. Every training option of `trl-ddrl --help` applies.")
+        return 0
+    _, training_args, model_args, *remaining = parser.parse_args_and_config(rest, return_remaining_strings=True)
+    if remaining and remaining[0]:
+        parser.error(f"unrecognized arguments: {' '.join(remaining[0])}")
+    if model_args.model_name_or_path not in list_models():
+        parser.error(
+            f"--model_name_or_path {model_args.model_name_or_path!r}: estimate-memory knows the shipped architectures "
+            f"{', '.join(list_models())}."
+        )
+    sharding = known.sharding or ("fsdp2" if known.num_processes > 1 else "none")
+    estimate = estimate_memory(
+        model_args.model_name_or_path,
+        training_args,
+        num_processes=known.num_processes,
+        sharding=sharding,
+        peft_config=get_lora_config(model_args),
+        torch_dtype=(get_model_init_kwargs(model_args, training_args).get("torch_dtype") or "auto").replace(
+            "auto", "bfloat16"
+        ),
+    )
+    fits = estimate.fits(known.gpu_memory_gib)
+    if known.json:
+        print(json.dumps({**estimate.to_dict(), "fits": fits, "gpu_memory_gib": known.gpu_memory_gib}, indent=2))
+    else:
+        print(estimate.table())
+        verdict = "fits" if fits else "does NOT fit"
+        print(f"\n{verdict} a {known.gpu_memory_gib:g} GiB GPU (peak + 5% fragmentation + 2 GiB CUDA context).")
+    return 0 if fits else 1
