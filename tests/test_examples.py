@@ -25,6 +25,7 @@ from tiny_models import (
     tiny_hunyuan_video15_pipeline,
     tiny_qwenimage_edit_pipeline,
     tiny_qwenimage_pipeline,
+    tiny_sd3_pipeline,
     tiny_sd15_pipeline,
     tiny_sdxl_pipeline,
     tiny_wan22_pipeline,
@@ -78,6 +79,13 @@ def image_args(data: dict[str, str]) -> list[str]:
 
 # script, tiny pipeline, denoiser folder, arguments beyond --model/--output_dir/--reward/--max_steps
 CASES = {
+    "sd3": ("train_sd3.py", tiny_sd3_pipeline, "transformer", lambda data: [*image_args(data), "--no_bf16"]),
+    "sd3-lora": (
+        "train_sd3.py",
+        tiny_sd3_pipeline,
+        "transformer",
+        lambda data: [*image_args(data), "--no_bf16", "--lora", "--guidance_scale", "1"],
+    ),
     "sd15": ("train_sd15.py", tiny_sd15_pipeline, "unet", image_args),
     "sd15-lora": ("train_sd15.py", tiny_sd15_pipeline, "unet", lambda data: [*image_args(data), "--lora"]),
     "sdxl": ("train_sdxl.py", tiny_sdxl_pipeline, "unet", lambda data: [*image_args(data), "--no_bf16"]),
