@@ -144,7 +144,7 @@ def ddrl_side(args: argparse.Namespace) -> dict:
         raw.iteration()  # warm-up, paired with the trainer's warm-up iteration
         timer = StepTimer(between=raw.iteration)
         trainer.add_callback(timer)
-        generate_s = time_calls(trainer, "_generate_and_score")
+        generate_s = time_calls(trainer.rollout, "generate")
         rss_before = current_rss_mib()
         with PeakRSS() as rss:
             trainer.train()

@@ -146,7 +146,7 @@ def run(args: argparse.Namespace, output_dir: str) -> None:
     trainer = DDRLTrainer(
         pipeline, args.reward, args=config, train_dataset=make_dataset(8, resolution), callbacks=[timer]
     )
-    generate_s = time_calls(trainer, "_generate_and_score")
+    generate_s = time_calls(trainer.rollout, "generate")
     with PeakRSS() as rss:
         trainer.train()
 

@@ -350,7 +350,7 @@ def test_ctrl_c_while_rewards_are_queued_cancels_them(tiny_sd3_path, tmp_path, c
     trainer = DDRLTrainer(tiny_sd3_path, slow_brightness, args=args, train_dataset=prompt_dataset())
 
     def press_ctrl_c():  # once all four calls are submitted: one running, the others waiting behind it
-        while not calls or trainer._reward_executor._work_queue.qsize() + len(calls) < 4:
+        while not calls or trainer.rollout.reward_executor._work_queue.qsize() + len(calls) < 4:
             time.sleep(0.01)
         started.append(len(calls))
         os.kill(os.getpid(), signal.SIGINT)
@@ -358,7 +358,7 @@ def test_ctrl_c_while_rewards_are_queued_cancels_them(tiny_sd3_path, tmp_path, c
     threading.Thread(target=press_ctrl_c, daemon=True).start()
     with pytest.raises(KeyboardInterrupt):
         trainer.train()
-    trainer._reward_executor.shutdown(wait=True)  # what the interpreter does at exit
+    trainer.rollout.reward_executor.shutdown(wait=True)  # what the interpreter does at exit
     assert started and started[0] < 4 and len(calls) == started[0]  # no queued call ran after Ctrl-C
     assert f"cancelled {4 - started[0]} queued reward call(s); waiting for the 1 running one" in capture_warnings.text
 

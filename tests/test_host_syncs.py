@@ -16,7 +16,7 @@ from tiny_models import tiny_sd15_pipeline
 from torch.overrides import TorchFunctionMode
 
 from trl_ddrl import DDRLTrainer
-from trl_ddrl.trainer import order_micro_batches
+from trl_ddrl.rollout import order_micro_batches
 
 
 HOST_READS = {

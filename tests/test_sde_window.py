@@ -151,10 +151,10 @@ class _RolloutSpy:
 
     def __init__(self, trainer: DDRLTrainer):
         self.buffers, self.data_steps, self.rows = [], [], {"no_grad": 0, "grad": 0}
-        generate, diffusion_loss = trainer._generate_and_score, trainer.adapter.diffusion_loss
+        generate, diffusion_loss = trainer.rollout.generate, trainer.adapter.diffusion_loss
 
-        def spy_generate(rows, iteration):
-            buffer = generate(rows, iteration)
+        def spy_generate(rows, iteration, trainer_state):
+            buffer = generate(rows, iteration, trainer_state)
             self.buffers.append((iteration, buffer))
             return buffer
 
@@ -165,7 +165,7 @@ class _RolloutSpy:
         def count_rows(module, args, kwargs):
             self.rows["grad" if torch.is_grad_enabled() else "no_grad"] += args[0].shape[0]
 
-        trainer._generate_and_score = spy_generate
+        trainer.rollout.generate = spy_generate
         trainer.adapter.diffusion_loss = spy_diffusion_loss
         trainer.adapter.denoiser.register_forward_pre_hook(count_rows, with_kwargs=True)
 

@@ -14,7 +14,7 @@ from tiny_models import tiny_sd3_pipeline
 from transformers import TrainerCallback
 
 from trl_ddrl import DDRLConfig, DDRLTrainer
-from trl_ddrl.rewards import RewardFunctionError
+from trl_ddrl.rewards import RewardFunctionError, resolve_reward_funcs
 
 
 PROMPTS = ["a cat", "a dog", "a red car", "a tree"]
@@ -539,7 +539,7 @@ def test_base_model_data_source_regularises_towards_cached_base_samples(tiny_sd3
     base = {key: value.clone() for key, value in trainer.pipeline.transformer.state_dict().items()}
     trainer.train()
     assert all("loss/data" in entry for entry in trainer.state.log_history[:3])
-    seen = set(trainer._synthetic_latents)
+    seen = set(trainer.rollout.synthetic_latents)
     assert seen and seen <= set(PROMPTS)
 
     # The cached samples are the base model's deterministic samples, not the trained policy's.
@@ -550,7 +550,7 @@ def test_base_model_data_source_regularises_towards_cached_base_samples(tiny_sd3
     policy_sample = adapter.sample(trainer.pipeline.transformer, conditioning, noise, eta=0.0).latents[0, -1]
     trainer.pipeline.transformer.load_state_dict(base)
     base_sample = adapter.sample(trainer.pipeline.transformer, conditioning, noise, eta=0.0).latents[0, -1]
-    torch.testing.assert_close(trainer._synthetic_latents[prompt], base_sample, atol=1e-5, rtol=0)
+    torch.testing.assert_close(trainer.rollout.synthetic_latents[prompt], base_sample, atol=1e-5, rtol=0)
     assert not torch.allclose(policy_sample, base_sample, atol=1e-5)
 
 
@@ -608,8 +608,8 @@ def test_num_iterations_reuses_each_rollout_for_several_updates(tiny_sd3_path, t
         train_dataset=prompt_dataset(),
     )
     rollouts = []
-    generate = trainer._generate_and_score
-    trainer._generate_and_score = lambda *args: rollouts.append(args[1]) or generate(*args)
+    generate = trainer.rollout.generate
+    trainer.rollout.generate = lambda *args: rollouts.append(args[1]) or generate(*args)
     trainer.train()
 
     assert rollouts == [0, 1]  # two rollouts for four optimizer steps
@@ -624,7 +624,7 @@ def test_synchronous_rewards_independent_data_noise_and_denoiser_only_saves(tiny
         tmp_path, async_rewards=False, data_beta=0.1, data_noise="independent", save_full_pipeline=False, max_steps=1
     )
     trainer = DDRLTrainer(tiny_sd3_path, brightness, args=args, train_dataset=prompt_dataset(with_images=True))
-    assert trainer._reward_executor is None
+    assert trainer.rollout.reward_executor is None
     trainer.train()
     assert trainer.state.log_history[0]["loss/data"] > 0
     trainer.save_model()
@@ -632,7 +632,7 @@ def test_synchronous_rewards_independent_data_noise_and_denoiser_only_saves(tiny
 
 
 def test_reward_names_are_readable_metric_keys():
-    funcs, names = DDRLTrainer._resolve_reward_funcs(["jpeg_compressibility", "http://127.0.0.1:8000", brightness])
+    funcs, names = resolve_reward_funcs(["jpeg_compressibility", "http://127.0.0.1:8000", brightness])
     assert names == ["jpeg_compressibility", "remote_127.0.0.1:8000", "brightness"]
     assert all(callable(func) for func in funcs)
 

@@ -28,19 +28,16 @@ import contextlib
 import math
 import time
 import zlib
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from datasets import Dataset
-from trl.models.utils import unwrap_model_for_generation
+from transformers import Trainer
 
-from .rewards import RewardFunctionError, check_rewards
+from .rewards import RewardFunctionError, check_rewards, resolve_reward_funcs
+from .rollout import generation_policy
 from .sde_window import trainable_steps
 from .tracking import Samples
-
-
-if TYPE_CHECKING:
-    from .trainer import DDRLTrainer
 
 
 def eval_noise_seed(eval_seed: int, position: int, generation: int) -> int:
@@ -103,19 +100,17 @@ class Evaluator:
     Held-out evaluation of a [`DDRLTrainer`]'s policy; see the module docstring for the metrics.
 
     Args:
-        trainer ([`DDRLTrainer`]): The trainer (its adapter, rewards, accelerator and state are used).
+        trainer (`Trainer`): The [`DDRLTrainer`] (its adapter, rewards, collator, mesh, accelerator and state are used).
         args ([`DDRLConfig`]): Its configuration (the trainer is still being built).
         eval_reward_funcs: Extra judges, in any form `reward_funcs` takes, or `None`.
         eval_dataset: The trainer's eval dataset(s), checked here.
     """
 
-    def __init__(
-        self, trainer: "DDRLTrainer", args, eval_reward_funcs, eval_dataset: Dataset | dict[str, Dataset] | None
-    ):
+    def __init__(self, trainer: Trainer, args, eval_reward_funcs, eval_dataset: Dataset | dict[str, Dataset] | None):
         self.trainer = trainer
         self.image_column = args.image_column
         eval_reward_funcs, eval_reward_names = (
-            trainer._resolve_reward_funcs(eval_reward_funcs) if eval_reward_funcs else ([], [])
+            resolve_reward_funcs(eval_reward_funcs) if eval_reward_funcs else ([], [])
         )
         self.reward_funcs = [*trainer.reward_funcs, *eval_reward_funcs]
         self.reward_names = [*trainer.reward_func_names, *eval_reward_names]
@@ -227,15 +222,8 @@ class Evaluator:
     @contextlib.contextmanager
     def _policy(self):
         """The denoiser to evaluate, gathered for generation (ZeRO-3), with checkpointing paused."""
-        from .trainer import _gradient_checkpointing_paused
-
         trainer = self.trainer
-        with (
-            self._weights(),
-            _gradient_checkpointing_paused(trainer.accelerator.unwrap_model(trainer.model)),
-            unwrap_model_for_generation(trainer.model_wrapped, trainer.accelerator) as policy,
-            trainer.accelerator.autocast(),
-        ):
+        with self._weights(), generation_policy(trainer.model, trainer.model_wrapped, trainer.accelerator) as policy:
             yield policy
 
     def _weights(self):

@@ -26,16 +26,12 @@ import threading
 import zipfile
 from collections.abc import Iterator, Sequence
 from concurrent.futures import Future
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
-from transformers import TrainerCallback
+from transformers import Trainer, TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 from transformers.utils import logging
-
-
-if TYPE_CHECKING:
-    from .trainer import DDRLTrainer
 
 
 logger = logging.get_logger(__name__)
@@ -67,7 +63,7 @@ class PreemptionCallback(TrainerCallback):
     finished step). With `save_strategy="no"` nothing is saved, as for Ctrl-C.
     """
 
-    def __init__(self, trainer: "DDRLTrainer"):
+    def __init__(self, trainer: Trainer):
         self.trainer = trainer
         self.received = False
         self.stopped_at: int | None = None
@@ -125,7 +121,7 @@ class PreemptionCallback(TrainerCallback):
 
 
 @contextlib.contextmanager
-def staged_checkpoint(trainer: "DDRLTrainer") -> Iterator[None]:
+def staged_checkpoint(trainer: Trainer) -> Iterator[None]:
     """
     Make the Trainer's checkpoint save atomic.
 
@@ -186,7 +182,7 @@ def _replace_folder(source: str, target: str) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def check_fresh_start(trainer: "DDRLTrainer") -> None:
+def check_fresh_start(trainer: Trainer) -> None:
     """
     Refuse to start a new run (no `resume_from_checkpoint`) in an `output_dir` that already holds checkpoints.
 
@@ -279,7 +275,7 @@ def checkpoint_problem(folder: str, denoiser_name: str, is_peft: bool, needs_opt
     return None
 
 
-def resolve_resume_checkpoint(trainer: "DDRLTrainer", resume_from_checkpoint: str | bool | None) -> str | None:
+def resolve_resume_checkpoint(trainer: Trainer, resume_from_checkpoint: str | bool | None) -> str | None:
     """
     The checkpoint folder to resume from, checked for completeness.
 
@@ -444,7 +440,7 @@ def check_lora_load(checkpoint: str, result: Any, loaded: int) -> None:
 # ---- divergence ---------------------------------------------------------------------------------------------------
 
 
-def _likely_causes(trainer: "DDRLTrainer") -> str:
+def _likely_causes(trainer: Trainer) -> str:
     args = trainer.args
     causes = [
         f"learning_rate={args.learning_rate:g} too high (lower it; see loss and grad_norm in the last logs)",
@@ -467,7 +463,7 @@ class DivergenceGuard(TrainerCallback):
     then saves as usual.
     """
 
-    def __init__(self, trainer: "DDRLTrainer"):
+    def __init__(self, trainer: Trainer):
         self.trainer = trainer
         self._losses: list[torch.Tensor] = []
 

@@ -156,7 +156,7 @@ class SampleLoggingCallback(TrainerCallback):
     evaluation) to the media trackers among `report_to`; see the module docstring.
 
     Args:
-        trainer ([`DDRLTrainer`]): Its latest rollout's samples (`_last_samples`), evaluation samples
+        trainer ([`DDRLTrainer`]): Its latest rollout's samples (`rollout.last_samples`), evaluation samples
             (`evaluator.last_samples`) and tracker callbacks are read.
     """
 
@@ -165,7 +165,7 @@ class SampleLoggingCallback(TrainerCallback):
         self._failed: set[str] = set()
 
     def on_step_end(self, args, state, control, **kwargs):
-        samples = self.trainer._last_samples
+        samples = self.trainer.rollout.last_samples
         if args.log_samples_steps and state.global_step % args.log_samples_steps == 0 and samples is not None:
             self.log_samples("train", samples, state)
 

@@ -8,17 +8,11 @@ import json
 import math
 import os
 import shutil
-import time
-import zlib
 from collections import defaultdict
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
 from typing import Any
-from urllib.parse import urlparse
 
 import torch
-from accelerate.utils import gather
 from datasets import Dataset
 from diffusers import DiffusionPipeline
 from diffusers.loaders.lora_base import LoraBaseMixin
@@ -29,7 +23,7 @@ from transformers import TrainerCallback
 from transformers.trainer import TRAINING_ARGS_NAME
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, HubStrategy
 from transformers.utils import logging
-from trl.models.utils import prepare_deepspeed, prepare_fsdp, unwrap_model_for_generation
+from trl.models.utils import prepare_deepspeed, prepare_fsdp
 from trl.trainer.base_trainer import _BaseTrainer
 from trl.trainer.utils import RepeatSampler
 
@@ -39,7 +33,6 @@ from .data import (
     check_data_columns,
     check_data_term_columns,
     check_prompt_datasets,
-    read_row,
 )
 from .ema import EMA_FOLDER, EMACallback, ParameterEMA
 from .evaluation import Evaluator
@@ -55,18 +48,18 @@ from .fault_handling import (
     resolve_resume_checkpoint,
     staged_checkpoint,
 )
-from .losses import clip_and_fill_rewards, clipped_policy_loss, compute_advantages, reverse_kl
+from .losses import clipped_policy_loss, reverse_kl
 from .model_card import hub_base_model, save_model_card
 from .parallel import prepare_parallelism
-from .pipelines import ADAPTERS, Conditioning, SamplingSettings, get_adapter
+from .pipelines import ADAPTERS, SamplingSettings, get_adapter
 from .pipelines.experts import denoiser_parts, lora_load_arguments, lora_weight_name, trained_components
 from .preflight import check_hub_token, check_model_path, check_trainer_args
 from .progress import samples_per_second, use_ddrl_progress
-from .rewards import RewardFunctionError, check_rewards, get_reward_function
+from .rewards import resolve_reward_funcs
+from .rollout import RolloutBuffer, RolloutEngine, generation_policy, read_prompt_rows
 from .sampling import transition_log_ratio
-from .sde_window import initial_states, join_prefix, rollout_steps
-from .tracking import SampleLoggingCallback, Samples, expose_config_to_trackers
-from .utils import image_grid, save_denoiser, save_video_grid_gif, saved_separately, unique_with_index
+from .tracking import SampleLoggingCallback, expose_config_to_trackers
+from .utils import image_grid, save_denoiser, save_video_grid_gif, saved_separately
 
 
 logger = logging.get_logger(__name__)
@@ -92,74 +85,6 @@ _PAPER = {
 }
 
 
-@dataclass
-class RolloutBuffer:
-    """
-    The transitions of one RL iteration on this process.
-
-    `S` samples, `K` trained steps each. `order` is a permutation of the `S * K` (sample, step) pairs, cut into
-    micro-batches of `per_device_train_batch_size`; the data term of micro-batch `i` uses its first
-    `data_rows[i]` rows (known on the host, so that selecting them never waits for the device).
-    """
-
-    states: torch.Tensor  # [S, K, ...] state before each trained step
-    next_states: torch.Tensor  # [S, K, ...] state after it
-    old_means: torch.Tensor  # [S, K, ...] each transition's mean at rollout time (the log-ratio is taken against it)
-    step_indices: torch.Tensor  # [K] sampler step index of each trained step
-    advantages: torch.Tensor  # [S]
-    conditioning: Conditioning  # [S, ...] each
-    initial_noise: torch.Tensor  # [S, ...]
-    data_latents: torch.Tensor | None  # [S, ...]
-    data_conditioning: Conditioning | None  # [S, ...] each
-    order: torch.Tensor  # [S * K] flat indices sample * K + position
-    data_rows: list[int]  # per micro-batch: how many of its leading rows the data term uses
-    previous_denoised: torch.Tensor | None = None  # [S, K, ...] multistep samplers: the previous step's estimate
-
-    def micro_batch(self, index: int, size: int) -> dict[str, Any]:
-        flat = self.order[index * size : (index + 1) * size]
-        sample, position = flat // self.states.shape[1], flat % self.states.shape[1]
-        batch = {
-            "states": self.states[sample, position],
-            "next_states": self.next_states[sample, position],
-            "old_means": self.old_means[sample, position],
-            "step_index": self.step_indices[position],
-            "num_data_rows": self.data_rows[index],
-            "advantages": self.advantages[sample],
-            "conditioning": {key: value[sample] for key, value in self.conditioning.items()},
-            "initial_noise": self.initial_noise[sample],
-        }
-        if self.previous_denoised is not None:
-            batch["previous_denoised"] = self.previous_denoised[sample, position]
-        if self.data_latents is not None:
-            batch["data_latents"] = self.data_latents[sample]
-            batch["data_conditioning"] = {key: value[sample] for key, value in self.data_conditioning.items()}
-        return batch
-
-
-def order_micro_batches(
-    order: torch.Tensor, num_steps: int, micro_batch_size: int, data_on_first_step_only: bool
-) -> tuple[torch.Tensor, list[int]]:
-    """
-    Cut a permutation of the flat `sample * num_steps + position` indices into micro-batches and count, per
-    micro-batch, the rows the data term uses: all of them, or with `data_on_first_step_only` the transitions of the
-    first trained step, which are moved to the front of their micro-batch (the losses are means over rows, so the
-    order within a micro-batch does not matter). Runs on the host.
-
-    Returns:
-        The reordered permutation and the number of data rows of each micro-batch.
-    """
-    chunks, data_rows = [], []
-    for chunk in order.split(micro_batch_size):
-        if data_on_first_step_only:
-            is_first = chunk % num_steps == 0
-            chunk = torch.cat([chunk[is_first], chunk[~is_first]])
-            data_rows.append(int(is_first.sum()))
-        else:
-            data_rows.append(len(chunk))
-        chunks.append(chunk)
-    return torch.cat(chunks), data_rows
-
-
 @contextlib.contextmanager
 def _without_zero3_init():
     """
@@ -177,25 +102,6 @@ def _without_zero3_init():
         yield
     finally:
         hf_deepspeed._hf_deepspeed_config_weak_ref = reference
-
-
-@contextlib.contextmanager
-def _gradient_checkpointing_paused(denoiser: nn.Module):
-    """
-    Turn a diffusers model's gradient checkpointing off for a rollout and back on after it.
-
-    TRL's `unwrap_model_for_generation` pauses checkpointing with transformers' method names
-    (`gradient_checkpointing_disable`), which diffusers models do not have; pausing it first with diffusers' own
-    switch keeps TRL from trying. Rollouts run without grad, where checkpointing does nothing anyway.
-    """
-    enabled = getattr(denoiser, "is_gradient_checkpointing", False)
-    if enabled:
-        denoiser.disable_gradient_checkpointing()
-    try:
-        yield
-    finally:
-        if enabled:
-            denoiser.enable_gradient_checkpointing()
 
 
 class EpochSeededRepeatSampler(RepeatSampler):
@@ -331,7 +237,7 @@ class DDRLTrainer(_BaseTrainer):
         check_hub_token(args)
         train_dataset, data_dataset = check_prompt_datasets(train_dataset, data_dataset, args.prompts_per_step)
         check_data_term_columns(args, train_dataset, data_dataset)
-        self.reward_funcs, self.reward_func_names = self._resolve_reward_funcs(reward_funcs)
+        self.reward_funcs, self.reward_func_names = resolve_reward_funcs(reward_funcs)
         if args.reward_weights is not None and len(args.reward_weights) != len(self.reward_funcs):
             raise ValueError(
                 f"reward_weights has {len(args.reward_weights)} values but there are {len(self.reward_funcs)} reward "
@@ -396,15 +302,8 @@ class DDRLTrainer(_BaseTrainer):
 
         self._metrics: dict[str, list[float]] = defaultdict(list)
         self._loss_metrics: dict[str, list[torch.Tensor]] = defaultdict(list)
-        # One worker: reward functions run one at a time, beside the sampling of the next rollout chunk.
-        self._reward_executor = (
-            ThreadPoolExecutor(max_workers=1, thread_name_prefix="ddrl-reward") if args.async_rewards else None
-        )
         self._buffer: RolloutBuffer | None = None
-        self._pending_rewards: list = []  # this rollout's reward calls (futures with async_rewards)
         self._step = 0
-        self._last_images: torch.Tensor | None = None
-        self._last_samples: Samples | None = None
         # Save-time switches: whether this save is the final one (whole pipeline), whether `push_to_hub` is running,
         # and whether the frozen components were already exported for checkpoint pushes.
         self._saving_final_model = False
@@ -436,7 +335,6 @@ class DDRLTrainer(_BaseTrainer):
                 reward_func.to(device).eval().requires_grad_(False)
 
         self.ref_model = None
-        self._synthetic_latents: dict[str, torch.Tensor] = {}
         needs_reference = args.kl_beta > 0 or (args.data_beta > 0 and args.data_source == "base_model")
         if needs_reference and not self.is_peft:
             self.ref_model = copy.deepcopy(denoiser).requires_grad_(False).eval()
@@ -453,6 +351,21 @@ class DDRLTrainer(_BaseTrainer):
         self._preemption, self._divergence = PreemptionCallback(self), DivergenceGuard(self)
         self.add_callback(self._preemption)
         self.add_callback(self._divergence)
+        self.rollout = RolloutEngine(
+            args,
+            self.adapter,
+            self.data_collator_for_loss,
+            self.reward_funcs,
+            self.reward_func_names,
+            self.reward_weights,
+            self.accelerator,
+            self.mesh,
+            data_dataset,
+            self._metrics,
+            policy=lambda: generation_policy(self.model, self.model_wrapped, self.accelerator),
+            reference=self._reference_denoiser,
+            check_samples=self._divergence.check_samples,
+        )
         self._ema_callback = EMACallback(self) if args.use_ema else None
         if self._ema_callback is not None:
             self.add_callback(self._ema_callback)
@@ -494,30 +407,6 @@ class DDRLTrainer(_BaseTrainer):
                 "saved with pipeline.save_pretrained (it holds a model_index.json)."
             ) from error
 
-    @staticmethod
-    def _resolve_reward_funcs(reward_funcs: RewardFunc | list[RewardFunc]) -> tuple[list, list[str]]:
-        if not isinstance(reward_funcs, (list, tuple)):
-            reward_funcs = [reward_funcs]
-        if not reward_funcs:
-            raise ValueError("reward_funcs is empty: pass at least one reward function.")
-        resolved, names = [], []
-        for reward_func in reward_funcs:
-            if isinstance(reward_func, str):
-                # A server URL is logged by its host and port: `rewards/remote_127.0.0.1:8000/mean`.
-                name = f"remote_{urlparse(reward_func).netloc}" if "://" in reward_func else reward_func
-                reward_func = get_reward_function(reward_func)
-            elif callable(reward_func):
-                name = getattr(reward_func, "name", None) or getattr(reward_func, "__name__", None)
-                name = name or type(reward_func).__name__
-            else:
-                raise TypeError(
-                    f"reward function {reward_func!r} is neither callable nor a reward name; pass a function "
-                    "(prompts, images, **columns) -> list[float], an nn.Module, or a name such as 'jpeg_compressibility'."
-                )
-            resolved.append(reward_func)
-            names.append(str(name).replace("/", "_"))
-        return resolved, names
-
     def _send_telemetry(self):
         # TRL's telemetry reads `model.config.model_type`, which diffusers models do not have, and reports TRL's own
         # trainers only. This extension sends none.
@@ -551,23 +440,6 @@ class DDRLTrainer(_BaseTrainer):
         # Prompts are sharded by data-parallel rank: a context-parallel group shares its samples.
         return self.mesh.shard_sampler(sampler, self.args.samples_per_process)
 
-    def _data_rows(self, prompt_rows: list[dict], iteration: int) -> list[dict]:
-        """Rows for the data term of this iteration: from `data_dataset` (resumable order) or the prompt rows."""
-        if self.data_dataset is None:
-            return [{**row, self.args.caption_column: row["prompt"]} for row in prompt_rows]
-        size = len(self.data_dataset)
-        per_iteration = self.args.samples_per_process * self.mesh.data_parallel_size
-        start = iteration * per_iteration + self.mesh.data_parallel_rank * self.args.samples_per_process
-        base_seed = self.args.data_seed if self.args.data_seed is not None else self.args.seed
-        permutations: dict[int, torch.Tensor] = {}
-        rows = []
-        for position in range(start, start + self.args.samples_per_process):
-            epoch, offset = divmod(position, size)
-            if epoch not in permutations:
-                permutations[epoch] = torch.randperm(size, generator=torch.Generator().manual_seed(base_seed + epoch))
-            rows.append(read_row(self.data_dataset, int(permutations[epoch][offset]), "data_dataset"))
-        return rows
-
     # ---- rollouts ---------------------------------------------------------------------------------------------------
 
     def _prepare_inputs(self, inputs: list[int]) -> dict[str, Any]:
@@ -577,200 +449,11 @@ class DDRLTrainer(_BaseTrainer):
             self._step = self.state.global_step * self.args.gradient_accumulation_steps
         if self._step % micro_batches_per_iteration == 0 or self._buffer is None:
             iteration = self.state.global_step * self.args.gradient_accumulation_steps // micro_batches_per_iteration
-            # The sampler repeats each prompt's position `num_generations` times: read (and decode) each row once.
-            distinct, index = unique_with_index([int(position) for position in inputs])
-            distinct_rows = [read_row(self.train_dataset, position, "train_dataset") for position in distinct]
-            rows = [dict(distinct_rows[i]) for i in index]
-            self._buffer = self._generate_and_score(rows, iteration)
+            rows = read_prompt_rows(self.train_dataset, inputs)
+            self._buffer = self.rollout.generate(rows, iteration, self.state)
         index = self._step % self.args.steps_per_generation
         self._step += 1
         return self._buffer.micro_batch(index, self.args.per_device_train_batch_size)
-
-    def _encode_condition_frames(self, rows: list[dict], iteration: int) -> Conditioning:
-        """Encode each distinct row's conditioning frames once, so that all samples of a group share one encoding."""
-        unique, index = unique_with_index(list(self.data_collator_for_loss.condition_pixels(rows)), same=torch.equal)
-        encoded = self.adapter.encode_condition_frames(torch.stack(unique), generator=self._generator(iteration, 4))
-        return {key: value[torch.tensor(index, device=value.device)] for key, value in encoded.items()}
-
-    def _generator(self, iteration: int, stream: int) -> torch.Generator:
-        seed = self.args.seed * 1_000_003 + iteration * 7_919 + self.mesh.data_parallel_rank * 104_729 + stream
-        return torch.Generator().manual_seed(seed % (2**63))
-
-    @torch.no_grad()
-    def _generate_and_score(self, rows: list[dict], iteration: int) -> RolloutBuffer:
-        args = self.args
-        device = self.accelerator.device
-        prompts = [row["prompt"] for row in rows]
-        chunk = args.rollout_batch_size or len(prompts)
-        start = time.perf_counter()
-        latents, means, images, denoised = [], [], [], []
-        scored = self._pending_rewards = []  # cancelled by `train` if it stops on an error or Ctrl-C
-        with (
-            _gradient_checkpointing_paused(self.accelerator.unwrap_model(self.model)),
-            unwrap_model_for_generation(self.model_wrapped, self.accelerator) as policy,
-            self.accelerator.autocast(),
-        ):
-            conditioning = self.data_collator_for_loss.conditioning(prompts, rows)  # each distinct prompt once
-            if self.adapter.num_conditioning_frames:
-                # Video-to-world: every sample continues its row's ground-truth frames.
-                conditioning.update(self._encode_condition_frames(rows, iteration))
-            schedule = rollout_steps(args, iteration)
-            noise, prefix = initial_states(
-                self.adapter,
-                policy,
-                conditioning,
-                len(prompts),
-                args,
-                iteration,
-                schedule.prefix,
-                process_index=self.mesh.data_parallel_rank,
-                generator=self._generator(iteration, 0),
-                chunk_size=chunk,
-            )
-            sampler_generator = self._generator(iteration, 1)
-            for i in range(0, len(prompts), chunk):
-                trajectory = self.adapter.sample(
-                    policy,
-                    {key: value[i : i + chunk] for key, value in conditioning.items()},
-                    noise[i : i + chunk],
-                    generator=sampler_generator,
-                    steps=range(schedule.prefix, args.num_inference_steps),
-                    stochastic_steps=schedule.stochastic,
-                )
-                if schedule.prefix:
-                    trajectory = join_prefix(prefix[i : i + chunk], trajectory)
-                chunk_images = self.adapter.decode(trajectory.latents[:, -1])
-                self._divergence.check_samples(trajectory.latents, chunk_images, iteration)
-                latents.append(trajectory.latents)
-                means.append(trajectory.means)
-                denoised.append(trajectory.denoised)
-                images.append(chunk_images)
-                # Scoring this chunk overlaps the sampling of the next one.
-                score_args = (prompts[i : i + chunk], chunk_images, rows[i : i + chunk])
-                scored.append(
-                    self._reward_executor.submit(self._score, *score_args)
-                    if self._reward_executor
-                    else self._score(*score_args)
-                )
-        rollout_time = time.perf_counter() - start
-        latents, means, images = torch.cat(latents), torch.cat(means), torch.cat(images)
-
-        start = time.perf_counter()
-        results = [item.result() if isinstance(item, Future) else item for item in scored]
-        reward_wait_time = time.perf_counter() - start
-        rewards_per_func = torch.cat([rewards for rewards, _ in results])
-        self._metrics["time/reward"].append(sum(seconds for _, seconds in results))
-
-        # Groups may span processes: normalise on the gathered rewards (one copy per sample), then keep this slice.
-        all_rewards = clip_and_fill_rewards(
-            self.mesh.unique_rows(gather(rewards_per_func)),
-            args.num_generations,
-            args.reward_clip,
-            fill_group_mean=args.reward_error_policy == "group_mean",
-        )
-        result = compute_advantages(
-            all_rewards,
-            self.reward_weights,
-            args.num_generations,
-            scale_rewards=args.scale_rewards,
-            multi_objective_aggregation=args.multi_objective_aggregation,
-            exp_advantage=args.exp_advantage,
-            advantage_clip=args.advantage_clip,
-        )
-        offset = self.mesh.data_parallel_rank * len(prompts)
-        advantages = result.advantages[offset : offset + len(prompts)].to(device)
-
-        data_latents = data_conditioning = None
-        if args.data_beta > 0 and args.data_source == "base_model":
-            data_latents, data_conditioning = self._base_model_latents(prompts, conditioning), conditioning
-        elif args.data_beta > 0:
-            data_batch = self.data_collator_for_loss(
-                self._data_rows(rows, iteration), generator=self._generator(iteration, 2)
-            )
-            data_latents, data_conditioning = data_batch["latents"], data_batch["conditioning"]
-
-        steps = torch.tensor(schedule.trained, device=device)
-        num_steps = len(schedule.trained)
-        order, data_rows = order_micro_batches(
-            torch.randperm(len(prompts) * num_steps, generator=self._generator(iteration, 3)),
-            num_steps,
-            args.per_device_train_batch_size,
-            args.data_on_first_step_only,
-        )
-
-        self._log_rollout_metrics(all_rewards, result, advantages, rollout_time, reward_wait_time)
-        if schedule.stochastic is not None:
-            self._metrics["sde_window/first_step"].append(float(schedule.stochastic[0]))
-        self._last_images = images[:16].cpu()
-        self._last_samples = Samples.first(
-            args.num_samples_to_log, images, prompts, rewards_per_func, self.reward_func_names
-        )
-        return RolloutBuffer(
-            states=latents[:, steps],
-            next_states=latents[:, steps + 1],
-            old_means=means[:, steps],
-            step_indices=steps,
-            advantages=advantages,
-            conditioning=conditioning,
-            initial_noise=self.adapter.standard_noise(latents[:, 0]),
-            data_latents=data_latents,
-            data_conditioning=data_conditioning,
-            order=order.to(device),
-            data_rows=data_rows,
-            previous_denoised=torch.cat(denoised)[:, (steps - 1).clamp(min=0)] if denoised[0] is not None else None,
-        )
-
-    def _score(self, prompts: list[str], images: torch.Tensor, rows: list[dict]) -> tuple[torch.Tensor, float]:
-        """
-        Rewards `[S, R]` of these samples, NaN where a function gave None (or failed, when dropping), and the seconds
-        the reward functions took.
-        """
-        rewards = torch.full((len(prompts), len(self.reward_funcs)), float("nan"), dtype=torch.float32)
-        if not self.mesh.is_context_parallel_leader:  # the group's first rank scores its (shared) samples
-            return rewards.to(self.accelerator.device), 0.0
-        start = time.perf_counter()
-        columns = {key: [row[key] for row in rows] for key in rows[0] if key != "prompt"}
-        for index, (reward_func, name) in enumerate(zip(self.reward_funcs, self.reward_func_names, strict=True)):
-            try:
-                values = reward_func(prompts=prompts, images=images, trainer_state=self.state, **columns)
-                rewards[:, index] = torch.tensor(check_rewards(values, len(prompts), name, prompts))
-            except Exception as error:
-                if self.args.reward_error_policy == "raise":
-                    if isinstance(error, RewardFunctionError):
-                        raise
-                    raise RewardFunctionError(
-                        f"Reward function '{name}' failed on prompts starting with {prompts[0]!r}: "
-                        f"{type(error).__name__}: {error}. Fix the function, or set reward_error_policy='drop_group' "
-                        "to skip the failing groups."
-                    ) from error
-                self._metrics["reward/errors"].append(1.0)
-        missing = torch.isnan(rewards).all(dim=1)
-        if missing.any() and self.args.reward_error_policy == "raise":
-            first = prompts[int(missing.nonzero()[0])]
-            raise RewardFunctionError(
-                f"No reward function gave a reward for the prompt {first!r} (all returned None). Return a value for "
-                "every sample from at least one function, or set reward_error_policy='drop_group'."
-            )
-        return rewards.to(self.accelerator.device), time.perf_counter() - start
-
-    def _log_rollout_metrics(self, all_rewards, result, advantages, rollout_time, reward_wait_time) -> None:
-        for index, name in enumerate(self.reward_func_names):
-            column = all_rewards[:, index]
-            column = column[~torch.isnan(column)]
-            self._metrics[f"rewards/{name}/mean"].append(column.mean().item() if column.numel() else float("nan"))
-            self._metrics[f"rewards/{name}/std"].append(column.std().item() if column.numel() > 1 else float("nan"))
-        total = result.total_rewards[~torch.isnan(result.total_rewards)]
-        self._metrics["reward"].append(total.mean().item() if total.numel() else float("nan"))
-        self._metrics["reward_std"].append(total.std().item() if total.numel() > 1 else float("nan"))
-        all_advantages = result.advantages
-        self._metrics["advantages/mean"].append(all_advantages.mean().item())
-        self._metrics["advantages/std"].append(all_advantages.std().item())
-        self._metrics["advantages/abs_max"].append(all_advantages.abs().max().item())
-        self._metrics["frac_reward_zero_std"].append(result.zero_std_groups / result.num_groups)
-        self._metrics["reward/dropped_groups"].append(float(result.dropped_groups))
-        self._metrics["time/rollout"].append(rollout_time)
-        # Time spent blocked on rewards after the last chunk was sampled; `time/reward` sums the reward calls.
-        self._metrics["time/reward_wait"].append(reward_wait_time)
 
     # ---- loss -------------------------------------------------------------------------------------------------------
 
@@ -847,31 +530,6 @@ class DDRLTrainer(_BaseTrainer):
                 inputs.get("previous_denoised"),
             )
 
-    @torch.no_grad()
-    def _base_model_latents(self, prompts: list[str], conditioning: Conditioning) -> torch.Tensor:
-        """
-        Synthetic data for `data_source="base_model"`: one deterministic sample of the reference model per prompt,
-        from noise seeded by the prompt's text, drawn the first time the prompt is seen and cached. `[S, ...]`.
-        """
-        missing = [prompt for prompt in dict.fromkeys(prompts) if prompt not in self._synthetic_latents]
-        if missing:
-            rows = torch.tensor([prompts.index(prompt) for prompt in missing], device=self.accelerator.device)
-            noise = torch.cat(
-                [
-                    self.adapter.sample_noise(
-                        1, generator=torch.Generator().manual_seed(self.args.seed + zlib.crc32(prompt.encode()))
-                    )
-                    for prompt in missing
-                ]
-            )
-            with self._reference_denoiser() as reference, self.accelerator.autocast():
-                trajectory = self.adapter.sample(
-                    reference, {key: value[rows] for key, value in conditioning.items()}, noise, eta=0.0
-                )
-            for prompt, latents in zip(missing, trajectory.latents[:, -1]):
-                self._synthetic_latents[prompt] = latents.cpu()
-        return torch.stack([self._synthetic_latents[prompt] for prompt in prompts]).to(self.accelerator.device)
-
     def sync_reference_model(self) -> None:
         """Copy the current policy weights into the reference model (full fine-tuning only)."""
         if self.ref_model is not None:
@@ -920,7 +578,7 @@ class DDRLTrainer(_BaseTrainer):
         try:
             output = super().train(resume_from_checkpoint, *args, **kwargs)
         except (Exception, KeyboardInterrupt):
-            cancel_pending_rewards(self._pending_rewards)
+            cancel_pending_rewards(self.rollout.pending_rewards)
             self._save_checkpoint_after_failure()
             raise
         finally:
@@ -1098,10 +756,10 @@ class DDRLTrainer(_BaseTrainer):
                 self._save_lora(module, state, output_dir, lora_weight_name(component))
             else:
                 save_denoiser(module, state, os.path.join(output_dir, component))
-        if self._last_images is not None:
-            image_grid(self._last_images).save(os.path.join(output_dir, SAMPLES_NAME))
-            if self._last_images.ndim == 5:
-                save_video_grid_gif(self._last_images, os.path.join(output_dir, SAMPLES_GIF_NAME))
+        if self.rollout.last_images is not None:
+            image_grid(self.rollout.last_images).save(os.path.join(output_dir, SAMPLES_NAME))
+            if self.rollout.last_images.ndim == 5:
+                save_video_grid_gif(self.rollout.last_images, os.path.join(output_dir, SAMPLES_GIF_NAME))
         self._save_config(output_dir)
 
     def _save_config(self, output_dir: str) -> None:

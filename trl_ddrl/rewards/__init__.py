@@ -6,7 +6,7 @@ from typing import TYPE_CHECKING
 
 from . import builtin, videoalign, vlm_judge  # noqa: F401  (register their rewards; a new reward module adds its import here)
 from .base import RewardFunctionError, check_rewards
-from .registry import available_rewards, get_reward_function, register_reward
+from .registry import available_rewards, get_reward_function, register_reward, resolve_reward_funcs
 
 
 # Classes imported on first use: the reward models pull in transformers, the server needs the `rewards` extra.
@@ -48,5 +48,6 @@ __all__ = [
     "check_rewards",
     "get_reward_function",
     "register_reward",
+    "resolve_reward_funcs",
     *_LAZY_IMPORTS,
 ]

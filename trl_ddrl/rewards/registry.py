@@ -8,6 +8,8 @@ module adds `@register_reward(...)` to its factories and one import line to the 
 """
 
 from collections.abc import Callable
+from typing import Any
+from urllib.parse import urlparse
 
 from .base import RewardFunction
 
@@ -74,3 +76,31 @@ def split_spec_argument(argument: str, name: str, keywords: dict[str, type]) -> 
         except ValueError:
             raise ValueError(f"{name!r} option {key}={value!r} is not a {keywords[key].__name__}.") from None
     return positional, named
+
+
+def resolve_reward_funcs(reward_funcs: Any) -> tuple[list[RewardFunction], list[str]]:
+    """
+    Reward functions in any form `reward_funcs` takes (a callable, an `nn.Module`, a registered name or spec, a
+    server URL, or a list of these) -> the callables and the names their metrics are logged under.
+    """
+    if not isinstance(reward_funcs, (list, tuple)):
+        reward_funcs = [reward_funcs]
+    if not reward_funcs:
+        raise ValueError("reward_funcs is empty: pass at least one reward function.")
+    resolved, names = [], []
+    for reward_func in reward_funcs:
+        if isinstance(reward_func, str):
+            # A server URL is logged by its host and port: `rewards/remote_127.0.0.1:8000/mean`.
+            name = f"remote_{urlparse(reward_func).netloc}" if "://" in reward_func else reward_func
+            reward_func = get_reward_function(reward_func)
+        elif callable(reward_func):
+            name = getattr(reward_func, "name", None) or getattr(reward_func, "__name__", None)
+            name = name or type(reward_func).__name__
+        else:
+            raise TypeError(
+                f"reward function {reward_func!r} is neither callable nor a reward name; pass a function "
+                "(prompts, images, **columns) -> list[float], an nn.Module, or a name such as 'jpeg_compressibility'."
+            )
+        resolved.append(reward_func)
+        names.append(str(name).replace("/", "_"))
+    return resolved, names

@@ -1,0 +1,431 @@
+# Copyright 2026 The trl_ddrl Authors. Licensed under the Apache License, Version 2.0.
+"""
+The rollout: prompts -> the buffer of trained transitions of one RL iteration.
+
+[`RolloutEngine.generate`] samples the group's rollouts in chunks of `rollout_batch_size` with the stochastic
+sampler (recording each step's latents and log-likelihood), decodes each chunk and scores it (on a reward thread,
+overlapping the sampling of the next chunk, with `async_rewards`), turns the gathered rewards into group-normalised
+advantages, builds the data-term batch and cuts the transitions into micro-batches: a [`RolloutBuffer`] that the trainer
+replays, micro-batch by micro-batch, in `compute_loss`. Where the big tensors live: latents `[S, T + 1, ...]` and the
+decoded images on the accelerator for the iteration; the buffer keeps only the trained steps' states.
+
+The engine knows nothing of the trainer: it gets the adapter, configuration, rewards and the two model contexts
+(`policy`, `reference`) it samples from. The evaluation uses [`generation_policy`] for its fixed-noise sampling.
+"""
+
+import contextlib
+import time
+import zlib
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import AbstractContextManager
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import gather
+from datasets import Dataset
+from torch import nn
+from transformers import TrainerState
+from trl.models.utils import unwrap_model_for_generation
+
+from .config import DDRLConfig
+from .data import DiffusionDataCollator, read_row
+from .losses import clip_and_fill_rewards, compute_advantages
+from .parallel import ProcessMesh
+from .pipelines import Conditioning, DiffusionAdapter
+from .rewards import RewardFunctionError, check_rewards
+from .sde_window import initial_states, join_prefix, rollout_steps
+from .tracking import Samples
+from .utils import unique_with_index
+
+
+@dataclass
+class RolloutBuffer:
+    """
+    The transitions of one RL iteration on this process.
+
+    `S` samples, `K` trained steps each. `order` is a permutation of the `S * K` (sample, step) pairs, cut into
+    micro-batches of `per_device_train_batch_size`; the data term of micro-batch `i` uses its first
+    `data_rows[i]` rows (known on the host, so that selecting them never waits for the device).
+    """
+
+    states: torch.Tensor  # [S, K, ...] state before each trained step
+    next_states: torch.Tensor  # [S, K, ...] state after it
+    old_means: torch.Tensor  # [S, K, ...] each transition's mean at rollout time (the log-ratio is taken against it)
+    step_indices: torch.Tensor  # [K] sampler step index of each trained step
+    advantages: torch.Tensor  # [S]
+    conditioning: Conditioning  # [S, ...] each
+    initial_noise: torch.Tensor  # [S, ...]
+    data_latents: torch.Tensor | None  # [S, ...]
+    data_conditioning: Conditioning | None  # [S, ...] each
+    order: torch.Tensor  # [S * K] flat indices sample * K + position
+    data_rows: list[int]  # per micro-batch: how many of its leading rows the data term uses
+    previous_denoised: torch.Tensor | None = None  # [S, K, ...] multistep samplers: the previous step's estimate
+
+    def micro_batch(self, index: int, size: int) -> dict[str, Any]:
+        flat = self.order[index * size : (index + 1) * size]
+        sample, position = flat // self.states.shape[1], flat % self.states.shape[1]
+        batch = {
+            "states": self.states[sample, position],
+            "next_states": self.next_states[sample, position],
+            "old_means": self.old_means[sample, position],
+            "step_index": self.step_indices[position],
+            "num_data_rows": self.data_rows[index],
+            "advantages": self.advantages[sample],
+            "conditioning": {key: value[sample] for key, value in self.conditioning.items()},
+            "initial_noise": self.initial_noise[sample],
+        }
+        if self.previous_denoised is not None:
+            batch["previous_denoised"] = self.previous_denoised[sample, position]
+        if self.data_latents is not None:
+            batch["data_latents"] = self.data_latents[sample]
+            batch["data_conditioning"] = {key: value[sample] for key, value in self.data_conditioning.items()}
+        return batch
+
+
+def order_micro_batches(
+    order: torch.Tensor, num_steps: int, micro_batch_size: int, data_on_first_step_only: bool
+) -> tuple[torch.Tensor, list[int]]:
+    """
+    Cut a permutation of the flat `sample * num_steps + position` indices into micro-batches and count, per
+    micro-batch, the rows the data term uses: all of them, or with `data_on_first_step_only` the transitions of the
+    first trained step, which are moved to the front of their micro-batch (the losses are means over rows, so the
+    order within a micro-batch does not matter). Runs on the host.
+
+    Returns:
+        The reordered permutation and the number of data rows of each micro-batch.
+    """
+    chunks, data_rows = [], []
+    for chunk in order.split(micro_batch_size):
+        if data_on_first_step_only:
+            is_first = chunk % num_steps == 0
+            chunk = torch.cat([chunk[is_first], chunk[~is_first]])
+            data_rows.append(int(is_first.sum()))
+        else:
+            data_rows.append(len(chunk))
+        chunks.append(chunk)
+    return torch.cat(chunks), data_rows
+
+
+@contextlib.contextmanager
+def gradient_checkpointing_paused(denoiser: nn.Module):
+    """
+    Turn a diffusers model's gradient checkpointing off for a rollout and back on after it.
+
+    TRL's `unwrap_model_for_generation` pauses checkpointing with transformers' method names
+    (`gradient_checkpointing_disable`), which diffusers models do not have; pausing it first with diffusers' own
+    switch keeps TRL from trying. Rollouts run without grad, where checkpointing does nothing anyway.
+    """
+    enabled = getattr(denoiser, "is_gradient_checkpointing", False)
+    if enabled:
+        denoiser.disable_gradient_checkpointing()
+    try:
+        yield
+    finally:
+        if enabled:
+            denoiser.enable_gradient_checkpointing()
+
+
+@contextlib.contextmanager
+def generation_policy(model: nn.Module, model_wrapped: nn.Module, accelerator: Accelerator):
+    """
+    The denoiser to sample from: gradient checkpointing paused, gathered for generation (ZeRO-3), under autocast.
+    `model` is the trainer's (possibly wrapped) denoiser, `model_wrapped` the engine-wrapped one.
+    """
+    with (
+        gradient_checkpointing_paused(accelerator.unwrap_model(model)),
+        unwrap_model_for_generation(model_wrapped, accelerator) as policy,
+        accelerator.autocast(),
+    ):
+        yield policy
+
+
+def read_prompt_rows(dataset: Dataset, positions: list[int]) -> list[dict]:
+    """The rows at `positions` (the sampler repeats each one `num_generations` times), each read and decoded once."""
+    distinct, index = unique_with_index([int(position) for position in positions])
+    distinct_rows = [read_row(dataset, position, "train_dataset") for position in distinct]
+    return [dict(distinct_rows[i]) for i in index]
+
+
+class RolloutEngine:
+    """
+    Turns prompt rows into a [`RolloutBuffer`]: sample, decode, score, advantages, data batch, micro-batches.
+
+    Args:
+        args ([`DDRLConfig`]): The configuration (group size, chunking, sampler schedule, data term, seeds).
+        adapter ([`~trl_ddrl.pipelines.DiffusionAdapter`]): The model family's sampling, decoding and encoding.
+        collator ([`~trl_ddrl.data.DiffusionDataCollator`]): Encodes prompts, conditioning frames and data images.
+        reward_funcs, reward_names, reward_weights: The resolved training rewards, their metric names and weights `[R]`.
+        accelerator (`Accelerator`), mesh (`ProcessMesh`): Device, autocast, and the data-/context-parallel grid.
+        data_dataset ([`~datasets.Dataset`], *optional*): Separate data for the data term.
+        metrics (`dict[str, list[float]]`): Where the rollout metrics are appended (the trainer logs and clears them).
+        policy (`Callable[[], ContextManager[nn.Module]]`): Enters the denoiser to sample from ([`generation_policy`]).
+        reference (`Callable[[], ContextManager[nn.Module]]`): Enters the reference denoiser (`data_source="base_model"`).
+        check_samples (`Callable`): Called with each chunk's latents, images and the iteration (the divergence guard).
+    """
+
+    def __init__(
+        self,
+        args: DDRLConfig,
+        adapter: DiffusionAdapter,
+        collator: DiffusionDataCollator,
+        reward_funcs: list[Callable],
+        reward_names: list[str],
+        reward_weights: torch.Tensor,
+        accelerator: Accelerator,
+        mesh: ProcessMesh,
+        data_dataset: Dataset | None,
+        metrics: dict[str, list[float]],
+        policy: Callable[[], AbstractContextManager[nn.Module]],
+        reference: Callable[[], AbstractContextManager[nn.Module]],
+        check_samples: Callable[[torch.Tensor, torch.Tensor, int], None],
+    ):
+        self.args, self.adapter, self.collator = args, adapter, collator
+        self.reward_funcs, self.reward_names, self.reward_weights = reward_funcs, reward_names, reward_weights
+        self.accelerator, self.mesh, self.data_dataset, self.metrics = accelerator, mesh, data_dataset, metrics
+        self.policy, self.reference, self.check_samples = policy, reference, check_samples
+        # One worker: reward functions run one at a time, beside the sampling of the next rollout chunk.
+        self.reward_executor = (
+            ThreadPoolExecutor(max_workers=1, thread_name_prefix="ddrl-reward") if args.async_rewards else None
+        )
+        self.pending_rewards: list = []  # this rollout's reward calls (futures with async_rewards)
+        self.synthetic_latents: dict[str, torch.Tensor] = {}  # data_source="base_model": one sample per prompt, CPU
+        self.last_images: torch.Tensor | None = None  # the last rollout's first 16 images, CPU
+        self.last_samples: Samples | None = None
+
+    @torch.no_grad()
+    def generate(self, rows: list[dict], iteration: int, trainer_state: TrainerState) -> RolloutBuffer:
+        """
+        Roll out one iteration: `rows` (one per sample, the `num_generations` samples of a prompt next to each other)
+        -> the [`RolloutBuffer`] of this process's trained transitions. `trainer_state` is handed to the reward
+        functions. Also records the rollout metrics, the last images and samples (`last_images`, `last_samples`).
+        """
+        args = self.args
+        device = self.accelerator.device
+        prompts = [row["prompt"] for row in rows]
+        chunk = args.rollout_batch_size or len(prompts)
+        start = time.perf_counter()
+        latents, means, images, denoised = [], [], [], []
+        scored = self.pending_rewards = []  # cancelled by `train` if it stops on an error or Ctrl-C
+        with self.policy() as policy:
+            conditioning = self.collator.conditioning(prompts, rows)  # each distinct prompt once
+            if self.adapter.num_conditioning_frames:
+                # Video-to-world: every sample continues its row's ground-truth frames.
+                conditioning.update(self.encode_condition_frames(rows, iteration))
+            schedule = rollout_steps(args, iteration)
+            noise, prefix = initial_states(
+                self.adapter,
+                policy,
+                conditioning,
+                len(prompts),
+                args,
+                iteration,
+                schedule.prefix,
+                process_index=self.mesh.data_parallel_rank,
+                generator=self.generator(iteration, 0),
+                chunk_size=chunk,
+            )
+            sampler_generator = self.generator(iteration, 1)
+            for i in range(0, len(prompts), chunk):
+                trajectory = self.adapter.sample(
+                    policy,
+                    {key: value[i : i + chunk] for key, value in conditioning.items()},
+                    noise[i : i + chunk],
+                    generator=sampler_generator,
+                    steps=range(schedule.prefix, args.num_inference_steps),
+                    stochastic_steps=schedule.stochastic,
+                )
+                if schedule.prefix:
+                    trajectory = join_prefix(prefix[i : i + chunk], trajectory)
+                chunk_images = self.adapter.decode(trajectory.latents[:, -1])
+                self.check_samples(trajectory.latents, chunk_images, iteration)
+                latents.append(trajectory.latents)
+                means.append(trajectory.means)
+                denoised.append(trajectory.denoised)
+                images.append(chunk_images)
+                # Scoring this chunk overlaps the sampling of the next one.
+                score_args = (prompts[i : i + chunk], chunk_images, rows[i : i + chunk])
+                scored.append(
+                    self.reward_executor.submit(self.score, *score_args, trainer_state)
+                    if self.reward_executor
+                    else self.score(*score_args, trainer_state)
+                )
+        rollout_time = time.perf_counter() - start
+        latents, means, images = torch.cat(latents), torch.cat(means), torch.cat(images)
+
+        start = time.perf_counter()
+        results = [item.result() if isinstance(item, Future) else item for item in scored]
+        reward_wait_time = time.perf_counter() - start
+        rewards_per_func = torch.cat([rewards for rewards, _ in results])
+        self.metrics["time/reward"].append(sum(seconds for _, seconds in results))
+
+        # Groups may span processes: normalise on the gathered rewards (one copy per sample), then keep this slice.
+        all_rewards = clip_and_fill_rewards(
+            self.mesh.unique_rows(gather(rewards_per_func)),
+            args.num_generations,
+            args.reward_clip,
+            fill_group_mean=args.reward_error_policy == "group_mean",
+        )
+        result = compute_advantages(
+            all_rewards,
+            self.reward_weights,
+            args.num_generations,
+            scale_rewards=args.scale_rewards,
+            multi_objective_aggregation=args.multi_objective_aggregation,
+            exp_advantage=args.exp_advantage,
+            advantage_clip=args.advantage_clip,
+        )
+        offset = self.mesh.data_parallel_rank * len(prompts)
+        advantages = result.advantages[offset : offset + len(prompts)].to(device)
+
+        data_latents = data_conditioning = None
+        if args.data_beta > 0 and args.data_source == "base_model":
+            data_latents, data_conditioning = self.base_model_latents(prompts, conditioning), conditioning
+        elif args.data_beta > 0:
+            data_batch = self.collator(self.data_rows(rows, iteration), generator=self.generator(iteration, 2))
+            data_latents, data_conditioning = data_batch["latents"], data_batch["conditioning"]
+
+        steps = torch.tensor(schedule.trained, device=device)
+        num_steps = len(schedule.trained)
+        order, data_rows = order_micro_batches(
+            torch.randperm(len(prompts) * num_steps, generator=self.generator(iteration, 3)),
+            num_steps,
+            args.per_device_train_batch_size,
+            args.data_on_first_step_only,
+        )
+
+        self.log_metrics(all_rewards, result, advantages, rollout_time, reward_wait_time)
+        if schedule.stochastic is not None:
+            self.metrics["sde_window/first_step"].append(float(schedule.stochastic[0]))
+        self.last_images = images[:16].cpu()
+        self.last_samples = Samples.first(
+            args.num_samples_to_log, images, prompts, rewards_per_func, self.reward_names
+        )
+        return RolloutBuffer(
+            states=latents[:, steps],
+            next_states=latents[:, steps + 1],
+            old_means=means[:, steps],
+            step_indices=steps,
+            advantages=advantages,
+            conditioning=conditioning,
+            initial_noise=self.adapter.standard_noise(latents[:, 0]),
+            data_latents=data_latents,
+            data_conditioning=data_conditioning,
+            order=order.to(device),
+            data_rows=data_rows,
+            previous_denoised=torch.cat(denoised)[:, (steps - 1).clamp(min=0)] if denoised[0] is not None else None,
+        )
+
+    def score(
+        self, prompts: list[str], images: torch.Tensor, rows: list[dict], trainer_state: TrainerState
+    ) -> tuple[torch.Tensor, float]:
+        """
+        Rewards `[S, R]` of these samples, NaN where a function gave None (or failed, when dropping), and the seconds
+        the reward functions took.
+        """
+        rewards = torch.full((len(prompts), len(self.reward_funcs)), float("nan"), dtype=torch.float32)
+        if not self.mesh.is_context_parallel_leader:  # the group's first rank scores its (shared) samples
+            return rewards.to(self.accelerator.device), 0.0
+        start = time.perf_counter()
+        columns = {key: [row[key] for row in rows] for key in rows[0] if key != "prompt"}
+        for index, (reward_func, name) in enumerate(zip(self.reward_funcs, self.reward_names, strict=True)):
+            try:
+                values = reward_func(prompts=prompts, images=images, trainer_state=trainer_state, **columns)
+                rewards[:, index] = torch.tensor(check_rewards(values, len(prompts), name, prompts))
+            except Exception as error:
+                if self.args.reward_error_policy == "raise":
+                    if isinstance(error, RewardFunctionError):
+                        raise
+                    raise RewardFunctionError(
+                        f"Reward function '{name}' failed on prompts starting with {prompts[0]!r}: "
+                        f"{type(error).__name__}: {error}. Fix the function, or set reward_error_policy='drop_group' "
+                        "to skip the failing groups."
+                    ) from error
+                self.metrics["reward/errors"].append(1.0)
+        missing = torch.isnan(rewards).all(dim=1)
+        if missing.any() and self.args.reward_error_policy == "raise":
+            first = prompts[int(missing.nonzero()[0])]
+            raise RewardFunctionError(
+                f"No reward function gave a reward for the prompt {first!r} (all returned None). Return a value for "
+                "every sample from at least one function, or set reward_error_policy='drop_group'."
+            )
+        return rewards.to(self.accelerator.device), time.perf_counter() - start
+
+    def log_metrics(self, all_rewards, result, advantages, rollout_time, reward_wait_time) -> None:
+        """Append the rewards' and advantages' statistics and the timings of one rollout to `metrics`."""
+        for index, name in enumerate(self.reward_names):
+            column = all_rewards[:, index]
+            column = column[~torch.isnan(column)]
+            self.metrics[f"rewards/{name}/mean"].append(column.mean().item() if column.numel() else float("nan"))
+            self.metrics[f"rewards/{name}/std"].append(column.std().item() if column.numel() > 1 else float("nan"))
+        total = result.total_rewards[~torch.isnan(result.total_rewards)]
+        self.metrics["reward"].append(total.mean().item() if total.numel() else float("nan"))
+        self.metrics["reward_std"].append(total.std().item() if total.numel() > 1 else float("nan"))
+        all_advantages = result.advantages
+        self.metrics["advantages/mean"].append(all_advantages.mean().item())
+        self.metrics["advantages/std"].append(all_advantages.std().item())
+        self.metrics["advantages/abs_max"].append(all_advantages.abs().max().item())
+        self.metrics["frac_reward_zero_std"].append(result.zero_std_groups / result.num_groups)
+        self.metrics["reward/dropped_groups"].append(float(result.dropped_groups))
+        self.metrics["time/rollout"].append(rollout_time)
+        # Time spent blocked on rewards after the last chunk was sampled; `time/reward` sums the reward calls.
+        self.metrics["time/reward_wait"].append(reward_wait_time)
+
+    def encode_condition_frames(self, rows: list[dict], iteration: int) -> Conditioning:
+        """Encode each distinct row's conditioning frames once, so that all samples of a group share one encoding."""
+        unique, index = unique_with_index(list(self.collator.condition_pixels(rows)), same=torch.equal)
+        encoded = self.adapter.encode_condition_frames(torch.stack(unique), generator=self.generator(iteration, 4))
+        return {key: value[torch.tensor(index, device=value.device)] for key, value in encoded.items()}
+
+    def _generator(self, iteration: int, stream: int) -> torch.Generator:
+        seed = self.args.seed * 1_000_003 + iteration * 7_919 + self.mesh.data_parallel_rank * 104_729 + stream
+        return torch.Generator().manual_seed(seed % (2**63))
+
+    def generator(self, iteration: int, stream: int) -> torch.Generator:
+        """The CPU generator of `stream` (0 noise, 1 sampler, 2 data batch, 3 micro-batch order, 4 frames) this iteration."""
+        seed = self.args.seed * 1_000_003 + iteration * 7_919 + self.mesh.data_parallel_rank * 104_729 + stream
+        return torch.Generator().manual_seed(seed % (2**63))
+
+    def data_rows(self, prompt_rows: list[dict], iteration: int) -> list[dict]:
+        """Rows for the data term of this iteration: from `data_dataset` (resumable order) or the prompt rows."""
+        if self.data_dataset is None:
+            return [{**row, self.args.caption_column: row["prompt"]} for row in prompt_rows]
+        size = len(self.data_dataset)
+        per_iteration = self.args.samples_per_process * self.mesh.data_parallel_size
+        start = iteration * per_iteration + self.mesh.data_parallel_rank * self.args.samples_per_process
+        base_seed = self.args.data_seed if self.args.data_seed is not None else self.args.seed
+        permutations: dict[int, torch.Tensor] = {}
+        rows = []
+        for position in range(start, start + self.args.samples_per_process):
+            epoch, offset = divmod(position, size)
+            if epoch not in permutations:
+                permutations[epoch] = torch.randperm(size, generator=torch.Generator().manual_seed(base_seed + epoch))
+            rows.append(read_row(self.data_dataset, int(permutations[epoch][offset]), "data_dataset"))
+        return rows
+
+    @torch.no_grad()
+    def base_model_latents(self, prompts: list[str], conditioning: Conditioning) -> torch.Tensor:
+        """
+        Synthetic data for `data_source="base_model"`: one deterministic sample of the reference model per prompt,
+        from noise seeded by the prompt's text, drawn the first time the prompt is seen and cached. `[S, ...]`.
+        """
+        missing = [prompt for prompt in dict.fromkeys(prompts) if prompt not in self.synthetic_latents]
+        if missing:
+            rows = torch.tensor([prompts.index(prompt) for prompt in missing], device=self.accelerator.device)
+            noise = torch.cat(
+                [
+                    self.adapter.sample_noise(
+                        1, generator=torch.Generator().manual_seed(self.args.seed + zlib.crc32(prompt.encode()))
+                    )
+                    for prompt in missing
+                ]
+            )
+            with self.reference() as reference, self.accelerator.autocast():
+                trajectory = self.adapter.sample(
+                    reference, {key: value[rows] for key, value in conditioning.items()}, noise, eta=0.0
+                )
+            for prompt, latents in zip(missing, trajectory.latents[:, -1]):
+                self.synthetic_latents[prompt] = latents.cpu()
+        return torch.stack([self.synthetic_latents[prompt] for prompt in prompts]).to(self.accelerator.device)
