@@ -53,6 +53,7 @@ from .model_card import hub_base_model, save_model_card
 from .parallel import prepare_parallelism
 from .pipelines import ADAPTERS, SamplingSettings, get_adapter
 from .pipelines.experts import denoiser_parts, lora_load_arguments, lora_weight_name, trained_components
+from .precision import autocast_in_load_dtype, in_dtype, upcast_trained_parameters
 from .preflight import check_hub_token, check_model_path, check_trainer_args
 from .progress import samples_per_second, use_ddrl_progress
 from .rewards import resolve_reward_funcs
@@ -285,6 +286,9 @@ class DDRLTrainer(_BaseTrainer):
             denoiser.enable_gradient_checkpointing()
             args.activation_checkpointing = args.gradient_checkpointing = False
         self.is_peft = peft_config is not None
+        # float32 master weights; the forwards autocast to the load dtype, saved models go back to it (precision.py).
+        self.load_dtype = upcast_trained_parameters(denoiser)
+        autocast_in_load_dtype(args, self.load_dtype)
 
         self.reward_weights = torch.tensor(args.reward_weights or [1.0] * len(self.reward_funcs), dtype=torch.float32)
         self.evaluator = Evaluator(self, args, eval_reward_funcs, eval_dataset)
@@ -337,7 +341,7 @@ class DDRLTrainer(_BaseTrainer):
         self.ref_model = None
         needs_reference = args.kl_beta > 0 or (args.data_beta > 0 and args.data_source == "base_model")
         if needs_reference and not self.is_peft:
-            self.ref_model = copy.deepcopy(denoiser).requires_grad_(False).eval()
+            self.ref_model = copy.deepcopy(denoiser).requires_grad_(False).eval().to(self.load_dtype)
             if self.is_deepspeed_enabled:
                 self.ref_model = prepare_deepspeed(self.ref_model, self.accelerator)
             elif self.is_fsdp_enabled:
@@ -747,6 +751,8 @@ class DDRLTrainer(_BaseTrainer):
         # The denoiser, or each trained expert of a two-expert one (every expert in a whole pipeline), in its own
         # folder / LoRA file, from the (possibly gathered) state dict: under ZeRO-3 the only place the full weights
         # exist (a frozen expert's too).
+        if self._saving_final_model:  # checkpoints keep the float32 master weights, to resume from them exactly
+            state_dict = in_dtype(state_dict, self.load_dtype)
         parts = denoiser_parts(denoiser, self.adapter.denoiser_name, state_dict, frozen_too=full_pipeline)
         if full_pipeline:
             with saved_separately(self.pipeline, parts):  # the other components
