@@ -364,6 +364,15 @@ def raw_floor(trainer, case: Case, device: torch.device, count_flops: bool) -> d
     return result
 
 
+def lora_config(case: Case):
+    """The case's `LoraConfig` (rank = alpha), or `None` for a full fine-tune."""
+    from peft import LoraConfig
+
+    if not case.lora_rank:
+        return None
+    return LoraConfig(r=case.lora_rank, lora_alpha=case.lora_rank, target_modules=list(case.lora_targets))
+
+
 def memory_estimate(case: Case, config) -> dict[str, Any]:
     """The memory estimator's prediction for the same settings, where it is installed."""
     try:
@@ -371,7 +380,7 @@ def memory_estimate(case: Case, config) -> dict[str, Any]:
     except ImportError as error:
         return {"available": False, "reason": str(error)}
     try:
-        estimate = estimate_memory(case.model, config, lora_rank=case.lora_rank)
+        estimate = estimate_memory(case.model, config, peft_config=lora_config(case))
     except Exception as error:  # report, never fail the GPU run on the estimator
         return {"available": True, "error": f"{type(error).__name__}: {error}"}
     return {
@@ -402,8 +411,6 @@ def peak_tflops(device: torch.device, override: float | None) -> float | None:
 
 def run_case(case: Case, tiny: bool, peak_override: float | None = None, with_estimate: bool = True) -> dict[str, Any]:
     """Train `case` for `1 + case.iterations` iterations and measure it (see the module docstring)."""
-    from peft import LoraConfig
-
     from trl_ddrl import DDRLTrainer
 
     device = torch.device("cuda" if torch.cuda.is_available() and not tiny else "cpu")
@@ -417,11 +424,7 @@ def run_case(case: Case, tiny: bool, peak_override: float | None = None, with_es
     samples = case.prompts_per_step * case.num_generations
     with tempfile.TemporaryDirectory(prefix="ddrl-gpu-check-") as output_dir:
         config = config_for(case, output_dir, tiny, device)
-        peft_config = (
-            LoraConfig(r=case.lora_rank, lora_alpha=case.lora_rank, target_modules=list(case.lora_targets))
-            if case.lora_rank
-            else None
-        )
+        peft_config = lora_config(case)
         timer = PhaseTimer(device)
         trainer = DDRLTrainer(
             pipeline,
