@@ -30,6 +30,23 @@ def hub_base_model(model_id: str | None) -> str | None:
     return model_id
 
 
+# Evaluation metrics that describe the run rather than the model.
+_EVAL_BOOKKEEPING = ("eval_runtime", "eval_samples_per_second", "eval_steps_per_second", "epoch", "step")
+
+
+def final_evaluation(log_history: list[dict]) -> dict | None:
+    """`{"step": s, "metrics": {name: value}}` of the last evaluation in `log_history`, or None without one."""
+    for entry in reversed(log_history):
+        metrics = {
+            key: value
+            for key, value in entry.items()
+            if key.startswith("eval_") and key not in _EVAL_BOOKKEEPING and isinstance(value, (int, float))
+        }
+        if metrics:
+            return {"step": entry.get("step"), "metrics": dict(sorted(metrics.items()))}
+    return None
+
+
 def save_model_card(
     output_dir: str,
     base_model: str | None,
@@ -46,13 +63,21 @@ def save_model_card(
     pipeline_class: type,
     is_video: bool = False,
     lora_load_arguments: list[str] | None = None,
+    base_model_path: str | None = None,
+    steps: int | None = None,
+    num_prompts: int | None = None,
+    log_history: list[dict] | None = None,
 ) -> ModelCard:
     """
     Write `README.md` in `output_dir`: a diffusers model card citing DDRL, listing the rewards and settings, whose
     quick start loads the model with `pipeline_class` (diffusers' `DiffusionPipeline` for diffusers' own pipelines)
     and samples `example_prompt` (one of the training prompts). Under LoRA the quick start calls `load_lora_weights`
-    once per entry of `lora_load_arguments` (extra arguments after the repo id; default: one call without any).
+    once per entry of `lora_load_arguments` (extra arguments after the repo id; default: one call without any), on
+    `base_model`, or `base_model_path` (the local folder or name it was trained from) when that is no Hub id. The
+    card states the optimizer `steps`, the prompt dataset (`dataset_name`, `num_prompts`), each reward function with
+    its weight and the last evaluation's metrics in `log_history`.
     """
+    weights = config.reward_weights or [1.0] * len(reward_names)
     if pipeline_class.__module__.split(".")[0] == "diffusers":
         pipeline_import, pipeline_name = "diffusers", "DiffusionPipeline"
     else:
@@ -81,6 +106,12 @@ def save_model_card(
         output_attribute="frames" if is_video else "images",
         config=config,
         reward_names=reward_names,
+        rewards_with_weights=[f"{name} (weight {weight:g})" for name, weight in zip(reward_names, weights)],
+        base_model_path=base_model_path,
+        steps=steps,
+        dataset_name=dataset_name,
+        num_prompts=num_prompts,
+        final_eval=final_evaluation(log_history or []),
         paper_title=paper["title"],
         paper_id=paper["id"],
         paper_citation=paper["citation"],

@@ -60,7 +60,7 @@ from .rewards import resolve_reward_funcs
 from .rollout import RolloutBuffer, RolloutEngine, generation_policy, read_prompt_rows
 from .sampling import transition_log_ratio
 from .tracking import SampleLoggingCallback, expose_config_to_trackers
-from .utils import image_grid, save_denoiser, save_video_grid_gif, saved_separately
+from .utils import image_grid, labelled_grid, save_denoiser, save_video_grid_gif, saved_separately
 
 
 logger = logging.get_logger(__name__)
@@ -763,7 +763,11 @@ class DDRLTrainer(_BaseTrainer):
             else:
                 save_denoiser(module, state, os.path.join(output_dir, component))
         if self.rollout.last_images is not None:
-            image_grid(self.rollout.last_images).save(os.path.join(output_dir, SAMPLES_NAME))
+            samples = self.rollout.last_samples
+            grid = (
+                labelled_grid(samples.images, samples.captions()) if samples else image_grid(self.rollout.last_images)
+            )
+            grid.save(os.path.join(output_dir, SAMPLES_NAME))
             if self.rollout.last_images.ndim == 5:
                 save_video_grid_gif(self.rollout.last_images, os.path.join(output_dir, SAMPLES_GIF_NAME))
         self._save_config(output_dir)
@@ -859,4 +863,8 @@ class DDRLTrainer(_BaseTrainer):
                 lora_load_arguments(component)
                 for component in trained_components(self.adapter.denoiser, self.adapter.denoiser_name)
             ],
+            base_model_path=self.model_id if os.path.exists(self.model_id) else None,
+            steps=self.state.global_step,
+            num_prompts=len(self.train_dataset),
+            log_history=self.state.log_history,
         )

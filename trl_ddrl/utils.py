@@ -5,13 +5,14 @@ import contextlib
 import math
 import operator
 import os
+import textwrap
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import numpy as np
 import torch
 from huggingface_hub import save_torch_state_dict
-from PIL import Image
+from PIL import Image, ImageDraw, ImageFont
 from torch import nn
 
 
@@ -43,6 +44,44 @@ def image_grid(images: torch.Tensor, columns: int | None = None) -> Image.Image:
         grid[:, row * height : (row + 1) * height, column * width : (column + 1) * width] = image[:3]
     array = (grid.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
     return Image.fromarray(array)
+
+
+def labelled_grid(
+    images: torch.Tensor, captions: list[str], columns: int | None = None, min_tile_width: int = 160
+) -> Image.Image:
+    """
+    [`image_grid`] with each image's caption (its prompt, then its rewards: `Samples.captions`) printed under it.
+
+    Args:
+        images (`torch.Tensor`): `[N, C, H, W]` in `[0, 1]`, or videos `[N, F, C, H, W]` (first frames).
+        captions (`list[str]`): One caption per image; lines split on newlines and wrapped to the tile width.
+        columns (`int`, *optional*): Images per row; defaults to about `sqrt(N)`.
+        min_tile_width (`int`, *optional*, defaults to `160`): Small images are upscaled (nearest) to at least this
+            width, so that the captions fit.
+    """
+    tiles = [image_grid(images[index : index + 1]) for index in range(len(images))]
+    scale = max(1, math.ceil(min_tile_width / tiles[0].width))
+    tiles = [tile.resize((tile.width * scale, tile.height * scale), Image.NEAREST) for tile in tiles]
+    width, height = tiles[0].size
+    font = ImageFont.load_default()
+    characters = max(8, width // 7)
+    lines = [
+        [part for line in caption.split("\n") for part in (textwrap.wrap(line, characters) or [""])][:4]
+        for caption in captions
+    ]
+    line_height = 12
+    cell_height = height + 4 + line_height * max(len(caption_lines) for caption_lines in lines)
+    columns = columns or math.ceil(math.sqrt(len(tiles)))
+    rows = math.ceil(len(tiles) / columns)
+    canvas = Image.new("RGB", (columns * width, rows * cell_height), "white")
+    draw = ImageDraw.Draw(canvas)
+    for index, (tile, caption_lines) in enumerate(zip(tiles, lines)):
+        row, column = divmod(index, columns)
+        x, y = column * width, row * cell_height
+        canvas.paste(tile, (x, y))
+        for number, line in enumerate(caption_lines):
+            draw.text((x + 2, y + height + 2 + number * line_height), line, fill="black", font=font)
+    return canvas
 
 
 def save_video_grid_gif(videos: torch.Tensor, path: str, fps: int = 8, columns: int | None = None) -> None:

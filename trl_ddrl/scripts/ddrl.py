@@ -526,6 +526,7 @@ def main(script_args: DDRLScriptArguments, training_args: DDRLConfig, model_args
     except CheckpointError as error:  # a checkpoint to resume from that is missing, incomplete or incompatible
         raise UsageError(f"--resume_from_checkpoint: {error}") from error
     trainer.save_model(training_args.output_dir)
+    trainer.create_model_card(dataset_name=script_args.dataset_name)  # the card names the prompt dataset
     if trainer.is_world_process_zero():  # `accelerator.print` prints once per node
         print(f"Model saved to {training_args.output_dir}.")
     if training_args.push_to_hub:
