@@ -98,3 +98,10 @@ def test_a_run_inside_its_warm_up_warns_with_the_fix():
 def test_no_warm_up_warning_when_the_run_is_long_enough(kwargs, recwarn):
     DDRLConfig(output_dir="out", report_to="none", **kwargs)
     assert not [w for w in recwarn if "warmup_steps" in str(w.message)]
+
+
+def test_activation_checkpointing_is_on_unless_turned_off(tmp_path):
+    assert DDRLConfig(output_dir=str(tmp_path)).activation_checkpointing is True
+    assert DDRLConfig(output_dir=str(tmp_path), activation_checkpointing=False).activation_checkpointing is False
+    # The deprecated alias still turns it off.
+    assert DDRLConfig(output_dir=str(tmp_path), gradient_checkpointing=False).activation_checkpointing is False

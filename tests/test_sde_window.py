@@ -30,6 +30,7 @@ def make_args(tmp_path, **overrides) -> DDRLConfig:
         dataloader_pin_memory=False,
         seed=0,
         data_beta=0.0,
+        activation_checkpointing=False,  # on by default; these tiny models run faster without
     )
     settings.update(overrides)
     return DDRLConfig(**settings)

@@ -45,6 +45,7 @@ def make_args(output_dir, **overrides) -> DDRLConfig:
         data_beta=0.0,
         # The authors' 50 warm-up steps would leave these few-step runs at a learning rate near 0.
         warmup_steps=0,
+        activation_checkpointing=False,  # on by default; these tiny models run faster without
     )
     settings.update(overrides)
     return DDRLConfig(**settings)

@@ -283,7 +283,10 @@ class DDRLTrainer(_BaseTrainer):
             denoiser.requires_grad_(True)
         if args.activation_checkpointing:
             # diffusers models have their own switch; the Trainer's `gradient_checkpointing_enable` is transformers'.
-            denoiser.enable_gradient_checkpointing()
+            if getattr(denoiser, "_supports_gradient_checkpointing", True):
+                denoiser.enable_gradient_checkpointing()
+            else:
+                logger.warning(f"{type(denoiser).__name__} has no activation checkpointing; training without it.")
             args.activation_checkpointing = args.gradient_checkpointing = False
         self.is_peft = peft_config is not None
         # float32 master weights; the forwards autocast to the load dtype, saved models go back to it (precision.py).
