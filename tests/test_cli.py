@@ -184,6 +184,29 @@ def test_rerunning_the_same_config_is_one_line_with_the_three_choices(
         assert choice in err
 
 
+def test_a_refused_push_is_one_line_naming_the_ways_to_log_in(tmp_path, capsys, single_process, monkeypatch):
+    class Refused(Exception):
+        response = types.SimpleNamespace(status_code=401)
+
+    class Trainer:
+        hub_model_id = "me/model"
+        accelerator = types.SimpleNamespace(end_training=lambda: None)
+        train = save_model = create_model_card = lambda *args, **kwargs: None
+        is_world_process_zero = staticmethod(lambda: True)
+
+        def push_to_hub(self, **kwargs):
+            raise Refused("401 Client Error: Unauthorized for url: https://huggingface.co/api/repos/create")
+
+    monkeypatch.setattr(ddrl, "build_trainer", lambda *args: Trainer())
+    argv = ["--model_name_or_path", "org/model", "--push_to_hub", "--output_dir", str(tmp_path / "out")]
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert "--push_to_hub: the Hub refused the upload (401 Unauthorized: 401 Client Error" in err
+    assert "`hf auth login`, the HF_TOKEN environment variable, or --hub_token" in err
+    assert f"The trained model is saved in {tmp_path / 'out'}" in err and "Traceback" not in err
+    assert ddrl.hub_auth_hint(ValueError("x"), "out") is None
+
+
 def test_resume_from_checkpoint_true_resumes_the_newest():
     assert ddrl.resume_argument("true") is True and ddrl.resume_argument("True") is True
     assert ddrl.resume_argument("out/checkpoint-2") == "out/checkpoint-2"

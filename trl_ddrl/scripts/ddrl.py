@@ -510,6 +510,19 @@ def run_default_job_with_args(script_args: DDRLScriptArguments, training_args: D
     return run_default_job(**kwargs)
 
 
+def hub_auth_hint(error: Exception, output_dir: str) -> str | None:
+    """For a Hub error answered 401 or 403, the message saying how to log in and that the model is saved; else None."""
+    status = getattr(getattr(error, "response", None), "status_code", None)
+    if status not in (401, 403):
+        return None
+    return (
+        f"--push_to_hub: the Hub refused the upload ({status} {'Unauthorized' if status == 401 else 'Forbidden'}: "
+        f"{str(error).splitlines()[0]}). Log in with a token that can write to the repository: `hf auth login`, the "
+        f"HF_TOKEN environment variable, or --hub_token. The trained model is saved in {output_dir}; upload it "
+        f"later with `hf upload <repo id> {output_dir}`."
+    )
+
+
 def main(script_args: DDRLScriptArguments, training_args: DDRLConfig, model_args: ModelConfig) -> None:
     """Train, save and optionally push; without `model_name_or_path`, run the built-in default job instead."""
     if model_args.model_name_or_path is None:
@@ -530,7 +543,13 @@ def main(script_args: DDRLScriptArguments, training_args: DDRLConfig, model_args
     if trainer.is_world_process_zero():  # `accelerator.print` prints once per node
         print(f"Model saved to {training_args.output_dir}.")
     if training_args.push_to_hub:
-        trainer.push_to_hub(dataset_name=script_args.dataset_name)
+        try:
+            trainer.push_to_hub(dataset_name=script_args.dataset_name)
+        except Exception as error:
+            hint = hub_auth_hint(error, training_args.output_dir)
+            if hint is None:
+                raise
+            raise UsageError(hint) from error
         if trainer.is_world_process_zero():
             print(f"Model pushed to https://huggingface.co/{trainer.hub_model_id}.")
     trainer.accelerator.end_training()  # finish the trackers and destroy the process group (Trainer.end in 5.18+)
