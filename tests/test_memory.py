@@ -51,10 +51,10 @@ def test_live_bytes_counts_storages_once_and_frees_them():
 
 
 def test_parallelism_weights_divide_what_each_strategy_shards():
-    fsdp = Parallelism(num_processes=8, sharding="fsdp2", context_parallel_size=2, upcast_trained=2.0)
+    fsdp = Parallelism(num_processes=8, sharding="fsdp2", context_parallel_size=2)
     assert fsdp.weight(("weights", False)) == 1 / 8
-    assert fsdp.weight(("trained_weights", False)) == 2 / 8  # upcast to float32, then sharded
-    assert fsdp.weight(("optimizer", False)) == 2 / 8
+    assert fsdp.weight(("trained_weights", False)) == 1 / 8
+    assert fsdp.weight(("optimizer", False)) == 1 / 8
     assert fsdp.weight(("text_encoders", False)) == 1  # never sharded
     assert fsdp.weight(("replay", True)) == 1 / 2  # activations split by context parallelism
     assert fsdp.weight(("rollout", False)) == 1  # trajectories whole on every rank

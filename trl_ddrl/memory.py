@@ -13,8 +13,8 @@ weights model the parallelism:
 
 - FSDP2 / ZeRO-3 divide the denoiser's weights, its gradients, the optimizer state and the EMA by the process count and
   add the gathered blocks (two of the largest block, the one computing and the one prefetched) while the denoiser
-  runs; under FSDP2 with bf16 mixed precision the trained weights (and so gradients and optimizer state) are upcast to
-  float32 (accelerate does so). ZeRO-2 divides gradients and optimizer state, ZeRO-1 the optimizer state; DDP keeps a
+  runs. The trained weights are float32 master weights (`trl_ddrl.precision`), so are their gradients and the
+  optimizer state; the forwards autocast to the load dtype. ZeRO-2 divides gradients and optimizer state, ZeRO-1 the optimizer state; DDP keeps a
   second copy of the gradients (its buckets).
 - Context parallelism divides the activations computed inside the denoiser by the group size (each rank holds its
   share of the tokens); trajectories, decoded samples and text encoders are whole on every rank.
@@ -294,7 +294,6 @@ class Parallelism:
     num_processes: int = 1
     sharding: str = "none"
     context_parallel_size: int = 1
-    upcast_trained: float = 1.0  # FSDP2 + bf16 mixed precision upcasts the trained low-precision weights to float32
 
     def __post_init__(self):
         if self.sharding not in SHARDING_CHOICES:
@@ -317,14 +316,14 @@ class Parallelism:
         if category in ("weights", "reference") and full_shard:
             factor = 1 / world
         elif category == "trained_weights" and full_shard:
-            factor = self.upcast_trained / world
+            factor = 1 / world
         elif category == "gradients":
             if sharding in ("zero2", "zero3", "fsdp2") and world > 1:
-                factor = self.upcast_trained / world
+                factor = 1 / world
             elif sharding == "ddp" and world > 1:
                 factor = 2.0
         elif category == "optimizer" and sharding not in ("none", "ddp") and world > 1:
-            factor = (self.upcast_trained if sharding == "fsdp2" else 1.0) / world
+            factor = 1 / world
         elif category == "ema" and full_shard:
             factor = 1 / world
         if inside_denoiser and category not in PERSISTENT and category != GATHERED:
@@ -483,8 +482,10 @@ def run_iteration(
     from .ema import ParameterEMA
     from .losses import clipped_policy_loss, reverse_kl
     from .pipelines import SamplingSettings, get_adapter
+    from .precision import upcast_trained_parameters
+    from .rollout import RolloutBuffer, order_micro_batches
+    from .sampling import transition_log_ratio
     from .sde_window import initial_states, join_prefix, rollout_steps
-    from .trainer import RolloutBuffer, order_micro_batches
 
     parallelism = parallelism or Parallelism()
     windows = {} if windows is None else windows
@@ -517,6 +518,8 @@ def run_iteration(
         denoiser.requires_grad_(True)
     if args.activation_checkpointing or args.gradient_checkpointing:
         denoiser.enable_gradient_checkpointing()
+    # float32 master weights of what trains; the forwards autocast to the load dtype (trl_ddrl/precision.py).
+    load_dtype = upcast_trained_parameters(denoiser)
     trainable = [parameter for parameter in denoiser.parameters() if parameter.requires_grad]
     for name, module in pipeline.components.items():
         if not isinstance(module, nn.Module):
@@ -532,7 +535,8 @@ def run_iteration(
         adapter.model_sigmas()
 
     def mixed():
-        return torch.autocast("cpu", dtype=torch.bfloat16, enabled=bool(args.bf16))
+        low = load_dtype if load_dtype in (torch.bfloat16, torch.float16) else torch.bfloat16
+        return torch.autocast("cpu", dtype=low, enabled=bool(args.bf16) or load_dtype != torch.float32)
 
     denoisers = _denoisers(adapter)
     device = adapter.device
@@ -589,7 +593,7 @@ def run_iteration(
                 index = torch.tensor([sorted(set(prompts)).index(prompt) for prompt in prompts])
                 conditioning.update({key: value[index] for key, value in encoded.items()})
 
-        latents, log_probs, images, denoised = [], [], [], []
+        latents, means, images, denoised = [], [], [], []
         schedule = rollout_steps(args, 0)
         with phase("rollout"), mixed(), _inside(counter, denoisers):
             noise, prefix = initial_states(
@@ -605,19 +609,16 @@ def run_iteration(
                     steps=range(schedule.prefix, args.num_inference_steps),
                     stochastic_steps=schedule.stochastic,
                 )
-                chunk_latents, chunk_log_probs = trajectory.latents, trajectory.log_probs
                 if schedule.prefix:
-                    chunk_latents, chunk_log_probs = join_prefix(
-                        prefix[start : start + chunk], chunk_latents, chunk_log_probs
-                    )
+                    trajectory = join_prefix(prefix[start : start + chunk], trajectory)
             with phase("vae_decode"), mixed():
-                images.append(adapter.decode(chunk_latents[:, -1]))
-            latents.append(chunk_latents)
-            log_probs.append(chunk_log_probs)
+                images.append(adapter.decode(trajectory.latents[:, -1]))
+            latents.append(trajectory.latents)
+            means.append(trajectory.means)
             denoised.append(trajectory.denoised)
-            del trajectory, chunk_latents, chunk_log_probs
+            del trajectory
         with phase("rollout"):
-            latents, log_probs, images = torch.cat(latents), torch.cat(log_probs), torch.cat(images)
+            latents, means, images = torch.cat(latents), torch.cat(means), torch.cat(images)
             advantages = torch.zeros(samples, device=device)
 
         data_latents = data_conditioning = None
@@ -651,11 +652,11 @@ def run_iteration(
             buffer = RolloutBuffer(
                 states=latents[:, steps],
                 next_states=latents[:, steps + 1],
-                old_log_probs=log_probs[:, steps],
+                old_means=means[:, steps],
                 step_indices=steps,
                 advantages=advantages,
                 conditioning=conditioning,
-                initial_noise=latents[:, 0],
+                initial_noise=adapter.standard_noise(latents[:, 0]),
                 data_latents=data_latents,
                 data_conditioning=data_conditioning,
                 order=order.to(device),
@@ -665,7 +666,7 @@ def run_iteration(
                 else None,
             )
             # The trainer keeps the last samples on the CPU for logging; the rest of the rollout is dropped.
-            del latents, log_probs, images, denoised, advantages
+            del latents, means, images, denoised, advantages
 
     def accumulate(parameter):
         counter.relabel(parameter.grad, "gradients")
@@ -683,9 +684,8 @@ def run_iteration(
                 inputs["conditioning"],
                 inputs.get("previous_denoised"),
             )
-            policy_loss, _, _ = clipped_policy_loss(
-                step.log_prob, inputs["old_log_probs"], inputs["advantages"], args.clip_range
-            )
+            log_ratio = transition_log_ratio(step, inputs["old_means"], args.log_ratio_form)
+            policy_loss, _, _ = clipped_policy_loss(log_ratio, inputs["advantages"], args.clip_range)
             loss = policy_loss.mean()
             rows_used = inputs["num_data_rows"]
             if args.data_beta > 0 and rows_used:
@@ -858,13 +858,7 @@ def estimate_memory(
     dtype = torch_dtype or (args.model_init_kwargs or {}).get("torch_dtype") or torch.bfloat16
     dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
     cp = context_parallel_size or args.context_parallel_size
-    low_precision = dtype in (torch.bfloat16, torch.float16) or bool(args.bf16)
-    parallelism = Parallelism(
-        num_processes,
-        sharding,
-        cp,
-        upcast_trained=2.0 if sharding == "fsdp2" and low_precision and peft_config is None else 1.0,
-    )
+    parallelism = Parallelism(num_processes, sharding, cp)
     args = _for_processes(args, parallelism, dtype)
     if spec is not None:
         spec = _with_defaults(spec, args)
