@@ -256,3 +256,19 @@ def test_ema_of_fsdp2_shards(tmp_path):
     assert sorted(os.listdir(tmp_path / "ema")) == [
         f"ema_state-rank{rank:05d}-of-00002.safetensors" for rank in (0, 1)
     ]
+
+
+def test_data_term_without_data_rows_under_fsdp2(tmp_path):
+    # data_on_first_step_only leaves micro-batches without data rows: no `p.sum() * 0` term on DTensor parameters.
+    script = os.path.join(os.path.dirname(__file__), "scripts", "fsdp2_data_term.py")
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
+        script, str(tmp_path),
+    ]  # fmt: skip
+    run(command, {"OMP_NUM_THREADS": "1"})
+    ranks = [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in (0, 1)]
+    for rank in ranks:
+        assert rank["sharded"] and rank["data_terms"][0] == 0 and rank["data_terms"][1] > 0
+        # the data rows' losses summed over the micro-batch's size (2 of 4 rows)
+        assert rank["data_term_after"] == pytest.approx(rank["expected_after"], rel=1e-6)
+    assert ranks[0]["data_terms"] == ranks[1]["data_terms"]

@@ -290,7 +290,8 @@ class RolloutEngine:
         steps = torch.tensor(schedule.trained, device=device)
         num_steps = len(schedule.trained)
         order, data_rows = order_micro_batches(
-            torch.randperm(len(prompts) * num_steps, generator=self.generator(iteration, 3)),
+            # The same order on every rank, so that all or none run a micro-batch's data forward (its collectives).
+            torch.randperm(len(prompts) * num_steps, generator=self.generator(iteration, 3, per_rank=False)),
             num_steps,
             args.per_device_train_batch_size,
             args.data_on_first_step_only,
@@ -383,9 +384,13 @@ class RolloutEngine:
         seed = self.args.seed * 1_000_003 + iteration * 7_919 + self.mesh.data_parallel_rank * 104_729 + stream
         return torch.Generator().manual_seed(seed % (2**63))
 
-    def generator(self, iteration: int, stream: int) -> torch.Generator:
-        """The CPU generator of `stream` (0 noise, 1 sampler, 2 data batch, 3 micro-batch order, 4 frames) this iteration."""
-        seed = self.args.seed * 1_000_003 + iteration * 7_919 + self.mesh.data_parallel_rank * 104_729 + stream
+    def generator(self, iteration: int, stream: int, per_rank: bool = True) -> torch.Generator:
+        """
+        The CPU generator of `stream` (0 noise, 1 sampler, 2 data batch, 3 micro-batch order, 4 frames) this
+        iteration: this rank's own, or with `per_rank=False` the same on every rank (rank 0's).
+        """
+        rank = self.mesh.data_parallel_rank if per_rank else 0
+        seed = self.args.seed * 1_000_003 + iteration * 7_919 + rank * 104_729 + stream
         return torch.Generator().manual_seed(seed % (2**63))
 
     def data_rows(self, prompt_rows: list[dict], iteration: int) -> list[dict]:

@@ -500,18 +500,26 @@ class DDRLTrainer(_BaseTrainer):
         return self.mesh.scale_gradients(loss)
 
     def _data_loss(self, model, inputs) -> torch.Tensor:
-        """Diffusion loss on the data batch at the transitions' noise levels (mean over the transitions used)."""
+        """
+        The data term of a micro-batch: the diffusion loss on the data batch at the transitions' noise levels, summed
+        over the rows that use it and divided by the micro-batch's size. Averaged over an iteration's micro-batches,
+        each sample's data loss then counts once per transition using it: once per trained step (the mean), or with
+        `data_on_first_step_only` once among its `K` trained steps, the authors' weight `1 / K` exactly. Without data
+        rows it is a constant 0 and runs no forward (every rank has data rows in the same micro-batches: their orders
+        are the same, see `RolloutEngine.generate`); the policy term already gives every parameter its gradient, and
+        a `p.sum() * 0` term would fail on FSDP2's DTensor parameters.
+        """
         rows = inputs["num_data_rows"]  # the leading rows, counted on the host: no device read-back here
         if rows == 0:
-            # Keep every parameter in the graph so distributed gradient reduction stays in step.
-            return sum(p.sum() for p in model.parameters() if p.requires_grad) * 0.0
+            return torch.zeros((), device=inputs["advantages"].device)
         x0 = inputs["data_latents"][:rows]
         if self.args.data_noise == "rollout":
             noise = inputs["initial_noise"][:rows]
         else:
             noise = torch.randn_like(x0)
         conditioning = {key: value[:rows] for key, value in inputs["data_conditioning"].items()}
-        return self.adapter.diffusion_loss(model, x0, conditioning, inputs["step_index"][:rows], noise).mean()
+        losses = self.adapter.diffusion_loss(model, x0, conditioning, inputs["step_index"][:rows], noise)
+        return losses.sum() / len(inputs["advantages"])
 
     @contextlib.contextmanager
     def _reference_denoiser(self):
