@@ -1,13 +1,17 @@
 # Copyright 2026 The trl_ddrl Authors. Licensed under the Apache License, Version 2.0.
 """float32 master weights for pipelines loaded in bfloat16 / float16 (trl_ddrl/precision.py and the trainer)."""
 
+import math
 import os
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
+from datasets import Dataset
 from safetensors.torch import load_file
 from test_trainer import brightness, make_args, prompt_dataset
+from tiny_models import tiny_cosmos2_5_pipeline, tiny_flux_pipeline, tiny_sd3_pipeline
 
 from trl_ddrl import DDRLTrainer
 from trl_ddrl.precision import autocast_in_load_dtype, in_dtype, upcast_trained_parameters
@@ -118,3 +122,51 @@ def test_every_trained_wan22_expert_is_float32_and_the_frozen_one_stays_bfloat16
     for name in ("transformer", "transformer_2"):
         saved = load_file(os.path.join(tmp_path, name, "diffusion_pytorch_model.safetensors"))
         assert {value.dtype for value in saved.values()} == {torch.bfloat16}, name
+
+
+def image_rows() -> dict:
+    rng = np.random.default_rng(0)
+    return {"prompt": ["a cat", "a dog"], "image": [rng.random((16, 16, 3), dtype=np.float32) for _ in range(2)]}
+
+
+def video_rows() -> dict:
+    rng = np.random.default_rng(0)
+    return {"prompt": ["a cat", "a dog"], "image": [rng.random((5, 32, 32, 3), dtype=np.float32) for _ in range(2)]}
+
+
+FAMILIES = {
+    "sd3": (tiny_sd3_pipeline, image_rows, dict(height=16, width=16, max_sequence_length=16)),
+    "flux": (tiny_flux_pipeline, image_rows, dict(height=16, width=16, max_sequence_length=16)),
+    "cosmos2_5": (
+        tiny_cosmos2_5_pipeline,
+        video_rows,
+        dict(height=32, width=32, num_frames=5, max_sequence_length=16),
+    ),
+}
+
+
+@pytest.mark.parametrize("peft", [False, True], ids=["full", "lora"])
+@pytest.mark.parametrize("family", FAMILIES)
+def test_one_ddrl_step_of_a_bfloat16_pipeline(tmp_path, family, peft):
+    from family_checks import lora_config, mean_pixel
+    from test_pipelines_unet import ddrl_config
+
+    builder, rows, config = FAMILIES[family]
+    args = ddrl_config(tmp_path, max_steps=1, use_ema=True, **config)
+    trainer = DDRLTrainer(
+        builder().to(torch.bfloat16),
+        mean_pixel,
+        args=args,
+        train_dataset=Dataset.from_dict(rows()),
+        peft_config=lora_config() if peft else None,
+    )
+    before = {name: p.detach().clone() for name, p in trained(trainer).items()}
+    trainer.train()
+    log = next(entry for entry in trainer.state.log_history if "loss/policy" in entry)
+    # The replay of the rollout's own weights, under bf16 autocast: ratio 1 within the clip range.
+    assert abs(log["ratio/mean"] - 1) < args.clip_range and log["clip_ratio"] == 0
+    assert math.isfinite(log["loss"]) and math.isfinite(log["loss/data"])
+    changed = torch.cat([(p.detach() != before[name]).flatten() for name, p in trained(trainer).items()])
+    assert changed.float().mean() > 0.9
+    assert all(p.dtype == torch.float32 for p in trained(trainer).values())
+    assert all(shadow.dtype == torch.float32 for shadow in trainer.ema.shadow)
