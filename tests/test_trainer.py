@@ -575,7 +575,7 @@ def test_torch_compile_of_the_denoiser(tiny_sd3_path, tmp_path):
     trainer.train()
     assert type(trainer.model_wrapped).__name__ == "OptimizedModule"
     assert changed(before, trainer.pipeline.transformer)
-    # The compiled replay of the first micro-batch reproduces the (eager) rollout's log-probabilities.
+    # The compiled replay of the first micro-batch reproduces the (also compiled) rollout's transitions.
     assert trainer.state.log_history[0]["ratio/mean"] == pytest.approx(1.0, abs=1e-3)
 
 
