@@ -217,3 +217,39 @@ def test_curves_are_read_from_the_log_history_and_plotted(tmp_path):
     assert series["eval_data_loss"] == [[0, 0.1], [5, 0.3]] and series["reward"] == [[5, 0.5]]
     assert json.loads((tmp_path / "curves.json").read_text()) == series
     assert Image.open(tmp_path / "curves.png").size == (960, 220)
+
+
+def test_training_is_bit_identical_for_the_same_seed(tmp_path):
+    """Two runs with the same seed give the same losses and the same weights, bit for bit (refactors must keep it)."""
+
+    def train(output_dir):
+        pipeline = random_digits_pipeline(seed=0)
+        pipeline.set_progress_bar_config(disable=True)
+        args = DDRLConfig(
+            output_dir=str(output_dir),
+            max_steps=2,
+            num_generations=2,
+            prompts_per_step=2,
+            num_inference_steps=3,
+            per_device_train_batch_size=4,
+            num_iterations=2,
+            learning_rate=1e-3,
+            warmup_steps=0,
+            data_beta=0.1,
+            seed=3,
+            report_to="none",
+            save_strategy="no",
+            dataloader_pin_memory=False,
+            disable_tqdm=True,
+        )
+        trainer = DDRLTrainer(pipeline, ink_reward, args=args, train_dataset=digits_dataset("base").select(range(8)))
+        trainer.train()
+        losses = [(log["loss/policy"], log["loss/data"]) for log in trainer.state.log_history if "loss/data" in log]
+        return losses, pipeline.unet.state_dict()
+
+    initial = random_digits_pipeline(seed=0).unet.state_dict()
+    losses, weights = train(tmp_path / "first")
+    again_losses, again_weights = train(tmp_path / "second")
+    assert len(losses) == 2 and losses == again_losses
+    assert all(torch.equal(weights[key], again_weights[key]) for key in weights)
+    assert any(not torch.equal(initial[key], weights[key]) for key in weights)
