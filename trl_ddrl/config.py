@@ -208,13 +208,22 @@ class DDRLConfig(_BaseConfig):
             Reward functions are still called one at a time. No effect when one chunk holds all the samples.
         reward_error_policy (`str`, *optional*, defaults to `"raise"`):
             What to do when a reward function raises, times out or returns NaN, None or a wrong number of values:
-            `"raise"` stops with an error naming the function and prompt; `"drop_group"` gives the group's samples a
-            zero advantage, counts them in the `reward/dropped_groups` metric and goes on; `"group_mean"` (the
-            authors', cosmos-rl `t2v_model.py` `_sync_rewards_across_rollouts`) replaces each failed sample's reward by
-            the mean of its group's valid ones (a group with none gets zero advantages, as with `"drop_group"`).
+            `"raise"` stops with an error naming the function and prompt; `"drop_group"` gives the failing group's
+            samples a zero advantage, counts them in the `reward/dropped_groups` metric, logs which groups and why,
+            and goes on (see `max_dropped_rollouts`); `"group_mean"` (the authors', cosmos-rl `t2v_model.py`
+            `_sync_rewards_across_rollouts`) replaces each failed sample's reward by the mean of its group's valid
+            ones (a group with none gets zero advantages, as with `"drop_group"`).
         reward_clip (`float`, *optional*):
             Clamp every reward to `[-reward_clip, reward_clip]` before the advantages. The authors clamp their reward
             server's scores to `[-5, 5]` (`RemoteRewardConfig.reward_clip_min/max`). Unset: no clamping.
+        max_dropped_rollouts (`int`, *optional*, defaults to `1`):
+            With `reward_error_policy="drop_group"` or `"group_mean"`: the run fails with the reward errors once this
+            many rollouts in a row had every group dropped (with 1, the first such rollout fails it), instead of
+            training on nothing.
+        reward_timeout (`float`, *optional*, defaults to `1800.0`):
+            Seconds one call of a reward function may run before it fails with an error naming the function (then
+            handled by `reward_error_policy`); a call running longer than a minute is reported every minute. `None`
+            waits for ever. The default lets a `RemoteReward` exhaust its own retries (4 x 300 s) first.
         num_iterations (`int`, *optional*, defaults to `1`):
             Number of passes over the transitions of one iteration (the PPO epochs, GRPO's mu).
 
@@ -526,6 +535,14 @@ class DDRLConfig(_BaseConfig):
         default=None,
         metadata={"help": "Clamp every reward to [-reward_clip, reward_clip] (the authors' reward server: 5)."},
     )
+    max_dropped_rollouts: int = field(
+        default=1,
+        metadata={"help": "With drop_group: fail after this many rollouts in a row with every group dropped."},
+    )
+    reward_timeout: float | None = field(
+        default=1800.0,
+        metadata={"help": "Seconds one reward call may run before it fails naming the reward; None for no limit."},
+    )
     num_iterations: int = field(default=1, metadata={"help": "Passes over the transitions of one iteration."})
 
     # Fidelity to the authors' recipe (docs/fidelity.md)
@@ -718,6 +735,20 @@ class DDRLConfig(_BaseConfig):
             raise ValueError(
                 f"reward_weights={self.reward_weights} has a negative weight. Use the reward's opposite (for example "
                 "jpeg_compressibility instead of jpeg_incompressibility) so that higher is always better."
+            )
+        if self.reward_weights is not None and self.reward_weights and not any(self.reward_weights):
+            warnings.warn(
+                f"reward_weights={self.reward_weights} are all 0: every advantage is 0, so the policy-gradient term "
+                "trains nothing (only the data term and the KL term act). Give the rewards to optimise a positive "
+                "weight.",
+                UserWarning,
+                stacklevel=3,
+            )
+        self._check_positive("max_dropped_rollouts")
+        if self.reward_timeout is not None and not self.reward_timeout > 0:
+            raise ValueError(
+                f"reward_timeout={self.reward_timeout} must be > 0 seconds, or None to wait for ever (the default, "
+                "1800, lets a slow reward model finish)."
             )
         if self.auto_find_batch_size:
             raise ValueError(

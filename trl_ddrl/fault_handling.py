@@ -33,6 +33,8 @@ from transformers import Trainer, TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 from transformers.utils import logging
 
+from .reward_calls import RewardCaller
+
 
 logger = logging.get_logger(__name__)
 
@@ -592,16 +594,18 @@ def check_lora_target_modules(model: torch.nn.Module, peft_config: Any) -> None:
 # ---- interrupted rollouts -----------------------------------------------------------------------------------------
 
 
-def cancel_pending_rewards(futures: Sequence[Any]) -> None:
+def cancel_pending_rewards(futures: Sequence[Any], caller: RewardCaller | None = None) -> None:
     """
-    After an error or Ctrl-C, cancel the reward calls of `futures` that have not started, so that the process exits
-    without scoring every queued rollout chunk first; a call already running is waited for, with a message.
+    After an error, Ctrl-C or a second SIGTERM, cancel the reward calls of `futures` that have not started, and
+    abandon the one running (`caller.abandon()`: its waiting thread is released, the call itself is left running in a
+    daemon thread), so that the process saves what is finished and exits at once, also while a reward never returns.
     """
     pending = [future for future in futures if isinstance(future, Future)]
     cancelled = sum(future.cancel() for future in pending)
-    running = sum(not future.done() for future in pending)
+    running = caller.abandon() if caller is not None else []
     if cancelled or running:
-        logger.warning(
-            f"Rollout interrupted: cancelled {cancelled} queued reward call(s)"
-            + (f"; waiting for the {running} running one to return before exiting." if running else ".")
+        abandoned = "".join(
+            f"; abandoned the running call of '{name}' after {seconds:.1f} s (left running in the background)"
+            for name, seconds in running
         )
+        logger.warning(f"Rollout interrupted: cancelled {cancelled} queued reward call(s){abandoned}.")

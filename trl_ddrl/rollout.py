@@ -35,6 +35,7 @@ from .data import DiffusionDataCollator, read_row
 from .losses import clip_and_fill_rewards, compute_advantages
 from .parallel import ProcessMesh
 from .pipelines import Conditioning, DiffusionAdapter
+from .reward_calls import RewardCaller
 from .rewards import RewardFunctionError, check_rewards
 from .sde_window import initial_states, join_prefix, rollout_steps
 from .tracking import Samples
@@ -191,6 +192,7 @@ class RolloutEngine:
             ThreadPoolExecutor(max_workers=1, thread_name_prefix="ddrl-reward") if args.async_rewards else None
         )
         self.pending_rewards: list = []  # this rollout's reward calls (futures with async_rewards)
+        self.reward_caller = RewardCaller(args.reward_timeout)  # timeouts; abandoned on an error or interrupt
         self.synthetic_latents: dict[str, torch.Tensor] = {}  # data_source="base_model": one sample per prompt, CPU
         self.last_images: torch.Tensor | None = None  # the last rollout's first 16 images, CPU
         self.last_samples: Samples | None = None

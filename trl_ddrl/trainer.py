@@ -56,6 +56,7 @@ from .pipelines.experts import denoiser_parts, lora_load_arguments, lora_weight_
 from .precision import autocast_in_load_dtype, in_dtype, upcast_trained_parameters
 from .preflight import check_hub_token, check_model_path, check_trainer_args
 from .progress import samples_per_second, use_ddrl_progress
+from .reward_calls import check_reward_signatures
 from .rewards import resolve_reward_funcs
 from .rollout import RolloutBuffer, RolloutEngine, generation_policy, read_prompt_rows
 from .sampling import transition_log_ratio
@@ -244,6 +245,7 @@ class DDRLTrainer(_BaseTrainer):
                 f"reward_weights has {len(args.reward_weights)} values but there are {len(self.reward_funcs)} reward "
                 f"functions ({', '.join(self.reward_func_names)}). Give one weight per function."
             )
+        check_reward_signatures(self.reward_funcs, self.reward_func_names, train_dataset.column_names)
         pipeline = self._load_pipeline(model, args) if isinstance(model, str) else model
 
         self.pipeline = pipeline
@@ -586,6 +588,7 @@ class DDRLTrainer(_BaseTrainer):
             check_resume_settings(resume_from_checkpoint, self.args)
         # Every call starts from a fresh rollout, also a resume on this same trainer after a failure.
         self._buffer = None
+        self.rollout.reward_caller.reset()
         expose_config_to_trackers(self.model)
         # A resumed run had its start evaluated already (the checkpoint's log history holds it): no second one.
         eval_on_start = self.args.eval_on_start
@@ -593,7 +596,7 @@ class DDRLTrainer(_BaseTrainer):
         try:
             output = super().train(resume_from_checkpoint, *args, **kwargs)
         except (Exception, KeyboardInterrupt):
-            cancel_pending_rewards(self.rollout.pending_rewards)
+            cancel_pending_rewards(self.rollout.pending_rewards, self.rollout.reward_caller)
             self._save_checkpoint_after_failure()
             raise
         finally:

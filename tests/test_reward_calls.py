@@ -1,0 +1,152 @@
+# Copyright 2026 The trl_ddrl Authors. Licensed under the Apache License, Version 2.0.
+"""Reward calls: per-call timeout, abandonment on interrupt, signature check (no model needed)."""
+
+import logging
+import os
+import signal
+import threading
+import time
+
+import pytest
+import torch
+
+from trl_ddrl.reward_calls import (
+    RewardCallAbandoned,
+    RewardCaller,
+    RewardTimeoutError,
+    check_reward_signature,
+)
+from trl_ddrl.rewards import get_reward_function
+
+
+@pytest.fixture
+def capture_warnings(caplog):
+    """trl_ddrl's warnings (transformers' loggers do not propagate to the root logger by default)."""
+    logger = logging.getLogger("trl_ddrl")
+    propagate, logger.propagate = logger.propagate, True
+    with caplog.at_level(logging.WARNING, logger="trl_ddrl"):
+        yield caplog
+    logger.propagate = propagate
+
+
+def never_returns(prompts, images, **kwargs):
+    threading.Event().wait()
+
+
+def test_a_call_that_never_returns_times_out_naming_the_reward_and_the_duration():
+    caller = RewardCaller(timeout=0.5)
+    start = time.monotonic()
+    with pytest.raises(RewardTimeoutError, match=r"'stuck' did not return within reward_timeout=0.5 s \(it ran 0\.\d"):
+        caller("stuck", never_returns, prompts=["a"], images=None)
+    assert time.monotonic() - start < 2
+
+
+def test_results_errors_and_grad_mode_pass_through():
+    caller = RewardCaller(timeout=10)
+    with torch.no_grad():
+        assert caller("grad", lambda: torch.is_grad_enabled()) is False
+    assert caller("sum", lambda a, b: a + b, 1, b=2) == 3
+    with pytest.raises(ZeroDivisionError):
+        caller("fails", lambda: 1 / 0)
+
+
+def test_a_slow_call_is_announced_while_it_runs(capture_warnings):
+    caller = RewardCaller(timeout=None, heartbeat=0.3)
+    assert caller("slow", lambda: time.sleep(0.8) or 1) == 1
+    assert "Reward function 'slow' has been running for 0 s (no reward_timeout)" in capture_warnings.text
+
+
+def test_abandon_releases_a_waiting_thread_and_refuses_new_calls():
+    caller = RewardCaller(timeout=None)
+    errors = []
+
+    def wait():
+        try:
+            caller("stuck", never_returns, prompts=[], images=None)
+        except RewardCallAbandoned as error:
+            errors.append(error)
+
+    waiter = threading.Thread(target=wait)
+    waiter.start()
+    time.sleep(0.3)
+    running = caller.abandon()
+    waiter.join(timeout=2)
+    assert not waiter.is_alive() and "'stuck' was abandoned after" in str(errors[0])
+    assert [name for name, _ in running] == ["stuck"]
+    with pytest.raises(RewardCallAbandoned, match="was not called"):
+        caller("next", lambda: 1)
+    caller.reset()
+    assert caller("next", lambda: 1) == 1
+
+
+def test_ctrl_c_interrupts_a_call_waited_for_on_the_main_thread():
+    caller = RewardCaller(timeout=None)
+    threading.Timer(0.3, os.kill, (os.getpid(), signal.SIGINT)).start()
+    start = time.monotonic()
+    with pytest.raises(KeyboardInterrupt):
+        caller("stuck", never_returns, prompts=[], images=None)
+    assert time.monotonic() - start < 2
+    assert [name for name, _ in caller.abandon()] == ["stuck"]  # still running in the background, reported
+
+
+def test_signature_check_accepts_the_trainers_calls():
+    def plain(prompts, images, **kwargs):
+        return [0.0] * len(prompts)
+
+    def named(prompts, images, trainer_state=None, label=None):
+        return [0.0] * len(prompts)
+
+    for func in (plain, get_reward_function("brightness"), get_reward_function("http://127.0.0.1:1")):
+        check_reward_signature(func, "r", columns=["label"])
+    check_reward_signature(named, "named", columns=["label"])
+
+
+def test_signature_check_names_grpo_rewards_and_missing_kwargs():
+    def grpo(completions, **kwargs):
+        return [0.0] * len(completions)
+
+    def no_kwargs(prompts, images):
+        return [0.0] * len(prompts)
+
+    with pytest.raises(TypeError, match=r"'grpo' has the signature grpo\(completions, \*\*kwargs\), a GRPO"):
+        check_reward_signature(grpo, "grpo")
+    with pytest.raises(
+        TypeError, match=r"unexpected keyword argument 'trainer_state'.*def no_kwargs\(prompts, images"
+    ):
+        check_reward_signature(no_kwargs, "no_kwargs")
+
+
+def refuse_to_load(monkeypatch):
+    from trl_ddrl import DDRLTrainer
+
+    def fail(*args, **kwargs):
+        raise AssertionError("the pipeline was loaded before the reward was checked")
+
+    monkeypatch.setattr(DDRLTrainer, "_load_pipeline", fail)
+
+
+def test_the_trainer_checks_reward_signatures_before_loading(tiny_sd3_path, tmp_path, monkeypatch):
+    from test_trainer import make_args, prompt_dataset
+
+    from trl_ddrl import DDRLTrainer
+
+    refuse_to_load(monkeypatch)
+
+    def grpo_style(completions, **kwargs):
+        return [0.0] * len(completions)
+
+    def no_kwargs(prompts, images):
+        return [0.0] * len(prompts)
+
+    for reward, message in [(grpo_style, "a GRPO \\(text\\) reward"), (no_kwargs, "def no_kwargs\\(prompts, images,")]:
+        with pytest.raises(TypeError, match=message):
+            DDRLTrainer(tiny_sd3_path, reward, args=make_args(tmp_path), train_dataset=prompt_dataset())
+
+
+def test_all_zero_reward_weights_warn(tmp_path):
+    from trl_ddrl import DDRLConfig
+
+    with pytest.warns(UserWarning, match=r"reward_weights=\[0.0\] are all 0: every advantage is 0"):
+        DDRLConfig(output_dir=str(tmp_path), reward_weights=[0.0], report_to="none")
+    with pytest.raises(ValueError, match="reward_timeout=0 must be > 0 seconds, or None"):
+        DDRLConfig(output_dir=str(tmp_path), reward_timeout=0, report_to="none")
