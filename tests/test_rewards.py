@@ -109,12 +109,22 @@ def test_check_rewards_accepts_numbers_and_maps_none_to_nan():
         ([float("inf"), 1.0], "returned inf for the prompt 'a'"),
         (["high", 1.0], "rewards must be numbers or None"),
         (torch.ones(2, 1), "returned Tensor of shape (2, 1)"),
+        ([1.0, 1e38], "returned 1e+38 for the prompt 'b', beyond +-1e+15, where float32 arithmetic overflows"),
     ],
 )
 def test_check_rewards_errors_name_the_function_and_prompt(values, message):
     with pytest.raises(RewardFunctionError, match="Reward function 'my_reward'") as error:
         check_rewards(values, 2, "my_reward", ["a", "b"])
     assert message in str(error.value)
+
+
+def test_check_rewards_can_mark_invalid_values_unscored_and_report_them():
+    problems = []
+    checked = check_rewards([1.0, float("nan"), "high", -1e20], 4, "my_reward", ["a", "b", "c", "d"], problems)
+    assert checked[0] == 1.0 and all(math.isnan(value) for value in checked[1:])
+    assert [problem.split(" for the prompt ")[1][:3] for problem in problems] == ["'b'", "'c'", "'d'"]
+    with pytest.raises(RewardFunctionError, match="returned 1 rewards"):
+        check_rewards([1.0], 2, "my_reward", ["a", "b"], problems)
 
 
 def test_registry_lists_builtins_and_rejects_unknown_and_duplicate_names():
