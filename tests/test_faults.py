@@ -108,6 +108,29 @@ def test_a_kill_during_a_save_leaves_the_last_good_checkpoint_to_resume_from(
     ]
 
 
+def test_a_full_disk_during_a_save_names_the_space_keeps_the_last_checkpoint_and_cleans_up(
+    tiny_sd3_path, tmp_path, monkeypatch
+):
+    trainer = fault_trainer(tiny_sd3_path, tmp_path)
+    save, saves = torch.save, []
+
+    def disk_full_at_step_4(*args, **kwargs):
+        if trainer.state.global_step == 4:
+            saves.append(1)
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 1984 vs 1876")
+        return save(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", disk_full_at_step_4)
+    with pytest.raises(OSError, match=r"No space left on device at .* while saving checkpoint-4: about \d+ bytes"):
+        trainer.train()
+    assert sorted(os.listdir(tmp_path)) == ["README.md", "checkpoint-2"]  # no staging folder left
+    assert len(saves) == 1  # the after-failure save does not repeat it
+    monkeypatch.undo()
+    resumed = fault_trainer(tiny_sd3_path, tmp_path)
+    resumed.train(resume_from_checkpoint=True)
+    assert resumed.state.global_step == 4
+
+
 @pytest.mark.parametrize("damage", ["no_trainer_state", "truncated_weights", "truncated_optimizer"])
 def test_resume_skips_an_incomplete_checkpoint_and_names_the_one_used(
     damage, tiny_sd3_path, tmp_path, capture_warnings

@@ -16,6 +16,7 @@ Never lose finished work, never train on garbage: the trainer's failure handling
 """
 
 import contextlib
+import errno
 import json
 import math
 import os
@@ -143,6 +144,14 @@ def staged_checkpoint(trainer: Trainer) -> Iterator[None]:
     trainer._deferred_push = None
     try:
         yield
+    except Exception as error:
+        if args.should_save:  # an error or a full disk leaves no partial checkpoint (the next save clears a kill's)
+            shutil.rmtree(os.path.join(staging, name), ignore_errors=True)
+            with contextlib.suppress(OSError):
+                os.rmdir(staging)
+        if is_disk_full(error):
+            raise DiskFullError(_disk_full_message(trainer, name)) from error
+        raise
     finally:
         trainer._checkpoint_staging = None
     final = os.path.join(args.output_dir, name)
@@ -168,6 +177,51 @@ def staged_checkpoint(trainer: Trainer) -> Iterator[None]:
     if trainer._deferred_push is not None:
         trainer._deferred_push = None
         trainer._push_from_checkpoint(final)
+
+
+class DiskFullError(OSError):
+    """A checkpoint could not be written for lack of disk space (the previous checkpoints are intact)."""
+
+    def __init__(self, message: str):
+        super().__init__(errno.ENOSPC, message)
+
+    def __str__(self) -> str:
+        return self.strerror
+
+
+_DISK_FULL_SIGNS = ("unexpected pos", "failed writing", "file write failed", "no space left")
+
+
+def is_disk_full(error: BaseException) -> bool:
+    """Whether `error` (or its cause) is a full disk: `ENOSPC`, or torch's zip writer failing mid-file."""
+    while error is not None:
+        if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        if isinstance(error, RuntimeError) and any(sign in str(error).lower() for sign in _DISK_FULL_SIGNS):
+            return True
+        error = error.__cause__ or error.__context__
+    return False
+
+
+def _folder_bytes(folder: str) -> int:
+    return sum(os.path.getsize(os.path.join(root, file)) for root, _, files in os.walk(folder) for file in files)
+
+
+def _disk_full_message(trainer: "DDRLTrainer", name: str) -> str:
+    output_dir = trainer.args.output_dir
+    checkpoints = _checkpoint_folders(output_dir)
+    if checkpoints:  # a checkpoint takes what the last one took
+        needed, kept = _folder_bytes(checkpoints[-1][1]), f"The last good checkpoint, {checkpoints[-1][1]}, is intact"
+    else:  # weights plus the optimizer's two moments of the trained parameters
+        trained = sum(p.numel() * p.element_size() for p in trainer.model.parameters() if p.requires_grad)
+        weights = sum(p.numel() * p.element_size() for p in trainer.model.parameters())
+        needed, kept = weights + 2 * trained, "There is no earlier checkpoint"
+    free = shutil.disk_usage(output_dir).free if os.path.isdir(output_dir) else 0
+    return (
+        f"No space left on device at {os.path.abspath(output_dir)} while saving {name}: about {needed} bytes are "
+        f"needed, {free} are free. {kept}; the partial {name} was removed. Free disk space, lower save_total_limit, "
+        "or set output_dir on a larger disk, then resume."
+    )
 
 
 def _replace_folder(source: str, target: str) -> None:

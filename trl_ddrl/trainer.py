@@ -8,6 +8,7 @@ import json
 import math
 import os
 import shutil
+import sys
 from collections import defaultdict
 from collections.abc import Callable
 from typing import Any
@@ -37,6 +38,7 @@ from .data import (
 from .ema import EMA_FOLDER, EMACallback, ParameterEMA
 from .evaluation import Evaluator
 from .fault_handling import (
+    DiskFullError,
     DivergenceGuard,
     PreemptionCallback,
     cancel_pending_rewards,
@@ -618,7 +620,8 @@ class DDRLTrainer(_BaseTrainer):
         step = self.state.global_step
         folder = os.path.join(self.args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{step}")
         saved = os.path.abspath(folder) in self._checkpoints_written
-        if step == 0 or self.args.save_strategy == "no" or self.accelerator.num_processes > 1 or saved:
+        disk_full = isinstance(sys.exc_info()[1], DiskFullError)  # a second save would fail the same way
+        if step == 0 or self.args.save_strategy == "no" or self.accelerator.num_processes > 1 or saved or disk_full:
             return
         try:
             self._save_checkpoint(self.model, trial=None)
