@@ -1,3 +1,4 @@
+import re
 from types import SimpleNamespace
 
 import numpy as np
@@ -109,3 +110,24 @@ def test_data_columns_are_checked_against_the_run():
     framed = SimpleNamespace(**{**vars(adapter), "num_conditioning_frames": 1})
     with pytest.raises(ValueError, match="generates from conditioning frames, but train_dataset has no 'image'"):
         check_data_columns(framed, args, prompts, data)
+
+
+@pytest.mark.parametrize(
+    "bad, message",
+    [
+        (5, "row 2, column 'prompt': int 5 is not a text prompt"),
+        (None, "row 2, column 'prompt': NoneType None is not a text prompt"),
+        (b"a cat", "row 2, column 'prompt': bytes b'a cat' is not a text prompt"),
+        ("a \ud800 cat", "row 2, column 'prompt': a string that is not valid Unicode (surrogates not allowed"),
+    ],
+)
+def test_prompts_that_are_not_strings_name_the_row_and_column(bad, message):
+    prompts = ["a cat", "a dog", bad, "a tree"]
+    for dataset in ([{"prompt": prompt} for prompt in prompts], {"prompt": prompts}):
+        with pytest.raises(ValueError, match=re.escape(f"train_dataset {message}")):
+            check_prompt_datasets(dataset, None, 2)
+    if bad is None:
+        with pytest.raises(ValueError, match=re.escape(f"train_dataset {message}")):
+            check_prompt_datasets(Dataset.from_dict({"prompt": prompts}), None, 2)
+    with pytest.raises(ValueError, match=r"train_dataset column 'prompt' holds Value\('int64'\) values \(row 0: 1\)"):
+        check_prompt_datasets(Dataset.from_dict({"prompt": [1, 2, 3]}), None, 2)

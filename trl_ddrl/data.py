@@ -7,6 +7,7 @@ loss needs: clean latents (through the pipeline's VAE) and prompt conditioning (
 """
 
 import os
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -479,6 +480,44 @@ def drop_text(conditioning: Conditioning, keep: torch.Tensor) -> Conditioning:
     return dropped
 
 
+def check_prompts(prompts: Iterable[Any], dataset_name: str, column: str = "prompt") -> None:
+    """
+    Every prompt is a `str` of valid Unicode; else a `ValueError` naming the dataset, the row and the column (instead
+    of the tokenizer's error many frames deep, or pyarrow's `UnicodeEncodeError`).
+    """
+    for index, value in enumerate(prompts):
+        if isinstance(value, str):
+            try:
+                value.encode("utf-8")
+                continue
+            except UnicodeEncodeError as error:
+                problem = (
+                    f"a string that is not valid Unicode ({error.reason} at character {error.start}: {value!r:.80})"
+                )
+        else:
+            problem = f"{type(value).__name__} {value!r:.80}"
+        raise ValueError(
+            f"{dataset_name} row {index}, column {column!r}: {problem} is not a text prompt. Every prompt must be a "
+            "str: decode bytes (value.decode('utf-8')), convert numbers with str(), drop rows without a prompt, and "
+            "replace lone surrogates (value.encode('utf-8', 'replace').decode())."
+        )
+
+
+def check_prompt_column(dataset: Any, dataset_name: str, column: str = "prompt") -> None:
+    """A `datasets.Dataset`'s prompt column holds strings and no nulls; else a `ValueError` naming the row."""
+    from datasets import Value
+
+    feature = dataset.features.get(column)
+    if not (isinstance(feature, Value) and feature.dtype in ("string", "large_string")):
+        first = dataset[0][column] if len(dataset) else None
+        raise ValueError(
+            f"{dataset_name} column {column!r} holds {feature} values (row 0: {first!r:.80}), not text prompts. Convert "
+            f"it, e.g. dataset.map(lambda row: {{{column!r}: str(row[{column!r}])}})."
+        )
+    if dataset.data.column(column).null_count:  # a None somewhere: find its row (through any index mapping)
+        check_prompts(dataset[column], dataset_name, column)
+
+
 def check_prompt_datasets(train_dataset: Any, data_dataset: Any, prompts_per_step: int) -> tuple[Any, Any]:
     """
     `train_dataset` and `data_dataset` as `datasets.Dataset`s (see [`as_dataset`]), checked: a map-style prompt
@@ -491,6 +530,10 @@ def check_prompt_datasets(train_dataset: Any, data_dataset: Any, prompts_per_ste
 
     if train_dataset is None:
         raise ValueError("train_dataset is required: a datasets.Dataset with a 'prompt' column.")
+    if isinstance(train_dataset, dict) and "prompt" in train_dataset:  # checked before Arrow sees (and garbles) them
+        check_prompts(train_dataset["prompt"], "train_dataset")
+    elif isinstance(train_dataset, (list, tuple)) and all(isinstance(row, dict) for row in train_dataset):
+        check_prompts((row.get("prompt", "") for row in train_dataset), "train_dataset")
     train_dataset, data_dataset = as_dataset(train_dataset, "train_dataset"), as_dataset(data_dataset, "data_dataset")
     if data_dataset is not None and not isinstance(data_dataset, IterableDataset) and len(data_dataset) == 0:
         raise ValueError("data_dataset is empty: give it rows of images and captions, or leave it out.")
@@ -501,6 +544,7 @@ def check_prompt_datasets(train_dataset: Any, data_dataset: Any, prompts_per_ste
             f"train_dataset has no 'prompt' column (columns: {train_dataset.column_names}). Rename the prompt "
             "column with dataset.rename_column(<name>, 'prompt')."
         )
+    check_prompt_column(train_dataset, "train_dataset")
     if len(train_dataset) < prompts_per_step:
         raise ValueError(
             f"train_dataset has {len(train_dataset)} rows, but prompts_per_step={prompts_per_step} draws that "
