@@ -360,6 +360,16 @@ def test_a_lora_target_module_typo_names_the_module(tiny_sd3_path, tmp_path):
         )
 
 
+def test_a_lora_target_modules_string_that_matches_nothing_is_named(tiny_sd3_path, tmp_path):
+    from peft import LoraConfig
+
+    config = LoraConfig(r=4, lora_alpha=8, target_modules="to_q")  # a regular expression over whole names
+    with pytest.raises(ValueError, match=r"target_modules='to_q' matches no module .* did you mean the list \['to_q'"):
+        DDRLTrainer(
+            tiny_sd3_path, brightness, args=make_args(tmp_path), train_dataset=prompt_dataset(), peft_config=config
+        )
+
+
 def test_ctrl_c_while_rewards_are_queued_cancels_them(tiny_sd3_path, tmp_path, capture_warnings):
     calls, started = [], []
 

@@ -16,10 +16,12 @@ Never lose finished work, never train on garbage: the trainer's failure handling
 """
 
 import contextlib
+import difflib
 import errno
 import json
 import math
 import os
+import re
 import shutil
 import signal
 import struct
@@ -619,15 +621,31 @@ OPTIONAL_LORA_TARGETS = ("add_q_proj", "add_k_proj", "add_v_proj", "to_add_out")
 def check_lora_target_modules(model: torch.nn.Module, peft_config: Any) -> None:
     """
     Raise a `ValueError` naming each entry of a LoRA `target_modules` list that matches no module of `model` (PEFT
-    only fails when none matches, and silently trains the others), with the closest module names.
+    only fails when none matches, and silently trains the others), with the closest module names; or naming a
+    `target_modules` string (a regular expression over whole names for PEFT) that matches no module.
     """
-    import difflib
-
     targets = getattr(peft_config, "target_modules", None)
-    if not isinstance(targets, (list, tuple, set)):
-        return  # a regular expression or "all-linear": PEFT resolves it
     names = [name for name, _ in model.named_modules() if name]
     suffixes = sorted({".".join(name.split(".")[-depth:]) for name in names for depth in (1, 2)})
+    if isinstance(targets, str) and targets != "all-linear":
+        # PEFT reads a string as a regular expression over whole module names.
+        try:
+            matched = any(re.fullmatch(targets, name) for name in names)
+        except re.error as error:
+            raise ValueError(f"LoRA target_modules={targets!r} is not a valid regular expression: {error}.") from None
+        if not matched:
+            close = difflib.get_close_matches(targets, suffixes, n=3)
+            raise ValueError(
+                f"LoRA target_modules={targets!r} matches no module of the {type(model).__name__}: PEFT reads a "
+                "string as a regular expression that must match a whole module name (e.g. "
+                f"'.*(to_q|to_k|to_v)', {names[-1]!r})"
+                + (f"; did you mean the list [{', '.join(map(repr, close))}]?" if close else ".")
+                + " Pass a list of module-name suffixes (target_modules=['to_q', 'to_k']), a regular expression "
+                "matching full names, or 'all-linear'."
+            )
+        return
+    if not isinstance(targets, (list, tuple, set)):
+        return  # "all-linear" or None: PEFT resolves it
     unmatched = [
         target
         for target in targets
