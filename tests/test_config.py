@@ -105,3 +105,13 @@ def test_activation_checkpointing_is_on_unless_turned_off(tmp_path):
     assert DDRLConfig(output_dir=str(tmp_path), activation_checkpointing=False).activation_checkpointing is False
     # The deprecated alias still turns it off.
     assert DDRLConfig(output_dir=str(tmp_path), gradient_checkpointing=False).activation_checkpointing is False
+
+
+def test_an_output_dir_under_a_regular_file_is_named(tmp_path):
+    (tmp_path / "notes.txt").write_text("x")
+    for output_dir, message in [
+        (tmp_path / "notes.txt", "notes.txt' is a regular file, not a folder"),
+        (tmp_path / "notes.txt" / "run", "run' is under '.*notes.txt', which is a regular file"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            DDRLConfig(output_dir=str(output_dir), report_to="none")

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 import torch
 from trl.trainer.base_config import _BaseConfig
 
-from .config_checks import validate_types, warmup_warning
+from .config_checks import check_output_dir, validate_types, warmup_warning
 from .sde_window import SDE_WINDOW_POSITION_CHOICES, resolve_sde_window_range
 
 
@@ -662,6 +662,7 @@ class DDRLConfig(_BaseConfig):
 
     def __post_init__(self):
         validate_types(self)  # wrong types and NaNs first, naming the field (trl_ddrl/config_checks.py)
+        check_output_dir(self.output_dir)
         if self.bf16 is None:
             self.bf16 = bool(torch.cuda.is_available() and torch.cuda.is_bf16_supported()) and not self.fp16
         if self.activation_checkpointing is None and self.gradient_checkpointing is None:

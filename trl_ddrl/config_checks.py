@@ -9,6 +9,7 @@ the value and the fix.
 """
 
 import math
+import os
 import types
 import typing
 from typing import Any
@@ -144,3 +145,24 @@ def warmup_warning(warmup_steps: float, max_steps: int, learning_rate: float) ->
         "by the last step (the default is the authors' 50-step warm-up, for runs of hundreds of steps). Set "
         "warmup_steps=0, or a ratio such as warmup_steps=0.1, for a short run."
     )
+
+
+def check_output_dir(output_dir: str | None) -> None:
+    """
+    Raise a `ValueError` when `output_dir` cannot be a folder: it, or a folder above it, is a regular file (else
+    `NotADirectoryError` comes from deep inside transformers at the first save).
+    """
+    if not output_dir:
+        return
+    path = os.path.abspath(os.path.expanduser(output_dir))
+    while True:
+        if os.path.isfile(path):
+            where = "is" if path == os.path.abspath(os.path.expanduser(output_dir)) else f"is under {path!r}, which is"
+            raise ValueError(
+                f"output_dir={output_dir!r} {where} a regular file, not a folder. Choose another output_dir, or move "
+                "the file away."
+            )
+        parent = os.path.dirname(path)
+        if parent == path or os.path.isdir(path):
+            return
+        path = parent
