@@ -296,6 +296,18 @@ def test_a_missing_local_prompt_file_is_not_looked_up_on_the_hub(tmp_path):
         load_dataset_argument("missing.txt", None, "train", "dataset_name")
 
 
+def test_a_prompt_file_that_is_not_utf8_names_the_line_and_the_encoding(tmp_path):
+    from trl_ddrl.scripts.ddrl import UsageError, load_dataset_argument
+
+    path = tmp_path / "prompts.txt"
+    path.write_bytes("a cat\na dog\nun caf\u00e9\n".encode("latin-1"))
+    with pytest.raises(UsageError, match=r"byte 0xe9 at line 3, byte 7, which is not UTF-8.*iconv -f latin-1"):
+        load_dataset_argument(str(path), None, "train", "dataset_name")
+    path.write_text("a cat\n", encoding="utf-16")
+    with pytest.raises(UsageError, match="starts with a UTF-16 byte-order mark.*iconv -f utf-16"):
+        load_dataset_argument(str(path), None, "train", "dataset_name")
+
+
 @pytest.mark.parametrize(
     "value, message",
     [

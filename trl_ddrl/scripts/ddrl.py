@@ -239,6 +239,8 @@ def load_dataset_argument(name: str, config: str | None, split: str, option: str
             f"--{option}={name!r} is a {extension or 'extension-less'} file; local files must end in "
             f"{', '.join(LOCAL_FILE_BUILDERS)}."
         )
+    if os.path.isfile(name) and extension != ".parquet":
+        check_utf8(name, option)
     try:
         if os.path.isfile(name):
             dataset = load_dataset(LOCAL_FILE_BUILDERS[extension], data_files=name, split="train")
@@ -254,6 +256,40 @@ def load_dataset_argument(name: str, config: str | None, split: str, option: str
     if extension == ".txt" and os.path.isfile(name):
         dataset = dataset.rename_column("text", "prompt").filter(lambda row: bool(row["prompt"].strip()))
     return dataset
+
+
+def check_utf8(path: str, option: str) -> None:
+    """Raise a `UsageError` naming the line, the byte and the likely encoding when a text file is not UTF-8."""
+    import codecs
+
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    line = 1
+    with open(path, "rb") as file:
+        head = file.read(4)
+        file.seek(0)
+        if head.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
+            encoding, found = "utf-16", "starts with a UTF-16 byte-order mark"
+        else:
+            encoding = None
+            while chunk := file.read(1 << 20):
+                try:
+                    decoder.decode(chunk)
+                except UnicodeDecodeError as error:
+                    before = chunk[: error.start]
+                    line += before.count(b"\n")
+                    column = error.start - before.rfind(b"\n")
+                    found = (
+                        f"has the byte 0x{chunk[error.start]:02x} at line {line}, byte {column}, which is not UTF-8"
+                    )
+                    encoding = "latin-1"  # the usual culprit (Windows-1252 / ISO-8859-1)
+                    break
+                line += chunk.count(b"\n")
+    if encoding is not None:
+        raise UsageError(
+            f"--{option}={path!r} {found}. Local prompt files must be UTF-8: convert it, e.g. "
+            f"`iconv -f {encoding} -t utf-8 {path} > utf8-{os.path.basename(path)}` (if it is {encoding}), or in "
+            f"Python open(path, encoding='{encoding}').read() and write it back with encoding='utf-8'."
+        )
 
 
 def require_dataset_name(script_args: DDRLScriptArguments) -> None:
