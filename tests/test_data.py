@@ -131,3 +131,24 @@ def test_prompts_that_are_not_strings_name_the_row_and_column(bad, message):
             check_prompt_datasets(Dataset.from_dict({"prompt": prompts}), None, 2)
     with pytest.raises(ValueError, match=r"train_dataset column 'prompt' holds Value\('int64'\) values \(row 0: 1\)"):
         check_prompt_datasets(Dataset.from_dict({"prompt": [1, 2, 3]}), None, 2)
+
+
+def test_a_data_video_with_too_few_frames_names_the_dataset_row():
+    from trl_ddrl.data import DiffusionDataCollator, read_row
+
+    adapter = SimpleNamespace(pipeline=object(), resolution=(8, 8), pixel_channels=3, num_frames=5)
+    videos = Dataset.from_dict(
+        {"image": [np.zeros((5, 8, 8, 3), np.uint8)] * 4 + [np.zeros((2, 8, 8, 3), np.uint8)], "prompt": ["a"] * 5}
+    )
+    rows = [read_row(videos, position, "data_dataset") for position in (0, 4)]
+    with pytest.raises(ValueError, match=r"data_dataset row 4's 'image' video has 2 frames, fewer than num_frames=5"):
+        DiffusionDataCollator(adapter).pixels(rows)
+    with pytest.raises(ValueError, match=r"Row 1's 'image' video has 2 frames"):  # rows of unknown origin
+        DiffusionDataCollator(adapter).pixels([dict(row) for row in rows])
+
+
+def test_data_images_far_smaller_than_the_resolution_warn():
+    with pytest.warns(
+        UserWarning, match=r"A data image of 3x3 pixels is upscaled 10.7x to the training resolution 32x32"
+    ):
+        to_pixel_tensor(np.zeros((3, 3, 3), np.uint8), 32, 32, 3)

@@ -6,7 +6,9 @@ DDRL's regulariser is the ordinary diffusion loss on off-policy data. The collat
 loss needs: clean latents (through the pipeline's VAE) and prompt conditioning (through its text encoders).
 """
 
+import functools
 import os
+import warnings
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -173,10 +175,28 @@ def _frame_to_tensor(frame: Any, column: str) -> torch.Tensor:
     )
 
 
+MAX_UPSCALE = 4.0
+"""Data images upscaled by more than this factor to cover the training resolution get a warning (they are blurry)."""
+
+
+@functools.lru_cache(maxsize=64)
+def _warn_upscale(h: int, w: int, height: int, width: int) -> None:
+    """Warn once per (image size, resolution) that data images are far smaller than the training resolution."""
+    warnings.warn(
+        f"A data image of {w}x{h} pixels is upscaled {max(height / h, width / w):.1f}x to the training resolution "
+        f"{width}x{height}: the data term then teaches the model blurry images. Use data images of at least "
+        f"{width // 2}x{height // 2} pixels, or lower height / width.",
+        UserWarning,
+        stacklevel=2,
+    )
+
+
 def _resize_center_crop(image: torch.Tensor, height: int, width: int) -> torch.Tensor:
     """Resize `[C, H, W]` so that it covers (height, width), then crop the centre."""
     _, h, w = image.shape
     scale = max(height / h, width / w)
+    if scale > MAX_UPSCALE:
+        _warn_upscale(h, w, height, width)
     new_h, new_w = max(height, round(h * scale)), max(width, round(w * scale))
     if (new_h, new_w) != (h, w):
         image = F.interpolate(image[None], size=(new_h, new_w), mode="bilinear", antialias=True, align_corners=False)[
@@ -235,18 +255,34 @@ def to_pixel_tensor(value: Any, height: int, width: int, channels: int, column: 
     return pixels.clamp(0, 1) * 2 - 1  # resizing may overshoot [0, 1] slightly
 
 
-def _row_pixels(value: Any, height: int, width: int, channels: int, column: str, index: int) -> torch.Tensor:
-    """[`to_pixel_tensor`], with the row named in its errors."""
+def _row_pixels(value: Any, height: int, width: int, channels: int, column: str, label: str) -> torch.Tensor:
+    """[`to_pixel_tensor`], with the row (`label`, see [`row_label`]) named in its errors."""
     try:
         return to_pixel_tensor(value, height, width, channels, column)
     except ValueError as error:
-        raise ValueError(f"Row {index} of the batch: {error}") from error
+        raise ValueError(f"{label}: {error}") from error
 
 
-def read_row(dataset: Any, position: int, name: str) -> dict[str, Any]:
-    """`dataset[position]`, with an error naming the dataset and row when an image in it cannot be decoded."""
+class DatasetRow(dict):
+    """A dataset row that knows where it came from (`source`, e.g. `"data_dataset row 17"`), for error messages."""
+
+    source: str | None = None
+
+
+def row_label(row: dict[str, Any], index: int, of_the_batch: bool = False) -> str:
+    """How errors name a row of a batch: its dataset and row when known (see [`read_row`]), else its batch index."""
+    return getattr(row, "source", None) or f"Row {index}{' of the batch' if of_the_batch else ''}"
+
+
+def read_row(dataset: Any, position: int, name: str) -> DatasetRow:
+    """
+    `dataset[position]` as a [`DatasetRow`] naming `name` and `position`, with an error naming the dataset and row
+    when an image in it cannot be decoded.
+    """
     try:
-        return dataset[position]
+        row = DatasetRow(dataset[position])
+        row.source = f"{name} row {position}"
+        return row
     except (OSError, SyntaxError) as error:  # PIL decoding a truncated or corrupt image of a datasets Image column
         raise ValueError(
             f"{name} row {position} cannot be read ({type(error).__name__}: {error}): an image in it is truncated or "
@@ -338,25 +374,27 @@ class DiffusionDataCollator:
                 continue
             if self.image_column not in row or row[self.image_column] is None:
                 raise KeyError(
-                    f"Row {index} has no '{self.image_column}' value (columns: {sorted(row)}). Set image_column to the "
+                    f"{row_label(row, index)} has no '{self.image_column}' value (columns: {sorted(row)}). Set image_column to the "
                     "column holding the data images, or set data_beta=0 to train without the data term."
                 )
-            pixels = _row_pixels(row[self.image_column], height, width, channels, self.image_column, index)
+            pixels = _row_pixels(
+                row[self.image_column], height, width, channels, self.image_column, row_label(row, index, True)
+            )
             if num_frames is None and pixels.ndim == 4:
                 raise ValueError(
-                    f"Row {index}'s '{self.image_column}' is a video ({pixels.shape[0]} frames) but {pipeline} "
+                    f"{row_label(row, index)}'s '{self.image_column}' is a video ({pixels.shape[0]} frames) but {pipeline} "
                     "generates images. Give the data term images."
                 )
             if num_frames is not None:
                 if pixels.ndim == 3:
                     raise ValueError(
-                        f"Row {index}'s '{self.image_column}' is an image but {pipeline} generates videos of "
+                        f"{row_label(row, index)}'s '{self.image_column}' is an image but {pipeline} generates videos of "
                         f"num_frames={num_frames} frames. Give the data term videos (frame arrays [F, H, W, C], "
                         "lists of frames or video files)."
                     )
                 if pixels.shape[0] < num_frames:
                     raise ValueError(
-                        f"Row {index}'s '{self.image_column}' video has {pixels.shape[0]} frames, fewer than "
+                        f"{row_label(row, index)}'s '{self.image_column}' video has {pixels.shape[0]} frames, fewer than "
                         f"num_frames={num_frames}. Use clips of at least num_frames frames or lower num_frames."
                     )
                 pixels = pixels[:num_frames]
@@ -375,18 +413,23 @@ class DiffusionDataCollator:
         for index, row in enumerate(rows):
             if row.get(self.image_column) is None:
                 raise KeyError(
-                    f"Row {index} has no '{self.image_column}' value (columns: {sorted(row)}). "
+                    f"{row_label(row, index)} has no '{self.image_column}' value (columns: {sorted(row)}). "
                     f"{type(self.adapter.pipeline).__name__} generates from conditioning frames: put an image or video "
                     "per prompt in that column, or set image_column."
                 )
             pixels = _row_pixels(
-                row[self.image_column], height, width, self.adapter.pixel_channels, self.image_column, index
+                row[self.image_column],
+                height,
+                width,
+                self.adapter.pixel_channels,
+                self.image_column,
+                row_label(row, index, True),
             )
             if pixels.ndim == 3:
                 pixels = pixels[None]
             if pixels.shape[0] < needed:
                 raise ValueError(
-                    f"Row {index}'s '{self.image_column}' has {pixels.shape[0]} frames; the model is conditioned on "
+                    f"{row_label(row, index)}'s '{self.image_column}' has {pixels.shape[0]} frames; the model is conditioned on "
                     f"num_conditioning_frames={needed}."
                 )
             values.append(pixels[:needed])
@@ -404,13 +447,13 @@ class DiffusionDataCollator:
         for index, row in enumerate(rows):
             if row.get(column) is None:
                 raise KeyError(
-                    f"Row {index} has no '{column}' value (columns: {sorted(row)}). {pipeline} edits a source image: "
+                    f"{row_label(row, index)} has no '{column}' value (columns: {sorted(row)}). {pipeline} edits a source image: "
                     "put each row's source image in that column, or set source_image_column to the column holding "
                     "them."
                 )
             pixels = to_pixel_tensor(row[column], height, width, self.adapter.pixel_channels, column)
             if pixels.ndim != 3:
-                raise ValueError(f"Row {index}'s '{column}' is a video; {pipeline} edits images.")
+                raise ValueError(f"{row_label(row, index)}'s '{column}' is a video; {pipeline} edits images.")
             values.append(pixels)
         return torch.stack(values)
 
@@ -440,7 +483,7 @@ class DiffusionDataCollator:
             caption = row.get(self.caption_column)
             if not isinstance(caption, str):
                 raise KeyError(
-                    f"Row {index} has no text in column '{self.caption_column}' (columns: {sorted(row)}). Set "
+                    f"{row_label(row, index)} has no text in column '{self.caption_column}' (columns: {sorted(row)}). Set "
                     "caption_column to the column holding the captions."
                 )
             captions.append(caption)
