@@ -11,12 +11,13 @@ import pytest
 import torch
 
 from trl_ddrl.reward_calls import (
+    DroppedGroups,
     RewardCallAbandoned,
     RewardCaller,
     RewardTimeoutError,
     check_reward_signature,
 )
-from trl_ddrl.rewards import get_reward_function
+from trl_ddrl.rewards import RewardFunctionError, get_reward_function
 
 
 @pytest.fixture
@@ -116,6 +117,19 @@ def test_signature_check_names_grpo_rewards_and_missing_kwargs():
         check_reward_signature(no_kwargs, "no_kwargs")
 
 
+def test_dropped_groups_warn_then_fail_after_max_rollouts_in_a_row(capture_warnings):
+    dropped = DroppedGroups(max_rollouts=2, policy="drop_group")
+    dropped.record(1, 4, ["Reward function 'r' returned nan for the prompt 'a'"])
+    assert "Dropped 1 of 4 groups of this rollout (reward_error_policy='drop_group'" in capture_warnings.text
+    dropped.record(4, 4, ["e1"])
+    dropped.record(0, 4, [])  # a good rollout resets the count
+    dropped.record(4, 4, ["e2"])
+    with pytest.raises(
+        RewardFunctionError, match=r"Every group of 2 rollout\(s\) in a row.*max_dropped_rollouts=2.*e3"
+    ):
+        dropped.record(4, 4, ["e3"])
+
+
 def refuse_to_load(monkeypatch):
     from trl_ddrl import DDRLTrainer
 
@@ -150,3 +164,81 @@ def test_all_zero_reward_weights_warn(tmp_path):
         DDRLConfig(output_dir=str(tmp_path), reward_weights=[0.0], report_to="none")
     with pytest.raises(ValueError, match="reward_timeout=0 must be > 0 seconds, or None"):
         DDRLConfig(output_dir=str(tmp_path), reward_timeout=0, report_to="none")
+
+
+def reward_trainer(path, output_dir, reward, **overrides):
+    from test_trainer import make_args, prompt_dataset
+
+    from trl_ddrl import DDRLTrainer
+
+    return DDRLTrainer(path, reward, args=make_args(output_dir, **overrides), train_dataset=prompt_dataset())
+
+
+@pytest.mark.parametrize("async_rewards", [True, False])
+def test_a_local_reward_that_never_returns_times_out(tiny_sd3_path, tmp_path, async_rewards):
+    def stuck(prompts, images, **kwargs):
+        threading.Event().wait()
+
+    trainer = reward_trainer(tiny_sd3_path, tmp_path, stuck, reward_timeout=1.0, async_rewards=async_rewards)
+    with pytest.raises(RewardTimeoutError, match=r"'stuck' did not return within reward_timeout=1 s \(it ran 1\.\d s"):
+        trainer.train()
+
+
+def test_a_second_sigterm_ends_a_run_stuck_in_a_reward_after_saving_the_finished_step(
+    tiny_sd3_path, tmp_path, capture_warnings
+):
+    calls = []
+
+    def stuck_on_the_second_call(prompts, images, **kwargs):
+        calls.append(time.monotonic())
+        if len(calls) == 2:
+            threading.Event().wait()
+        return images.mean(dim=(1, 2, 3)).tolist()
+
+    trainer = reward_trainer(
+        tiny_sd3_path, tmp_path, stuck_on_the_second_call, reward_timeout=None, save_strategy="steps", save_steps=10
+    )
+
+    def two_sigterms():
+        while len(calls) < 2:
+            time.sleep(0.05)
+        for _ in range(2):
+            time.sleep(0.3)
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=two_sigterms, daemon=True).start()
+    with pytest.raises(KeyboardInterrupt):
+        trainer.train()
+    assert time.monotonic() - calls[1] < 5
+    assert "abandoned the running call of 'stuck_on_the_second_call'" in capture_warnings.text
+    assert os.listdir(tmp_path / "checkpoint-1")  # the finished step was saved
+
+
+def test_drop_group_drops_only_the_failing_group_and_says_why(tiny_sd3_path, tmp_path, capture_warnings):
+    def one_nan(prompts, images, **kwargs):
+        return [float("nan")] + [1.0 + index for index in range(1, len(prompts))]
+
+    trainer = reward_trainer(tiny_sd3_path, tmp_path, one_nan, reward_error_policy="drop_group", max_steps=1)
+    trainer.train()
+    assert trainer.state.log_history[0]["reward/dropped_groups"] == 1.0  # of the call's two groups
+    assert "Dropped 1 of 2 groups of this rollout" in capture_warnings.text
+    assert "'one_nan' returned nan for the prompt" in capture_warnings.text
+
+
+def test_drop_group_fails_the_run_when_every_group_is_dropped(tiny_sd3_path, tmp_path):
+    def server_down(prompts, images, **kwargs):
+        raise ConnectionError("reward server down")
+
+    trainer = reward_trainer(tiny_sd3_path, tmp_path, server_down, reward_error_policy="drop_group")
+    with pytest.raises(RewardFunctionError, match=r"Every group of 1 rollout\(s\) in a row was dropped.*server down"):
+        trainer.train()
+    assert trainer.state.global_step == 0  # no step trained on nothing
+
+
+def test_a_reward_that_fails_its_first_call_is_not_offered_drop_group(tiny_sd3_path, tmp_path):
+    def broken(prompts, images, **kwargs):
+        raise ZeroDivisionError("boom")
+
+    with pytest.raises(RewardFunctionError, match="ZeroDivisionError: boom") as error:
+        reward_trainer(tiny_sd3_path, tmp_path, broken).train()
+    assert "drop_group" not in str(error.value)

@@ -587,12 +587,12 @@ def check_prompt_datasets(train_dataset: Any, data_dataset: Any, prompts_per_ste
             f"train_dataset has no 'prompt' column (columns: {train_dataset.column_names}). Rename the prompt "
             "column with dataset.rename_column(<name>, 'prompt')."
         )
-    check_prompt_column(train_dataset, "train_dataset")
     if len(train_dataset) < prompts_per_step:
         raise ValueError(
             f"train_dataset has {len(train_dataset)} rows, but prompts_per_step={prompts_per_step} draws that "
             "many distinct prompts per iteration: add prompts, or lower prompts_per_step."
         )
+    check_prompt_column(train_dataset, "train_dataset")
     return train_dataset, data_dataset
 
 

@@ -209,7 +209,7 @@ def _folder_bytes(folder: str) -> int:
     return sum(os.path.getsize(os.path.join(root, file)) for root, _, files in os.walk(folder) for file in files)
 
 
-def _disk_full_message(trainer: "DDRLTrainer", name: str) -> str:
+def _disk_full_message(trainer: Trainer, name: str) -> str:
     output_dir = trainer.args.output_dir
     checkpoints = _checkpoint_folders(output_dir)
     if checkpoints:  # a checkpoint takes what the last one took

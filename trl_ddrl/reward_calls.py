@@ -6,6 +6,8 @@ Calling reward functions from the rollout without hanging and without failing si
   seconds, saying every `heartbeat` seconds that the call is still running. Ctrl-C or a second SIGTERM interrupts the
   wait at once, and [`RewardCaller.abandon`] releases every waiting caller (also the reward thread of
   `async_rewards`), so the process can save what is finished and exit while a stuck reward call is left behind.
+- [`DroppedGroups`]: with `reward_error_policy="drop_group"` (or `"group_mean"`), logs which groups of a rollout were
+  dropped and why, and fails the run when every group of `max_dropped_rollouts` rollouts in a row was dropped.
 - [`check_reward_signature`]: before the pipeline is loaded, a reward that cannot be called as
   `f(prompts=..., images=..., trainer_state=..., **columns)` (a GRPO-style `f(completions, **kwargs)`, a function
   without `**kwargs`) is refused with the signature it needs.
@@ -132,6 +134,42 @@ class RewardCaller:
         if call.error is not None:
             raise call.error
         return call.result
+
+
+class DroppedGroups:
+    """
+    Watches the groups each rollout drops for want of a reward (`reward_error_policy="drop_group"` or
+    `"group_mean"`): a warning names how many were dropped and the reward errors behind them; when every group of
+    `max_rollouts` rollouts in a row was dropped, [`RewardFunctionError`] stops the run with those errors, instead of
+    letting it "succeed" while training nothing.
+
+    Args:
+        max_rollouts (`int`): Rollouts in a row with every group dropped that stop the run (1: the first one).
+        policy (`str`): The `reward_error_policy`, for the messages.
+    """
+
+    def __init__(self, max_rollouts: int, policy: str):
+        self.max_rollouts, self.policy = max_rollouts, policy
+        self.in_a_row = 0
+
+    def record(self, dropped: int, num_groups: int, errors: list[str]) -> None:
+        """After a rollout: `dropped` of its `num_groups` groups had a sample without any reward; `errors` says why."""
+        if dropped == 0:
+            self.in_a_row = 0
+            return
+        why = "; ".join(errors[:3]) + (f"; and {len(errors) - 3} more errors" if len(errors) > 3 else "")
+        why = why or "the reward functions returned None for some samples"
+        self.in_a_row = self.in_a_row + 1 if dropped == num_groups else 0
+        if self.in_a_row >= self.max_rollouts:
+            raise RewardFunctionError(
+                f"Every group of {self.in_a_row} rollout(s) in a row was dropped (reward_error_policy="
+                f"'{self.policy}', max_dropped_rollouts={self.max_rollouts}), so nothing would be trained. Reward "
+                f"errors: {why}. Fix the reward, or raise max_dropped_rollouts to ride out a longer outage."
+            )
+        logger.warning(
+            f"Dropped {dropped} of {num_groups} groups of this rollout (reward_error_policy='{self.policy}': zero "
+            f"advantage): {why}."
+        )
 
 
 def check_reward_signature(func: Callable, name: str, columns: Iterable[str] = ()) -> None:

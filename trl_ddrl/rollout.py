@@ -35,7 +35,7 @@ from .data import DiffusionDataCollator, read_row
 from .losses import clip_and_fill_rewards, compute_advantages
 from .parallel import ProcessMesh
 from .pipelines import Conditioning, DiffusionAdapter
-from .reward_calls import RewardCaller
+from .reward_calls import DroppedGroups, RewardCallAbandoned, RewardCaller
 from .rewards import RewardFunctionError, check_rewards
 from .sde_window import initial_states, join_prefix, rollout_steps
 from .tracking import Samples
@@ -193,6 +193,9 @@ class RolloutEngine:
         )
         self.pending_rewards: list = []  # this rollout's reward calls (futures with async_rewards)
         self.reward_caller = RewardCaller(args.reward_timeout)  # timeouts; abandoned on an error or interrupt
+        self.dropped_groups = DroppedGroups(args.max_dropped_rollouts, args.reward_error_policy)
+        self.reward_errors: list[str] = []  # this rollout's reward errors under drop_group / group_mean
+        self.rewards_that_worked: set[str] = set()  # names of rewards that returned at least once
         self.synthetic_latents: dict[str, torch.Tensor] = {}  # data_source="base_model": one sample per prompt, CPU
         self.last_images: torch.Tensor | None = None  # the last rollout's first 16 images, CPU
         self.last_samples: Samples | None = None
@@ -211,6 +214,7 @@ class RolloutEngine:
         start = time.perf_counter()
         latents, means, images, denoised = [], [], [], []
         scored = self.pending_rewards = []  # cancelled by `train` if it stops on an error or Ctrl-C
+        self.reward_errors = []
         with self.policy() as policy:
             conditioning = self.collator.conditioning(prompts, rows)  # each distinct prompt once
             if self.adapter.num_conditioning_frames:
@@ -279,6 +283,7 @@ class RolloutEngine:
             exp_advantage=args.exp_advantage,
             advantage_clip=args.advantage_clip,
         )
+        self.dropped_groups.record(result.dropped_groups, result.num_groups, self.reward_errors)
         offset = self.mesh.data_parallel_rank * len(prompts)
         advantages = result.advantages[offset : offset + len(prompts)].to(device)
 
@@ -325,28 +330,46 @@ class RolloutEngine:
         self, prompts: list[str], images: torch.Tensor, rows: list[dict], trainer_state: TrainerState
     ) -> tuple[torch.Tensor, float]:
         """
-        Rewards `[S, R]` of these samples, NaN where a function gave None (or failed, when dropping), and the seconds
-        the reward functions took.
+        Rewards `[S, R]` of these samples, NaN where a function gave None (or, when dropping, for every sample of a
+        call that failed and for each invalid value), and the seconds the reward functions took. Each call runs
+        under `reward_timeout` ([`RewardCaller`]).
         """
         rewards = torch.full((len(prompts), len(self.reward_funcs)), float("nan"), dtype=torch.float32)
         if not self.mesh.is_context_parallel_leader:  # the group's first rank scores its (shared) samples
             return rewards.to(self.accelerator.device), 0.0
         start = time.perf_counter()
         columns = {key: [row[key] for row in rows] for key in rows[0] if key != "prompt"}
+        raising = self.args.reward_error_policy == "raise"
         for index, (reward_func, name) in enumerate(zip(self.reward_funcs, self.reward_names, strict=True)):
             try:
-                values = reward_func(prompts=prompts, images=images, trainer_state=trainer_state, **columns)
-                rewards[:, index] = torch.tensor(check_rewards(values, len(prompts), name, prompts))
+                values = self.reward_caller(
+                    name, reward_func, prompts=prompts, images=images, trainer_state=trainer_state, **columns
+                )
+                problems = None if raising else []  # dropping: an invalid value drops only its sample's group
+                rewards[:, index] = torch.tensor(check_rewards(values, len(prompts), name, prompts, problems))
+                self.rewards_that_worked.add(name)
+                self.reward_errors.extend(problems or [])
+            except RewardCallAbandoned:
+                raise
             except Exception as error:
-                if self.args.reward_error_policy == "raise":
+                if raising:
                     if isinstance(error, RewardFunctionError):
                         raise
+                    # drop_group is offered only for a reward that worked before, not for one that fails every call.
+                    hint = (
+                        ", or set reward_error_policy='drop_group' to skip the failing groups"
+                        if name in self.rewards_that_worked
+                        else ""
+                    )
                     raise RewardFunctionError(
                         f"Reward function '{name}' failed on prompts starting with {prompts[0]!r}: "
-                        f"{type(error).__name__}: {error}. Fix the function, or set reward_error_policy='drop_group' "
-                        "to skip the failing groups."
+                        f"{type(error).__name__}: {error}. Fix the function{hint}."
                     ) from error
                 self.metrics["reward/errors"].append(1.0)
+                self.reward_errors.append(
+                    f"Reward function '{name}' failed on the {len(prompts)} samples from {prompts[0]!r}: "
+                    f"{type(error).__name__}: {error}"
+                )
         missing = torch.isnan(rewards).all(dim=1)
         if missing.any() and self.args.reward_error_policy == "raise":
             first = prompts[int(missing.nonzero()[0])]
