@@ -389,7 +389,7 @@ class DDRLConfig(_BaseConfig):
         default=None,
         metadata={
             "help": "Recompute each denoiser block's activations in the backward pass instead of storing them "
-            "(diffusers' gradient checkpointing). Unset: on (replay memory ~7x lower at ~20-30% more replay compute); "
+            "(diffusers' gradient checkpointing). Unset: on (replay memory ~7x lower at ~20-30 percent more replay compute); "
             "set False for small models.",
             "nargs": "?",
             "const": True,
