@@ -449,7 +449,7 @@ def test_bad_inputs_have_clear_errors(tiny_sd3_path, tmp_path):
             args=make_args(tmp_path, reward_weights=[1.0, 2.0]),
             train_dataset=prompt_dataset(),
         )
-    with pytest.raises(ValueError, match="Could not load a diffusers pipeline"):
+    with pytest.raises(ValueError, match=r"model=.*missing.: no such folder.*Fix the path"):
         DDRLTrainer(str(tmp_path / "missing"), brightness, args=make_args(tmp_path), train_dataset=prompt_dataset())
 
 
