@@ -63,6 +63,10 @@ VALIDATION_ARGS = dict(
 )
 
 
+# Decoding two samples at a time, as the recipe settings do (the CPU's convolutions take workspace no tensor shows).
+VALIDATION_OVERRIDES = {"rollout_batch_size": 2}
+
+
 def validation_config(**overrides):
     from trl_ddrl import DDRLConfig
 
@@ -142,21 +146,75 @@ def validate(overrides: dict | None = None) -> dict:
     }
 
 
+# The table: each shipped architecture at the recipe settings (DDRLConfig's defaults: 4 prompts x 8 samples, 20
+# steps, every other step trained, micro-batches of 8, data term on, EMA on, activation checkpointing on; the
+# architecture's default resolution and frame count), LoRA r=32 on the attention projections and full fine-tuning,
+# on 1 GPU and on 8 GPUs with FSDP2. Rows in the order they are computed.
+TABLE = [
+    (model, setting, gpus)
+    for model in ("sd3.5-medium", "flux.1-dev", "wan2.1-t2v-1.3b", "cosmos-predict2.5-2b")
+    for setting, gpus in (("lora", 1), ("full", 8), ("full", 1), ("lora", 8))
+]
+
+
+def table_row(model: str, setting: str, gpus: int) -> dict:
+    from peft import LoraConfig
+
+    from trl_ddrl import DDRLConfig
+    from trl_ddrl.memory import estimate_memory
+    from trl_ddrl.scripts.ddrl import DEFAULT_LORA_TARGET_MODULES
+
+    args = DDRLConfig(output_dir="/tmp/ddrl-memory-table", report_to=[])
+    lora = LoraConfig(r=32, lora_alpha=32, target_modules=DEFAULT_LORA_TARGET_MODULES) if setting == "lora" else None
+    estimate = estimate_memory(
+        model, args, num_processes=gpus, sharding="fsdp2" if gpus > 1 else "none", peft_config=lora
+    )
+    return {
+        "model": model,
+        "setting": setting,
+        "gpus": gpus,
+        "peak_gib_per_gpu": round(estimate.peak_gib, 1),
+        "fits_80gb": estimate.fits(80.0),
+        "peak_phase": estimate.peak_phase,
+        "largest": estimate.largest,
+        "breakdown_gib": {name: round(size / 2**30, 2) for name, size in estimate.breakdown.items()},
+        "phases_gib": {name: round(size / 2**30, 2) for name, size in estimate.phases.items()},
+        "settings": estimate.settings,
+    }
+
+
+def _write(results: dict) -> None:
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    RESULTS.write_text(json.dumps(results, indent=2) + "\n")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--measure", help=argparse.SUPPRESS)
     parser.add_argument("--validate-only", action="store_true")
+    parser.add_argument("--table-only", action="store_true")
+    parser.add_argument("--rows", help="Comma-separated architectures of the table to (re)compute (default: all).")
     options = parser.parse_args()
     if options.measure is not None:
         print(json.dumps(_measure_here(json.loads(options.measure))))
         return
-    validation = [validate(), validate({"activation_checkpointing": True})]
-    for entry in validation:
-        print(json.dumps(entry))
+    parser_rows = options.rows.split(",") if options.rows else None
+    results = json.loads(RESULTS.read_text()) if RESULTS.is_file() else {"rows": [], "validation": []}
+    if not options.table_only:
+        results["validation"] = [validate(VALIDATION_OVERRIDES)]
+        print(json.dumps(results["validation"]), flush=True)
+        _write(results)
     if options.validate_only:
         return
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps({"validation": validation}, indent=2) + "\n")
+    for model, setting, gpus in TABLE:
+        if parser_rows and model not in parser_rows:
+            continue
+        row = table_row(model, setting, gpus)
+        print(json.dumps(row), flush=True)
+        results["rows"] = [
+            old for old in results["rows"] if (old["model"], old["setting"], old["gpus"]) != (model, setting, gpus)
+        ] + [row]
+        _write(results)
 
 
 if __name__ == "__main__":

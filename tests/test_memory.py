@@ -123,3 +123,37 @@ def test_cli_lists_the_architectures_and_rejects_others(capsys):
         main(["estimate-memory", "--model_name_or_path", "my/model", "--output_dir", "/tmp/x"])
     assert error.value.code == 2
     assert "shipped architectures" in capsys.readouterr().err
+
+
+def test_lora_estimate_is_below_full_fine_tuning(tmp_path):
+    from peft import LoraConfig
+
+    args = tiny_args(tmp_path)
+    full = estimate_memory(tiny_sd3_pipeline, args, torch_dtype=torch.float32)
+    lora = estimate_memory(
+        tiny_sd3_pipeline, args, torch_dtype=torch.float32, peft_config=LoraConfig(r=4, target_modules=["to_q"])
+    )
+    assert lora.settings["lora"] and lora.peak_bytes < full.peak_bytes
+
+
+def test_vae_slicing_lowers_the_decode_peak():
+    """Decoding a batch one sample at a time (enable_vae_slicing) lowers the CPU peak of the decode."""
+    from tiny_models import tiny_vae
+
+    from trl_ddrl.pipelines.latents import enable_vae_slicing
+
+    class Pipeline:
+        vae = tiny_vae()
+
+    latents = torch.randn(8, 4, 64, 64)
+    peaks = []
+    for sliced in (False, True):
+        Pipeline.vae.use_slicing = False
+        if sliced:
+            assert enable_vae_slicing(Pipeline)
+        counter = LiveBytes(fake=False)
+        with torch.no_grad(), counter.window() as window, counter:
+            images = Pipeline.vae.decode(latents).sample
+        peaks.append(window.peak)
+        del images
+    assert peaks[1] < 0.5 * peaks[0], peaks

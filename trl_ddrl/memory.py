@@ -462,6 +462,33 @@ def _inside(counter: LiveBytes, modules: list[nn.Module]) -> Iterator[None]:
             handle.remove()
 
 
+@contextlib.contextmanager
+def _adapters_stay_in_place(fake: bool) -> Iterator[None]:
+    """
+    PEFT moves each new LoRA layer to its base layer's device with `.to()`, which cannot swap fake parameters; on fake
+    tensors everything is on one device already, so device-only moves are skipped while the adapter is added.
+    """
+    if not fake:
+        yield
+        return
+    original = nn.Module.to
+
+    def to(self, *args, **kwargs):
+        _, dtype, *_ = torch._C._nn._parse_to(*args, **kwargs)
+        return self if dtype is None else original(self, *args, **kwargs)
+
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    move = BaseTunerLayer._move_adapter_to_device_of_base_layer
+    nn.Module.to = to
+    BaseTunerLayer._move_adapter_to_device_of_base_layer = lambda self, *args, **kwargs: None
+    try:
+        yield
+    finally:
+        nn.Module.to = original
+        BaseTunerLayer._move_adapter_to_device_of_base_layer = move
+
+
 def _synthetic_prompts(count: int) -> list[str]:
     return [f"a detailed photograph number {index} of a cat sitting on a wooden table" for index in range(count)]
 
@@ -482,6 +509,7 @@ def run_iteration(
     from .ema import ParameterEMA
     from .losses import clipped_policy_loss, reverse_kl
     from .pipelines import SamplingSettings, get_adapter
+    from .pipelines.latents import enable_vae_slicing
     from .precision import upcast_trained_parameters
     from .rollout import RolloutBuffer, order_micro_batches
     from .sampling import transition_log_ratio
@@ -510,10 +538,12 @@ def run_iteration(
     # As DDRLTrainer.__init__: frozen parts, LoRA or full training, activation checkpointing.
     for module in adapter.frozen_modules():
         module.requires_grad_(False).eval()
+    enable_vae_slicing(pipeline)
     denoiser = adapter.denoiser
     if peft_config is not None:
         denoiser.requires_grad_(False)
-        denoiser.add_adapter(peft_config)
+        with _adapters_stay_in_place(counter.fake):
+            denoiser.add_adapter(peft_config)
     else:
         denoiser.requires_grad_(True)
     if args.activation_checkpointing or args.gradient_checkpointing:

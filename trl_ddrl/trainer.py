@@ -55,6 +55,7 @@ from .model_card import hub_base_model, save_model_card
 from .parallel import prepare_parallelism
 from .pipelines import ADAPTERS, SamplingSettings, get_adapter
 from .pipelines.experts import denoiser_parts, lora_load_arguments, lora_weight_name, trained_components
+from .pipelines.latents import enable_vae_slicing
 from .precision import autocast_in_load_dtype, in_dtype, upcast_trained_parameters
 from .preflight import check_hub_token, check_model_path, check_trainer_args
 from .progress import samples_per_second, use_ddrl_progress
@@ -278,6 +279,7 @@ class DDRLTrainer(_BaseTrainer):
         for module in self.adapter.frozen_modules():
             module.requires_grad_(False)
             module.eval()
+        enable_vae_slicing(pipeline)  # the VAE decodes a rollout chunk one sample at a time
         denoiser = self.adapter.denoiser
         if peft_config is not None:
             check_lora_target_modules(denoiser, peft_config)
