@@ -649,16 +649,16 @@ def test_unique_with_index_maps_every_item_to_its_first_twin():
 
 def test_an_iteration_reads_each_prompt_row_once(tiny_sd3_path, tmp_path, monkeypatch):
     # The sampler repeats every prompt's row num_generations times; decoding its image each time is wasted work.
-    import trl_ddrl.trainer as trainer_module
+    import trl_ddrl.rollout as rollout_module  # the rollout reads the rows (trl_ddrl/rollout.py)
 
     read_positions = []
-    read_row = trainer_module.read_row
+    read_row = rollout_module.read_row
 
     def counting_read_row(dataset, position, name):
         read_positions.append((name, position))
         return read_row(dataset, position, name)
 
-    monkeypatch.setattr(trainer_module, "read_row", counting_read_row)
+    monkeypatch.setattr(rollout_module, "read_row", counting_read_row)
     args = make_args(tmp_path, data_beta=0.1, max_steps=1)
     trainer = DDRLTrainer(tiny_sd3_path, brightness, args=args, train_dataset=prompt_dataset(with_images=True))
     trainer.train()
