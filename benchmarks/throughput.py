@@ -25,6 +25,7 @@ import json
 import os
 import statistics
 import tempfile
+import time
 
 import numpy as np
 import torch
@@ -59,6 +60,17 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--iterations", type=int, default=4, help="Measured iterations (after one warm-up).")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1 is steadiest on a shared CPU).")
     parser.add_argument("--reward", default="jpeg_compressibility")
+    parser.add_argument(
+        "--reward-seconds-per-sample",
+        type=float,
+        default=0.0,
+        help="Add this much wall time per scored sample to the reward, without using the CPU (time.sleep): a reward "
+        "model on its own device or a reward server, to measure how much reward time the rollout hides.",
+    )
+    parser.add_argument(
+        "--rollout-batch-size", type=int, default=None, help="DDRLConfig.rollout_batch_size (default: its default)."
+    )
+    parser.add_argument("--no-async-rewards", action="store_true", help="Score each chunk on the main thread.")
     parser.add_argument(
         "--output", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "throughput.json")
     )
@@ -100,6 +112,45 @@ def sd3_raw_floor(args: argparse.Namespace, pipeline, num_trained_steps: int) ->
     )
 
 
+class DelayedReward(torch.nn.Module):
+    """
+    `reward` plus `seconds_per_sample` of wall time per sample that leaves the CPU free (a sleep): a reward model on
+    its own device. An `nn.Module`, as reward models are, so the default rollout scores it beside the sampling.
+    """
+
+    def __init__(self, reward, seconds_per_sample: float):
+        super().__init__()
+        self.reward, self.seconds_per_sample = reward, seconds_per_sample
+        self.name = getattr(reward, "name", None) or getattr(reward, "__name__", "reward")
+
+    def forward(self, prompts, images, **kwargs):
+        values = self.reward(prompts=prompts, images=images, **kwargs)
+        time.sleep(self.seconds_per_sample * len(prompts))
+        return values
+
+
+def overlap(rollout: list[float], reward: list[float], wait: list[float], asynchronous: bool) -> dict:
+    """
+    How much reward time the rollout hides (medians over iterations). `time/rollout` is the sampling loop (with the
+    reward calls inside it when they run on the main thread), `time/reward` the reward calls' total, `time/reward_wait`
+    the wait for rewards after the loop. Serial is sampling + reward, the floor max(sampling, reward), the phase
+    rollout + wait, and `hidden_fraction` the share of the reward time that did not add to the phase.
+    """
+    sampling = [r - (0.0 if asynchronous else w) for r, w in zip(rollout, reward, strict=True)]
+    phase = [r + w for r, w in zip(rollout, wait, strict=True)]
+    serial = [s + w for s, w in zip(sampling, reward, strict=True)]
+    floor = [max(s, w) for s, w in zip(sampling, reward, strict=True)]
+    hidden = [(se - ph) / w if w > 0 else 0.0 for se, ph, w in zip(serial, phase, reward, strict=True)]
+    return {
+        "sampling_s": statistics.median(sampling),
+        "reward_s": statistics.median(reward),
+        "phase_s": statistics.median(phase),
+        "serial_s": statistics.median(serial),
+        "max_s": statistics.median(floor),
+        "hidden_fraction": statistics.median(hidden),
+    }
+
+
 def make_dataset(size: int, resolution: int) -> Dataset:
     """Prompts and random data images (uint8 `[H, W, 3]`) for the data term."""
     generator = np.random.default_rng(0)
@@ -138,14 +189,19 @@ def run(args: argparse.Namespace, output_dir: str) -> None:
         save_strategy="no",
         disable_tqdm=True,
         seed=0,
+        rollout_batch_size=args.rollout_batch_size,
+        async_rewards=not args.no_async_rewards,
     )
     raw = sd3_raw_floor(args, pipeline, config.num_trained_steps)
     raw.iteration()  # warm-up, paired with the trainer's warm-up iteration
     timer = StepTimer(between=raw.iteration)
     resolution = args.latent_size * pipeline.vae_scale_factor
-    trainer = DDRLTrainer(
-        pipeline, args.reward, args=config, train_dataset=make_dataset(8, resolution), callbacks=[timer]
-    )
+    reward = args.reward
+    if args.reward_seconds_per_sample:
+        from trl_ddrl.rewards import get_reward_function
+
+        reward = DelayedReward(get_reward_function(args.reward), args.reward_seconds_per_sample)
+    trainer = DDRLTrainer(pipeline, reward, args=config, train_dataset=make_dataset(8, resolution), callbacks=[timer])
     generate_s = time_calls(trainer.rollout, "generate")
     with PeakRSS() as rss:
         trainer.train()
@@ -154,6 +210,7 @@ def run(args: argparse.Namespace, output_dir: str) -> None:
     logs = [entry for entry in trainer.state.log_history if "time/rollout" in entry][1:]
     rollout = [entry["time/rollout"] for entry in logs]
     reward = [entry["time/reward"] for entry in logs]
+    reward_wait = [entry["time/reward_wait"] for entry in logs]
     iteration = timer.durations[1:]
     generate = generate_s[1:]
     train = [total - gen for total, gen in zip(iteration, generate, strict=True)]
@@ -191,6 +248,7 @@ def run(args: argparse.Namespace, output_dir: str) -> None:
             "train_s": summary(raw_train),
             "samples_per_s": samples / statistics.median(raw_iteration),
         },
+        "reward_overlap": overlap(rollout, reward, reward_wait, config.async_rewards),
         "ratio_trainer_over_raw": {"median": ratio, "per_iteration": ratios},
         "goal_ratio_at_most": GOAL_RATIO,
         "process_peak_rss_mib": process_peak_rss_mib(),
@@ -225,6 +283,12 @@ def run(args: argparse.Namespace, output_dir: str) -> None:
     )
     print(
         f"trainer / raw = {ratio:.3f} (median of per-iteration ratios {[round(r, 3) for r in ratios]}; goal <= {GOAL_RATIO})"
+    )
+    hidden = result["reward_overlap"]
+    print(
+        f"reward overlap: sampling {hidden['sampling_s']:.2f} s, reward {hidden['reward_s']:.2f} s -> rollout phase "
+        f"{hidden['phase_s']:.2f} s (serial {hidden['serial_s']:.2f}, max {hidden['max_s']:.2f}); "
+        f"{100 * hidden['hidden_fraction']:.0f}% of the reward time hidden"
     )
     print(f"wrote {args.output}")
 

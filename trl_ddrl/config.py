@@ -110,8 +110,10 @@ class DDRLConfig(_BaseConfig):
         prompts_per_step (`int`, *optional*, defaults to `4`):
             Number of distinct prompts per RL iteration, across all processes.
         rollout_batch_size (`int`, *optional*):
-            Number of samples denoised at once on each process. Defaults to all samples of the iteration on that
-            process.
+            Number of samples denoised at once on each process. Defaults to half of the iteration's samples on that
+            process when a reward model (an `nn.Module`) or a reward server client is among the rewards and
+            `async_rewards` is on, so that the first half is scored while the second is sampled; to all of them
+            otherwise (cheap reward functions have nothing worth overlapping).
         num_inference_steps (`int`, *optional*, defaults to `20`):
             Number of sampling steps of a rollout.
         train_timesteps (`list[int]`, *optional*):
@@ -205,7 +207,13 @@ class DDRLConfig(_BaseConfig):
         async_rewards (`bool`, *optional*, defaults to `True`):
             Score each rollout chunk (`rollout_batch_size` samples) in a background thread while the next chunk is
             being sampled, so reward computation (a reward model, or a remote reward server) overlaps the rollouts.
-            Reward functions are still called one at a time. No effect when one chunk holds all the samples.
+            Reward functions are still called one at a time. No effect when one chunk holds all the samples (see
+            `rollout_batch_size`).
+        reward_device (`str`, *optional*):
+            Device of the reward models (`nn.Module` rewards and evaluation judges), such as `"cuda:1"` to keep them
+            off the sampling GPU; the training device by default. Each rollout chunk's images are copied there. On the
+            training GPU itself, reward models run on a CUDA stream of their own (with `async_rewards`), so their
+            kernels overlap the sampler's.
         reward_error_policy (`str`, *optional*, defaults to `"raise"`):
             What to do when a reward function raises, times out or returns NaN, None or a wrong number of values:
             `"raise"` stops with an error naming the function and prompt; `"drop_group"` gives the failing group's
@@ -435,7 +443,11 @@ class DDRLConfig(_BaseConfig):
     num_generations: int = field(default=8, metadata={"help": "Group size: samples per prompt."})
     prompts_per_step: int = field(default=4, metadata={"help": "Distinct prompts per RL iteration, all processes."})
     rollout_batch_size: int | None = field(
-        default=None, metadata={"help": "Samples denoised at once on each process. Defaults to all of them."}
+        default=None,
+        metadata={
+            "help": "Samples denoised at once on each process. Defaults to half of them when a reward model or "
+            "server is scored beside the sampling (async_rewards), else to all of them."
+        },
     )
     num_inference_steps: int = field(default=20, metadata={"help": "Sampling steps of a rollout."})
     train_timesteps: list[int] | None = field(
@@ -523,6 +535,10 @@ class DDRLConfig(_BaseConfig):
     async_rewards: bool = field(
         default=True,
         metadata={"help": "Score each rollout chunk in a background thread while the next chunk is sampled."},
+    )
+    reward_device: str | None = field(
+        default=None,
+        metadata={"help": "Device of the reward models, such as 'cuda:1'; the training device by default."},
     )
     reward_error_policy: str = field(
         default="raise",
@@ -769,6 +785,14 @@ class DDRLConfig(_BaseConfig):
         self._derive_micro_batches()
         if self.rollout_batch_size is not None and self.rollout_batch_size < 1:
             raise ValueError(f"rollout_batch_size={self.rollout_batch_size} must be >= 1 or unset.")
+        if self.reward_device is not None:
+            try:
+                torch.device(self.reward_device)
+            except RuntimeError as error:
+                raise ValueError(
+                    f"reward_device={self.reward_device!r} is not a device ({error}); use a name such as 'cuda:1', "
+                    "'cuda' or 'cpu', or leave it unset for the training device."
+                ) from None
 
         # Evaluation and sample logging
         self._check_positive("eval_num_generations")

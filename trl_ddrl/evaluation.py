@@ -61,6 +61,7 @@ def _score(
 ) -> torch.Tensor:
     """Rewards `[S, R]` of the samples, NaN where a function gave None (or failed, with `drop_group`)."""
     columns = {key: [row[key] for row in rows] for key in rows[0] if key != "prompt"}
+    images = images.to(trainer.args.reward_device or images.device)  # where the reward models are
     rewards = torch.full((len(prompts), len(reward_funcs)), float("nan"))
     for index, (reward_func, name) in enumerate(zip(reward_funcs, names, strict=True)):
         try:

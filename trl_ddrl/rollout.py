@@ -37,6 +37,7 @@ from .parallel import ProcessMesh
 from .pipelines import Conditioning, DiffusionAdapter
 from .reward_calls import DroppedGroups, RewardCallAbandoned, RewardCaller
 from .rewards import RewardFunctionError, check_rewards
+from .rollout_plan import default_rollout_chunk, overlaps_sampling
 from .sde_window import initial_states, join_prefix, rollout_steps
 from .tracking import Samples
 from .utils import unique_with_index
@@ -196,6 +197,10 @@ class RolloutEngine:
         self.dropped_groups = DroppedGroups(args.max_dropped_rollouts, args.reward_error_policy)
         self.reward_errors: list[str] = []  # this rollout's reward errors under drop_group / group_mean
         self.rewards_that_worked: set[str] = set()  # names of rewards that returned at least once
+        self.reward_device = torch.device(args.reward_device) if args.reward_device else accelerator.device
+        # On the sampling GPU, background scoring gets a stream of its own so that its kernels overlap the sampler's.
+        same_gpu = self.reward_device.type == "cuda" and self.reward_device == accelerator.device
+        self.reward_stream = torch.cuda.Stream(self.reward_device) if same_gpu and self.reward_executor else None
         self.synthetic_latents: dict[str, torch.Tensor] = {}  # data_source="base_model": one sample per prompt, CPU
         self.last_images: torch.Tensor | None = None  # the last rollout's first 16 images, CPU
         self.last_samples: Samples | None = None
@@ -210,7 +215,8 @@ class RolloutEngine:
         args = self.args
         device = self.accelerator.device
         prompts = [row["prompt"] for row in rows]
-        chunk = args.rollout_batch_size or len(prompts)
+        overlap = args.async_rewards and any(overlaps_sampling(reward_func) for reward_func in self.reward_funcs)
+        chunk = args.rollout_batch_size or default_rollout_chunk(len(prompts), overlap)
         start = time.perf_counter()
         latents, means, images, denoised = [], [], [], []
         scored = self.pending_rewards = []  # cancelled by `train` if it stops on an error or Ctrl-C
@@ -252,11 +258,11 @@ class RolloutEngine:
                 denoised.append(trajectory.denoised)
                 images.append(chunk_images)
                 # Scoring this chunk overlaps the sampling of the next one.
-                score_args = (prompts[i : i + chunk], chunk_images, rows[i : i + chunk])
+                score_args = (prompts[i : i + chunk], chunk_images, rows[i : i + chunk], trainer_state)
                 scored.append(
-                    self.reward_executor.submit(self.score, *score_args, trainer_state)
+                    self.reward_executor.submit(self.score, *score_args, ready=images_ready(chunk_images))
                     if self.reward_executor
-                    else self.score(*score_args, trainer_state)
+                    else self.score(*score_args)
                 )
         rollout_time = time.perf_counter() - start
         latents, means, images = torch.cat(latents), torch.cat(means), torch.cat(images)
@@ -327,16 +333,34 @@ class RolloutEngine:
         )
 
     def score(
-        self, prompts: list[str], images: torch.Tensor, rows: list[dict], trainer_state: TrainerState
+        self,
+        prompts: list[str],
+        images: torch.Tensor,
+        rows: list[dict],
+        trainer_state: TrainerState,
+        ready: "torch.cuda.Event | None" = None,
     ) -> tuple[torch.Tensor, float]:
         """
         Rewards `[S, R]` of these samples, NaN where a function gave None (or, when dropping, for every sample of a
         call that failed and for each invalid value), and the seconds the reward functions took. Each call runs
         under `reward_timeout` ([`RewardCaller`]).
+        The functions see `images` on `reward_device` (see [`reward_placement`]); `ready` marks when the sampler
+        finished writing them.
         """
         rewards = torch.full((len(prompts), len(self.reward_funcs)), float("nan"), dtype=torch.float32)
         if not self.mesh.is_context_parallel_leader:  # the group's first rank scores its (shared) samples
             return rewards.to(self.accelerator.device), 0.0
+        with reward_placement(images, self.reward_device, self.reward_stream, ready) as placed:
+            return self._score_placed(prompts, placed, rows, trainer_state, rewards)
+
+    def _score_placed(
+        self,
+        prompts: list[str],
+        images: torch.Tensor,
+        rows: list[dict],
+        trainer_state: TrainerState,
+        rewards: torch.Tensor,
+    ) -> tuple[torch.Tensor, float]:
         start = time.perf_counter()
         columns = {key: [row[key] for row in rows] for key in rows[0] if key != "prompt"}
         raising = self.args.reward_error_policy == "raise"
@@ -459,3 +483,37 @@ class RolloutEngine:
             for prompt, latents in zip(missing, trajectory.latents[:, -1]):
                 self.synthetic_latents[prompt] = latents.cpu()
         return torch.stack([self.synthetic_latents[prompt] for prompt in prompts]).to(self.accelerator.device)
+
+
+def images_ready(images: torch.Tensor) -> "torch.cuda.Event | None":
+    """An event recorded after the kernels that wrote `images` (on the current CUDA stream); None off CUDA."""
+    if images.device.type != "cuda":
+        return None
+    event = torch.cuda.Event()
+    event.record(torch.cuda.current_stream(images.device))
+    return event
+
+
+@contextlib.contextmanager
+def reward_placement(
+    images: torch.Tensor,
+    device: torch.device,
+    stream: "torch.cuda.Stream | None",
+    ready: "torch.cuda.Event | None",
+):
+    """
+    `images` as the reward functions see them: on `device`, and, with a `stream` on the images' own GPU, with every
+    reward kernel on that stream after the sampler's `ready` event (the images' memory is held for the stream until
+    its work ends, so the sampler's next chunk cannot reuse it early). Without a stream (CPU, another device, or
+    scoring on the main thread) the copy waits for `ready` in the calling thread, then runs as usual.
+    """
+    if stream is None or images.device != stream.device:
+        if ready is not None:
+            ready.synchronize()
+        yield images.to(device)
+        return
+    with torch.cuda.stream(stream):
+        if ready is not None:
+            stream.wait_event(ready)
+        images.record_stream(stream)
+        yield images

@@ -39,3 +39,19 @@ def select_train_steps(
     num_trainable = num_inference_steps - 1
     order = torch.randperm(num_trainable, generator=_iteration_generator(seed, iteration, 0))
     return sorted(order[: len(train_timesteps)].tolist())
+
+
+def overlaps_sampling(reward_func) -> bool:
+    """
+    Whether a reward is worth scoring beside the sampling of the next chunk: a reward model (an `nn.Module`) or the
+    client of a server (an object with a `url`: `RemoteReward`, `OpenAIJudge`), unlike a cheap function.
+    """
+    return isinstance(reward_func, torch.nn.Module) or isinstance(getattr(reward_func, "url", None), str)
+
+
+def default_rollout_chunk(num_samples: int, overlap: bool) -> int:
+    """
+    Samples denoised at once when `rollout_batch_size` is unset: half of a process's samples (rounded up) when rewards
+    `overlap` the sampling, so that the first half is scored while the second is sampled; all of them otherwise.
+    """
+    return max(1, -(-num_samples // 2)) if overlap else num_samples

@@ -345,7 +345,7 @@ class DDRLTrainer(_BaseTrainer):
             module.to(device)
         for reward_func in self.evaluator.reward_funcs:
             if isinstance(reward_func, nn.Module):
-                reward_func.to(device).eval().requires_grad_(False)
+                reward_func.to(args.reward_device or device).eval().requires_grad_(False)
 
         self.ref_model = None
         needs_reference = args.kl_beta > 0 or (args.data_beta > 0 and args.data_source == "base_model")
