@@ -367,7 +367,12 @@ class RolloutEngine:
         for index, (reward_func, name) in enumerate(zip(self.reward_funcs, self.reward_names, strict=True)):
             try:
                 values = self.reward_caller(
-                    name, reward_func, prompts=prompts, images=images, trainer_state=trainer_state, **columns
+                    name,
+                    on_stream(self.reward_stream, reward_func),
+                    prompts=prompts,
+                    images=images,
+                    trainer_state=trainer_state,
+                    **columns,
                 )
                 problems = None if raising else []  # dropping: an invalid value drops only its sample's group
                 rewards[:, index] = torch.tensor(check_rewards(values, len(prompts), name, prompts, problems))
@@ -517,3 +522,15 @@ def reward_placement(
             stream.wait_event(ready)
         images.record_stream(stream)
         yield images
+
+
+def on_stream(stream: "torch.cuda.Stream | None", func: Callable) -> Callable:
+    """`func` running its kernels on `stream` in whichever thread calls it (the current stream is per thread)."""
+    if stream is None:
+        return func
+
+    def call(*args: Any, **kwargs: Any) -> Any:
+        with torch.cuda.stream(stream):
+            return func(*args, **kwargs)
+
+    return call
