@@ -113,6 +113,7 @@ OPTION_GROUPS: list[tuple[str, str, tuple[str, ...]]] = [
             "scale_rewards",
             "multi_objective_aggregation",
             "async_rewards",
+            "reward_device",
             "reward_error_policy",
         ),
     ),
