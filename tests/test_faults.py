@@ -200,6 +200,22 @@ def test_resume_refuses_a_lora_checkpoint_of_other_target_modules(tiny_sd3_path,
         trainer.train(resume_from_checkpoint=True)
 
 
+def test_resume_into_another_architecture_names_the_checkpoint_and_the_fix(tiny_sd3_path, tmp_path):
+    """A LoRA of another rank (same targets) used to end in torch's raw `size mismatch for ...` RuntimeError."""
+    from peft import LoraConfig
+
+    def lora(rank):
+        return LoraConfig(r=rank, lora_alpha=rank, target_modules=["to_q"], init_lora_weights="gaussian")
+
+    args = fault_args(tmp_path, max_steps=2)
+    DDRLTrainer(tiny_sd3_path, brightness, args=args, train_dataset=prompt_dataset(True), peft_config=lora(4)).train()
+    trainer = DDRLTrainer(
+        tiny_sd3_path, brightness, args=args, train_dataset=prompt_dataset(True), peft_config=lora(8)
+    )
+    with pytest.raises(CheckpointError, match=r"was written for another architecture: .* size mismatch for .*lora_A"):
+        trainer.train(resume_from_checkpoint=True)
+
+
 @pytest.mark.parametrize(
     "kwargs, message",
     [

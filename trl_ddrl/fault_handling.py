@@ -495,6 +495,25 @@ def check_lora_load(checkpoint: str, result: Any, loaded: int) -> None:
     )
 
 
+@contextlib.contextmanager
+def same_architecture(checkpoint: str, component: str):
+    """
+    Turn torch's `size mismatch for ...` error of a state-dict load into a `CheckpointError` that says the checkpoint
+    was written for another architecture (or LoRA rank) and how to resume, with the first mismatching tensor.
+    """
+    try:
+        yield
+    except RuntimeError as error:
+        lines = [line.strip() for line in str(error).splitlines() if "size mismatch" in line]
+        if not lines:
+            raise
+        raise CheckpointError(
+            f"resume_from_checkpoint={checkpoint!r} was written for another architecture: {len(lines)} tensor(s) of "
+            f"its {component} do not fit this model's, for example {lines[0].removesuffix('.')}. Resume with the model "
+            "(and LoRA rank) the checkpoint was trained with, or start a new run in a new output_dir."
+        ) from None
+
+
 # ---- divergence ---------------------------------------------------------------------------------------------------
 
 

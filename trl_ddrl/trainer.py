@@ -48,6 +48,7 @@ from .fault_handling import (
     check_lora_target_modules,
     check_resume_settings,
     resolve_resume_checkpoint,
+    same_architecture,
     staged_checkpoint,
 )
 from .losses import clipped_policy_loss, reverse_kl
@@ -832,7 +833,9 @@ class DDRLTrainer(_BaseTrainer):
                     )
                 prefix = f"{self.adapter.denoiser_name}."
                 state = {key.removeprefix(prefix): value for key, value in load_file(path).items()}
-                check_lora_load(resume_from_checkpoint, set_peft_model_state_dict(module, state), len(state))
+                with same_architecture(resume_from_checkpoint, component):
+                    result = set_peft_model_state_dict(module, state)
+                check_lora_load(resume_from_checkpoint, result, len(state))
                 continue
             files = sorted(glob.glob(os.path.join(resume_from_checkpoint, component, "*.safetensors")))
             if not files:
@@ -843,7 +846,8 @@ class DDRLTrainer(_BaseTrainer):
             state = {}
             for file in files:
                 state.update(load_file(file))
-            module.load_state_dict(state)
+            with same_architecture(resume_from_checkpoint, component):
+                module.load_state_dict(state)
 
     def create_model_card(
         self, model_name: str | None = None, dataset_name: str | None = None, tags: str | list[str] | None = None
