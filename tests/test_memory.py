@@ -162,3 +162,26 @@ def test_vae_slicing_lowers_the_decode_peak():
         peaks.append(window.peak)
         del images
     assert peaks[1] < 0.5 * peaks[0], peaks
+
+
+def test_the_estimator_samples_with_the_trainers_settings(tmp_path, monkeypatch):
+    """The estimator built its own SamplingSettings and dropped `karras_sigmas` (the Cosmos recipe's schedule)."""
+    import trl_ddrl.pipelines as pipelines
+    from trl_ddrl.memory import LiveBytes, run_iteration
+    from trl_ddrl.pipelines import SamplingSettings
+
+    seen = []
+
+    class Stop(Exception):
+        pass
+
+    def capture(pipeline, settings):
+        seen.append(settings)
+        raise Stop
+
+    monkeypatch.setattr(pipelines, "get_adapter", capture)
+    args = tiny_args(tmp_path, karras_sigmas=[200.0, 0.01, 7.0], num_inference_steps=21, sampler="churn")
+    with pytest.raises(Stop):
+        run_iteration(tiny_sd3_pipeline(), args, LiveBytes(lambda label: 1.0))
+    assert seen == [SamplingSettings.from_config(args)]
+    assert seen[0].karras_sigmas == (200.0, 0.01, 7.0)

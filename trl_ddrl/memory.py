@@ -517,24 +517,7 @@ def run_iteration(
 
     parallelism = parallelism or Parallelism()
     windows = {} if windows is None else windows
-    adapter = get_adapter(
-        pipeline,
-        SamplingSettings(
-            num_inference_steps=args.num_inference_steps,
-            eta=args.eta,
-            sampler=args.sampler,
-            guidance_scale=args.guidance_scale,
-            guidance_scale_2=args.guidance_scale_2,
-            height=args.height,
-            width=args.width,
-            num_frames=args.num_frames,
-            max_sequence_length=args.max_sequence_length,
-            num_conditioning_frames=args.num_conditioning_frames,
-            log_ratio_form=args.log_ratio_form,
-            data_loss_weighting=args.data_loss_weighting,
-            train_experts=args.train_experts,
-        ),
-    )
+    adapter = get_adapter(pipeline, SamplingSettings.from_config(args))
     # As DDRLTrainer.__init__: frozen parts, LoRA or full training, activation checkpointing.
     for module in adapter.frozen_modules():
         module.requires_grad_(False).eval()

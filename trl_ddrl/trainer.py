@@ -254,25 +254,7 @@ class DDRLTrainer(_BaseTrainer):
 
         self.pipeline = pipeline
         self.model_id = str(model_id)
-        self.adapter = get_adapter(
-            pipeline,
-            SamplingSettings(
-                num_inference_steps=args.num_inference_steps,
-                eta=args.eta,
-                sampler=args.sampler,
-                guidance_scale=args.guidance_scale,
-                guidance_scale_2=args.guidance_scale_2,
-                height=args.height,
-                width=args.width,
-                num_frames=args.num_frames,
-                max_sequence_length=args.max_sequence_length,
-                num_conditioning_frames=args.num_conditioning_frames,
-                log_ratio_form=args.log_ratio_form,
-                data_loss_weighting=args.data_loss_weighting,
-                train_experts=args.train_experts,
-                karras_sigmas=tuple(args.karras_sigmas) if args.karras_sigmas else None,
-            ),
-        )
+        self.adapter = get_adapter(pipeline, SamplingSettings.from_config(args))
         # Two experts, one trained: only the sampling steps it computes train.
         args.restrict_trained_steps(self.adapter.trainable_steps(), f"train_experts={args.train_experts!r}")
         # The family's sampler and eta, resolved from "auto" / None, so that the saved config shows what ran.

@@ -93,6 +93,26 @@ class SamplingSettings:
     karras_sigmas: tuple[float, float, float] | None = None
     """EDM `(sigma_max, sigma_min, rho)` of a Karras schedule replacing the scheduler's (see `DDRLConfig`)."""
 
+    @classmethod
+    def from_config(cls, args) -> "SamplingSettings":
+        """The settings of a [`DDRLConfig`] `args`: one place that the trainer and the memory estimator share."""
+        return cls(
+            num_inference_steps=args.num_inference_steps,
+            eta=args.eta,
+            sampler=args.sampler,
+            guidance_scale=args.guidance_scale,
+            guidance_scale_2=args.guidance_scale_2,
+            height=args.height,
+            width=args.width,
+            num_frames=args.num_frames,
+            max_sequence_length=args.max_sequence_length,
+            num_conditioning_frames=args.num_conditioning_frames,
+            log_ratio_form=args.log_ratio_form,
+            data_loss_weighting=args.data_loss_weighting,
+            train_experts=args.train_experts,
+            karras_sigmas=tuple(args.karras_sigmas) if args.karras_sigmas else None,
+        )
+
 
 def default_eta(sampler: str, num_inference_steps: int, karras: bool = False) -> float:
     """
