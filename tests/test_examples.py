@@ -18,6 +18,7 @@ from diffusers import DiffusionPipeline
 from PIL import Image
 from safetensors.torch import load_file
 from tiny_models import (
+    TINY_HUNYUAN_GLYPH_LENGTH,
     tiny_cosmos2_5_pipeline,
     tiny_cosmos2_pipeline,
     tiny_flux2_pipeline,
@@ -32,6 +33,8 @@ from tiny_models import (
     tiny_wan_i2v_pipeline,
     tiny_wan_pipeline,
 )
+
+from trl_ddrl import DDRLConfig
 
 
 EXAMPLES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples")
@@ -180,6 +183,40 @@ CASES = {
 }
 
 
+def shrink_the_iteration(monkeypatch) -> None:
+    """
+    The examples' DDRLConfig at a test's size: 2 prompts x 2 samples, 4 sampling steps, micro-batches of 2 (the scripts' 4 x 8 x 20 steps
+    made this file most of the default suite's time). Everything else in the scripts' configs is kept.
+    """
+    original_post_init = DDRLConfig.__post_init__
+
+    def post_init(self):
+        self.prompts_per_step, self.num_generations, self.num_inference_steps = 2, 2, 4
+        self.per_device_train_batch_size = 2  # divides the 4 samples' trained steps of any expert
+        if self.rollout_batch_size is not None:
+            self.rollout_batch_size = min(self.rollout_batch_size, 4)
+        original_post_init(self)
+
+    monkeypatch.setattr(DDRLConfig, "__post_init__", post_init)
+
+
+def keep_tiny_glyph_length(monkeypatch) -> None:
+    """
+    `HunyuanVideo15Pipeline.from_pretrained` resets the ByT5 prompt length to 256, where the tiny pipeline encodes
+    `TINY_HUNYUAN_GLYPH_LENGTH`: at 256 the fixed 2048-wide glyph projection makes the one-step example take minutes on a CPU.
+    """
+    from diffusers import HunyuanVideo15Pipeline
+
+    original_init = HunyuanVideo15Pipeline.__init__
+
+    @functools.wraps(original_init)
+    def init(self, *args, **kwargs):
+        original_init(self, *args, **kwargs)
+        self.tokenizer_2_max_length = TINY_HUNYUAN_GLYPH_LENGTH
+
+    monkeypatch.setattr(HunyuanVideo15Pipeline, "__init__", init)
+
+
 @pytest.mark.parametrize("case", list(CASES))
 def test_example_trains_and_saves_a_loadable_result(case, data_files, tmp_path, monkeypatch):
     script, make_pipeline, denoiser_name, extra_args = CASES[case]
@@ -190,6 +227,9 @@ def test_example_trains_and_saves_a_loadable_result(case, data_files, tmp_path, 
     # One optimizer step: without warm-up, since the first warm-up step has learning rate 0.
     monkeypatch.setattr(sys, "argv", [*argv, "--max_steps", "1", "--warmup_steps", "0", *extra_args(data_files)])
 
+    shrink_the_iteration(monkeypatch)
+    if case == "hunyuan_video15":
+        keep_tiny_glyph_length(monkeypatch)
     runpy.run_path(os.path.join(EXAMPLES, script), run_name="__main__")
 
     pipeline = DiffusionPipeline.from_pretrained(model_dir if case.endswith("lora") else output_dir)

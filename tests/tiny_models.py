@@ -606,6 +606,10 @@ def tiny_cosmos2_5_pipeline(seed: int = 0, euler: bool = False):
     )
 
 
+# ByT5 prompt tokens of the tiny HunyuanVideo 1.5 pipeline (the real pipeline encodes 256).
+TINY_HUNYUAN_GLYPH_LENGTH = 16
+
+
 def tiny_hunyuan_video15_pipeline(seed: int = 0):
     """
     A random `HunyuanVideo15Pipeline` generating 5-frame 32x32 videos from [4, 2, 4, 4] latents (a VAE with 8x
@@ -665,7 +669,7 @@ def tiny_hunyuan_video15_pipeline(seed: int = 0):
     )
     # The ByT5 projection's hidden width is fixed at 2048, so 256 glyph tokens dominate the tiny model's cost: encode
     # 16 (a pipeline attribute, back at 256 after `from_pretrained`).
-    pipeline.tokenizer_2_max_length = 16
+    pipeline.tokenizer_2_max_length = TINY_HUNYUAN_GLYPH_LENGTH
     return pipeline
 
 
