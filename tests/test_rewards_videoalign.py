@@ -10,6 +10,7 @@ from PIL import Image
 from tiny_models import save_tiny_videoalign_release
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
+from trl_ddrl.rewards.qwen_reward import to_qwen2vl_model_keys
 from trl_ddrl.rewards.qwen_vision import (
     OPENAI_CLIP_MEAN,
     OPENAI_CLIP_STD,
@@ -20,7 +21,7 @@ from trl_ddrl.rewards.qwen_vision import (
     smart_resize,
     video_pixel_inputs,
 )
-from trl_ddrl.rewards.videoalign import VIDEOALIGN_PROMPT, VideoAlignReward, merge_lora, to_qwen2vl_model_keys
+from trl_ddrl.rewards.videoalign import VIDEOALIGN_PROMPT, VideoAlignReward, merge_lora
 
 
 # A short stand-in for the 3 000-character evaluation prompt (one byte per token with the tiny tokenizer): same
@@ -117,9 +118,11 @@ def test_state_dict_keys_of_both_transformers_layouts():
     new = {"model.language_model.layers.0.w": 1, "model.visual.blocks.0.w": 2, "rm_head.weight": torch.ones(1, 2)}
     for layout in (old, new):
         weights, head = to_qwen2vl_model_keys(layout)
-        assert weights == {"language_model.layers.0.w": 1, "visual.blocks.0.w": 2} and head.shape == (1, 2)
-    with pytest.raises(ValueError, match="no reward head"):
+        assert weights == {"language_model.layers.0.w": 1, "visual.blocks.0.w": 2} and head["weight"].shape == (1, 2)
+    with pytest.raises(ValueError, match=r"no reward head \(no 'rm_head\.\*' keys\)"):
         to_qwen2vl_model_keys({"model.layers.0.w": 1})
+    with pytest.raises(ValueError, match="Unexpected key 'text.w' in the checkpoint"):
+        to_qwen2vl_model_keys({"text.w": 1, "rm_head.weight": 2})
 
 
 @pytest.fixture(scope="module")
@@ -249,3 +252,25 @@ def test_cli_trains_with_videoalign_and_a_vlm_judge(release, tiny_sd3_path, tmp_
     logged = state["log_history"][0]  # each reward under its object's name
     assert np.isfinite(logged["rewards/videoalign_vq/mean"]) and logged["rewards/videoalign_vq/std"] > 0
     assert logged["rewards/vlm_judge_judge/mean"] == 4.0
+
+
+def test_the_decoder_sees_sequential_positions_as_in_the_release(release):
+    """
+    The release's reward forward (transformers 4.45) embeds the video itself and calls the text decoder with
+    `position_ids=None`, i.e. positions 0 .. L-1 on all three M-RoPE axes, not Qwen2-VL's multimodal positions.
+    """
+    reward = tiny_reward(release[0], normalize=False)
+    videos, prompts = torch.rand(2, 4, 3, 28, 56, generator=torch.Generator().manual_seed(2)), ["a cat", "a dog"]
+    model, vision = reward.model, reward.model.config.vision_config
+    frames = sample_video_frames(videos, reward.video_fps, reward.settings.fps, reward.settings.num_frames)
+    pixels, grid = video_pixel_inputs(frames, reward.settings.max_pixels, reward.settings.min_pixels)
+    count = int(grid[0].prod()) // vision.spatial_merge_size**2
+    ids = torch.tensor([reward._text_ids(prompt, count) for prompt in prompts])  # equal lengths: no padding
+    embeds = model.get_input_embeddings()(ids)
+    video_embeds = torch.cat(model.get_video_features(pixels, grid).pooler_output)
+    embeds = embeds.masked_scatter((ids == reward.video_token_id).unsqueeze(-1), video_embeds)
+    positions = torch.arange(ids.shape[1]).expand(3, *ids.shape)
+    hidden = model.language_model(inputs_embeds=embeds, position_ids=positions).last_hidden_state
+    rows = torch.stack([(ids == token).nonzero()[:, 1] for token in reward.reward_token_ids], dim=1)
+    expected = reward.head(hidden.gather(1, rows.unsqueeze(-1).expand(-1, -1, hidden.shape[-1])))[..., 0]
+    torch.testing.assert_close(reward.raw_scores(prompts, videos), expected, atol=1e-5, rtol=1e-5)

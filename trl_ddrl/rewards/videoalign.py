@@ -32,6 +32,14 @@ from typing import Any
 import torch
 from torch import nn
 
+from .qwen_reward import (
+    VIDEO_TOKEN,
+    build_qwen2vl_model,
+    chat_token_ids,
+    hidden_at_tokens,
+    pad_right,
+    to_qwen2vl_model_keys,
+)
 from .qwen_vision import VIDEO_MIN_PIXELS, sample_video_frames, video_pixel_inputs
 from .registry import register_reward, split_spec_argument
 
@@ -87,11 +95,6 @@ VIDEOALIGN_PROMPT = "\n".join(
         "",
     )
 )
-
-# Qwen2-VL's chat template around one video and a text, with its default system turn; split at the video tokens.
-CHAT_PREFIX = "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n<|vision_start|>"
-CHAT_SUFFIX = "<|vision_end|>{text}<|im_end|>\n<|im_start|>assistant\n"
-VIDEO_TOKEN = "<|video_pad|>"
 
 
 @dataclass
@@ -166,34 +169,6 @@ def merge_lora(state_dict: dict[str, torch.Tensor], scale: float) -> dict[str, t
     return merged
 
 
-def to_qwen2vl_model_keys(state_dict: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-    """
-    Split a VideoAlign state dict into `Qwen2VLModel` weights and the reward head `[out_dim, hidden]`.
-
-    Accepts the layouts of transformers 4.45 (`model.layers.*`, `visual.*`), of transformers >= 4.52
-    (`model.language_model.*`, `model.visual.*`) and PEFT's `base_model.model.` prefix; `lm_head` is dropped (the
-    reward reads hidden states).
-    """
-    weights, head = {}, None
-    for key, value in state_dict.items():
-        key = key.removeprefix("base_model.model.")
-        if key == "rm_head.weight":
-            head = value
-        elif key.startswith("lm_head."):
-            continue
-        elif key.startswith(("model.language_model.", "model.visual.")):
-            weights[key.removeprefix("model.")] = value
-        elif key.startswith("visual."):
-            weights[key] = value
-        elif key.startswith("model."):
-            weights["language_model." + key.removeprefix("model.")] = value
-        else:
-            raise ValueError(f"Unexpected key {key!r} in the VideoAlign checkpoint.")
-    if head is None:
-        raise ValueError("The VideoAlign checkpoint has no reward head ('rm_head.weight').")
-    return weights, head
-
-
 def latest_checkpoint(directory: Path, step: int | None = None) -> Path:
     """`directory/checkpoint-<step>`, the highest step if `step` is None."""
     found = {int(path.name.split("-")[-1]): path for path in directory.glob("checkpoint-*") if path.is_dir()}
@@ -226,20 +201,6 @@ def resolve_release(model_name_or_path: str) -> Path:
     from huggingface_hub import snapshot_download
 
     return Path(snapshot_download(model_name_or_path, allow_patterns=["model_config.json", "checkpoint-*"]))
-
-
-def reward_token_rows(input_ids: torch.Tensor, token_ids: list[int]) -> torch.Tensor:
-    """
-    Positions `[B, 3]` of the reward tokens `token_ids` in each row of `input_ids` `[B, L]`; each must appear exactly
-    once per row.
-    """
-    positions = []
-    for token_id in token_ids:
-        hits = (input_ids == token_id).nonzero()
-        if hits.shape[0] != input_ids.shape[0] or not torch.equal(hits[:, 0].cpu(), torch.arange(input_ids.shape[0])):
-            raise ValueError(f"Each sequence must hold reward token id {token_id} exactly once.")
-        positions.append(hits[:, 1])
-    return torch.stack(positions, dim=1)
 
 
 class VideoAlignReward(nn.Module):
@@ -303,8 +264,7 @@ class VideoAlignReward(nn.Module):
         model_init_kwargs: dict[str, Any] | None = None,
     ):
         super().__init__()
-        from transformers import AutoTokenizer, Qwen2VLConfig, Qwen2VLModel
-        from transformers.initialization import no_init_weights
+        from transformers import AutoTokenizer
 
         if dimension not in (*DIMENSIONS, OVERALL):
             raise ValueError(f"VideoAlign dimension={dimension!r}: choose one of {', '.join((OVERALL, *DIMENSIONS))}.")
@@ -327,7 +287,15 @@ class VideoAlignReward(nn.Module):
         self.prompt_template = VIDEOALIGN_PROMPT  # `{text_prompt}` and the three reward tokens, in order
 
         checkpoint = latest_checkpoint(release, checkpoint_step)
-        weights, head = to_qwen2vl_model_keys(load_release_state_dict(checkpoint, settings.lora_scale))
+        weights, head_state = to_qwen2vl_model_keys(
+            load_release_state_dict(checkpoint, settings.lora_scale), source=f"the VideoAlign checkpoint {checkpoint}"
+        )
+        if set(head_state) != {"weight"}:
+            raise ValueError(
+                f"The VideoAlign checkpoint {checkpoint} has reward head keys {sorted(head_state)}; expected "
+                "'rm_head.weight' alone (a bias-free linear head)."
+            )
+        head = head_state["weight"]
         tokenizer_path = checkpoint / "tokenizer"
         self.tokenizer = AutoTokenizer.from_pretrained(
             tokenizer_path if tokenizer_path.is_dir() else settings.base_model
@@ -336,18 +304,13 @@ class VideoAlignReward(nn.Module):
         self.reward_token_ids = self.tokenizer.convert_tokens_to_ids(list(REWARD_TOKENS))
         self.video_token_id = self.tokenizer.convert_tokens_to_ids(VIDEO_TOKEN)
 
-        init_kwargs = {"dtype": torch.bfloat16} | (model_init_kwargs or {})
-        config = Qwen2VLConfig.from_pretrained(settings.base_model)
-        config.text_config.vocab_size = weights["language_model.embed_tokens.weight"].shape[0]
-        if max(self.reward_token_ids) >= config.text_config.vocab_size:
-            raise ValueError(
-                f"The tokenizer gives the reward tokens ids {self.reward_token_ids}, beyond the checkpoint's "
-                f"{config.text_config.vocab_size} embeddings: the tokenizer does not belong to this checkpoint."
-            )
-        with no_init_weights():
-            self.model = Qwen2VLModel._from_config(config, **init_kwargs)
-        self.model.load_state_dict(weights, strict=True)
-        self.model.eval().requires_grad_(False)
+        self.model = build_qwen2vl_model(
+            settings.base_model,
+            weights,
+            self.reward_token_ids,
+            model_init_kwargs,
+            f"the VideoAlign checkpoint {checkpoint}",
+        )
         self.head = nn.Linear(head.shape[1], head.shape[0], bias=False, dtype=self.model.dtype)
         self.head.weight.data.copy_(head)
         self.head.requires_grad_(False)
@@ -358,10 +321,8 @@ class VideoAlignReward(nn.Module):
         """Token ids of the chat for one prompt around `num_video_tokens` video placeholders."""
         for token in REWARD_TOKENS:  # a prompt must not add reward tokens of its own
             prompt = prompt.replace(token, "")
-        text = CHAT_SUFFIX.format(text=self.prompt_template.format(text_prompt=prompt))
-        prefix = self.tokenizer(CHAT_PREFIX, add_special_tokens=False).input_ids
-        suffix = self.tokenizer(text, add_special_tokens=False).input_ids
-        return prefix + [self.video_token_id] * num_video_tokens + suffix
+        text = self.prompt_template.format(text_prompt=prompt)
+        return chat_token_ids(self.tokenizer, text, self.video_token_id, num_video_tokens)
 
     @torch.no_grad()
     def raw_scores(self, prompts: list[str], videos: torch.Tensor) -> torch.Tensor:
@@ -385,19 +346,10 @@ class VideoAlignReward(nn.Module):
             )
             num_video_tokens = int(grid[0].prod()) // vision.spatial_merge_size**2
             rows = [self._text_ids(prompt, num_video_tokens) for prompt in prompts[start : start + self.batch_size]]
-            length = max(len(row) for row in rows)
-            pad = self.tokenizer.pad_token_id
-            input_ids = torch.tensor([row + [pad] * (length - len(row)) for row in rows], device=device)
-            attention_mask = torch.tensor([[1] * len(row) + [0] * (length - len(row)) for row in rows], device=device)
-            hidden = self.model(
-                input_ids=input_ids,
-                attention_mask=attention_mask,
-                pixel_values_videos=pixels.to(self.model.dtype),
-                video_grid_thw=grid.to(device),
-                mm_token_type_ids=(input_ids == self.video_token_id).int() * 2,
-            ).last_hidden_state
-            positions = reward_token_rows(input_ids, self.reward_token_ids)
-            at_tokens = hidden.gather(1, positions.unsqueeze(-1).expand(-1, -1, hidden.shape[-1]))
+            input_ids, attention_mask = pad_right(rows, self.tokenizer.pad_token_id, device)
+            at_tokens = hidden_at_tokens(
+                self.model, input_ids, attention_mask, pixels, grid, self.reward_token_ids, video=True
+            )
             logits = self.head(at_tokens).float()  # [b, 3, out_dim]
             scores.append(logits[..., 0] if logits.shape[-1] == 1 else logits.diagonal(dim1=1, dim2=2))
         return torch.cat(scores).cpu()
