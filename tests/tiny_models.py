@@ -1018,3 +1018,49 @@ def save_tiny_llava_judge(path, answer_token: str | None = None):
     model.save_pretrained(path)
     processor.save_pretrained(path)
     return str(path)
+
+
+def save_tiny_hpsv3_checkpoint(directory, seed: int = 0, layout: str = "new"):
+    """
+    A random HPSv3 checkpoint in the release's layout, written under `directory`: `base/` (the base Qwen2-VL's config
+    and tokenizer, without `<|Reward|>`) and one state dict of `Qwen2VLRewardModelBT`, its embeddings one row larger
+    than the base tokenizer (the release added `<|Reward|>` and resized them): `HPSv3.safetensors` with transformers
+    >= 4.52 keys (`model.language_model.*`, `model.visual.*`) for `layout="new"`, or `model.pth` holding
+    `{"model": state dict}` with transformers 4.45 keys (`model.layers.*`, `visual.*`) for `layout="old"`; both with
+    `lm_head.weight` and the MLP head `rm_head.{0,3,5}.{weight,bias}` (hidden -> 8 -> 4 -> 2).
+    Returns `(checkpoint path, base path, the Qwen2VLModel state dict, the head's state dict without its prefix)`.
+    """
+    from pathlib import Path
+
+    from safetensors.torch import save_file
+    from transformers import Qwen2VLModel
+
+    directory = Path(directory)
+    tokenizer = tiny_qwen2_vl_tokenizer()
+    config = tiny_qwen2_vl_config(tokenizer)
+    (directory / "base").mkdir(parents=True)
+    config.save_pretrained(directory / "base")
+    tokenizer.save_pretrained(directory / "base")
+    config.text_config.vocab_size = len(tokenizer) + 1
+    torch.manual_seed(seed)
+    model = {key: value.clone() for key, value in Qwen2VLModel(config).state_dict().items()}
+    hidden = config.text_config.hidden_size
+    sizes = {"0": (8, hidden), "3": (4, 8), "5": (2, 4)}
+    head = {}
+    for index, (rows, columns) in sizes.items():
+        head[f"{index}.weight"] = torch.randn(rows, columns) / columns**0.5
+        head[f"{index}.bias"] = torch.randn(rows) * 0.1
+    saved = {f"rm_head.{key}": value for key, value in head.items()}
+    saved["lm_head.weight"] = torch.zeros(config.text_config.vocab_size, hidden)
+    for key, value in model.items():
+        if layout == "new":
+            saved[f"model.{key}"] = value
+        else:
+            saved["model." + key.removeprefix("language_model.") if key.startswith("language_model.") else key] = value
+    if layout == "new":
+        path = directory / "HPSv3.safetensors"
+        save_file(saved, path)
+    else:
+        path = directory / "model.pth"
+        torch.save({"model": saved}, path)
+    return path, directory / "base", model, head

@@ -4,7 +4,7 @@
 import importlib
 from typing import TYPE_CHECKING
 
-from . import builtin, videoalign, vlm_judge  # noqa: F401  (register their rewards; a new reward module adds its import here)
+from . import builtin, hpsv3, videoalign, vlm_judge  # noqa: F401  (register their rewards; a new reward module adds its import here)
 from .base import RewardFunctionError, check_rewards
 from .registry import available_rewards, get_reward_function, register_reward, resolve_reward_funcs
 
@@ -15,6 +15,7 @@ _LAZY_IMPORTS = {
     "AestheticScore": "models",
     "CLIPScore": "models",
     "HPSv2Score": "models",
+    "HPSv3Reward": "hpsv3",
     "ImageRewardScore": "models",
     "PickScore": "models",
     "OCRReward": "ocr",
@@ -27,6 +28,7 @@ _LAZY_IMPORTS = {
 }
 
 if TYPE_CHECKING:
+    from .hpsv3 import HPSv3Reward
     from .models import AestheticMLP, AestheticScore, CLIPScore, HPSv2Score, ImageRewardScore, PickScore
     from .ocr import OCRReward
     from .remote import RemoteReward
