@@ -1,13 +1,19 @@
 # Copyright 2026 The trl_ddrl Authors. Licensed under the Apache License, Version 2.0.
 """GenEval's scoring rules on hand-made detections (no detector), and its metadata reaching a reward server."""
 
+import importlib.util
 import json
+import sys
+import types
 
+import numpy as np
 import pytest
+import torch
 from test_rewards_server import random_images, serve
 
 from trl_ddrl.rewards import RemoteReward, create_app
 from trl_ddrl.rewards.geneval import (
+    COLORS,
     DetectedObject,
     GenEvalSettings,
     box_iou,
@@ -140,3 +146,60 @@ def test_the_metadata_columns_reach_a_reward_server_intact():
             ["a red car", "two dogs"], random_images(2, 3, 8, 8), trainer_state=object(), **columns
         )
     assert rewards == [0.0, 0.0] and received == [columns]
+
+
+def test_the_example_server_glues_detector_colours_and_rules(monkeypatch, tmp_path):
+    """`examples/reward_servers/geneval_server.py` with stand-ins for mmdet and OpenCLIP (not installed here)."""
+    seen = []
+
+    def inference_detector(model, images):
+        seen.extend(images)
+        car = np.array([[8, 8, 24, 24, 0.95], [0, 0, 2, 2, 0.1]], dtype=np.float32)  # one kept car, one weak box
+        mask = np.zeros((32, 32), dtype=bool)
+        mask[8:24, 8:24] = True
+        empty = np.zeros((0, 5), dtype=np.float32)
+        return [([empty, car, empty], [[], [mask, mask], []]) for _ in images]
+
+    class Clip:
+        def eval(self):
+            return self
+
+        def encode_text(self, tokens):  # the colour word of each template, one-hot
+            return torch.nn.functional.one_hot(tokens, len(COLORS)).float()
+
+        def encode_image(self, crops):  # red vs blue by the crop's mean colour
+            features = torch.zeros(len(crops), len(COLORS))
+            features[:, COLORS.index("red")], features[:, COLORS.index("blue")] = crops[:, 0], crops[:, 2]
+            return features
+
+    def tokenizer(texts):
+        return torch.tensor([next(i for i, c in enumerate(COLORS) if f" {c}" in text) for text in texts])
+
+    def transform(image):
+        return torch.tensor(np.asarray(image, dtype=np.float32).reshape(-1, 3).mean(axis=0))
+
+    apis = types.SimpleNamespace(init_detector=lambda *args, **kwargs: object(), inference_detector=inference_detector)
+    monkeypatch.setitem(sys.modules, "mmdet", types.ModuleType("mmdet"))
+    monkeypatch.setitem(sys.modules, "mmdet.apis", apis)
+    clip = types.SimpleNamespace(
+        create_model_and_transforms=lambda *args, **kwargs: (Clip(), None, transform),
+        get_tokenizer=lambda name: tokenizer,
+    )
+    monkeypatch.setitem(sys.modules, "open_clip", clip)
+    path = f"{__file__.rsplit('/tests/', 1)[0]}/examples/reward_servers/geneval_server.py"
+    spec = importlib.util.spec_from_file_location("geneval_server", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    (tmp_path / "names.txt").write_text("dog\ncar\ncat\n")
+    scorer = module.GenEvalScorer("config.py", "weights.pth", str(tmp_path / "names.txt"), device="cpu")
+
+    images = torch.zeros(2, 3, 32, 32)
+    images[0, 0, 8:24, 8:24] = 1.0  # a red square
+    images[1, 2, 8:24, 8:24] = 1.0  # a blue square
+    include = [[{"class": "car", "count": 1, "color": "red"}]] * 2
+    assert scorer(["a red car"] * 2, images, tag=["colors"] * 2, include=include) == [1.0, 0.5]
+    assert seen[0][16, 16].tolist() == [0, 0, 255]  # the detector gets BGR, as mmdet reads image files
+    scorer.reward = "correct"
+    assert scorer(["a red car"] * 2, images, tag=["colors"] * 2, include=include) == [1.0, 0.0]
+    with pytest.raises(ValueError, match="'metadata' column or GenEval's"):
+        scorer(["a red car"], images[:1])

@@ -43,11 +43,13 @@ class DetectedObject:
         confidence (`float`): The detector's score.
         color (`str`, *optional*): The colour GenEval's CLIP classifier gives the object's crop (one of [`COLORS`]);
             the server classifies the first objects of each class a colour clause asks about (see [`colors_needed`]).
+        index (`int`, *optional*): The box's row in the detector's output for its class (to find its mask).
     """
 
     box: tuple[float, float, float, float]
     confidence: float
     color: str | None = None
+    index: int | None = None
 
 
 @dataclass(frozen=True)
@@ -169,18 +171,21 @@ def select_objects(
     """
     GenEval's kept detections: per class, the boxes `[x1, y1, x2, y2, confidence]` above the confidence threshold
     (`counting_threshold` for `counting` prompts), most confident first, at most `max_objects`, then greedy NMS at
-    `nms_threshold` (off at 1). Classes without a kept box are left out.
+    `nms_threshold` (off at 1). Each kept object records its row in `detections[class]`; classes without a kept box
+    are left out.
     """
     threshold = settings.counting_threshold if tag == "counting" else settings.threshold
     kept = {}
     for classname, boxes in detections.items():
-        order = sorted((box for box in boxes if box[4] > threshold), key=lambda box: -box[4])[: settings.max_objects]
+        rows = sorted((row for row, box in enumerate(boxes) if box[4] > threshold), key=lambda row: -boxes[row][4])
+        order = rows[: settings.max_objects]
         objects = []
         while order:
             best = order.pop(0)
-            objects.append(DetectedObject(tuple(float(v) for v in best[:4]), float(best[4])))
+            box = boxes[best]
+            objects.append(DetectedObject(tuple(float(v) for v in box[:4]), float(box[4]), index=best))
             if settings.nms_threshold < 1:
-                order = [box for box in order if box_iou(best, box) < settings.nms_threshold]
+                order = [row for row in order if box_iou(box, boxes[row]) < settings.nms_threshold]
         if objects:
             kept[classname] = objects
     return kept
