@@ -1,6 +1,9 @@
 # Copyright 2026 The trl_ddrl Authors. Licensed under the Apache License, Version 2.0.
 """HPSv3 on a tiny random Qwen2-VL saved in the release's checkpoint layout."""
 
+import json
+
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
@@ -110,3 +113,44 @@ def test_registered_name_takes_checkpoint_base_and_options(checkpoint):
     assert isinstance(reward, Exported) and reward.max_pixels == 1568 and reward.batch_size == 2
     with pytest.raises(ValueError, match="no option 'fps'"):
         get_reward_function(f"hpsv3:{checkpoint[0]},{checkpoint[1]},fps=2")
+
+
+def test_cli_trains_with_hpsv3(checkpoint, tiny_sd3_path, tmp_path, monkeypatch):
+    from trl_ddrl import cli
+
+    monkeypatch.setattr(cli, "runs_in_one_process", lambda: True)
+    (tmp_path / "prompts.jsonl").write_text('{"prompt": "a cat"}\n{"prompt": "a dog"}\n')
+    argv = [
+        "--model_name_or_path", tiny_sd3_path,
+        "--dataset_name", str(tmp_path / "prompts.jsonl"),
+        "--output_dir", str(tmp_path / "out"),
+        "--reward_funcs", f"hpsv3:{checkpoint[0]},{checkpoint[1]},max_pixels={SMALL},min_pixels={SMALL}",
+        "--max_steps", "1", "--save_steps", "1",
+        "--num_generations", "2", "--prompts_per_step", "2", "--num_inference_steps", "2",
+        "--per_device_train_batch_size", "4", "--max_sequence_length", "16", "--data_beta", "0",
+        "--report_to", "none", "--disable_tqdm", "true",
+    ]  # fmt: skip
+    assert cli.main(argv) == 0
+    logged = json.loads((tmp_path / "out" / "checkpoint-1" / "trainer_state.json").read_text())["log_history"][0]
+    assert np.isfinite(logged["rewards/hpsv3/mean"]) and logged["rewards/hpsv3/std"] > 0
+
+
+def test_the_release_resolution_matches_the_transformers_image_processor():
+    """A 512 x 384 image at 200 704 pixels: the torch resize is within one 8-bit level of Qwen2-VL's PIL processor."""
+    from PIL import Image
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    from trl_ddrl.rewards.hpsv3 import IMAGE_PIXELS
+    from trl_ddrl.rewards.qwen_vision import OPENAI_CLIP_STD, video_pixel_inputs
+
+    y, x = np.mgrid[0:512, 0:384] / 40.0
+    image = np.stack([np.sin(x) * np.cos(y), np.sin(x + y), np.cos(x * 0.7)], axis=-1) * 127 + 128
+    image = image.round().astype(np.uint8)
+    processor = Qwen2VLImageProcessorPil(min_pixels=IMAGE_PIXELS, max_pixels=IMAGE_PIXELS)
+    expected = processor(images=[Image.fromarray(image)], return_tensors="pt")
+    frame = torch.from_numpy(image).permute(2, 0, 1).float() / 255
+    pixels, grid = video_pixel_inputs(frame[None, None].expand(1, 2, -1, -1, -1), IMAGE_PIXELS, IMAGE_PIXELS)
+    # 196 608 pixels is below the floor: scaled up and rounded up to 532 x 392 (both processors do so).
+    assert grid.tolist() == expected.image_grid_thw.tolist() == [[1, 38, 28]]
+    one_level = 1.01 / 255 / min(OPENAI_CLIP_STD)
+    assert (pixels - expected.pixel_values).abs().max() <= one_level

@@ -10,8 +10,8 @@ token's last hidden state. The two outputs are the mean `mu` and the log standar
 preference score (trained with an uncertainty-aware Bradley-Terry loss on `mu_a - mu_b` with variance
 `exp(s_a)**2 + exp(s_b)**2`); the score is `mu`, higher is preferred, on no fixed scale (not normalised).
 
-The image is resized to exactly 256 x 28 x 28 = 200 704 pixels (`min_pixels = max_pixels`, both sides multiples of
-28, aspect ratio kept as closely as that allows), normalised with CLIP's mean and standard deviation and patchified as
+The image is resized to about 256 x 28 x 28 = 200 704 pixels (`min_pixels = max_pixels`; both sides multiples of 28,
+so the area lands near the target: 448 x 448 for a square image, 532 x 392 for 512 x 384), normalised with CLIP's mean and standard deviation and patchified as
 a two-frame still video, as Qwen2-VL's image processor does. As in VideoAlign (whose reward class HPSv3 reuses), the
 text decoder runs under sequential positions (see [`~trl_ddrl.rewards.qwen_reward`]).
 
