@@ -30,11 +30,11 @@ python examples/reward_servers/geneval_server.py \
 ```
 
 Train (in the training environment) on prompts that carry GenEval's metadata, e.g. Flow-GRPO's
-`dataset/geneval/train_metadata.jsonl` (one JSON object per line: `prompt`, `tag`, `include`, optionally `exclude`):
+`dataset/geneval/train_metadata.jsonl` and `test_metadata.jsonl` (one JSON object per line: `prompt`, `tag`,
+`include`, optionally `exclude`) copied into a folder of their own, which loads as the `train` and `test` splits:
 
 ```bash
-trl-ddrl --config recipes/sd3.5-medium-geneval-ddrl.yaml \
-    --dataset_name flow_grpo/dataset/geneval/train_metadata.jsonl --reward_funcs http://<host>:8002
+trl-ddrl --config recipes/sd3.5-medium-geneval-ddrl.yaml --dataset_name geneval-prompts/ --reward_funcs http://<host>:8002
 ```
 
 Every dataset column reaches a reward as a keyword argument, and `RemoteReward` sends each JSON-serialisable column
