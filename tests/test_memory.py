@@ -185,3 +185,17 @@ def test_the_estimator_samples_with_the_trainers_settings(tmp_path, monkeypatch)
         run_iteration(tiny_sd3_pipeline(), args, LiveBytes(lambda label: 1.0))
     assert seen == [SamplingSettings.from_config(args)]
     assert seen[0].karras_sigmas == (200.0, 0.01, 7.0)
+
+
+def test_the_estimator_runs_the_cosmos_recipes_mixed_modes(tmp_path):
+    """With `num_conditioning_frames_choices` the rollout and the data term need each row's mode."""
+    from tiny_models import tiny_cosmos2_5_pipeline
+
+    from trl_ddrl.memory import LiveBytes, run_iteration
+
+    args = tiny_args(
+        tmp_path, num_frames=5, max_sequence_length=16, data_beta=0.01, num_conditioning_frames_choices=[0, 1]
+    )
+    windows = {}
+    run_iteration(tiny_cosmos2_5_pipeline(), args, LiveBytes(fake=False), windows=windows)
+    assert "rollout" in windows and "data" in windows

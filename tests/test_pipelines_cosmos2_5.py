@@ -4,6 +4,7 @@
 import numpy as np
 import pytest
 import torch
+from datasets import Dataset
 from family_checks import (
     CPU,
     PROMPTS,
@@ -11,13 +12,19 @@ from family_checks import (
     assert_reloaded_pipeline_has_the_trained_weights,
     changed_components,
     lora_config,
+    mean_pixel,
     module_states,
     train_one_step,
 )
 from test_pipelines_flow import assert_replay_ratio_is_one
+from test_pipelines_unet import ddrl_config
 from tiny_models import tiny_cosmos2_5_pipeline
 
+from trl_ddrl import DDRLTrainer
+from trl_ddrl.digits.pipeline import random_digits_pipeline
+from trl_ddrl.parallel import ProcessMesh
 from trl_ddrl.pipelines import Cosmos2_5PredictAdapter, SamplingSettings, get_adapter
+from trl_ddrl.rollout import read_prompt_rows
 
 
 def settings(**overrides) -> SamplingSettings:
@@ -162,3 +169,118 @@ def test_karras_sigmas_need_a_flow_family():
         get_adapter(
             tiny_sd15_pipeline(), SamplingSettings(num_inference_steps=3, eta=1.0, karras_sigmas=(80, 0.002, 7))
         )
+
+
+# ---- Modes mixed per group (num_conditioning_frames_choices), the authors' Cosmos-Predict2.5 recipe -----------------
+
+
+def test_mixed_modes_condition_each_row_as_a_run_of_its_own_mode():
+    """Rows of one batch in different modes get exactly the velocity and data loss of a run in that mode."""
+    pipeline = tiny_cosmos2_5_pipeline()
+    mixed = get_adapter(pipeline, settings(num_frames=9, num_conditioning_frames_choices=(0, 1, 5)))
+    assert mixed.num_conditioning_frames == 5  # the frames read from each row: the most any row is given
+    video = torch.rand(3, 9, 3, 32, 32, generator=torch.Generator().manual_seed(3)) * 2 - 1
+    conditioning = mixed.encode_prompts(PROMPTS[:1] * 3, CPU)
+    conditioning.update(mixed.encode_condition_frames(video))
+    frames = torch.tensor([0, 1, 5])
+    conditioning.update(mixed.frame_mode_conditioning(frames))
+    assert conditioning["condition_latent_frames"].tolist() == [0, 1, 2]
+    latents = torch.randn(3, *mixed.latent_shape(), generator=torch.Generator().manual_seed(1))
+    x0 = mixed.encode_video(video, mode=True)
+    noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(2))
+    step = torch.ones(3, dtype=torch.long)
+    with torch.no_grad():
+        velocity = mixed.predict(mixed.denoiser, latents, step, conditioning)
+        loss = mixed.diffusion_loss(mixed.denoiser, x0, conditioning, step, noise)
+        for row, count in enumerate(frames.tolist()):
+            single = get_adapter(pipeline, settings(num_frames=9, num_conditioning_frames=count))
+            alone = single.encode_prompts(PROMPTS[:1], CPU)
+            if count:
+                alone.update(single.encode_condition_frames(video[row : row + 1]))
+            rows = slice(row, row + 1)
+            torch.testing.assert_close(
+                velocity[rows], single.predict(single.denoiser, latents[rows], step[rows], alone), rtol=1e-4, atol=1e-5
+            )
+            torch.testing.assert_close(
+                loss[rows],
+                single.diffusion_loss(single.denoiser, x0[rows], alone, step[rows], noise[rows]),
+                rtol=1e-4,
+                atol=1e-6,
+            )
+    del conditioning["condition_latent_frames"]
+    with pytest.raises(ValueError, match=r"needs each row's mode: add .*frame_mode_conditioning"):
+        mixed.predict(mixed.denoiser, latents, step, conditioning)
+
+
+def mixed_mode_trainer(tmp_path, **overrides) -> DDRLTrainer:
+    """A trainer on 4 prompts with videos, text- or image-to-world per group, data term on the prompts' own videos."""
+    rng = np.random.default_rng(0)
+    rows = {
+        "prompt": [f"scene {i}" for i in range(4)],
+        "image": [rng.random((5, 32, 32, 3), dtype=np.float32) for _ in range(4)],
+    }
+    config = dict(
+        max_sequence_length=16,
+        height=32,
+        width=32,
+        num_frames=5,
+        prompts_per_step=4,
+        num_generations=2,
+        per_device_train_batch_size=4,
+        num_conditioning_frames_choices=[0, 1],
+        data_latents="mean",
+    )
+    config.update(overrides)
+    args = ddrl_config(tmp_path, **config)
+    return DDRLTrainer(tiny_cosmos2_5_pipeline(), mean_pixel, args=args, train_dataset=Dataset.from_dict(rows))
+
+
+def test_mixed_modes_are_drawn_per_group_from_the_rows_videos_and_shared_by_the_data_term(tmp_path):
+    trainer = mixed_mode_trainer(tmp_path)
+    dataset = trainer.train_dataset
+    rows = read_prompt_rows(dataset, [0, 0, 1, 1, 2, 2, 3, 3])
+    modes_by_iteration = []
+    for iteration in range(3):
+        buffer = trainer.rollout.generate(rows, iteration, trainer.state)
+        modes = buffer.conditioning["condition_latent_frames"]
+        groups = modes.view(4, 2)
+        assert (groups == groups[:, :1]).all()  # every group in one mode
+        # The data term of each row is conditioned as its group's rollouts.
+        assert torch.equal(buffer.data_conditioning["condition_latent_frames"], modes)
+        image_to_world = modes == 1
+        # Image-to-world rows continue the first frame of their row's video: their given latent frame is that of the
+        # video's posterior mean, which the data term also encodes (the causal VAE's first latent frame sees frame 0).
+        given = buffer.conditioning["condition_latents"][:, :, 0]
+        torch.testing.assert_close(
+            given[image_to_world], buffer.data_latents[image_to_world, :, 0], rtol=1e-4, atol=1e-5
+        )
+        modes_by_iteration.append(groups[:, 0].tolist())
+    assert {mode for modes in modes_by_iteration for mode in modes} == {0, 1}  # both modes occur across groups
+    assert len({tuple(modes) for modes in modes_by_iteration}) > 1  # and the draw changes with the iteration
+    # The draw is a function of the seed and the iteration (a resumed run draws the same), and a group spanning two
+    # processes gets the same mode on both.
+    engine = trainer.rollout
+    whole = engine.group_conditioning_frames(8, 1)
+    assert torch.equal(whole, engine.group_conditioning_frames(8, 1))
+    halves = []
+    for rank in range(2):
+        engine.mesh = ProcessMesh(world_size=2, rank=rank)
+        halves.append(engine.group_conditioning_frames(4, 1))
+    assert torch.equal(torch.cat(halves), whole)
+
+
+def test_mixed_modes_train_and_other_families_refuse_them(tmp_path):
+    trainer = mixed_mode_trainer(tmp_path, max_steps=1, eval_num_generations=2)
+    trainer.train()
+    logged = next(entry for entry in trainer.state.log_history if "loss/data" in entry)
+    assert 0 <= logged["num_conditioning_frames"] <= 1 and np.isfinite(logged["loss/data"])
+    # The evaluation gives each held-out prompt (its samples and its data loss) a mode of its own.
+    metrics = trainer.evaluate(trainer.train_dataset)
+    assert np.isfinite(metrics["eval_reward"]) and np.isfinite(metrics["eval_data_loss"])
+    pipeline = tiny_cosmos2_5_pipeline()
+    with pytest.raises(ValueError, match=r"num_conditioning_frames_choices=\[0, 2\] .* in \[0, 1, 5\]"):
+        get_adapter(pipeline, settings(num_conditioning_frames_choices=(0, 2)))
+    with pytest.raises(ValueError, match=r"num_conditioning_frames_choices=\[0, 5\] leaves nothing to generate"):
+        get_adapter(pipeline, settings(num_conditioning_frames_choices=(0, 5)))
+    with pytest.raises(ValueError, match="DigitsFlowPipeline has a single conditioning mode"):
+        get_adapter(random_digits_pipeline(), settings(num_conditioning_frames_choices=(0, 1)))

@@ -50,6 +50,7 @@ OPTION_GROUPS: list[tuple[str, str, tuple[str, ...]]] = [
             "caption_column",
             "source_image_column",
             "num_conditioning_frames",
+            "num_conditioning_frames_choices",
         ),
     ),
     (

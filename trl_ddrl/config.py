@@ -157,6 +157,14 @@ class DDRLConfig(_BaseConfig):
             Ground-truth frames each video continues, taken from each row's `image_column` (an image or a clip), for
             pipelines with several modes. Cosmos Predict2.5: `0` text-to-world (the default), `1` image-to-world, `5`
             video-to-world (two latent frames). Defaults to the family's own (Cosmos Predict2 Video2World: 1).
+        num_conditioning_frames_choices (`list[int]`, *optional*):
+            Mix the modes: each group (the `num_generations` rollouts of a prompt, whose advantages are normalised
+            together) draws its `num_conditioning_frames` uniformly among these values, from a generator seeded by
+            `seed` and the iteration (the same after a resume); its data-term rows are conditioned the same way, on
+            the first frames of their own videos. The authors' Cosmos-Predict2.5 recipe: `[0, 1]`, text- or
+            image-to-world (cosmos-rl's `min/max_num_conditional_frames = 0, 1` in latent frames; 5 frames are two
+            latent frames). Only for families with several modes (Cosmos Predict2.5); excludes
+            `num_conditioning_frames`. Evaluation draws one mode per held-out prompt, seeded by `eval_seed`.
 
         > Parameters that control the SDE window
 
@@ -489,6 +497,13 @@ class DDRLConfig(_BaseConfig):
             "family default."
         },
     )
+    num_conditioning_frames_choices: list[int] | None = field(
+        default=None,
+        metadata={
+            "help": "Each group draws num_conditioning_frames uniformly among these (Cosmos Predict2.5; the authors' "
+            "recipe: [0, 1], text- or image-to-world per group). Unset: one mode per run."
+        },
+    )
 
     # SDE window
     sde_window_size: int | None = field(
@@ -800,7 +815,10 @@ class DDRLConfig(_BaseConfig):
         self._check_positive("num_samples_to_log", minimum=0, why="0 logs no samples")
 
     def _check_recipe_options(self) -> None:
-        """`karras_sigmas`, `data_text_dropout` and `reward_clip` (options of the authors' Cosmos recipe)."""
+        """
+        `karras_sigmas`, `data_text_dropout`, `reward_clip` and `num_conditioning_frames_choices` (options of the
+        authors' Cosmos recipe).
+        """
         if self.karras_sigmas is not None:
             if len(self.karras_sigmas) != 3:
                 raise ValueError(
@@ -820,6 +838,18 @@ class DDRLConfig(_BaseConfig):
             )
         if self.reward_clip is not None and not self.reward_clip > 0:
             raise ValueError(f"reward_clip={self.reward_clip} must be > 0, or unset for no clamping.")
+        choices = self.num_conditioning_frames_choices
+        if choices is not None:
+            if self.num_conditioning_frames is not None:
+                raise ValueError(
+                    f"num_conditioning_frames={self.num_conditioning_frames} and num_conditioning_frames_choices="
+                    f"{choices} are both set: the choices draw each group's mode. Set only one of them."
+                )
+            if len(choices) < 2 or len(set(choices)) != len(choices) or min(choices) < 0:
+                raise ValueError(
+                    f"num_conditioning_frames_choices={choices} must be at least two distinct frame counts >= 0 (the "
+                    "authors' Cosmos-Predict2.5 recipe: [0, 1]); for a single mode set num_conditioning_frames."
+                )
 
     def _derive_micro_batches(self) -> None:
         """Samples and transitions per process and iteration, the micro-batches they make, the gradient accumulation."""

@@ -21,7 +21,8 @@ with the Trainer's `eval_` prefix (trackers show them as `eval/...`):
   first evaluation. Set `eval_on_start=True` to make that first evaluation the step-0 model.
 
 Each process samples and scores its shard of the prompts; the per-sample values are gathered, so every process
-returns the same metrics.
+returns the same metrics. Under `num_conditioning_frames_choices` each prompt's samples and its data loss share one
+mode, drawn per prompt from `eval_seed` and the prompt's position.
 """
 
 import contextlib
@@ -259,6 +260,11 @@ class Evaluator:
                     for j, (_, position, _) in enumerate(chunk)
                 ]
                 conditioning.update({key: torch.cat([part[key] for part in encoded]) for key in encoded[0]})
+            if args.num_conditioning_frames_choices:
+                positions_of_chunk = [position for _, position, _ in chunk]
+                conditioning.update(
+                    adapter.frame_mode_conditioning(_row_modes(args, positions_of_chunk).to(adapter.device))
+                )
             noise = torch.cat(
                 [
                     adapter.sample_noise(
@@ -296,6 +302,10 @@ class Evaluator:
             conditioning = {
                 key: torch.cat([part["conditioning"][key] for part in data]) for key in data[0]["conditioning"]
             }
+            if args.num_conditioning_frames_choices:
+                conditioning.update(
+                    adapter.frame_mode_conditioning(_row_modes(args, positions[i : i + batch]).to(device))
+                )
             noise = torch.cat(
                 [
                     torch.randn((1, *x0.shape[1:]), generator=_row_generator(args, position, "noise"))
@@ -310,6 +320,20 @@ class Evaluator:
         return torch.cat(losses)
 
 
+def _row_modes(args, positions: list[int]) -> torch.Tensor:
+    """
+    Under `num_conditioning_frames_choices`, the number of conditioning frames of each eval row `[P]` (long, CPU):
+    drawn uniformly per row from its own generator, so that it does not depend on the batching or the step.
+    """
+    choices = args.num_conditioning_frames_choices
+    return torch.tensor(
+        [
+            choices[int(torch.randint(len(choices), (1,), generator=_row_generator(args, position, "mode")))]
+            for position in positions
+        ]
+    )
+
+
 def _row_generator(args, position: int, stream: str) -> torch.Generator:
-    """A CPU generator for one eval row's `stream` (data latents, data noise, conditioning frames)."""
+    """A CPU generator for one eval row's `stream` (data latents, data noise, conditioning frames, mode)."""
     return torch.Generator().manual_seed(zlib.crc32(f"{stream}-{args.eval_seed}-{position}".encode()))

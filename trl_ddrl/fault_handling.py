@@ -399,6 +399,8 @@ _RUN_FIELDS = (
     "height",
     "width",
     "num_frames",
+    "num_conditioning_frames",
+    "num_conditioning_frames_choices",
     "num_generations",
     "prompts_per_step",
     "per_device_train_batch_size",

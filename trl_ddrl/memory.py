@@ -597,6 +597,7 @@ def run_iteration(
     with torch.no_grad():
         with phase("text_encoders"), mixed():
             conditioning = collator.conditioning(prompts, rows)
+        modes: dict[str, torch.Tensor] = {}
         if adapter.num_conditioning_frames:
             with phase("data"), mixed():
                 frames = torch.zeros(
@@ -605,6 +606,12 @@ def run_iteration(
                 encoded = adapter.encode_condition_frames(frames)
                 index = torch.tensor([sorted(set(prompts)).index(prompt) for prompt in prompts])
                 conditioning.update({key: value[index] for key, value in encoded.items()})
+                if args.num_conditioning_frames_choices:
+                    # Modes mixed per group: every sample in the largest (the memory does not depend on the mode).
+                    modes = adapter.frame_mode_conditioning(
+                        torch.full((len(prompts),), adapter.num_conditioning_frames)
+                    )
+                    conditioning.update(modes)
 
         latents, means, images, denoised = [], [], [], []
         schedule = rollout_steps(args, 0)
@@ -651,6 +658,7 @@ def run_iteration(
                     data_conditioning.update(
                         {key: value[index] for key, value in adapter.data_conditioning(pixels).items()}
                     )
+                    data_conditioning.update(modes)
                     del pixels
 
         with phase("rollout"):

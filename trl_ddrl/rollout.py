@@ -226,6 +226,13 @@ class RolloutEngine:
             if self.adapter.num_conditioning_frames:
                 # Video-to-world: every sample continues its row's ground-truth frames.
                 conditioning.update(self.encode_condition_frames(rows, iteration))
+            modes: Conditioning = {}
+            if args.num_conditioning_frames_choices:
+                # Mixed modes: a group's rollouts (and its data rows, below) share one number of given frames.
+                frames = self.group_conditioning_frames(len(prompts), iteration)
+                self.metrics["num_conditioning_frames"].append(frames.float().mean().item())
+                modes = self.adapter.frame_mode_conditioning(frames.to(device))
+                conditioning.update(modes)
             schedule = rollout_steps(args, iteration)
             noise, prefix = initial_states(
                 self.adapter,
@@ -298,7 +305,7 @@ class RolloutEngine:
             data_latents, data_conditioning = self.base_model_latents(prompts, conditioning), conditioning
         elif args.data_beta > 0:
             data_batch = self.collator(self.data_rows(rows, iteration), generator=self.generator(iteration, 2))
-            data_latents, data_conditioning = data_batch["latents"], data_batch["conditioning"]
+            data_latents, data_conditioning = data_batch["latents"], {**data_batch["conditioning"], **modes}
 
         steps = torch.tensor(schedule.trained, device=device)
         num_steps = len(schedule.trained)
@@ -434,13 +441,28 @@ class RolloutEngine:
         encoded = self.adapter.encode_condition_frames(torch.stack(unique), generator=self.generator(iteration, 4))
         return {key: value[torch.tensor(index, device=value.device)] for key, value in encoded.items()}
 
+    def group_conditioning_frames(self, num_samples: int, iteration: int) -> torch.Tensor:
+        """
+        This process's samples' numbers of conditioning frames `[num_samples]` (long, CPU) under
+        `num_conditioning_frames_choices`: one uniform draw per group of the iteration, from a generator seeded by
+        `seed` and the iteration and the same on every rank (a group may span processes; the draw is the same after a
+        resume). Samples are laid out as for the advantages: global sample `rank * num_samples + i`, groups of
+        `num_generations` consecutive samples.
+        """
+        choices = torch.tensor(self.args.num_conditioning_frames_choices)
+        draws = torch.randint(
+            len(choices), (self.args.prompts_per_step,), generator=self.generator(iteration, 5, per_rank=False)
+        )
+        first = self.mesh.data_parallel_rank * num_samples
+        return choices[draws[(first + torch.arange(num_samples)) // self.args.num_generations]]
+
     def _generator(self, iteration: int, stream: int) -> torch.Generator:
         seed = self.args.seed * 1_000_003 + iteration * 7_919 + self.mesh.data_parallel_rank * 104_729 + stream
         return torch.Generator().manual_seed(seed % (2**63))
 
     def generator(self, iteration: int, stream: int, per_rank: bool = True) -> torch.Generator:
         """
-        The CPU generator of `stream` (0 noise, 1 sampler, 2 data batch, 3 micro-batch order, 4 frames) this
+        The CPU generator of `stream` (0 noise, 1 sampler, 2 data batch, 3 micro-batch order, 4 frames, 5 modes) this
         iteration: this rank's own, or with `per_rank=False` the same on every rank (rank 0's).
         """
         rank = self.mesh.data_parallel_rank if per_rank else 0

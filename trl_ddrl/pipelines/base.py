@@ -80,6 +80,8 @@ class SamplingSettings:
     num_frames: int | None = None
     max_sequence_length: int | None = None
     num_conditioning_frames: int | None = None
+    num_conditioning_frames_choices: tuple[int, ...] | None = None
+    """Modes drawn per group (see `DDRLConfig.num_conditioning_frames_choices`); `None`: one mode per run."""
     log_ratio_form: str = "edm_squared_distance"
     """Score of a transition for the policy ratio (see `DDRLConfig.log_ratio_form`)."""
     data_loss_weighting: str = "edm"
@@ -107,6 +109,9 @@ class SamplingSettings:
             num_frames=args.num_frames,
             max_sequence_length=args.max_sequence_length,
             num_conditioning_frames=args.num_conditioning_frames,
+            num_conditioning_frames_choices=(
+                tuple(args.num_conditioning_frames_choices) if args.num_conditioning_frames_choices else None
+            ),
             log_ratio_form=args.log_ratio_form,
             data_loss_weighting=args.data_loss_weighting,
             train_experts=args.train_experts,
@@ -139,7 +144,16 @@ class DiffusionAdapter(ABC):
 
     pipeline_class_names: tuple[str, ...] = ()
     num_conditioning_frames: int = 0
-    """Ground-truth frames each sample is conditioned on (video-to-world pipelines); 0 for text-conditioned models."""
+    """
+    Ground-truth frames read from each row and each sample is conditioned on (video-to-world pipelines); 0 for
+    text-conditioned models. With modes mixed per group (`settings.num_conditioning_frames_choices`) the most any
+    sample is conditioned on; each row's own count is then in its conditioning ([`frame_mode_conditioning`]).
+    """
+    conditioning_frame_choices: tuple[int, ...] = ()
+    """
+    The values of `num_conditioning_frames` the family supports. A family listing several can mix them per group
+    (`settings.num_conditioning_frames_choices`) and implements [`frame_mode_conditioning`].
+    """
     conditioned_on_source_image: bool = False
     """
     Image editing: each sample is conditioned on a source image (the rows' `source_image_column`), which
@@ -176,6 +190,20 @@ class DiffusionAdapter(ABC):
             raise ValueError(
                 f"guidance_scale_2={settings.guidance_scale_2} is the CFG scale of the low-noise expert of a two-expert "
                 f"denoiser (Wan 2.2 A14B), but {type(pipeline).__name__} has a single denoiser. Leave it unset."
+            )
+        choices = settings.num_conditioning_frames_choices
+        if choices is not None and (
+            len(self.conditioning_frame_choices) < 2 or not set(choices) <= set(self.conditioning_frame_choices)
+        ):
+            supported = (
+                f"supports num_conditioning_frames in {list(self.conditioning_frame_choices)}"
+                if len(self.conditioning_frame_choices) > 1
+                else "has a single conditioning mode"
+            )
+            raise ValueError(
+                f"num_conditioning_frames_choices={list(choices)} draws each group's conditioning mode, but "
+                f"{type(pipeline).__name__} {supported}. Choose among those values, or leave "
+                "num_conditioning_frames_choices unset (Cosmos Predict2.5 mixes 0, 1 and 5 frames)."
             )
         self.check_resolution()
 
@@ -344,6 +372,14 @@ class DiffusionAdapter(ABC):
         rollouts. Only adapters with `num_conditioning_frames > 0` implement it.
         """
         raise NotImplementedError(f"{type(self).__name__} is not conditioned on frames.")
+
+    def frame_mode_conditioning(self, num_frames: torch.Tensor) -> Conditioning:
+        """
+        Conditioning entries that give each row its own number of conditioning frames `num_frames` (`[B]`, each one
+        of `settings.num_conditioning_frames_choices`), merged into the conditioning of rollouts and of the data term.
+        Only adapters with several `conditioning_frame_choices` implement it.
+        """
+        raise NotImplementedError(f"{type(self).__name__} has a single conditioning mode.")
 
     @property
     def pixel_channels(self) -> int:

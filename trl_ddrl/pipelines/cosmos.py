@@ -107,6 +107,11 @@ class CosmosFrameConditioning:
     conditioning latents are needed.
 
     `settings.num_conditioning_frames` overrides the class default; it must be one of `conditioning_frame_choices`.
+    With `settings.num_conditioning_frames_choices` each row has its own mode: its number of conditioning latent
+    frames `[B]` is in the conditioning under `condition_latent_frames` ([`frame_mode_conditioning`]), the
+    conditioning latents hold the most frames any row is given (`num_conditioning_frames` is their maximum), and each
+    row uses its first `condition_latent_frames` of them: a row given 1 frame of a 5-frame encoding uses its first
+    latent frame, which the causal VAE computes from the first frame alone.
     """
 
     num_conditioning_frames: int = 1
@@ -118,17 +123,21 @@ class CosmosFrameConditioning:
 
     def __init__(self, pipeline, settings: SamplingSettings):
         super().__init__(pipeline, settings)
-        if settings.num_conditioning_frames is not None:
+        field = f"num_conditioning_frames={self.num_conditioning_frames}"
+        if settings.num_conditioning_frames_choices is not None:
+            self.num_conditioning_frames = max(settings.num_conditioning_frames_choices)
+            field = f"num_conditioning_frames_choices={list(settings.num_conditioning_frames_choices)}"
+        elif settings.num_conditioning_frames is not None:
             self.num_conditioning_frames = settings.num_conditioning_frames
+            field = f"num_conditioning_frames={self.num_conditioning_frames}"
         if self.num_conditioning_frames not in self.conditioning_frame_choices:
             raise ValueError(
-                f"num_conditioning_frames={self.num_conditioning_frames} is not supported by "
-                f"{type(pipeline).__name__}; use one of {list(self.conditioning_frame_choices)}."
+                f"{field} is not supported by {type(pipeline).__name__}; use one of "
+                f"{list(self.conditioning_frame_choices)}."
             )
         if self.num_conditioning_frames >= self.num_frames:
             raise ValueError(
-                f"num_conditioning_frames={self.num_conditioning_frames} leaves nothing to generate in "
-                f"num_frames={self.num_frames} frames; raise num_frames."
+                f"{field} leaves nothing to generate in num_frames={self.num_frames} frames; raise num_frames."
             )
 
     @property
@@ -142,11 +151,35 @@ class CosmosFrameConditioning:
             return 0
         return (self.num_conditioning_frames - 1) // self.temporal_compression + 1
 
-    def _condition_indicator(self, like: torch.Tensor) -> torch.Tensor:
-        """`[1, 1, F', 1, 1]`: 1 on the conditioning latent frames, 0 elsewhere."""
-        indicator = like.new_zeros(1, 1, like.shape[2], 1, 1)
-        indicator[:, :, : self.condition_latent_frames()] = 1.0
-        return indicator
+    def frame_mode_conditioning(self, num_frames: torch.Tensor) -> Conditioning:
+        """
+        `condition_latent_frames`: each row's conditioning latent frames `[B]` (long), `(n - 1) // 4 + 1` for `n > 0`
+        given frames `num_frames` (`[B]`), 0 for text-to-world; with its `negative_` copy when `guidance_scale > 1`.
+        """
+        latent = torch.where(num_frames > 0, (num_frames - 1) // self.temporal_compression + 1, 0).long()
+        conditioning = {"condition_latent_frames": latent}
+        if self.settings.guidance_scale > 1.0:
+            conditioning["negative_condition_latent_frames"] = latent
+        return conditioning
+
+    def _condition_indicator(self, like: torch.Tensor, conditioning: Conditioning) -> torch.Tensor:
+        """
+        `[1, 1, F', 1, 1]` (one mode per run) or `[B, 1, F', 1, 1]` (modes per row, from `condition_latent_frames`):
+        1 on the conditioning latent frames, 0 elsewhere.
+        """
+        if self.settings.num_conditioning_frames_choices is None:
+            indicator = like.new_zeros(1, 1, like.shape[2], 1, 1)
+            indicator[:, :, : self.condition_latent_frames()] = 1.0
+            return indicator
+        if "condition_latent_frames" not in conditioning:
+            raise ValueError(
+                f"{type(self.pipeline).__name__} with num_conditioning_frames_choices="
+                f"{list(self.settings.num_conditioning_frames_choices)} needs each row's mode: add the output of "
+                "adapter.frame_mode_conditioning(num_frames) to the conditioning."
+            )
+        frames = conditioning["condition_latent_frames"].to(like.device)
+        positions = torch.arange(like.shape[2], device=like.device)
+        return (positions < frames[:, None]).to(like.dtype).view(-1, 1, like.shape[2], 1, 1)
 
     def encode_conditioning_video(self, frames: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
         """The conditioning latents `[B, *latent_shape]` of the given frames `[B, num_conditioning_frames, C, H, W]`."""
@@ -190,7 +223,7 @@ class CosmosFrameConditioning:
                 "conditioning frames: add the output of adapter.encode_condition_frames(pixels) to the conditioning."
             )
         embeds = conditioning["prompt_embeds"]
-        indicator = self._condition_indicator(latents)
+        indicator = self._condition_indicator(latents, conditioning)
         sigma_b = sigma.float().view(-1, 1, 1, 1, 1)
         model_input = indicator * condition + (1 - indicator) * latents
         timestep = indicator * self.condition_sigma + (1 - indicator) * sigma_b
