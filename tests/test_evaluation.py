@@ -179,3 +179,25 @@ def test_eval_use_ema_evaluates_the_ema_weights(tiny_sd3_path, tmp_path):
     assert ema["eval_data_loss"] != raw["eval_data_loss"]
     trainer.args.eval_use_ema = False
     assert trainer.evaluate()["eval_data_loss"] == raw["eval_data_loss"]
+
+
+def test_eval_guidance_scale_guides_the_evaluation_samples_only(tiny_sd3_path, tmp_path):
+    """The authors evaluate with CFG (Cosmos-Predict2.5: 7 / 3 in their convention) and train without."""
+    trainer = make_trainer(tiny_sd3_path, tmp_path, eval_guidance_scale=3.0, max_steps=1)
+    unguided = make_trainer(tiny_sd3_path, tmp_path / "unguided", max_steps=1).evaluate()
+    adapter = trainer.adapter
+    scales = []
+    guide = adapter.guide
+
+    def recording_guide(uncond, cond, scale=None):
+        scales.append(adapter.settings.guidance_scale if scale is None else scale)
+        return guide(uncond, cond, scale)
+
+    adapter.guide = recording_guide
+    guided = trainer.evaluate()
+    assert scales and set(scales) == {3.0}  # every denoiser call of the evaluation is guided with 3
+    assert guided["eval_rewards/brightness/mean"] != unguided["eval_rewards/brightness/mean"]
+    assert guided["eval_data_loss"] == pytest.approx(unguided["eval_data_loss"])  # the data loss has no CFG
+    calls = len(scales)
+    trainer.train()
+    assert len(scales) == calls and adapter.settings.guidance_scale == 1.0  # rollouts keep guidance_scale = 1

@@ -128,6 +128,7 @@ OPTION_GROUPS: list[tuple[str, str, tuple[str, ...]]] = [
             "eval_num_generations",
             "eval_seed",
             "eval_use_ema",
+            "eval_guidance_scale",
             "per_device_eval_batch_size",
             "logging_steps",
             "log_samples_steps",

@@ -373,6 +373,12 @@ class DDRLConfig(_BaseConfig):
             Evaluate with the EMA weights (swapped in for the evaluation, then the trained weights restored) when the
             trainer keeps an EMA (`use_ema`), as the authors validate under their EMA. `False` evaluates the trained
             weights. No effect without an EMA, or before training.
+        eval_guidance_scale (`float`, *optional*):
+            Classifier-free guidance scale of the evaluation's samples (also the evaluation samples sent to the
+            trackers), in diffusers' convention `uncond + g (cond - uncond)`; unset: `guidance_scale`. Rollouts keep
+            `guidance_scale`. The authors sample Cosmos-Predict2.5 with guidance 7 (2B) / 3 (14B) in their convention
+            `cond + g (cond - uncond)`, that is `eval_guidance_scale` 8 / 4. Replaces `guidance_scale` only (a Wan 2.2
+            A14B run keeps `guidance_scale_2` for its low-noise expert).
         log_samples_steps (`int`, *optional*, defaults to `50`):
             Every this many optimizer steps, send a grid of the latest training samples and a table of their prompts
             and rewards to every `report_to` tracker that takes media (wandb, tensorboard, trackio, mlflow, comet).
@@ -685,6 +691,10 @@ class DDRLConfig(_BaseConfig):
             "help": "Evaluate with the EMA weights when there is an EMA (the authors validate under their EMA)."
         },
     )
+    eval_guidance_scale: float | None = field(
+        default=None,
+        metadata={"help": "CFG scale of evaluation samples (diffusers' convention); unset: guidance_scale."},
+    )
     log_samples_steps: int = field(
         default=50,
         metadata={"help": "Send a sample grid and table to the media trackers every N optimizer steps; 0 = never."},
@@ -747,6 +757,11 @@ class DDRLConfig(_BaseConfig):
             raise ValueError(f"guidance_scale={self.guidance_scale} must be >= 1.0 (1.0 disables CFG).")
         if self.guidance_scale_2 is not None and self.guidance_scale_2 < 1.0:
             raise ValueError(f"guidance_scale_2={self.guidance_scale_2} must be >= 1.0, or unset for guidance_scale.")
+        if self.eval_guidance_scale is not None and self.eval_guidance_scale < 1.0:
+            raise ValueError(
+                f"eval_guidance_scale={self.eval_guidance_scale} must be >= 1.0 (1.0 disables CFG), or unset for "
+                "guidance_scale."
+            )
         if self.update_ref_every is not None and self.kl_beta == 0:
             raise ValueError(
                 f"update_ref_every={self.update_ref_every} is set but kl_beta=0, so there is no reference model to "

@@ -21,8 +21,9 @@ with the Trainer's `eval_` prefix (trackers show them as `eval/...`):
   first evaluation. Set `eval_on_start=True` to make that first evaluation the step-0 model.
 
 Each process samples and scores its shard of the prompts; the per-sample values are gathered, so every process
-returns the same metrics. Under `num_conditioning_frames_choices` each prompt's samples and its data loss share one
-mode, drawn per prompt from `eval_seed` and the prompt's position.
+returns the same metrics. Samples use `eval_guidance_scale` (default `guidance_scale`). Under
+`num_conditioning_frames_choices` each prompt's samples and its data loss share one mode, drawn per prompt from
+`eval_seed` and the prompt's position.
 """
 
 import contextlib
@@ -169,7 +170,8 @@ class Evaluator:
         positions, valid = shard_positions(len(dataset), mesh.data_parallel_size, mesh.data_parallel_rank)
         rows = [dataset[position] for position in positions]
         with self._policy() as policy:
-            images, rewards = self._sample_and_score(policy, rows, positions)
+            with trainer.adapter.using_guidance_scale(args.eval_guidance_scale):
+                images, rewards = self._sample_and_score(policy, rows, positions)
             data_loss = None
             if args.image_column in dataset.column_names:
                 data_loss = self._data_loss(policy, rows, positions)

@@ -8,8 +8,9 @@ per model family fills in the family-specific parts (how prompts are encoded, ho
 are decoded); the sampling loop and the step math are shared.
 """
 
+import contextlib
 from abc import ABC, abstractmethod
-from collections.abc import Collection
+from collections.abc import Collection, Iterator
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -380,6 +381,21 @@ class DiffusionAdapter(ABC):
         Only adapters with several `conditioning_frame_choices` implement it.
         """
         raise NotImplementedError(f"{type(self).__name__} has a single conditioning mode.")
+
+    @contextlib.contextmanager
+    def using_guidance_scale(self, scale: float | None) -> Iterator[None]:
+        """
+        Inside the block, encode and sample with CFG scale `scale` instead of `settings.guidance_scale` (the
+        evaluation's `eval_guidance_scale`); `None` changes nothing. Conditioning encoded inside the block has the
+        `negative_*` entries that `scale` needs.
+        """
+        settings = self.settings
+        if scale is not None:
+            self.settings = replace(settings, guidance_scale=scale)
+        try:
+            yield
+        finally:
+            self.settings = settings
 
     @property
     def pixel_channels(self) -> int:
