@@ -35,6 +35,10 @@ OFFICIAL_COSMOS = {
     "height": 720,  # toml L232 / L239 video_size = [1280, 720]
     "width": 1280,
     "num_frames": 93,  # toml L231 / L238 num_frames = 93
+    # model L585-589: each rollout group draws num_conditional_frames in [min, max] (latent frames; 1 = one frame);
+    # toml L77 / L81 min_num_conditional_frames = 0, config L167-170 max_num_conditional_frames = 1 (default)
+    "num_conditioning_frames_choices": [0, 1],
+    "num_conditioning_frames": None,
     "data_beta": 0.01,  # toml L74 / L78
     "kl_beta": 0.0,  # toml L76 / L80
     "update_ref_every": None,  # toml L73 / L77 update_ref_every_iter = 0
@@ -71,6 +75,8 @@ OFFICIAL_COSMOS = {
     "export_ema_weights": True,
     "save_steps": 32,  # toml L258 / L265 save_iter = 32
     "log_samples_steps": 32,  # toml L160 / L167 every_n = 32 (every_n_sample_reg)
+    "eval_steps": 32,  # toml L160 / L167, L178 / L185 every_n = 32 (every_n_sample_reg, every_n_sample_ema)
+    "eval_use_ema": True,  # toml L163-178 / L170-185 every_n_sample_ema (and _reg: the raw weights, not evaluated here)
 }
 
 
@@ -95,7 +101,8 @@ def test_cosmos_recipes_are_the_authors_runs(name, model, eval_guidance):
     assert not model_args.use_peft  # full fine-tuning
     saved = config.to_dict()
     assert {key: saved[key] for key in OFFICIAL_COSMOS} == pytest.approx(OFFICIAL_COSMOS)
-    assert config.num_conditioning_frames == 0  # toml L77 / L81 min 0, max 1: mixed per group officially (not yet)
+    # toml L152 / L159 guidance = [7] / [3] in cond + g (cond - uncond) (model L974): uncond + (g + 1) (cond - uncond)
+    assert config.eval_guidance_scale == eval_guidance + 1
     # Launched through accelerate with the recipe's config: 128 processes, one model instance (one sample) each.
     argv = launch.accelerate_argv
     accelerate = yaml.safe_load(Path(argv[argv.index("--config_file") + 1]).read_text())
