@@ -16,6 +16,7 @@ from trl_ddrl.reward_calls import (
     RewardCaller,
     RewardTimeoutError,
     check_reward_signature,
+    group_slices,
 )
 from trl_ddrl.rewards import RewardFunctionError, get_reward_function
 
@@ -242,3 +243,44 @@ def test_a_reward_that_fails_its_first_call_is_not_offered_drop_group(tiny_sd3_p
     with pytest.raises(RewardFunctionError, match="ZeroDivisionError: boom") as error:
         reward_trainer(tiny_sd3_path, tmp_path, broken).train()
     assert "drop_group" not in str(error.value)
+
+
+# rollout_batch_size=6: chunks that start and end inside a group of 4.
+@pytest.mark.parametrize(("policy", "rollout_batch_size"), [("drop_group", None), ("group_mean", 6)])
+def test_a_reward_that_raises_on_one_prompt_drops_only_that_prompts_group(
+    tiny_sd3_path, tmp_path, capture_warnings, policy, rollout_batch_size
+):
+    calls, failing = [], []
+
+    def fails_on_one_prompt(prompts, images, **kwargs):
+        calls.append(len(prompts))
+        failing[:] = failing or [prompts[-1]]  # the last prompt of the first call: a group cut by the chunks of 6
+        if failing[0] in prompts:
+            raise ValueError(f"cannot score {failing[0]!r}")
+        return images.mean(dim=(1, 2, 3)).tolist()
+
+    trainer = reward_trainer(
+        tiny_sd3_path,
+        tmp_path,
+        fails_on_one_prompt,
+        reward_error_policy=policy,
+        max_steps=1,
+        prompts_per_step=3,
+        rollout_batch_size=rollout_batch_size,
+    )
+    trainer.train()
+    logs = trainer.state.log_history[0]
+    assert logs["reward/dropped_groups"] == 1.0  # of 3 groups of 4, the failing prompt's only
+    assert logs["frac_reward_zero_std"] == 0.0 and logs["advantages/abs_max"] > 0  # the other two groups train
+    # One call of 12 and a retry per group; or per chunk of 6 (two groups each), one call and a retry per group.
+    assert calls == ([12, 4, 4, 4] if rollout_batch_size is None else [6, 4, 2, 6, 2, 4])
+    assert f"Dropped 1 of 3 groups of this rollout (reward_error_policy='{policy}'" in capture_warnings.text
+    assert f"ValueError: cannot score {failing[0]!r}" in capture_warnings.text
+    assert "scoring them again group by group" in capture_warnings.text
+
+
+def test_group_slices_cut_a_chunk_where_its_groups_end():
+    assert group_slices(0, 12, 4) == [slice(0, 4), slice(4, 8), slice(8, 12)]
+    assert group_slices(6, 6, 4) == [slice(0, 2), slice(2, 6)]  # a chunk starting and ending inside groups
+    assert group_slices(8, 4, 4) == [slice(0, 4)]
+    assert group_slices(5, 2, 4) == [slice(0, 2)]  # inside one group

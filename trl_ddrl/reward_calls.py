@@ -6,6 +6,8 @@ Calling reward functions from the rollout without hanging and without failing si
   seconds, saying every `heartbeat` seconds that the call is still running. Ctrl-C or a second SIGTERM interrupts the
   wait at once, and [`RewardCaller.abandon`] releases every waiting caller (also the reward thread of
   `async_rewards`), so the process can save what is finished and exit while a stuck reward call is left behind.
+- [`group_slices`]: the groups a chunk of a rollout touches, to score again one by one the samples of a call that
+  failed under `drop_group` / `group_mean`, so that one failing group does not drop the others of its call.
 - [`DroppedGroups`]: with `reward_error_policy="drop_group"` (or `"group_mean"`), logs which groups of a rollout were
   dropped and why, and fails the run when every group of `max_dropped_rollouts` rollouts in a row was dropped.
 - [`check_reward_signature`]: before the pipeline is loaded, a reward that cannot be called as
@@ -170,6 +172,16 @@ class DroppedGroups:
             f"Dropped {dropped} of {num_groups} groups of this rollout (reward_error_policy='{self.policy}': zero "
             f"advantage): {why}."
         )
+
+
+def group_slices(first: int, count: int, group_size: int) -> list[slice]:
+    """
+    The samples `first, ..., first + count - 1` of a rollout (whose groups are `group_size` consecutive samples), cut
+    where a group ends: one slice of these `count` samples per group they touch, in order. A chunk of a rollout may
+    start or end inside a group; e.g. `group_slices(6, 6, 4)` is `[slice(0, 2), slice(2, 6)]`.
+    """
+    cuts = [0, *range(-first % group_size or group_size, count, group_size), count]
+    return [slice(start, end) for start, end in zip(cuts, cuts[1:])]
 
 
 def check_reward_signature(func: Callable, name: str, columns: Iterable[str] = ()) -> None:

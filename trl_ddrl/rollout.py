@@ -28,6 +28,7 @@ from accelerate.utils import gather
 from datasets import Dataset
 from torch import nn
 from transformers import TrainerState
+from transformers.utils import logging
 from trl.models.utils import unwrap_model_for_generation
 
 from .config import DDRLConfig
@@ -35,12 +36,15 @@ from .data import DiffusionDataCollator, read_row
 from .losses import clip_and_fill_rewards, compute_advantages
 from .parallel import ProcessMesh
 from .pipelines import Conditioning, DiffusionAdapter
-from .reward_calls import DroppedGroups, RewardCallAbandoned, RewardCaller
+from .reward_calls import DroppedGroups, RewardCallAbandoned, RewardCaller, RewardTimeoutError, group_slices
 from .rewards import RewardFunctionError, check_rewards
 from .rollout_plan import default_rollout_chunk, overlaps_sampling
 from .sde_window import initial_states, join_prefix, rollout_steps
 from .tracking import Samples
 from .utils import unique_with_index
+
+
+logger = logging.get_logger(__name__)
 
 
 @dataclass
@@ -265,7 +269,9 @@ class RolloutEngine:
                 denoised.append(trajectory.denoised)
                 images.append(chunk_images)
                 # Scoring this chunk overlaps the sampling of the next one.
-                score_args = (prompts[i : i + chunk], chunk_images, rows[i : i + chunk], trainer_state)
+                # `first`: the chunk's position in the gathered rollout, where the groups' boundaries are.
+                first = self.mesh.data_parallel_rank * len(prompts) + i
+                score_args = (prompts[i : i + chunk], chunk_images, rows[i : i + chunk], trainer_state, first)
                 scored.append(
                     self.reward_executor.submit(self.score, *score_args, ready=images_ready(chunk_images))
                     if self.reward_executor
@@ -345,12 +351,16 @@ class RolloutEngine:
         images: torch.Tensor,
         rows: list[dict],
         trainer_state: TrainerState,
+        first: int = 0,
         ready: "torch.cuda.Event | None" = None,
     ) -> tuple[torch.Tensor, float]:
         """
-        Rewards `[S, R]` of these samples, NaN where a function gave None (or, when dropping, for every sample of a
-        call that failed and for each invalid value), and the seconds the reward functions took. Each call runs
-        under `reward_timeout` ([`RewardCaller`]).
+        Rewards `[S, R]` of these `S` samples (`images`: `[S, C, H, W]` or `[S, F, C, H, W]`), NaN where a function
+        gave None (or, when dropping, for each invalid value and for every sample of a group whose call failed), and
+        the seconds the reward functions took. Each call runs under `reward_timeout` ([`RewardCaller`]).
+        `first` is the position of the first sample in the gathered rollout: when dropping, a call that raised on
+        samples of several groups is made again once per group ([`group_slices`]), so that only the failing groups
+        lose their rewards.
         The functions see `images` on `reward_device` (see [`reward_placement`]); `ready` marks when the sampler
         finished writing them.
         """
@@ -358,7 +368,7 @@ class RolloutEngine:
         if not self.mesh.is_context_parallel_leader:  # the group's first rank scores its (shared) samples
             return rewards.to(self.accelerator.device), 0.0
         with reward_placement(images, self.reward_device, self.reward_stream, ready) as placed:
-            return self._score_placed(prompts, placed, rows, trainer_state, rewards)
+            return self._score_placed(prompts, placed, rows, trainer_state, rewards, first)
 
     def _score_placed(
         self,
@@ -367,24 +377,14 @@ class RolloutEngine:
         rows: list[dict],
         trainer_state: TrainerState,
         rewards: torch.Tensor,
+        first: int,
     ) -> tuple[torch.Tensor, float]:
         start = time.perf_counter()
         columns = {key: [row[key] for row in rows] for key in rows[0] if key != "prompt"}
         raising = self.args.reward_error_policy == "raise"
         for index, (reward_func, name) in enumerate(zip(self.reward_funcs, self.reward_names, strict=True)):
             try:
-                values = self.reward_caller(
-                    name,
-                    on_stream(self.reward_stream, reward_func),
-                    prompts=prompts,
-                    images=images,
-                    trainer_state=trainer_state,
-                    **columns,
-                )
-                problems = None if raising else []  # dropping: an invalid value drops only its sample's group
-                rewards[:, index] = torch.tensor(check_rewards(values, len(prompts), name, prompts, problems))
-                self.rewards_that_worked.add(name)
-                self.reward_errors.extend(problems or [])
+                rewards[:, index] = self._call_reward(name, reward_func, prompts, images, columns, trainer_state)
             except RewardCallAbandoned:
                 raise
             except Exception as error:
@@ -402,18 +402,73 @@ class RolloutEngine:
                         f"{type(error).__name__}: {error}. Fix the function{hint}."
                     ) from error
                 self.metrics["reward/errors"].append(1.0)
-                self.reward_errors.append(
-                    f"Reward function '{name}' failed on the {len(prompts)} samples from {prompts[0]!r}: "
-                    f"{type(error).__name__}: {error}"
+                groups = group_slices(first, len(prompts), self.args.num_generations)
+                if len(groups) == 1 or isinstance(error, RewardTimeoutError):
+                    # One group, or a call that hung: another call would not say which group is at fault.
+                    self.reward_errors.append(
+                        f"Reward function '{name}' failed on the {len(prompts)} samples from {prompts[0]!r}: "
+                        f"{type(error).__name__}: {error}"
+                    )
+                    continue
+                logger.warning(
+                    f"Reward function '{name}' failed on {len(prompts)} samples of {len(groups)} groups "
+                    f"({type(error).__name__}: {error}); scoring them again group by group (one call per group), "
+                    "so that only the failing groups are dropped."
                 )
+                for part in groups:
+                    try:
+                        rewards[part, index] = self._call_reward(
+                            name,
+                            reward_func,
+                            prompts[part],
+                            images[part],
+                            {key: values[part] for key, values in columns.items()},
+                            trainer_state,
+                        )
+                    except RewardCallAbandoned:
+                        raise
+                    except Exception as group_error:
+                        self.metrics["reward/errors"].append(1.0)
+                        self.reward_errors.append(
+                            f"Reward function '{name}' failed on the group of {prompts[part][0]!r}: "
+                            f"{type(group_error).__name__}: {group_error}"
+                        )
         missing = torch.isnan(rewards).all(dim=1)
         if missing.any() and self.args.reward_error_policy == "raise":
-            first = prompts[int(missing.nonzero()[0])]
+            first_missing = prompts[int(missing.nonzero()[0])]
             raise RewardFunctionError(
-                f"No reward function gave a reward for the prompt {first!r} (all returned None). Return a value for "
-                "every sample from at least one function, or set reward_error_policy='drop_group'."
+                f"No reward function gave a reward for the prompt {first_missing!r} (all returned None). Return a "
+                "value for every sample from at least one function, or set reward_error_policy='drop_group'."
             )
         return rewards.to(self.accelerator.device), time.perf_counter() - start
+
+    def _call_reward(
+        self,
+        name: str,
+        reward_func: Callable,
+        prompts: list[str],
+        images: torch.Tensor,
+        columns: dict[str, list],
+        trainer_state: TrainerState,
+    ) -> torch.Tensor:
+        """
+        One checked call of `reward_func` under `reward_timeout`: its rewards `[S]` for the `S` samples of `images`,
+        NaN for None. When dropping, an invalid value becomes NaN (dropping only its sample's group) and is recorded
+        in `reward_errors`; with `raise`, it raises.
+        """
+        values = self.reward_caller(
+            name,
+            on_stream(self.reward_stream, reward_func),
+            prompts=prompts,
+            images=images,
+            trainer_state=trainer_state,
+            **columns,
+        )
+        problems = None if self.args.reward_error_policy == "raise" else []
+        checked = torch.tensor(check_rewards(values, len(prompts), name, prompts, problems))
+        self.rewards_that_worked.add(name)
+        self.reward_errors.extend(problems or [])
+        return checked
 
     def log_metrics(self, all_rewards, result, advantages, rollout_time, reward_wait_time) -> None:
         """Append the rewards' and advantages' statistics and the timings of one rollout to `metrics`."""
