@@ -205,6 +205,18 @@ def test_default_job_end_to_end(tmp_path, monkeypatch):
     DigitsFlowPipeline.from_pretrained(tmp_path / "job")
 
 
+def test_default_job_settings_are_the_documented_ones(tmp_path):
+    """docs/default_job.md's figures were measured with these settings; change both together."""
+    from trl_ddrl.digits.default_job import default_job_config
+
+    args = default_job_config(str(tmp_path))
+    assert args.data_beta == 0.3  # the long-horizon study's front, not the paper's 0.01 (docs/default_job.md)
+    assert (args.learning_rate, args.warmup_steps, args.max_steps) == (1e-4, 5, 60)
+    assert (args.prompts_per_step, args.num_generations, args.num_inference_steps) == (4, 8, 10)
+    assert (args.eval_steps, args.eval_on_start) == (15, True)
+    assert default_job_config(str(tmp_path), data_beta=0.0).data_beta == 0.0  # the reward-only contrast
+
+
 def test_curves_are_read_from_the_log_history_and_plotted(tmp_path):
     from trl_ddrl.digits.curves import write_curves
 
