@@ -252,6 +252,44 @@ def test_push_to_hub_without_a_token_stops_before_loading(
     assert "`hf auth login`" in err and "HF_TOKEN" in err and "--hub_token" in err
 
 
+def test_unknown_reward_name_stops_before_loading(tmp_path, capsys, single_process, no_pipeline_loading):
+    argv = ["--model_name_or_path", fake_pipeline_folder(tmp_path), "--reward_funcs", "brightnes"]
+    assert cli.main([*argv, "--dataset_name", str(write_prompts(tmp_path / "p.jsonl"))]) == 2
+    err = capsys.readouterr().err
+    assert "--reward_funcs 'brightnes': Unknown reward function 'brightnes'. Known names: " in err
+    assert "brightness" in err and "Your own functions are given as module:function." in err
+
+
+def test_dtype_reaches_diffusers_without_its_torch_dtype_future_warning(tiny_sd3_path, tmp_path):
+    """Issue #28 item 12: `--dtype` (and `model_init_kwargs={"torch_dtype": ...}`) load without the warning."""
+    import warnings
+
+    from trl import ModelConfig
+
+    from trl_ddrl import DDRLConfig
+    from trl_ddrl.trainer import DDRLTrainer
+
+    for model_init_kwargs in (None, {"torch_dtype": "float32"}):
+        args = DDRLConfig(output_dir=str(tmp_path), report_to="none", model_init_kwargs=model_init_kwargs)
+        args.model_init_kwargs = ddrl.get_model_init_kwargs(ModelConfig(dtype="float32"), args)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            DDRLTrainer._load_pipeline(tiny_sd3_path, args)
+        assert not [w for w in caught if "torch_dtype" in str(w.message)], [str(w.message) for w in caught]
+
+
+@pytest.mark.parametrize("main_process", [True, False])
+def test_model_saved_is_printed_by_the_main_process_only(tmp_path, capsys, single_process, monkeypatch, main_process):
+    class Trainer:
+        accelerator = types.SimpleNamespace(end_training=lambda: None)
+        train = save_model = create_model_card = lambda *args, **kwargs: None
+        is_world_process_zero = staticmethod(lambda: main_process)
+
+    monkeypatch.setattr(ddrl, "build_trainer", lambda *args: Trainer())
+    assert cli.main(["--model_name_or_path", "org/model", "--output_dir", str(tmp_path / "out")]) == 0
+    assert capsys.readouterr().out.count(f"Model saved to {tmp_path / 'out'}.") == (1 if main_process else 0)
+
+
 # ---- training through the CLI ------------------------------------------------------------------------------------
 
 

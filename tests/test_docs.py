@@ -100,3 +100,16 @@ def test_every_logged_metric_is_documented(tmp_path):
         if f"`{name}`" not in docs and f"`{name.removesuffix('/std')}/mean`, `/std`" not in docs
     )
     assert not missing, f"logged but not in docs/ddrl_trainer.md's metric tables: {missing}"
+
+
+def test_docs_and_examples_state_the_code_defaults():
+    """Issue #28 item 7: docs/rewards.md named another default aggregation, the examples another caption column."""
+    import re
+
+    defaults = DDRLConfig(output_dir="unused", report_to="none")
+    rewards_doc = (ROOT / "docs" / "rewards.md").read_text()
+    assert f'- `"{defaults.multi_objective_aggregation}"` (default' in rewards_doc
+    assert len(re.findall(r"\(default\b", rewards_doc.split("## Several rewards")[1].split("\n## ")[0])) == 1
+    for example in sorted((ROOT / "examples").glob("*.py")):
+        for default in re.findall(r'"--caption_column",\s*default="([^"]*)"', example.read_text()):
+            assert default == defaults.caption_column, f"{example.name}: --caption_column default {default!r}"
