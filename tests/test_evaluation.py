@@ -201,3 +201,50 @@ def test_eval_guidance_scale_guides_the_evaluation_samples_only(tiny_sd3_path, t
     calls = len(scales)
     trainer.train()
     assert len(scales) == calls and adapter.settings.guidance_scale == 1.0  # rollouts keep guidance_scale = 1
+
+
+def test_a_failing_eval_judge_is_named_and_a_hanging_one_times_out(tiny_sd3_path, tmp_path, caplog):
+    """Issue #29: under drop_group an evaluation reward that raised was left out without a word, and one that hung
+    hung the run (no reward_timeout)."""
+    import logging
+    import threading
+
+    from trl_ddrl.reward_calls import RewardTimeoutError
+
+    def broken_judge(prompts, images, **kwargs):
+        raise ConnectionError("judge server down")
+
+    def stuck_judge(prompts, images, **kwargs):
+        threading.Event().wait()
+
+    args = make_args(tmp_path, eval_num_generations=2, per_device_eval_batch_size=4, reward_error_policy="drop_group")
+    trainer = DDRLTrainer(
+        tiny_sd3_path,
+        brightness,
+        args=args,
+        train_dataset=prompt_dataset(),
+        eval_dataset=eval_dataset(),
+        eval_reward_funcs=[broken_judge],
+    )
+    logger = logging.getLogger("trl_ddrl")
+    propagate, logger.propagate = logger.propagate, True
+    try:
+        with caplog.at_level(logging.WARNING, logger="trl_ddrl"):
+            metrics = trainer.evaluate()
+    finally:
+        logger.propagate = propagate
+    assert np.isfinite(metrics["eval_rewards/brightness/mean"])
+    assert metrics.get("eval_rewards/broken_judge/mean") is None
+    assert "Evaluation: reward function 'broken_judge' failed on the 4 samples from 'a blue bird'" in caplog.text
+    assert "ConnectionError: judge server down" in caplog.text
+
+    trainer = DDRLTrainer(
+        tiny_sd3_path,
+        brightness,
+        args=make_args(tmp_path, eval_num_generations=2, per_device_eval_batch_size=4, reward_timeout=1.0),
+        train_dataset=prompt_dataset(),
+        eval_dataset=eval_dataset(),
+        eval_reward_funcs=[stuck_judge],
+    )
+    with pytest.raises(RewardTimeoutError, match=r"'stuck_judge' did not return within reward_timeout=1 s"):
+        trainer.evaluate()

@@ -35,11 +35,16 @@ from typing import Any
 import torch
 from datasets import Dataset
 from transformers import Trainer
+from transformers.utils import logging
 
+from .reward_calls import RewardCallAbandoned
 from .rewards import RewardFunctionError, check_rewards, resolve_reward_funcs
 from .rollout import generation_policy
 from .sde_window import trainable_steps
 from .tracking import Samples
+
+
+logger = logging.get_logger(__name__)
 
 
 def eval_noise_seed(eval_seed: int, position: int, generation: int) -> int:
@@ -61,22 +66,35 @@ def shard_positions(size: int, num_processes: int, process_index: int) -> tuple[
 def _score(
     reward_funcs: list, names: list[str], prompts: list[str], images: torch.Tensor, rows: list[dict], trainer
 ) -> torch.Tensor:
-    """Rewards `[S, R]` of the samples, NaN where a function gave None (or failed, with `drop_group`)."""
+    """
+    Rewards `[S, R]` of the `S` samples (`images` `[S, C, H, W]` or `[S, F, C, H, W]`), NaN where a function gave
+    None (or failed, with `drop_group` / `group_mean`: a warning names it). Each call runs under `reward_timeout`, as
+    in the rollout (the rollout engine's [`~trl_ddrl.reward_calls.RewardCaller`]).
+    """
     columns = {key: [row[key] for row in rows] for key in rows[0] if key != "prompt"}
     images = images.to(trainer.args.reward_device or images.device)  # where the reward models are
     rewards = torch.full((len(prompts), len(reward_funcs)), float("nan"))
+    policy = trainer.args.reward_error_policy
     for index, (reward_func, name) in enumerate(zip(reward_funcs, names, strict=True)):
         try:
-            values = reward_func(prompts=prompts, images=images, trainer_state=trainer.state, **columns)
+            values = trainer.rollout.reward_caller(
+                name, reward_func, prompts=prompts, images=images, trainer_state=trainer.state, **columns
+            )
             rewards[:, index] = torch.tensor(check_rewards(values, len(prompts), name, prompts))
+        except RewardCallAbandoned:
+            raise
         except Exception as error:
-            if trainer.args.reward_error_policy == "raise":
+            if policy == "raise":
                 if isinstance(error, RewardFunctionError):
                     raise
                 raise RewardFunctionError(
                     f"Reward function '{name}' failed during evaluation on prompts starting with {prompts[0]!r}: "
                     f"{type(error).__name__}: {error}."
                 ) from error
+            logger.warning(
+                f"Evaluation: reward function '{name}' failed on the {len(prompts)} samples from {prompts[0]!r} "
+                f"(reward_error_policy='{policy}': its eval metrics leave them out): {type(error).__name__}: {error}"
+            )
     return rewards
 
 
