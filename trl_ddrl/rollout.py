@@ -511,10 +511,6 @@ class RolloutEngine:
         first = self.mesh.data_parallel_rank * num_samples
         return choices[draws[(first + torch.arange(num_samples)) // self.args.num_generations]]
 
-    def _generator(self, iteration: int, stream: int) -> torch.Generator:
-        seed = self.args.seed * 1_000_003 + iteration * 7_919 + self.mesh.data_parallel_rank * 104_729 + stream
-        return torch.Generator().manual_seed(seed % (2**63))
-
     def generator(self, iteration: int, stream: int, per_rank: bool = True) -> torch.Generator:
         """
         The CPU generator of `stream` (0 noise, 1 sampler, 2 data batch, 3 micro-batch order, 4 frames, 5 modes) this
