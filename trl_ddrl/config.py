@@ -354,6 +354,24 @@ class DDRLConfig(_BaseConfig):
             diffusers attention backend of the denoiser (`set_attention_backend`), for example `"flash"`,
             `"_native_cudnn"` or `"native"`. Defaults to diffusers' active backend (PyTorch SDPA).
 
+        > Parameters that control memory placement
+
+        prompt_embedding_cache_size (`int`, *optional*, defaults to `0`):
+            Prompts whose embeddings are kept, on the CPU, in an LRU cache across iterations (keyed by the prompt,
+            the source image when editing, and the autocast state), so that a prompt seen again skips the text
+            encoders; training is bit-identical to no cache. Host memory: this many times one prompt's conditioning
+            (SD3, 256 tokens, no CFG: ~2.6 MiB). `0` caches nothing. See [`~trl_ddrl.prompt_embeddings`].
+        offload_text_encoders (`bool`, *optional*, defaults to `False`):
+            Keep the text encoders on the CPU and move them to the accelerator only to encode prompts the cache does
+            not hold, freeing their weights (T5-XXL: ~9.5 GiB in bfloat16) for the rest of the iteration, at the
+            cost of a host-to-device copy of them per encoding.
+        precompute_prompt_embeddings (`bool`, *optional*, defaults to `False`):
+            Encode every prompt of `train_dataset` and `eval_dataset` (and the captions of `data_dataset` for the
+            data term) once before training and keep them for the run, as DanceGRPO does; the text encoders are then
+            offloaded (as with `offload_text_encoders`) and run only for a prompt outside the datasets. Host memory:
+            the datasets' distinct prompts times one prompt's conditioning. Not for image editing (its conditioning
+            depends on each row's source image: use `prompt_embedding_cache_size`).
+
         > Parameters that control saving
 
         save_full_pipeline (`bool`, *optional*, defaults to `True`):
@@ -675,6 +693,20 @@ class DDRLConfig(_BaseConfig):
         default=None, metadata={"help": "diffusers attention backend of the denoiser, e.g. 'flash', '_native_cudnn'."}
     )
 
+    # Memory placement
+    prompt_embedding_cache_size: int = field(
+        default=0,
+        metadata={"help": "Prompts whose embeddings are cached on the CPU across iterations (LRU); 0 = no cache."},
+    )
+    offload_text_encoders: bool = field(
+        default=False,
+        metadata={"help": "Keep the text encoders on the CPU; move them to the GPU only to encode uncached prompts."},
+    )
+    precompute_prompt_embeddings: bool = field(
+        default=False,
+        metadata={"help": "Encode every dataset prompt once before training, then offload the text encoders."},
+    )
+
     # Saving
     save_full_pipeline: bool = field(
         default=True, metadata={"help": "save_model writes the whole diffusers pipeline, not only the denoiser."}
@@ -823,6 +855,8 @@ class DDRLConfig(_BaseConfig):
                     f"reward_device={self.reward_device!r} is not a device ({error}); use a name such as 'cuda:1', "
                     "'cuda' or 'cpu', or leave it unset for the training device."
                 ) from None
+
+        self._check_positive("prompt_embedding_cache_size", minimum=0, why="0 caches nothing")
 
         # Evaluation and sample logging
         self._check_positive("eval_num_generations")

@@ -9,7 +9,7 @@ loss needs: clean latents (through the pipeline's VAE) and prompt conditioning (
 import functools
 import os
 import warnings
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -324,6 +324,8 @@ class DiffusionDataCollator:
             ([`drop_text`]; the authors' Cosmos recipe: 0.2).
         posterior_mean (`bool`, *optional*, defaults to `False`): Encode the images/videos to the VAE posterior's
             mean instead of a sample (the authors').
+        prompt_encoder (`Callable`, *optional*): Encodes the prompts in place of `adapter.encode_prompts` (same
+            signature): the trainer's [`~trl_ddrl.prompt_embeddings.PromptEncoder`], with its cache and offloading.
 
     Calling it on a list of rows returns a dict with `latents` (`[B, ...]`, float32), `conditioning` (a dict of
     `[B, ...]` tensors) and `captions` (`list[str]`), on the adapter's device.
@@ -345,8 +347,10 @@ class DiffusionDataCollator:
         source_image_column: str = "source_image",
         text_dropout: float = 0.0,
         posterior_mean: bool = False,
+        prompt_encoder: Callable[..., Conditioning] | None = None,
     ):
         self.adapter = adapter
+        self.prompt_encoder = prompt_encoder
         self.text_dropout = text_dropout
         self.posterior_mean = posterior_mean
         self.image_column = image_column
@@ -464,17 +468,16 @@ class DiffusionDataCollator:
         source image) pair once.
         """
         device = self.adapter.device
+        encode_prompts = self.prompt_encoder or self.adapter.encode_prompts
         if not self.adapter.conditioned_on_source_image:
             unique, index = unique_with_index(captions)  # a group's rows repeat its prompt num_generations times
-            encoded = self.adapter.encode_prompts(unique, device)
+            encoded = encode_prompts(unique, device)
             return {key: value[torch.tensor(index, device=value.device)] for key, value in encoded.items()}
         sources = self.source_pixels(rows)
         keys = [(caption, source.numpy().tobytes()) for caption, source in zip(captions, sources)]
         # The first row of each distinct pair, and for every row its pair's position among them.
         first, index = unique_with_index(list(range(len(keys))), same=lambda i, j: keys[i] == keys[j])
-        encoded = self.adapter.encode_prompts(
-            [captions[i] for i in first], device, source_images=sources[first].to(device)
-        )
+        encoded = encode_prompts([captions[i] for i in first], device, source_images=sources[first].to(device))
         return {key: value[torch.tensor(index, device=value.device)] for key, value in encoded.items()}
 
     def captions(self, rows: list[dict[str, Any]]) -> list[str]:

@@ -60,6 +60,7 @@ from .pipelines.latents import enable_vae_slicing
 from .precision import autocast_in_load_dtype, in_dtype, upcast_trained_parameters
 from .preflight import check_hub_token, check_model_path, check_trainer_args
 from .progress import samples_per_second, use_ddrl_progress
+from .prompt_embeddings import PromptEncoder
 from .reward_calls import check_reward_signatures
 from .rewards import resolve_reward_funcs
 from .rollout import RolloutBuffer, RolloutEngine, generation_policy, read_prompt_rows
@@ -286,7 +287,19 @@ class DDRLTrainer(_BaseTrainer):
         self.evaluator = Evaluator(self, args, eval_reward_funcs, eval_dataset)
 
         self.data_dataset = data_dataset
+        if args.precompute_prompt_embeddings and self.adapter.conditioned_on_source_image:
+            raise ValueError(
+                f"precompute_prompt_embeddings=True: {type(pipeline).__name__} conditions each prompt on its row's "
+                "source image, so there is no per-prompt embedding to precompute. Set it to False and cache the "
+                "embeddings with prompt_embedding_cache_size instead."
+            )
         check_data_columns(self.adapter, args, train_dataset, data_dataset)
+        # Prompt embeddings: cached, precomputed, and the text encoders kept on the CPU (`prompt_embeddings.py`).
+        self.prompt_encoder = PromptEncoder(
+            self.adapter,
+            cache_size=args.prompt_embedding_cache_size,
+            offload_text_encoders=args.offload_text_encoders or args.precompute_prompt_embeddings,
+        )
         self.data_collator_for_loss = DiffusionDataCollator(
             self.adapter,
             args.image_column,
@@ -294,6 +307,7 @@ class DDRLTrainer(_BaseTrainer):
             args.source_image_column,
             text_dropout=args.data_text_dropout,
             posterior_mean=args.data_latents == "mean",
+            prompt_encoder=self.prompt_encoder,
         )
 
         self._metrics: dict[str, list[float]] = defaultdict(list)
@@ -325,10 +339,14 @@ class DDRLTrainer(_BaseTrainer):
 
         device = self.accelerator.device
         for module in self.adapter.frozen_modules():
-            module.to(device)
+            if module not in self.prompt_encoder.offloaded:
+                module.to(device)
         for reward_func in self.evaluator.reward_funcs:
             if isinstance(reward_func, nn.Module):
                 reward_func.to(args.reward_device or device).eval().requires_grad_(False)
+
+        if args.precompute_prompt_embeddings:
+            self._precompute_prompt_embeddings()
 
         self.ref_model = None
         needs_reference = args.kl_beta > 0 or (args.data_beta > 0 and args.data_source == "base_model")
@@ -402,6 +420,24 @@ class DDRLTrainer(_BaseTrainer):
                 f"Could not load a diffusers pipeline from model={model!r}: {str(error).rstrip('. ')}. Pass a hub id or a local directory "
                 "saved with pipeline.save_pretrained (it holds a model_index.json)."
             ) from error
+
+    def _precompute_prompt_embeddings(self) -> None:
+        """
+        Encode the prompts of `train_dataset` and `eval_dataset` under the rollouts' autocast, and the data term's
+        captions (encoded outside it, see `RolloutEngine.generate`), once (`precompute_prompt_embeddings`).
+        """
+        args, device = self.args, self.accelerator.device
+        eval_datasets = self.eval_dataset.values() if isinstance(self.eval_dataset, dict) else [self.eval_dataset]
+        prompts = list(self.train_dataset["prompt"])
+        for dataset in eval_datasets:
+            if dataset is not None:
+                prompts += list(dataset["prompt"])
+        batch_size = args.per_device_eval_batch_size
+        with self.accelerator.autocast():
+            self.prompt_encoder.precompute(prompts, device, batch_size)
+        if args.data_beta > 0 and args.data_source == "dataset":
+            captions = self.data_dataset[args.caption_column] if self.data_dataset is not None else prompts
+            self.prompt_encoder.precompute(list(captions), device, batch_size)
 
     def _send_telemetry(self):
         # TRL's telemetry reads `model.config.model_type`, which diffusers models do not have, and reports TRL's own
