@@ -9,11 +9,12 @@ import pytest
 import torch
 from diffusers import DiffusionPipeline
 from safetensors.torch import load_file
-from test_trainer import _StopAt, brightness, lora_config, make_args, prompt_dataset
+from test_trainer import _StopAt, brightness, lora_config, make_args, prompt_dataset, state_of
 from transformers import TrainerCallback
 
 from trl_ddrl import DDRLConfig, DDRLTrainer
 from trl_ddrl.ema import EMA_FOLDER, EMA_STATE_NAME, ParameterEMA, ema_decay, power_ema_exponent
+from trl_ddrl.memory import LiveBytes
 
 
 # ---- the math, on hand-sized tensors ----------------------------------------------------------------------------------
@@ -118,14 +119,18 @@ class _RecordTrainedWeights(TrainerCallback):
         self.weights.append({n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad})
 
 
-def test_the_callback_updates_the_ema_after_each_optimizer_step(tiny_sd3_path, tmp_path):
+@pytest.mark.parametrize("ema_device", [None, "cpu"])
+def test_the_callback_updates_the_ema_after_each_optimizer_step(ema_device, tiny_sd3_path, tmp_path):
     # Micro-batches of 4 transitions: 4 micro-batches per optimizer step, one EMA update per optimizer step.
     record = _RecordTrainedWeights()
-    args = make_args(tmp_path, max_steps=3, per_device_train_batch_size=4, ema_iteration_shift=2)
+    args = make_args(
+        tmp_path, max_steps=3, per_device_train_batch_size=4, ema_iteration_shift=2, ema_device=ema_device
+    )
     trainer = DDRLTrainer(tiny_sd3_path, brightness, args=args, train_dataset=prompt_dataset(), callbacks=[record])
     record.trainer = trainer
     assert trainer.ema is None  # built when training starts, once the model is prepared
     trainer.train()
+    assert trainer.ema.device == (torch.device(ema_device) if ema_device else None)
     assert trainer.args.gradient_accumulation_steps == 4
     assert trainer.ema.optimization_step == trainer.state.global_step == len(record.weights) == 3
 
@@ -292,3 +297,69 @@ def test_evaluate_with_the_ema_weights(tiny_sd3_path, tmp_path):
     by_hand = trainer.evaluate(metric_key_prefix="eval_hand")
     assert by_hand["eval_hand_data_loss"] == ema["eval_ema_data_loss"]
     assert by_hand["eval_hand_reward"] == ema["eval_ema_reward"]
+
+
+def _blocks(dtype: torch.dtype = torch.float32) -> torch.nn.Module:
+    """8 bias-free 256 x 256 layers: 2 MiB of float32 weights, 256 KiB each."""
+    torch.manual_seed(0)
+    return torch.nn.Sequential(*[torch.nn.Linear(256, 256, bias=False) for _ in range(8)]).to(dtype)
+
+
+def _peak_bytes(run, ema: ParameterEMA) -> int:
+    """The most bytes of tensors allocated by `run()` alive at once, beyond the parameters and the EMA's tensors."""
+    counter = LiveBytes(fake=False)
+    for tensor in [*ema.parameters, *ema.shadow]:
+        counter.register(tensor)
+    with counter.window() as window, counter:
+        run()
+    return int(window.peak - counter.weighted(window.start))
+
+
+def test_swapping_the_ema_in_and_out_copies_one_parameter_at_a_time():
+    model = _blocks()
+    ema = ParameterEMA(model, decay=0.5)
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.add_(1.0)
+    ema.step()
+    raw, expected = state_of(model), [shadow.clone() for shadow in ema.shadow]
+
+    def evaluate_under_ema():
+        with ema.swapped_in():
+            for parameter, shadow in zip(model.parameters(), expected, strict=True):
+                assert torch.equal(parameter, shadow)
+            inside = ema.state_dict()["shadow"]  # the EMA, though its values are in the model now
+            assert all(torch.equal(inside[name], shadow) for name, shadow in zip(ema.names, expected, strict=True))
+
+    # One 256 KiB parameter at a time in and out (a store() of the whole model held all 2 MiB).
+    assert _peak_bytes(evaluate_under_ema, ema) <= 256 * 2**10
+    assert all(torch.equal(value, raw[key]) for key, value in model.state_dict().items())  # restored bit for bit
+    assert all(torch.equal(shadow, value) for shadow, value in zip(ema.shadow, expected, strict=True))
+
+
+@pytest.mark.parametrize("device", [None, "cpu"])
+def test_chunked_update_of_low_precision_weights_allocates_one_chunk(device):
+    """bfloat16 parameters (a ZeRO-3 partition): each step makes float32 copies of one 512 KiB chunk, not 4 MiB."""
+    model = _blocks(torch.bfloat16)
+    whole = ParameterEMA(model, decay=0.9)
+    chunked = ParameterEMA(model, decay=0.9, device=device, chunk_bytes=512 * 2**10)
+    assert list(chunked.chunks()) == [[0, 1], [2, 3], [4, 5], [6, 7]]
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.mul_(-2.0)
+    assert _peak_bytes(whole.step, whole) >= 2 * 2**20  # the float32 copy of every parameter at once
+    assert _peak_bytes(chunked.step, chunked) <= 512 * 2**10
+    assert all(torch.equal(a, b) for a, b in zip(whole.shadow, chunked.shadow, strict=True))
+    assert all(shadow.device.type == "cpu" and shadow.dtype == torch.float32 for shadow in chunked.shadow)
+    raw = state_of(model)
+    with chunked.swapped_in():
+        assert all(torch.equal(p, s.to(torch.bfloat16)) for p, s in zip(model.parameters(), chunked.shadow))
+        with pytest.raises(RuntimeError, match="swapped_in"):
+            chunked.step()
+    assert all(torch.equal(value, raw[key]) for key, value in model.state_dict().items())
+
+
+def test_ema_device_must_be_cpu_or_unset(tmp_path):
+    assert DDRLConfig(str(tmp_path), ema_device="cpu").ema_device == "cpu"
+    with pytest.raises(ValueError, match="ema_device='cuda'.*'cpu'"):
+        DDRLConfig(str(tmp_path), ema_device="cuda")

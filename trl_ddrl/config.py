@@ -332,6 +332,11 @@ class DDRLConfig(_BaseConfig):
             shift makes the early EMA average longer.
         ema_decay (`float`, *optional*):
             A constant decay in `[0, 1)` (for example `0.999`) instead of the power-function schedule.
+        ema_device (`str`, *optional*):
+            Where the EMA lives: unset, on the trained weights' device; `"cpu"`, in host memory (as DanceGRPO and
+            Flow-GRPO keep theirs), which frees `4 x trained parameters` bytes on each GPU (`/ world_size` under FSDP2
+            or ZeRO-3) at the cost of copying the weights to the host after every optimizer step. Updates and swaps
+            go one chunk / one parameter at a time either way (no second copy of the model).
         export_ema_weights (`bool`, *optional*, defaults to `True`):
             `save_model`, `push_to_hub` and the Hub pushes of checkpoints write the EMA weights, as the authors
             release theirs. Checkpoints always keep the raw weights (to resume training) and the EMA state next to
@@ -677,6 +682,12 @@ class DDRLConfig(_BaseConfig):
     ema_decay: float | None = field(
         default=None, metadata={"help": "Constant EMA decay in [0, 1) instead of the power-function schedule."}
     )
+    ema_device: str | None = field(
+        default=None,
+        metadata={
+            "help": "Where the EMA lives: unset = the weights' device; 'cpu' = host memory (frees the GPU copy)."
+        },
+    )
     export_ema_weights: bool = field(
         default=True,
         metadata={"help": "save_model / push_to_hub write the EMA weights; False writes the raw trained weights."},
@@ -809,6 +820,10 @@ class DDRLConfig(_BaseConfig):
                 raise ValueError(f"ema_decay={self.ema_decay} must be in [0, 1), or None for the power schedule.")
             if self.ema_iteration_shift < 0:
                 raise ValueError(f"ema_iteration_shift={self.ema_iteration_shift} must be >= 0.")
+            if self.ema_device not in (None, "cpu"):
+                raise ValueError(
+                    f"ema_device={self.ema_device!r} must be 'cpu' (host memory) or unset (the weights' device)."
+                )
         if self.reward_weights is not None and any(w < 0 for w in self.reward_weights):
             # Negative weights are legal in GRPO but almost always a sign error with image rewards: say so loudly.
             raise ValueError(

@@ -14,11 +14,17 @@ first update copies the weights) and `gamma` is fixed by the relative width `sig
 real root of `gamma^3 + 7 gamma^2 + (16 - sigma_rel^-2) gamma + (12 - sigma_rel^-2) = 0`. The released checkpoints
 are the EMA weights.
 
-`ParameterEMA` is shaped like diffusers' `EMAModel` (`step`, `copy_to`, `store` / `restore`, `state_dict` /
+`ParameterEMA` is shaped like diffusers' `EMAModel` (`step`, `copy_to`, `swapped_in`, `state_dict` /
 `load_state_dict`) but tracks only the parameters that train (`requires_grad`: under LoRA the adapter weights) and
 keeps, for each, the copy this process holds: the whole tensor without sharding (single process, DDP, ZeRO-1/2), the
 local shard under FSDP2 (`DTensor.to_local()`) and the local partition under DeepSpeed ZeRO-3 (`ds_tensor`). Updates
 and swaps are then purely local, with no communication (except re-gathering ZeRO-3's persistent parameters).
+
+Memory: the EMA is one float32 copy of the (local) trained weights, on their device or, with `device="cpu"`
+(`ema_device="cpu"`), in host memory. Nothing else of the model's size is ever allocated: `step` folds the parameters
+in chunks of at most `chunk_bytes` (a float32 or host copy of one chunk at a time, none for float32 parameters on the
+EMA's device), and the swap for evaluation and export exchanges each parameter with its EMA tensor in place, through
+a copy of one parameter at a time (the former `store` / `restore` held a second copy of every parameter).
 `EMACallback` creates it once the Trainer has wrapped the model, updates it after every optimizer step and saves and
 restores it with the checkpoints.
 """
@@ -90,13 +96,22 @@ class ParameterEMA:
         sigma_rel (`float`, *optional*, defaults to `0.1`): Relative width of the power-function EMA profile.
         iteration_shift (`int`, *optional*, defaults to `0`): Added to the step count in the decay formula.
         decay (`float`, *optional*): A constant decay instead of the power-function schedule.
+        device (`str` or `torch.device`, *optional*): Where the EMA tensors live; default the parameters' device.
+            `"cpu"` keeps them in host memory (each update and swap then copies one chunk at a time across).
+        chunk_bytes (`int`, *optional*, defaults to 256 MiB): The most bytes of parameters folded in at once by `step`.
 
-    The EMA tensors are float32 and live on the parameters' device: one extra fp32 copy of the trainable parameters
-    per process without sharding, `1 / world_size` of it under FSDP2 or ZeRO-3.
+    The EMA tensors are float32: one extra fp32 copy of the trainable parameters per process without sharding,
+    `1 / world_size` of it under FSDP2 or ZeRO-3, on the accelerator unless `device="cpu"`.
     """
 
     def __init__(
-        self, module: nn.Module, sigma_rel: float = 0.1, iteration_shift: int = 0, decay: float | None = None
+        self,
+        module: nn.Module,
+        sigma_rel: float = 0.1,
+        iteration_shift: int = 0,
+        decay: float | None = None,
+        device: str | torch.device | None = None,
+        chunk_bytes: int = 256 * 2**20,
     ):
         if decay is not None and not 0.0 <= decay < 1.0:
             raise ValueError(f"ema_decay={decay} must be in [0, 1), or None for the power-function schedule.")
@@ -111,9 +126,15 @@ class ParameterEMA:
         self.names = [name for name, _ in named]
         self.parameters = [parameter for _, parameter in named]
         self.sharded = any(_is_sharded(parameter) for parameter in self.parameters)
-        self.shadow = [_local_tensor(parameter).detach().to(torch.float32, copy=True) for parameter in self.parameters]
+        self.device = torch.device(device) if device is not None else None
+        self.chunk_bytes = chunk_bytes
+        self.shadow = [
+            _local_tensor(parameter).detach().to(self.device or parameter.device, torch.float32, copy=True)
+            for parameter in self.parameters
+        ]
         self.optimization_step = 0
-        self._stored: list[torch.Tensor] | None = None
+        self._swapped = False  # inside `swapped_in`: the parameters hold the EMA, `shadow` the trained weights
+        self._held: dict[int, torch.Tensor] = {}  # while swapped: parameters not in float32, kept as they were
 
     def get_decay(self, step: int) -> float:
         """Decay of the `step`-th update (see `ema_decay`), or the constant `decay` when one is set."""
@@ -121,14 +142,37 @@ class ParameterEMA:
             return self.decay
         return ema_decay(step, self.gamma, self.iteration_shift)
 
+    def chunks(self) -> Iterator[list[int]]:
+        """The parameters' positions in consecutive groups of at most `chunk_bytes` (a larger one alone)."""
+        chunk, size = [], 0
+        for index, shadow in enumerate(self.shadow):
+            if chunk and size + shadow.nbytes > self.chunk_bytes:
+                yield chunk
+                chunk, size = [], 0
+            chunk.append(index)
+            size += shadow.nbytes
+        if chunk:
+            yield chunk
+
     @torch.no_grad()
     def step(self) -> float:
-        """Fold the current parameters in: `ema = beta * ema + (1 - beta) * theta`. Returns `beta`."""
+        """
+        Fold the current parameters in: `ema = beta * ema + (1 - beta) * theta`, `chunk_bytes` of parameters at a
+        time (the same elementwise arithmetic as one update of all of them). Returns `beta`.
+        """
+        if self._swapped:
+            raise RuntimeError("The EMA cannot step while its weights are swapped into the model (swapped_in).")
         self.optimization_step += 1
         beta = self.get_decay(self.optimization_step)
-        sources = [_local_tensor(parameter).float() for parameter in self.parameters]
-        torch._foreach_mul_(self.shadow, beta)
-        torch._foreach_add_(self.shadow, sources, alpha=1.0 - beta)
+        for chunk in self.chunks():
+            shadows = [self.shadow[i] for i in chunk]
+            sources = [
+                _local_tensor(self.parameters[i]).to(shadow.device, torch.float32)
+                for i, shadow in zip(chunk, shadows, strict=True)
+            ]
+            torch._foreach_mul_(shadows, beta)
+            torch._foreach_add_(shadows, sources, alpha=1.0 - beta)
+            del sources  # freed before the next chunk's copies
         return beta
 
     @torch.no_grad()
@@ -139,21 +183,36 @@ class ParameterEMA:
         self._refresh_gathered()
 
     @torch.no_grad()
-    def store(self) -> None:
-        """Keep a copy of the current parameters for `restore` (one more copy of the local parameters)."""
-        if self._stored is not None:
-            raise RuntimeError("The EMA already holds stored weights: restore() them before swapping in again.")
-        self._stored = [_local_tensor(parameter).detach().clone() for parameter in self.parameters]
-
-    @torch.no_grad()
-    def restore(self) -> None:
-        """Put back the parameters saved by `store`, bit for bit."""
-        if self._stored is None:
-            raise RuntimeError("restore() called without a matching store().")
-        for parameter, stored in zip(self.parameters, self._stored, strict=True):
-            _local_tensor(parameter).copy_(stored)
-        self._stored = None
+    def _swap(self) -> None:
+        """
+        Exchange the parameters and the EMA tensors in place, one parameter at a time; calling it twice restores
+        both bit for bit. A float32 parameter trades values with its EMA tensor; another dtype (a ZeRO-3 partition
+        in bfloat16) is kept aside, on the EMA's device, while the EMA is in.
+        """
+        for index, (parameter, shadow) in enumerate(zip(self.parameters, self.shadow, strict=True)):
+            local = _local_tensor(parameter)
+            if local.dtype != shadow.dtype:
+                if self._swapped:
+                    local.copy_(self._held.pop(index))
+                else:
+                    self._held[index] = local.to(shadow.device, copy=True)
+                    local.copy_(shadow)
+                continue
+            held = local.to(shadow.device, copy=True)
+            local.copy_(shadow)
+            shadow.copy_(held)
+            del held  # freed before the next parameter's copy: one parameter's bytes at a time
+        self._swapped = not self._swapped
         self._refresh_gathered()
+
+    def _current_shadow(self) -> list[torch.Tensor]:
+        """The EMA tensors, wherever they are now: in the float32 parameters while swapped in."""
+        if not self._swapped:
+            return self.shadow
+        return [
+            shadow if index in self._held else _local_tensor(parameter).detach().to(shadow.device)
+            for index, (parameter, shadow) in enumerate(zip(self.parameters, self.shadow, strict=True))
+        ]
 
     @contextlib.contextmanager
     def swapped_in(self) -> Iterator[None]:
@@ -161,17 +220,16 @@ class ParameterEMA:
         Run the block with the EMA weights in the model, then restore the trained weights exactly. A nested call (an
         `evaluate()` with `eval_use_ema` inside `trainer.ema_weights()`) finds the EMA already in and changes nothing.
         """
-        if self._stored is not None:
+        if self._swapped:
             yield
             return
         self._reshard()
-        self.store()
+        self._swap()
         try:
-            self.copy_to()
             yield
         finally:
             self._reshard()
-            self.restore()
+            self._swap()
 
     def _reshard(self) -> None:
         # FSDP2 modules left unsharded by a forward compute with their gathered copy, not the local shards we write.
@@ -197,12 +255,14 @@ class ParameterEMA:
             "sigma_rel": self.sigma_rel,
             "iteration_shift": self.iteration_shift,
             "decay": self.decay,
-            "shadow": dict(zip(self.names, self.shadow, strict=True)),
+            "shadow": dict(zip(self.names, self._current_shadow(), strict=True)),
         }
 
     @torch.no_grad()
     def load_state_dict(self, state: dict) -> None:
         """Load a `state_dict()`; the tracked parameters (names and local shapes) must match."""
+        if self._swapped:
+            raise RuntimeError("Load the EMA state outside swapped_in(): its weights are in the model now.")
         shadow = state["shadow"]
         missing, unexpected = set(self.names) - set(shadow), set(shadow) - set(self.names)
         if missing or unexpected:
@@ -279,6 +339,7 @@ class EMACallback(TrainerCallback):
             sigma_rel=args.ema_sigma_rel,
             iteration_shift=args.ema_iteration_shift,
             decay=args.ema_decay,
+            device=args.ema_device,
         )
         if resume_from_checkpoint is None:
             return
