@@ -6,14 +6,18 @@ The rollout: prompts -> the buffer of trained transitions of one RL iteration.
 sampler (recording each step's latents and log-likelihood), decodes each chunk and scores it (on a reward thread,
 overlapping the sampling of the next chunk, with `async_rewards`), turns the gathered rewards into group-normalised
 advantages, builds the data-term batch and cuts the transitions into micro-batches: a [`RolloutBuffer`] that the trainer
-replays, micro-batch by micro-batch, in `compute_loss`. Where the big tensors live: latents `[S, T + 1, ...]` and the
-decoded images on the accelerator for the iteration; the buffer keeps only the trained steps' states.
+replays, micro-batch by micro-batch, in `compute_loss`. Where the big tensors live: latents `[S, T + 1, ...]` on the
+accelerator for the rollout; each chunk's decoded images (float, `[chunk, C, H, W]` or `[chunk, F, C, H, W]`) on it
+only until their rewards are computed, with uint8 CPU copies of the first few kept on rollouts that serve a step that
+logs samples or saves a checkpoint ([`RolloutEngine.samples_to_keep`]); the buffer keeps only the trained steps'
+states.
 
 The engine knows nothing of the trainer: it gets the adapter, configuration, rewards and the two model contexts
 (`policy`, `reference`) it samples from. The evaluation uses [`generation_policy`] for its fixed-noise sampling.
 """
 
 import contextlib
+import math
 import time
 import zlib
 from collections.abc import Callable
@@ -41,7 +45,11 @@ from .rewards import RewardFunctionError, check_rewards
 from .rollout_plan import default_rollout_chunk, overlaps_sampling
 from .sde_window import initial_states, join_prefix, rollout_steps
 from .tracking import Samples
-from .utils import unique_with_index
+from .utils import to_uint8, unique_with_index
+
+
+LAST_IMAGES = 16
+"""Samples kept (uint8, CPU) for the `samples.png` grid of checkpoints (`RolloutEngine.last_images`)."""
 
 
 logger = logging.get_logger(__name__)
@@ -69,26 +77,40 @@ class RolloutBuffer:
     order: torch.Tensor  # [S * K] flat indices sample * K + position
     data_rows: list[int]  # per micro-batch: how many of its leading rows the data term uses
     previous_denoised: torch.Tensor | None = None  # [S, K, ...] multistep samplers: the previous step's estimate
+    # With `offload_trajectories`: the device micro-batches go to; the per-transition tensors above (states,
+    # next_states, old_means, initial_noise, previous_denoised) then live on the CPU (pinned when CUDA is available).
+    device: torch.device | None = None
 
     def micro_batch(self, index: int, size: int) -> dict[str, Any]:
         flat = self.order[index * size : (index + 1) * size]
         sample, position = flat // self.states.shape[1], flat % self.states.shape[1]
+        # An offloaded buffer's transitions are gathered on the CPU: index them with host copies of the indices.
+        transition = (sample, position) if self.device is None else (sample.cpu(), position.cpu())
         batch = {
-            "states": self.states[sample, position],
-            "next_states": self.next_states[sample, position],
-            "old_means": self.old_means[sample, position],
+            "states": self._rows(self.states, *transition),
+            "next_states": self._rows(self.next_states, *transition),
+            "old_means": self._rows(self.old_means, *transition),
             "step_index": self.step_indices[position],
             "num_data_rows": self.data_rows[index],
             "advantages": self.advantages[sample],
             "conditioning": {key: value[sample] for key, value in self.conditioning.items()},
-            "initial_noise": self.initial_noise[sample],
+            "initial_noise": self._rows(self.initial_noise, transition[0]),
         }
         if self.previous_denoised is not None:
-            batch["previous_denoised"] = self.previous_denoised[sample, position]
+            batch["previous_denoised"] = self._rows(self.previous_denoised, *transition)
         if self.data_latents is not None:
             batch["data_latents"] = self.data_latents[sample]
             batch["data_conditioning"] = {key: value[sample] for key, value in self.data_conditioning.items()}
         return batch
+
+    def _rows(self, tensor: torch.Tensor, *index: torch.Tensor) -> torch.Tensor:
+        """`tensor[index]`, copied to `device` when the buffer is offloaded (asynchronously from pinned memory)."""
+        rows = tensor[index]
+        if self.device is None:
+            return rows
+        if torch.cuda.is_available():
+            return rows.pin_memory().to(self.device, non_blocking=True)
+        return rows.to(self.device)
 
 
 def order_micro_batches(
@@ -206,7 +228,7 @@ class RolloutEngine:
         same_gpu = self.reward_device.type == "cuda" and self.reward_device == accelerator.device
         self.reward_stream = torch.cuda.Stream(self.reward_device) if same_gpu and self.reward_executor else None
         self.synthetic_latents: dict[str, torch.Tensor] = {}  # data_source="base_model": one sample per prompt, CPU
-        self.last_images: torch.Tensor | None = None  # the last rollout's first 16 images, CPU
+        self.last_images: torch.Tensor | None = None  # the latest kept rollout's first 16 images, uint8, CPU
         self.last_samples: Samples | None = None
 
     @torch.no_grad()
@@ -222,7 +244,10 @@ class RolloutEngine:
         overlap = args.async_rewards and any(overlaps_sampling(reward_func) for reward_func in self.reward_funcs)
         chunk = args.rollout_batch_size or default_rollout_chunk(len(prompts), overlap)
         start = time.perf_counter()
-        latents, means, images, denoised = [], [], [], []
+        # Per chunk, only what the buffer needs: the trained steps' states, means and previous estimates, the noise.
+        states, next_states, means, denoised, initial_noise = [], [], [], [], []
+        keep = self.samples_to_keep(trainer_state)
+        kept: list[torch.Tensor] = []  # uint8 CPU copies of the first `keep` samples, for logging and checkpoints
         scored = self.pending_rewards = []  # cancelled by `train` if it stops on an error or Ctrl-C
         self.reward_errors = []
         with self.policy() as policy:
@@ -251,6 +276,7 @@ class RolloutEngine:
                 chunk_size=chunk,
             )
             sampler_generator = self.generator(iteration, 1)
+            steps = torch.tensor(schedule.trained, device=device)
             for i in range(0, len(prompts), chunk):
                 trajectory = self.adapter.sample(
                     policy,
@@ -264,11 +290,23 @@ class RolloutEngine:
                     trajectory = join_prefix(prefix[i : i + chunk], trajectory)
                 chunk_images = self.adapter.decode(trajectory.latents[:, -1])
                 self.check_samples(trajectory.latents, chunk_images, iteration)
-                latents.append(trajectory.latents)
-                means.append(trajectory.means)
-                denoised.append(trajectory.denoised)
-                images.append(chunk_images)
-                # Scoring this chunk overlaps the sampling of the next one.
+                trained = [
+                    trajectory.latents[:, steps],
+                    trajectory.latents[:, steps + 1],
+                    trajectory.means[:, steps],
+                    # A copy: the state itself for most families, a view that would keep the whole trajectory alive.
+                    self.adapter.standard_noise(trajectory.latents[:, 0]).clone(),
+                ]
+                if trajectory.denoised is not None:
+                    trained.append(trajectory.denoised[:, (steps - 1).clamp(min=0)])
+                if args.offload_trajectories:
+                    trained = [tensor.cpu() for tensor in trained]
+                for parts, tensor in zip((states, next_states, means, initial_noise, denoised), trained):
+                    parts.append(tensor)
+                if i < keep:
+                    kept.append(to_uint8(chunk_images[: keep - i]))
+                # Scoring this chunk overlaps the sampling of the next one. The decoded chunk lives only as long as
+                # its scoring: nothing here keeps it once handed to the rewards.
                 # `first`: the chunk's position in the gathered rollout, where the groups' boundaries are.
                 first = self.mesh.data_parallel_rank * len(prompts) + i
                 score_args = (prompts[i : i + chunk], chunk_images, rows[i : i + chunk], trainer_state, first)
@@ -277,8 +315,8 @@ class RolloutEngine:
                     if self.reward_executor
                     else self.score(*score_args)
                 )
+                del chunk_images, score_args, trajectory, trained  # the next chunk samples without them
         rollout_time = time.perf_counter() - start
-        latents, means, images = torch.cat(latents), torch.cat(means), torch.cat(images)
 
         start = time.perf_counter()
         results = [item.result() if isinstance(item, Future) else item for item in scored]
@@ -313,7 +351,6 @@ class RolloutEngine:
             data_batch = self.collator(self.data_rows(rows, iteration), generator=self.generator(iteration, 2))
             data_latents, data_conditioning = data_batch["latents"], {**data_batch["conditioning"], **modes}
 
-        steps = torch.tensor(schedule.trained, device=device)
         num_steps = len(schedule.trained)
         order, data_rows = order_micro_batches(
             # The same order on every rank, so that all or none run a micro-batch's data forward (its collectives).
@@ -326,24 +363,49 @@ class RolloutEngine:
         self.log_metrics(all_rewards, result, advantages, rollout_time, reward_wait_time)
         if schedule.stochastic is not None:
             self.metrics["sde_window/first_step"].append(float(schedule.stochastic[0]))
-        self.last_images = images[:16].cpu()
-        self.last_samples = Samples.first(
-            args.num_samples_to_log, images, prompts, rewards_per_func, self.reward_names
-        )
+        if kept:
+            kept_images = torch.cat(kept)
+            self.last_images = kept_images[:LAST_IMAGES].clone()
+            self.last_samples = Samples.first(
+                args.num_samples_to_log, kept_images, prompts, rewards_per_func, self.reward_names
+            )
+        transitions = [torch.cat(parts) if parts else None for parts in (states, next_states, means, initial_noise, denoised)]
+        if args.offload_trajectories and torch.cuda.is_available():
+            transitions = [None if tensor is None else tensor.pin_memory() for tensor in transitions]
+        states, next_states, means, initial_noise, denoised = transitions
         return RolloutBuffer(
-            states=latents[:, steps],
-            next_states=latents[:, steps + 1],
-            old_means=means[:, steps],
+            states=states,
+            next_states=next_states,
+            old_means=means,
             step_indices=steps,
             advantages=advantages,
             conditioning=conditioning,
-            initial_noise=self.adapter.standard_noise(latents[:, 0]),
+            initial_noise=initial_noise,
             data_latents=data_latents,
             data_conditioning=data_conditioning,
             order=order.to(device),
             data_rows=data_rows,
-            previous_denoised=torch.cat(denoised)[:, (steps - 1).clamp(min=0)] if denoised[0] is not None else None,
+            previous_denoised=denoised,
+            device=device if args.offload_trajectories else None,
         )
+
+    def samples_to_keep(self, state: TrainerState) -> int:
+        """
+        How many leading samples of this rollout are copied to the host (uint8) for the trackers' grids and the
+        checkpoints' `samples.png`: `max(LAST_IMAGES, num_samples_to_log)` when one of the optimizer steps it serves
+        logs samples (`log_samples_steps`), saves a checkpoint (`save_steps`, or any save strategy but `"steps"` and
+        `"no"`) or is the last; `0` otherwise (the previous copies stay).
+        """
+        args = self.args
+        per_rollout = math.ceil(args.steps_per_generation * args.num_iterations / args.gradient_accumulation_steps)
+        needed = False
+        for step in range(state.global_step + 1, state.global_step + per_rollout + 1):
+            logs = bool(args.log_samples_steps) and step % args.log_samples_steps == 0
+            saves = args.save_strategy not in ("steps", "no") or (
+                args.save_strategy == "steps" and bool(state.save_steps) and step % state.save_steps == 0
+            )
+            needed = needed or logs or saves or step >= state.max_steps
+        return max(LAST_IMAGES, args.num_samples_to_log) if needed else 0
 
     def score(
         self,

@@ -36,7 +36,7 @@ from transformers.integrations import (
 )
 from transformers.utils import logging
 
-from .utils import image_grid, save_video_grid_gif
+from .utils import image_grid, save_video_grid_gif, to_uint8
 
 
 logger = logging.get_logger(__name__)
@@ -68,7 +68,10 @@ def expose_config_to_trackers(model: nn.Module) -> None:
 
 @dataclass
 class Samples:
-    """Samples to log: images `[N, C, H, W]` or videos `[N, F, C, H, W]` in `[0, 1]`, their prompts and rewards."""
+    """
+    Samples to log: images `[N, C, H, W]` or videos `[N, F, C, H, W]` (uint8 on the CPU from [`Samples.first`], or
+    float in `[0, 1]`), their prompts and rewards.
+    """
 
     images: torch.Tensor
     prompts: list[str]
@@ -76,11 +79,14 @@ class Samples:
 
     @classmethod
     def first(cls, count: int, images: torch.Tensor, prompts: list[str], rewards: torch.Tensor, names: list[str]):
-        """The first `count` samples of a batch with rewards `[N, R]` of the reward functions `names`."""
+        """
+        The first `count` samples of a batch (float in `[0, 1]` or uint8) with rewards `[N, R]` of the reward functions
+        `names`, the images copied to the CPU as uint8.
+        """
         count = min(count, len(images))
         rewards = rewards[:count].float().cpu()
         return cls(
-            images=images[:count].detach().float().cpu(),
+            images=images[:count].to("cpu", copy=True) if images.dtype == torch.uint8 else to_uint8(images[:count]),
             prompts=list(prompts[:count]),
             rewards={name: rewards[:, index].tolist() for index, name in enumerate(names)},
         )

@@ -16,13 +16,21 @@ from PIL import Image, ImageDraw, ImageFont
 from torch import nn
 
 
+def to_uint8(images: torch.Tensor) -> torch.Tensor:
+    """
+    Images or videos in `[0, 1]` (any shape, any device) -> uint8 in `[0, 255]` on the CPU, the values an image file
+    of them holds: a quarter of float32's bytes, for copies kept for logging.
+    """
+    return (images.detach().float().clamp(0, 1) * 255).round().to(torch.uint8).cpu()
+
+
 def image_grid(images: torch.Tensor, columns: int | None = None) -> Image.Image:
     """
     Tile images into one PIL image.
 
     Args:
-        images (`torch.Tensor`): `[N, C, H, W]` in `[0, 1]` (C = 1 or 3), or videos `[N, F, C, H, W]` (the first
-            frame of each is shown).
+        images (`torch.Tensor`): `[N, C, H, W]` in `[0, 1]` (C = 1 or 3), or uint8 in `[0, 255]` ([`to_uint8`]),
+            or videos `[N, F, C, H, W]` (the first frame of each is shown).
         columns (`int`, *optional*): Images per row; defaults to about `sqrt(N)`.
 
     Returns:
@@ -32,7 +40,8 @@ def image_grid(images: torch.Tensor, columns: int | None = None) -> Image.Image:
         images = images[:, 0]
     if images.ndim != 4 or images.shape[0] == 0:
         raise ValueError(f"image_grid takes [N, C, H, W] or [N, F, C, H, W] images; got shape {tuple(images.shape)}.")
-    images = images.detach().float().cpu().clamp(0, 1)
+    images = images.detach().cpu()
+    images = images.float() / 255 if images.dtype == torch.uint8 else images.float().clamp(0, 1)
     if images.shape[1] == 1:
         images = images.expand(-1, 3, -1, -1)
     count, _, height, width = images.shape
