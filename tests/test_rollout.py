@@ -68,9 +68,7 @@ def test_grids_of_uint8_copies_are_the_grids_of_the_floats():
 def test_the_buffer_keeps_the_trained_transitions_only_and_offloading_changes_no_value(trainer):
     rows = read_prompt_rows(trainer.train_dataset, [0] * 4 + [1] * 4)
     buffer = trainer.rollout.generate(rows, 0, TrainerState(global_step=0, max_steps=100))
-    transitions = {
-        name: getattr(buffer, name) for name in ("states", "next_states", "old_means", "initial_noise")
-    }
+    transitions = {name: getattr(buffer, name) for name in ("states", "next_states", "old_means", "initial_noise")}
     for name, tensor in transitions.items():
         # Each its own storage: no view keeps the whole trajectory [S, T + 1, ...] alive.
         assert tensor.untyped_storage().nbytes() == tensor.nbytes, name

@@ -727,7 +727,9 @@ class DDRLConfig(_BaseConfig):
     )
     offload_trajectories: bool = field(
         default=False,
-        metadata={"help": "Keep the rollout's trained transitions in (pinned) CPU memory; copy each micro-batch back."},
+        metadata={
+            "help": "Keep the rollout's trained transitions in (pinned) CPU memory; copy each micro-batch back."
+        },
     )
 
     # Saving

@@ -369,7 +369,9 @@ class RolloutEngine:
             self.last_samples = Samples.first(
                 args.num_samples_to_log, kept_images, prompts, rewards_per_func, self.reward_names
             )
-        transitions = [torch.cat(parts) if parts else None for parts in (states, next_states, means, initial_noise, denoised)]
+        transitions = [
+            torch.cat(parts) if parts else None for parts in (states, next_states, means, initial_noise, denoised)
+        ]
         if args.offload_trajectories and torch.cuda.is_available():
             transitions = [None if tensor is None else tensor.pin_memory() for tensor in transitions]
         states, next_states, means, initial_noise, denoised = transitions
