@@ -170,3 +170,24 @@ def test_one_ddrl_step_of_a_bfloat16_pipeline(tmp_path, family, peft):
     assert changed.float().mean() > 0.9
     assert all(p.dtype == torch.float32 for p in trained(trainer).values())
     assert all(shadow.dtype == torch.float32 for shadow in trainer.ema.shadow)
+
+
+@pytest.mark.parametrize("optim", ["adamw_torch_fused", "adamw_bnb_8bit"])
+def test_fused_and_8bit_adamw_step_the_float32_master_weights(tiny_sd3_path, tmp_path, optim):
+    """`optim="adamw_torch_fused"` (one kernel per step) and bitsandbytes' 8-bit AdamW (where installed)."""
+    if optim == "adamw_bnb_8bit":
+        pytest.importorskip("bitsandbytes")
+    trainer = low_precision_trainer(
+        tiny_sd3_path, tmp_path, "bfloat16", False, max_steps=1, use_ema=False, optim=optim
+    )
+    before = {name: p.detach().clone() for name, p in trained(trainer).items()}
+    trainer.train()
+    optimizer = trainer.optimizer.optimizer  # inside accelerate's wrapper
+    assert all(p.dtype == torch.float32 for p in trained(trainer).values())
+    assert any(not torch.equal(p, before[name]) for name, p in trained(trainer).items())
+    if optim == "adamw_torch_fused":
+        assert optimizer.defaults["fused"] is True
+    else:
+        # 8-bit state for every tensor of at least bitsandbytes' min_8bit_size (4096) elements: 2 bytes per weight.
+        large = [p for p in optimizer.state if p.numel() >= 4096]
+        assert large and all(optimizer.state[p]["state1"].dtype == torch.uint8 for p in large)

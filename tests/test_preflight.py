@@ -107,3 +107,27 @@ def test_load_error_has_one_period(tmp_path):
     with pytest.raises(ValueError) as error:
         DDRLTrainer._load_pipeline("does-not-exist-org/no-model", None)
     assert ".." not in str(error.value)
+
+
+def test_an_8bit_optimizer_without_bitsandbytes_fails_before_the_pipeline_loads(monkeypatch, tmp_path):
+    import importlib.util
+
+    from test_trainer import brightness, make_args, prompt_dataset
+
+    from trl_ddrl import DDRLTrainer
+    from trl_ddrl.preflight import needs_bitsandbytes
+
+    assert needs_bitsandbytes("adamw_bnb_8bit") and needs_bitsandbytes("paged_adamw_8bit")
+    assert not needs_bitsandbytes("adamw_torch_fused") and not needs_bitsandbytes("adamw_torch_8bit")
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "bitsandbytes" else find_spec(name, *a)
+    )
+    # A Hub id that is never downloaded: the error comes first.
+    with pytest.raises(ImportError, match=r"optim='adamw_bnb_8bit'.*pip install bitsandbytes"):
+        DDRLTrainer(
+            "someone/never-downloaded",
+            brightness,
+            args=make_args(tmp_path, optim="adamw_bnb_8bit"),
+            train_dataset=prompt_dataset(),
+        )

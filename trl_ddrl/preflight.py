@@ -8,6 +8,7 @@ argument and the fix.
 """
 
 import difflib
+import importlib.util
 import os
 from typing import Any
 
@@ -39,6 +40,26 @@ def check_trainer_args(args: Any, model_id: str) -> DDRLConfig:
         "DDRLConfig(output_dir=..., learning_rate=..., num_generations=..., ...) instead of "
         f"{name}(...); GRPO-only fields such as max_completion_length do not apply to diffusion models."
     )
+
+
+def needs_bitsandbytes(optim: str) -> bool:
+    """Whether transformers builds the optimizer `optim` (a `TrainingArguments.optim` name) from bitsandbytes."""
+    if optim.startswith(("adamw_torch", "galore")):  # torchao's 8-bit AdamW; GaLore (galore-torch)
+        return False
+    return "bnb" in optim or "8bit" in optim or "32bit" in optim or optim.startswith(("paged_", "lion", "ademamix"))
+
+
+def check_optimizer(args: DDRLConfig) -> None:
+    """
+    An 8-bit / paged optimizer (`optim="adamw_bnb_8bit"`, ...) needs bitsandbytes: say so before the pipeline loads,
+    not after (transformers builds the optimizer when training starts).
+    """
+    optim = str(getattr(args.optim, "value", args.optim))
+    if needs_bitsandbytes(optim) and importlib.util.find_spec("bitsandbytes") is None:
+        raise ImportError(
+            f"optim={optim!r} needs bitsandbytes, which is not installed: pip install bitsandbytes. Or use "
+            "optim='adamw_torch_fused' (the default AdamW, fused) or train a LoRA adapter to shrink the optimizer state."
+        )
 
 
 def looks_like_local_path(model: str) -> bool:

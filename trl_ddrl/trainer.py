@@ -58,7 +58,7 @@ from .pipelines import ADAPTERS, SamplingSettings, get_adapter
 from .pipelines.experts import denoiser_parts, lora_load_arguments, lora_weight_name, trained_components
 from .pipelines.latents import enable_vae_slicing
 from .precision import autocast_in_load_dtype, in_dtype, upcast_trained_parameters
-from .preflight import check_hub_token, check_model_path, check_trainer_args
+from .preflight import check_hub_token, check_model_path, check_optimizer, check_trainer_args
 from .progress import samples_per_second, use_ddrl_progress
 from .prompt_embeddings import PromptEncoder
 from .reward_calls import check_reward_signatures
@@ -242,6 +242,7 @@ class DDRLTrainer(_BaseTrainer):
         # Everything that needs no model is checked before loading it (minutes for large pipelines).
         args = check_trainer_args(args, model_id)
         check_hub_token(args)
+        check_optimizer(args)
         train_dataset, data_dataset = check_prompt_datasets(train_dataset, data_dataset, args.prompts_per_step)
         check_data_term_columns(args, train_dataset, data_dataset)
         self.reward_funcs, self.reward_func_names = resolve_reward_funcs(reward_funcs)
