@@ -384,6 +384,19 @@ class DDRLConfig(_BaseConfig):
             sampled; each micro-batch's rows are copied back for its replay. Frees the buffer on the accelerator
             (Wan 2.1 at 480p, 81 frames: 8 MiB a latent, 32 samples x 10 trained steps on one GPU: ~7.7 GiB) at the
             cost of a host-to-device copy per micro-batch. Training is unchanged.
+        precompute_reference_means (`bool`, *optional*, defaults to `False`):
+            With `kl_beta > 0`: compute the reference model's mean of every trained transition once, right after the
+            rollout, micro-batch by micro-batch as the replay would (the KL term is bit-identical), instead of a
+            reference forward inside every replayed micro-batch, as cosmos-rl does "to reduce memory peak": the
+            reference model then runs before the replay, not beside its activations and gradients. Costs
+            `S x K x latent bytes` (float32) for the means. Not with `update_ref_every` when one rollout serves
+            several optimizer steps (the reference changes between them).
+        offload_reference_model (`bool`, *optional*, defaults to `False`):
+            Full fine-tuning with `kl_beta > 0` or `data_source="base_model"`: keep the frozen reference copy of the
+            denoiser on the CPU and move it to the accelerator only while it runs (once per rollout with
+            `precompute_reference_means`, else once per micro-batch), freeing `2 x denoiser parameters` bytes
+            (bf16) for the replay. Not with DeepSpeed or FSDP, which shard the reference instead. Under LoRA the
+            reference is the adapter-free policy and costs nothing.
 
         > Parameters that control saving
 
@@ -731,6 +744,14 @@ class DDRLConfig(_BaseConfig):
             "help": "Keep the rollout's trained transitions in (pinned) CPU memory; copy each micro-batch back."
         },
     )
+    precompute_reference_means: bool = field(
+        default=False,
+        metadata={"help": "kl_beta > 0: reference means computed once after the rollout, not in every replay."},
+    )
+    offload_reference_model: bool = field(
+        default=False,
+        metadata={"help": "Keep the frozen reference denoiser on the CPU; on the GPU only while it runs."},
+    )
 
     # Saving
     save_full_pipeline: bool = field(
@@ -874,6 +895,14 @@ class DDRLConfig(_BaseConfig):
         self._check_sde_window()
         self._derive_gradient_accumulation = derive_gradient_accumulation
         self._derive_micro_batches()
+        serves_several_steps = self.steps_per_generation * self.num_iterations > self.gradient_accumulation_steps
+        if self.precompute_reference_means and self.update_ref_every is not None and serves_several_steps:
+            raise ValueError(
+                f"precompute_reference_means=True with update_ref_every={self.update_ref_every}: one rollout serves "
+                f"{self.steps_per_generation * self.num_iterations // self.gradient_accumulation_steps} optimizer "
+                "steps, and the reference may change between them. Set precompute_reference_means=False, or make "
+                "each rollout one optimizer step."
+            )
         if self.rollout_batch_size is not None and self.rollout_batch_size < 1:
             raise ValueError(f"rollout_batch_size={self.rollout_batch_size} must be >= 1 or unset.")
         if self.reward_device is not None:

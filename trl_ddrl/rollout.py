@@ -80,6 +80,9 @@ class RolloutBuffer:
     # With `offload_trajectories`: the device micro-batches go to; the per-transition tensors above (states,
     # next_states, old_means, initial_noise, previous_denoised) then live on the CPU (pinned when CUDA is available).
     device: torch.device | None = None
+    # `precompute_reference_means`: each transition's mean under the reference model, computed once after the
+    # rollout (`DDRLTrainer._reference_means`), where the KL term's replay would run the reference model. [S, K, ...]
+    reference_means: torch.Tensor | None = None
 
     def micro_batch(self, index: int, size: int) -> dict[str, Any]:
         flat = self.order[index * size : (index + 1) * size]
@@ -98,6 +101,8 @@ class RolloutBuffer:
         }
         if self.previous_denoised is not None:
             batch["previous_denoised"] = self._rows(self.previous_denoised, *transition)
+        if self.reference_means is not None:
+            batch["reference_means"] = self._rows(self.reference_means, *transition)
         if self.data_latents is not None:
             batch["data_latents"] = self.data_latents[sample]
             batch["data_conditioning"] = {key: value[sample] for key, value in self.data_conditioning.items()}

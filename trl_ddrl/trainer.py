@@ -350,15 +350,22 @@ class DDRLTrainer(_BaseTrainer):
             self._precompute_prompt_embeddings()
 
         self.ref_model = None
+        self._reference_on_device = False  # offload_reference_model: inside `_reference_denoiser`
         needs_reference = args.kl_beta > 0 or (args.data_beta > 0 and args.data_source == "base_model")
         if needs_reference and not self.is_peft:
+            if args.offload_reference_model and (self.is_deepspeed_enabled or self.is_fsdp_enabled):
+                raise ValueError(
+                    "offload_reference_model=True keeps a whole reference model on the CPU, but DeepSpeed / FSDP "
+                    "shard it across the processes instead. Set offload_reference_model=False (the shards are "
+                    "already 1 / world_size of it)."
+                )
             self.ref_model = copy.deepcopy(denoiser).requires_grad_(False).eval().to(self.load_dtype)
             if self.is_deepspeed_enabled:
                 self.ref_model = prepare_deepspeed(self.ref_model, self.accelerator)
             elif self.is_fsdp_enabled:
                 self.ref_model = prepare_fsdp(self.ref_model, self.accelerator)
             else:
-                self.ref_model = self.ref_model.to(device)
+                self.ref_model = self.ref_model.to("cpu" if args.offload_reference_model else device)
         # The (data-parallel x context-parallel) grid; context parallelism hooks into the models here.
         self.mesh = prepare_parallelism(self)
         if args.update_ref_every is not None:
@@ -484,6 +491,8 @@ class DDRLTrainer(_BaseTrainer):
             iteration = self.state.global_step * self.args.gradient_accumulation_steps // micro_batches_per_iteration
             rows = read_prompt_rows(self.train_dataset, inputs)
             self._buffer = self.rollout.generate(rows, iteration, self.state)
+            if self.args.kl_beta > 0 and self.args.precompute_reference_means:
+                self._buffer.reference_means = self._reference_means(self._buffer)
         index = self._step % self.args.steps_per_generation
         self._step += 1
         return self._buffer.micro_batch(index, self.args.per_device_train_batch_size)
@@ -516,9 +525,12 @@ class DDRLTrainer(_BaseTrainer):
             self._loss_metrics["loss/data"].append(data_loss.detach())
 
         if args.kl_beta > 0:
-            with torch.no_grad():
-                ref_step = self._reference_step(inputs)
-            kl = reverse_kl(step.mean, ref_step.mean, step.std, step.edm_scale, args.kl_form).mean()
+            if "reference_means" in inputs:  # precompute_reference_means: computed after the rollout
+                reference_mean = inputs["reference_means"]
+            else:
+                with torch.no_grad():
+                    reference_mean = self._reference_step(inputs).mean
+            kl = reverse_kl(step.mean, reference_mean, step.std, step.edm_scale, args.kl_form).mean()
             loss = loss + args.kl_beta * kl
             self._loss_metrics["kl"].append(kl.detach())
         loss = loss * args.loss_scale
@@ -547,11 +559,41 @@ class DDRLTrainer(_BaseTrainer):
         losses = self.adapter.diffusion_loss(model, x0, conditioning, inputs["step_index"][:rows], noise)
         return losses.sum() / len(inputs["advantages"])
 
+    @torch.no_grad()
+    def _reference_means(self, buffer: RolloutBuffer) -> torch.Tensor:
+        """
+        The reference model's mean of every transition of `buffer`, `[S, K, ...]` (on the CPU with
+        `offload_trajectories`), computed micro-batch by micro-batch exactly as the replay would (same rows, same
+        batches, same call), so that the KL term is bit-identical; the reference model is entered once.
+        """
+        size = self.args.per_device_train_batch_size
+        means = torch.empty_like(buffer.old_means)
+        num_steps = buffer.states.shape[1]
+        with self._reference_denoiser():  # entered once: an offloaded reference moves to the device once
+            for index in range(math.ceil(len(buffer.order) / size)):
+                flat = buffer.order[index * size : (index + 1) * size].to(means.device)
+                mean = self._reference_step(buffer.micro_batch(index, size)).mean
+                means[flat // num_steps, flat % num_steps] = mean.to(means.device)
+        return means
+
     @contextlib.contextmanager
     def _reference_denoiser(self):
-        """The reference model: the adapter-disabled denoiser under LoRA, the frozen copy otherwise."""
+        """
+        The reference model: the adapter-disabled denoiser under LoRA, the frozen copy otherwise; with
+        `offload_reference_model` the copy comes from the CPU for the block and goes back after it (a nested entry
+        moves nothing).
+        """
         if not self.is_peft:
-            yield self.ref_model
+            offload = self.args.offload_reference_model and not self._reference_on_device
+            if offload:
+                self.ref_model.to(self.accelerator.device)
+                self._reference_on_device = True
+            try:
+                yield self.ref_model
+            finally:
+                if offload:
+                    self.ref_model.to("cpu")
+                    self._reference_on_device = False
             return
         policy = self.accelerator.unwrap_model(self.model)
         policy.disable_adapters()
