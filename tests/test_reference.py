@@ -29,7 +29,7 @@ def test_precomputed_reference_means_and_an_offloaded_reference_train_bit_identi
     for name, options in {
         "precomputed": dict(precompute_reference_means=True),
         "offloaded": dict(offload_reference_model=True),
-        "both": dict(precompute_reference_means=True, offload_reference_model=True),
+        "both": dict(precompute_reference_means=True, offload_reference_model=True, offload_trajectories=True),
     }.items():
         weights, kl, moves, calls = run(tiny_sd3_path, tmp_path / name, monkeypatch, **options)
         assert kl == expected_kl, name

@@ -78,7 +78,8 @@ class RolloutBuffer:
     data_rows: list[int]  # per micro-batch: how many of its leading rows the data term uses
     previous_denoised: torch.Tensor | None = None  # [S, K, ...] multistep samplers: the previous step's estimate
     # With `offload_trajectories`: the device micro-batches go to; the per-transition tensors above (states,
-    # next_states, old_means, initial_noise, previous_denoised) then live on the CPU (pinned when CUDA is available).
+    # next_states, old_means, initial_noise, previous_denoised) and `order` then live on the CPU (the transitions
+    # pinned when CUDA is available), so that gathering a micro-batch's rows needs no device read-back.
     device: torch.device | None = None
     # `precompute_reference_means`: each transition's mean under the reference model, computed once after the
     # rollout (`DDRLTrainer._reference_means`), where the KL term's replay would run the reference model. [S, K, ...]
@@ -87,22 +88,20 @@ class RolloutBuffer:
     def micro_batch(self, index: int, size: int) -> dict[str, Any]:
         flat = self.order[index * size : (index + 1) * size]
         sample, position = flat // self.states.shape[1], flat % self.states.shape[1]
-        # An offloaded buffer's transitions are gathered on the CPU: index them with host copies of the indices.
-        transition = (sample, position) if self.device is None else (sample.cpu(), position.cpu())
         batch = {
-            "states": self._rows(self.states, *transition),
-            "next_states": self._rows(self.next_states, *transition),
-            "old_means": self._rows(self.old_means, *transition),
+            "states": self._rows(self.states, sample, position),
+            "next_states": self._rows(self.next_states, sample, position),
+            "old_means": self._rows(self.old_means, sample, position),
             "step_index": self.step_indices[position],
             "num_data_rows": self.data_rows[index],
             "advantages": self.advantages[sample],
             "conditioning": {key: value[sample] for key, value in self.conditioning.items()},
-            "initial_noise": self._rows(self.initial_noise, transition[0]),
+            "initial_noise": self._rows(self.initial_noise, sample),
         }
         if self.previous_denoised is not None:
-            batch["previous_denoised"] = self._rows(self.previous_denoised, *transition)
+            batch["previous_denoised"] = self._rows(self.previous_denoised, sample, position)
         if self.reference_means is not None:
-            batch["reference_means"] = self._rows(self.reference_means, *transition)
+            batch["reference_means"] = self._rows(self.reference_means, sample, position)
         if self.data_latents is not None:
             batch["data_latents"] = self.data_latents[sample]
             batch["data_conditioning"] = {key: value[sample] for key, value in self.data_conditioning.items()}
@@ -390,7 +389,7 @@ class RolloutEngine:
             initial_noise=initial_noise,
             data_latents=data_latents,
             data_conditioning=data_conditioning,
-            order=order.to(device),
+            order=order if args.offload_trajectories else order.to(device),
             data_rows=data_rows,
             previous_denoised=denoised,
             device=device if args.offload_trajectories else None,
