@@ -369,7 +369,8 @@ class DDRLConfig(_BaseConfig):
         offload_text_encoders (`bool`, *optional*, defaults to `False`):
             Keep the text encoders on the CPU and move them to the accelerator only to encode prompts the cache does
             not hold, freeing their weights (T5-XXL: ~9.5 GiB in bfloat16) for the rest of the iteration, at the
-            cost of a host-to-device copy of them per encoding.
+            cost of a host-to-device copy of them per encoding. They stay on the CPU after training: move the
+            pipeline (`trainer.pipeline.to("cuda")`) before sampling with it directly.
         precompute_prompt_embeddings (`bool`, *optional*, defaults to `False`):
             Encode every prompt of `train_dataset` and `eval_dataset` (and the captions of `data_dataset` for the
             data term) once before training and keep them for the run, as DanceGRPO does; the text encoders are then
