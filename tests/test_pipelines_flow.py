@@ -427,7 +427,7 @@ def test_collator_posterior_mean_and_text_dropout(family):
 
 
 def test_drop_text_zeroes_only_the_dropped_rows_embeddings():
-    from trl_ddrl.data import drop_text
+    from trl_ddrl.pipelines.base import drop_text
 
     conditioning = {"prompt_embeds": torch.ones(3, 2, 4), "prompt_attention_mask": torch.ones(3, 2)}
     dropped = drop_text(conditioning, torch.tensor([True, False, True]))

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from .pipelines import Conditioning, DiffusionAdapter
+from .pipelines.base import drop_text
 from .utils import unique_with_index
 
 
@@ -509,21 +510,6 @@ class DiffusionDataCollator:
         data_conditioning = self.adapter.data_conditioning(pixels, generator=generator)
         conditioning.update({key: value[index.to(value.device)] for key, value in data_conditioning.items()})
         return {"latents": latents, "conditioning": conditioning, "captions": captions}
-
-
-def drop_text(conditioning: Conditioning, keep: torch.Tensor) -> Conditioning:
-    """
-    Zero the prompt embeddings of the rows where `keep` (`[B]` bool, on the CPU) is False: every tensor whose key holds
-    `embeds` (masks, image latents and the rest are kept), as the authors' text conditioner drops its embedding
-    (cosmos-rl `conditioner/emb_models.py` `random_dropout_input`: the embedding times a Bernoulli mask).
-    """
-    dropped = {}
-    for key, value in conditioning.items():
-        if "embeds" in key:
-            mask = keep.to(device=value.device, dtype=value.dtype).view(-1, *([1] * (value.ndim - 1)))
-            value = value * mask
-        dropped[key] = value
-    return dropped
 
 
 def check_prompts(prompts: Iterable[Any], dataset_name: str, column: str = "prompt") -> None:

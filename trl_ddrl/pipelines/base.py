@@ -48,6 +48,21 @@ def negative_conditioning(conditioning: Conditioning) -> Conditioning:
     return {key[len(prefix) :]: value for key, value in conditioning.items() if key.startswith(prefix)}
 
 
+def drop_text(conditioning: Conditioning, keep: torch.Tensor) -> Conditioning:
+    """
+    Zero the prompt embeddings of the rows where `keep` (`[B]` bool, on the CPU) is False: every tensor whose key holds
+    `embeds` (masks, image latents and the rest are kept), as the authors' text conditioner drops its embedding
+    (cosmos-rl `conditioner/emb_models.py` `random_dropout_input`: the embedding times a Bernoulli mask).
+    """
+    dropped = {}
+    for key, value in conditioning.items():
+        if "embeds" in key:
+            mask = keep.to(device=value.device, dtype=value.dtype).view(-1, *([1] * (value.ndim - 1)))
+            value = value * mask
+        dropped[key] = value
+    return dropped
+
+
 @dataclass
 class Trajectory:
     """
