@@ -57,6 +57,7 @@ def test_explicit_train_timesteps_are_validated():
         ({"remove_unused_columns": True}, "remove_unused_columns"),
         ({"train_timestep_fraction": 1.5}, "train_timestep_fraction"),
         ({"eval_guidance_scale": 0.5}, "eval_guidance_scale"),
+        ({"guidance_unconditional": "empty"}, "guidance_unconditional='empty' is not valid; choose one of"),
         ({"num_conditioning_frames_choices": [1]}, "num_conditioning_frames_choices"),
         ({"num_conditioning_frames_choices": [0, 0]}, "num_conditioning_frames_choices"),
         ({"num_conditioning_frames_choices": [-1, 1]}, "num_conditioning_frames_choices"),

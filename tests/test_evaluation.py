@@ -203,6 +203,53 @@ def test_eval_guidance_scale_guides_the_evaluation_samples_only(tiny_sd3_path, t
     assert len(scales) == calls and adapter.settings.guidance_scale == 1.0  # rollouts keep guidance_scale = 1
 
 
+def test_guidance_unconditional_zeros_guides_evaluation_and_rollouts_against_zeroed_text(tmp_path):
+    """
+    The authors evaluate Cosmos-Predict2.5 with CFG against a zeroed text embedding (`use_negative_prompt = false`);
+    `guidance_unconditional="zeros"` gives the transformer that wherever CFG runs, here the evaluation
+    (`eval_guidance_scale`) and rollouts with `guidance_scale > 1`.
+    """
+    from family_checks import mean_pixel
+    from tiny_models import tiny_cosmos2_5_pipeline
+
+    from trl_ddrl.rollout import read_prompt_rows
+
+    def cosmos_trainer(name: str, **overrides) -> DDRLTrainer:
+        args = make_args(
+            tmp_path / name,
+            height=32,
+            width=32,
+            num_frames=5,
+            guidance_scale=2.0,
+            eval_guidance_scale=3.0,
+            eval_num_generations=1,
+            per_device_eval_batch_size=2,
+            **overrides,
+        )
+        return DDRLTrainer(
+            tiny_cosmos2_5_pipeline(),
+            mean_pixel,
+            args=args,
+            train_dataset=prompt_dataset(),
+            eval_dataset=eval_dataset(with_images=False),
+        )
+
+    trainer = cosmos_trainer("zeros", guidance_unconditional="zeros")
+    seen = []
+    trainer.adapter.denoiser.register_forward_pre_hook(
+        lambda module, args, kwargs: seen.append(kwargs["encoder_hidden_states"].chunk(2)), with_kwargs=True
+    )
+    zeroed = trainer.evaluate()
+    calls = len(seen)
+    trainer.rollout.generate(read_prompt_rows(trainer.train_dataset, [0, 0, 0, 0, 1, 1, 1, 1]), 0, trainer.state)
+    assert calls and len(seen) > calls  # the evaluation's denoiser calls, then the rollout's
+    for uncond, cond in seen:
+        assert not uncond.any() and cond.flatten(1).abs().amax(dim=1).gt(0).all()
+    negative_prompt = cosmos_trainer("negative_prompt").evaluate()
+    key = "eval_rewards/mean_pixel/mean"
+    assert np.isfinite(zeroed[key]) and zeroed[key] != negative_prompt[key]
+
+
 def test_a_failing_eval_judge_is_named_and_a_hanging_one_times_out(tiny_sd3_path, tmp_path, caplog):
     """Issue #29: under drop_group an evaluation reward that raised was left out without a word, and one that hung
     hung the run (no reward_timeout)."""

@@ -18,7 +18,7 @@ from family_checks import (
 )
 from test_pipelines_flow import assert_replay_ratio_is_one
 from test_pipelines_unet import ddrl_config
-from tiny_models import tiny_cosmos2_5_pipeline
+from tiny_models import tiny_cosmos2_5_pipeline, tiny_cosmos2_pipeline, tiny_wan_pipeline
 
 from trl_ddrl import DDRLTrainer
 from trl_ddrl.digits.pipeline import random_digits_pipeline
@@ -284,3 +284,49 @@ def test_mixed_modes_train_and_other_families_refuse_them(tmp_path):
         get_adapter(pipeline, settings(num_conditioning_frames_choices=(0, 5)))
     with pytest.raises(ValueError, match="DigitsFlowPipeline has a single conditioning mode"):
         get_adapter(random_digits_pipeline(), settings(num_conditioning_frames_choices=(0, 1)))
+
+
+def transformer_text_inputs(adapter, conditioning) -> torch.Tensor:
+    """The `encoder_hidden_states` the transformer gets in one guided prediction: `[2B, L, D]`, negative rows first."""
+    seen = []
+
+    def record(module, args, kwargs):
+        seen.append(kwargs["encoder_hidden_states"])
+
+    handle = adapter.denoiser.register_forward_pre_hook(record, with_kwargs=True)
+    try:
+        latents = adapter.sample_noise(len(PROMPTS), torch.Generator().manual_seed(0))
+        adapter.predict(adapter.denoiser, latents, torch.zeros(len(PROMPTS), dtype=torch.long), conditioning)
+    finally:
+        handle.remove()
+    (embeds,) = seen
+    return embeds
+
+
+@pytest.mark.parametrize("family", ["cosmos2_5", "cosmos2"])
+def test_zeros_unconditional_branch_gives_the_transformer_a_zeroed_text_embedding(family):
+    """The authors' unconditional branch (cosmos-rl's text conditioner at dropout rate 1) zeroes the text embedding."""
+    if family == "cosmos2_5":
+        pipeline, frames = tiny_cosmos2_5_pipeline(), 5
+    else:
+        pipeline, frames = tiny_cosmos2_pipeline(), None
+    guided = dict(guidance_scale=3.0, num_frames=frames)
+    default = get_adapter(pipeline, settings(**guided))
+    zeros = get_adapter(pipeline, settings(**guided, guidance_unconditional="zeros"))
+    assert zeros.settings.guidance_unconditional == "zeros"
+    uncond, cond = transformer_text_inputs(zeros, zeros.encode_prompts(PROMPTS, CPU)).chunk(2)
+    assert not uncond.any()
+    assert cond.flatten(1).abs().amax(dim=1).gt(0).all()
+    # Without the option: today's negative prompt, the pipeline's own default.
+    default_uncond, default_cond = transformer_text_inputs(default, default.encode_prompts(PROMPTS, CPU)).chunk(2)
+    negative = pipeline.encode_prompt(PROMPTS, do_classifier_free_guidance=True, max_sequence_length=16, device=CPU)[1]
+    torch.testing.assert_close(default_uncond, negative)
+    assert default_uncond.flatten(1).abs().amax(dim=1).gt(0).all()
+    torch.testing.assert_close(cond, default_cond)
+
+
+def test_zeros_unconditional_branch_is_refused_by_the_other_families():
+    for pipeline in (random_digits_pipeline(), tiny_wan_pipeline()):
+        name = type(pipeline).__name__
+        with pytest.raises(ValueError, match=f"guidance_unconditional='zeros' is not available for {name}"):
+            get_adapter(pipeline, settings(guidance_unconditional="zeros"))

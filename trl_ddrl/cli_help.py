@@ -93,6 +93,7 @@ OPTION_GROUPS: list[tuple[str, str, tuple[str, ...]]] = [
             "eta",
             "guidance_scale",
             "guidance_scale_2",
+            "guidance_unconditional",
             "height",
             "width",
             "num_frames",

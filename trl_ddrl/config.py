@@ -24,6 +24,7 @@ DATA_LOSS_WEIGHTING_CHOICES = ("edm", "uniform")
 TRAIN_TIMESTEP_SELECTION_CHOICES = ("fixed", "random")
 SAMPLER_CHOICES = ("auto", "flow_sde", "churn", "cps", "ddim")
 TRAIN_EXPERTS_CHOICES = ("all", "high_noise", "low_noise")
+GUIDANCE_UNCONDITIONAL_CHOICES = ("negative_prompt", "zeros")
 CONTEXT_PARALLEL_METHOD_CHOICES = ("ulysses", "ring")
 
 
@@ -145,6 +146,13 @@ class DDRLConfig(_BaseConfig):
             CFG scale of the low-noise expert's steps of a two-expert denoiser (Wan 2.2 A14B, the pipeline's
             `guidance_scale_2`; its examples use 4.0 / 3.0). Unset: `guidance_scale`, as in the pipeline. Only used
             when `guidance_scale > 1` (CFG on).
+        guidance_unconditional (`str`, *optional*, defaults to `"negative_prompt"`):
+            The unconditional branch of classifier-free guidance, wherever CFG runs (rollouts with `guidance_scale >
+            1`, evaluation with `eval_guidance_scale > 1`). `"negative_prompt"`: the pipeline's default negative
+            prompt. `"zeros"`: the prompt embeddings zeroed (the way `data_text_dropout` zeroes them; other
+            conditioning such as given frames is kept), the authors' unconditional branch for Cosmos (cosmos-rl's
+            text conditioner at dropout rate 1, `use_negative_prompt = false`); the Cosmos families only, others refuse
+            it when the adapter is built.
         height (`int`, *optional*):
             Height of the samples in pixels. Defaults to the pipeline's default.
         width (`int`, *optional*):
@@ -533,6 +541,13 @@ class DDRLConfig(_BaseConfig):
         default=None,
         metadata={"help": "CFG scale of the low-noise expert's steps (Wan 2.2 A14B); unset: guidance_scale."},
     )
+    guidance_unconditional: str = field(
+        default="negative_prompt",
+        metadata={
+            "help": "CFG's unconditional branch: 'negative_prompt' (the pipeline's default) or 'zeros' (zeroed prompt "
+            "embeddings, the authors' Cosmos evaluation; Cosmos families only)."
+        },
+    )
     height: int | None = field(default=None, metadata={"help": "Sample height in pixels (pipeline default)."})
     width: int | None = field(default=None, metadata={"help": "Sample width in pixels (pipeline default)."})
     num_frames: int | None = field(default=None, metadata={"help": "Frames per sample for video pipelines."})
@@ -807,6 +822,7 @@ class DDRLConfig(_BaseConfig):
         self._check_choice("data_loss_weighting", DATA_LOSS_WEIGHTING_CHOICES)
         self._check_choice("train_timestep_selection", TRAIN_TIMESTEP_SELECTION_CHOICES)
         self._check_choice("train_experts", TRAIN_EXPERTS_CHOICES)
+        self._check_choice("guidance_unconditional", GUIDANCE_UNCONDITIONAL_CHOICES)
         self._check_choice("data_latents", DATA_LATENTS_CHOICES)
         self._check_recipe_options()
         if not self.loss_scale > 0:

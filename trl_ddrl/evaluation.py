@@ -21,7 +21,8 @@ with the Trainer's `eval_` prefix (trackers show them as `eval/...`):
   first evaluation. Set `eval_on_start=True` to make that first evaluation the step-0 model.
 
 Each process samples and scores its shard of the prompts; the per-sample values are gathered, so every process
-returns the same metrics. Samples use `eval_guidance_scale` (default `guidance_scale`). Under
+returns the same metrics. Samples use `eval_guidance_scale` (default `guidance_scale`), against the unconditional
+branch of `guidance_unconditional`. Under
 `num_conditioning_frames_choices` each prompt's samples and its data loss share one mode, drawn per prompt from
 `eval_seed` and the prompt's position.
 """

@@ -395,6 +395,7 @@ _RUN_FIELDS = (
     "sde_window_share_prefix",
     "guidance_scale",
     "guidance_scale_2",
+    "guidance_unconditional",
     "train_experts",
     "height",
     "width",

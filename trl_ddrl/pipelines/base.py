@@ -52,7 +52,8 @@ def drop_text(conditioning: Conditioning, keep: torch.Tensor) -> Conditioning:
     """
     Zero the prompt embeddings of the rows where `keep` (`[B]` bool, on the CPU) is False: every tensor whose key holds
     `embeds` (masks, image latents and the rest are kept), as the authors' text conditioner drops its embedding
-    (cosmos-rl `conditioner/emb_models.py` `random_dropout_input`: the embedding times a Bernoulli mask).
+    (cosmos-rl `conditioner/emb_models.py` `random_dropout_input`: the embedding times a Bernoulli mask). Used by the
+    data term's `data_text_dropout` and by the CFG unconditional branch of `guidance_unconditional="zeros"`.
     """
     dropped = {}
     for key, value in conditioning.items():
@@ -106,6 +107,8 @@ class SamplingSettings:
     """Stochastic sampler (see `DDRLConfig.sampler`); `"auto"` takes the family's default."""
     guidance_scale_2: float | None = None
     """CFG scale of the low-noise expert's steps of a two-expert denoiser; `None` takes `guidance_scale`."""
+    guidance_unconditional: str = "negative_prompt"
+    """CFG's unconditional branch: the default negative prompt or zeroed prompt embeddings (see `DDRLConfig`)."""
     train_experts: str = "all"
     """Which experts of a two-expert denoiser train (see `DDRLConfig.train_experts`)."""
     karras_sigmas: tuple[float, float, float] | None = None
@@ -120,6 +123,7 @@ class SamplingSettings:
             sampler=args.sampler,
             guidance_scale=args.guidance_scale,
             guidance_scale_2=args.guidance_scale_2,
+            guidance_unconditional=args.guidance_unconditional,
             height=args.height,
             width=args.width,
             num_frames=args.num_frames,
@@ -177,6 +181,11 @@ class DiffusionAdapter(ABC):
     """
     samplers: tuple[str, ...] = ()
     """The stochastic samplers the family supports; the first is its default (`sampler="auto"`)."""
+    guidance_unconditional_choices: tuple[str, ...] = ("negative_prompt",)
+    """
+    The CFG unconditional branches the family supports (`settings.guidance_unconditional`): `"negative_prompt"`, and
+    for the families whose own training drops the text by zeroing its embedding (Cosmos) `"zeros"`.
+    """
 
     def __init__(self, pipeline, settings: SamplingSettings):
         self.pipeline = pipeline
@@ -201,6 +210,14 @@ class DiffusionAdapter(ABC):
                 f"train_experts={settings.train_experts!r} picks one expert of a two-expert denoiser (Wan 2.2 A14B: "
                 f"transformer for high noise, transformer_2 for low noise), but {type(pipeline).__name__} has a single "
                 "denoiser. Leave train_experts='all' (the default), or load a Wan 2.2 A14B pipeline."
+            )
+        if settings.guidance_unconditional not in self.guidance_unconditional_choices:
+            raise ValueError(
+                f"guidance_unconditional={settings.guidance_unconditional!r} is not available for "
+                f"{type(pipeline).__name__}: its CFG unconditional branch is one of "
+                f"{', '.join(map(repr, self.guidance_unconditional_choices))}. Leave guidance_unconditional="
+                "'negative_prompt' (the default); 'zeros' is for the Cosmos families, trained with a zeroed text "
+                "embedding."
             )
         if settings.guidance_scale_2 is not None and not self.has_experts:
             raise ValueError(
@@ -851,18 +868,23 @@ class VideoFlowMatchingAdapter(FlowMatchingAdapter):
 def encode_prompt_pairs(adapter: DiffusionAdapter, prompts: list[str], device: torch.device) -> Conditioning:
     """
     Prompt conditioning of the pipelines whose `encode_prompt(prompt, do_classifier_free_guidance,
-    max_sequence_length, device)` returns `(prompt_embeds, negative_prompt_embeds)` (Wan, Cosmos): the pipeline's
-    default negative prompt only when CFG is on. The sequence length is `settings.max_sequence_length`, or the
+    max_sequence_length, device)` returns `(prompt_embeds, negative_prompt_embeds)` (Wan, Cosmos): only when CFG is
+    on, `negative_prompt_embeds` `[B, L, D]` is the pipeline's default negative prompt, or with
+    `settings.guidance_unconditional="zeros"` the prompt embeddings zeroed ([`drop_text`], the authors' unconditional
+    branch; the negative prompt is then not encoded). The sequence length is `settings.max_sequence_length`, or the
     adapter's `default_max_sequence_length`.
     """
     use_cfg = adapter.settings.guidance_scale > 1.0
+    zeros = adapter.settings.guidance_unconditional == "zeros"
     embeds, negative_embeds = adapter.pipeline.encode_prompt(
         prompt=prompts,
-        do_classifier_free_guidance=use_cfg,
+        do_classifier_free_guidance=use_cfg and not zeros,
         max_sequence_length=adapter.settings.max_sequence_length or adapter.default_max_sequence_length,
         device=device,
     )
     conditioning = {"prompt_embeds": embeds}
     if use_cfg:
+        if zeros:
+            negative_embeds = drop_text(conditioning, torch.zeros(len(prompts), dtype=torch.bool))["prompt_embeds"]
         conditioning["negative_prompt_embeds"] = negative_embeds
     return conditioning

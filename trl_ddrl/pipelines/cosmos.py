@@ -38,14 +38,16 @@ class Cosmos2TextToImageAdapter(VideoFlowMatchingAdapter):
     `Cosmos2TextToImagePipeline`: T5-XXL prompt embeddings, Wan-VAE latents `[C, 1, H', W']` (an image is a one-frame
     video) normalised by `latents_mean` / `latents_std` and scaled by `sigma_data`.
 
-    With `guidance_scale > 1` rollouts use CFG against the pipeline's default negative prompt. DDRL uses the standard
-    convention `uncond + g * (cond - uncond)`; the pipeline's `guidance_scale=g` means `cond + g * (cond - uncond)`,
-    i.e. DDRL's `g + 1`.
+    With `guidance_scale > 1` rollouts use CFG against the pipeline's default negative prompt, or with
+    `guidance_unconditional="zeros"` against a zeroed prompt embedding (the authors' unconditional branch). DDRL uses
+    the standard convention `uncond + g * (cond - uncond)`; the pipeline's `guidance_scale=g` means
+    `cond + g * (cond - uncond)`, i.e. DDRL's `g + 1`.
     """
 
     pipeline_class_names = ("Cosmos2TextToImagePipeline",)
     # The authors' sampler, made for this EDM schedule, is the default here.
     samplers = ("churn", "flow_sde")
+    guidance_unconditional_choices = ("negative_prompt", "zeros")
     denoiser_name = "transformer"
     default_resolution = (768, 1360)
     default_max_sequence_length = 512

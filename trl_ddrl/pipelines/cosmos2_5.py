@@ -30,12 +30,15 @@ class Cosmos2_5PredictAdapter(CosmosFrameConditioning, VideoFlowMatchingAdapter)
     pipeline pads them to `num_frames` first, which changes none of the latent frames used).
 
     CFG: DDRL's `guidance_scale = g` means `uncond + g (cond - uncond)` against the pipeline's default negative
-    prompt; the pipeline's `guidance_scale = g` means `cond + g (cond - uncond)`, that is DDRL's `g + 1`.
+    prompt, or with `guidance_unconditional="zeros"` against a zeroed prompt embedding (the authors' unconditional
+    branch; the conditioning frames are kept in both branches, as theirs); the pipeline's `guidance_scale = g` means
+    `cond + g (cond - uncond)`, that is DDRL's `g + 1`.
     """
 
     pipeline_class_names = ("Cosmos2_5_PredictBasePipeline",)
     # The model of the authors' DDRL recipe (configs/cosmos-predict2-5/*-ddrl.toml): their churn sampler by default.
     samplers = ("churn", "flow_sde")
+    guidance_unconditional_choices = ("negative_prompt", "zeros")
     denoiser_name = "transformer"
     default_resolution = (704, 1280)
     default_num_frames = 93
