@@ -77,6 +77,9 @@ OFFICIAL_COSMOS = {
     "log_samples_steps": 32,  # toml L160 / L167 every_n = 32 (every_n_sample_reg)
     "eval_steps": 32,  # toml L160 / L167, L178 / L185 every_n = 32 (every_n_sample_reg, every_n_sample_ema)
     "eval_use_ema": True,  # toml L163-178 / L170-185 every_n_sample_ema (and _reg: the raw weights, not evaluated here)
+    # toml L157, L175 / L164, L182 use_negative_prompt = false: the uncondition of conditioner/__init__.py L142-172
+    # (get_condition_uncondition, used by model L940-947) sets the text embedder's dropout rate to 1, a zeroed embedding
+    "guidance_unconditional": "zeros",
 }
 
 
