@@ -121,3 +121,12 @@ def test_an_output_dir_under_a_regular_file_is_named(tmp_path):
     ]:
         with pytest.raises(ValueError, match=message):
             DDRLConfig(output_dir=str(output_dir), report_to="none")
+
+
+def test_a_zeroed_unconditional_branch_without_any_guidance_warns(recwarn):
+    with pytest.warns(UserWarning, match=r"guidance_unconditional='zeros' has no effect") as record:
+        DDRLConfig(output_dir="out", report_to="none", guidance_unconditional="zeros")
+    assert "Set eval_guidance_scale" in str(record[-1].message)
+    for guided in ({"eval_guidance_scale": 8.0}, {"guidance_scale": 4.0}):
+        DDRLConfig(output_dir="out", report_to="none", guidance_unconditional="zeros", **guided)
+    assert not [w for w in recwarn if "guidance_unconditional" in str(w.message)]

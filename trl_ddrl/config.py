@@ -857,6 +857,15 @@ class DDRLConfig(_BaseConfig):
                 f"eval_guidance_scale={self.eval_guidance_scale} must be >= 1.0 (1.0 disables CFG), or unset for "
                 "guidance_scale."
             )
+        guided = self.guidance_scale > 1 or (self.eval_guidance_scale or 1.0) > 1
+        if self.guidance_unconditional == "zeros" and not guided:
+            warnings.warn(
+                "guidance_unconditional='zeros' has no effect: no step runs classifier-free guidance (guidance_scale=1"
+                " and eval_guidance_scale unset or 1). Set eval_guidance_scale (the Cosmos recipes evaluate with 8 / 4)"
+                " or guidance_scale > 1, or leave guidance_unconditional at 'negative_prompt'.",
+                UserWarning,
+                stacklevel=3,
+            )
         if self.update_ref_every is not None and self.kl_beta == 0:
             raise ValueError(
                 f"update_ref_every={self.update_ref_every} is set but kl_beta=0, so there is no reference model to "
