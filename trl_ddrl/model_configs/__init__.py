@@ -7,9 +7,11 @@ They serve what must know a real model's size without downloading it: the memory
 or under a fake-tensor mode) and the GPU check (`benchmarks/gpu_check.py`, random bf16 weights built on the GPU).
 
 Each `<name>.json` holds `name`, `hub_id`, `source` (where the values come from), `pipeline_class`,
-`default_resolution` (`[H, W]`), optionally `default_num_frames`, and `components`: for each pipeline component either
-a model (`library`, `class`, `config`, and for transformers models `config_class`) or an offline tokenizer
-(`{"tokenizer": "clip" | "t5" | "qwen2", "max_length": N}`, see `tokenizers.py`).
+`default_resolution` (`[H, W]`), optionally `default_num_frames` and `pipeline_kwargs` (pipeline arguments that are
+not components, e.g. Wan 2.2's `boundary_ratio`), and `components`: for each pipeline component either a model
+(`library`, `class`, `config`, and for transformers models `config_class`), a scheduler or guider (`library`, `class`,
+`config`), an offline tokenizer (`{"tokenizer": "clip" | "t5" | "byt5" | "qwen2", "max_length": N}`, see
+`tokenizers.py`), or a weightless stand-in (`{"stand_in": NAME}`, see `STAND_INS`; Cosmos' guardrail).
 """
 
 import contextlib
@@ -54,7 +56,29 @@ def _default_dtype(dtype: torch.dtype):
         torch.set_default_dtype(previous)
 
 
+def _pass_through_safety_checker():
+    """
+    A stand-in for Cosmos' guardrail (`cosmos_guardrail.CosmosSafetyChecker`, not a dependency) that lets every
+    prompt and video through and holds no weights: the shipped Cosmos architectures do not model the guardrail.
+    """
+    from diffusers import ConfigMixin, ModelMixin
+
+    class PassThroughSafetyChecker(ModelMixin, ConfigMixin):
+        def check_text_safety(self, prompt: str) -> bool:
+            return True
+
+        def check_video_safety(self, frames):
+            return frames
+
+    return PassThroughSafetyChecker()
+
+
+STAND_INS = {"pass_through_safety_checker": _pass_through_safety_checker}
+
+
 def _build_component(spec: dict[str, Any], torch_dtype: torch.dtype, tokenizer_ids: dict[str, int] | None):
+    if "stand_in" in spec:
+        return STAND_INS[spec["stand_in"]]()
     if "tokenizer" in spec:
         builder = TOKENIZERS[spec["tokenizer"]]
         return builder(spec["max_length"]) if "max_length" in spec else builder()
@@ -62,8 +86,9 @@ def _build_component(spec: dict[str, Any], torch_dtype: torch.dtype, tokenizer_i
         import diffusers
 
         cls = getattr(diffusers, spec["class"])
-        if issubclass(cls, diffusers.ConfigMixin) and not issubclass(cls, torch.nn.Module):  # a scheduler
-            return cls.from_config(spec["config"])
+        if issubclass(cls, diffusers.ConfigMixin) and not issubclass(cls, torch.nn.Module):  # a scheduler, a guider
+            with torch.device("cpu"):  # their tables are host-side values, also when the models go to "meta"
+                return cls.from_config(spec["config"])
         with _default_dtype(torch_dtype):
             return cls.from_config(spec["config"]).eval()
     import transformers
@@ -93,9 +118,18 @@ def build_random_pipeline(
     CLIP text encoders take their special-token ids from the offline tokenizer (the real vocabulary sizes are kept).
     `extra_components` are passed to the pipeline as they are (e.g. a Cosmos safety checker).
     """
+    return build_pipeline_from_spec(load_model_config(name), torch_dtype, device, extra_components)
+
+
+def build_pipeline_from_spec(
+    spec: dict[str, Any],
+    torch_dtype: torch.dtype = torch.bfloat16,
+    device: str | torch.device = "cpu",
+    extra_components: dict[str, Any] | None = None,
+):
+    """[`build_random_pipeline`] from a spec (a [`load_model_config`] result, possibly edited, e.g. made shallower)."""
     import diffusers
 
-    spec = load_model_config(name)
     components: dict[str, Any] = {}
     with torch.device(device):
         for component, component_spec in spec["components"].items():
@@ -112,7 +146,7 @@ def build_random_pipeline(
             )
             components[component] = _build_component(component_spec, torch_dtype, ids)
     components.update(extra_components or {})
-    return getattr(diffusers, spec["pipeline_class"])(**components)
+    return getattr(diffusers, spec["pipeline_class"])(**components, **spec.get("pipeline_kwargs", {}))
 
 
 def parameter_count(name: str, component: str) -> int:

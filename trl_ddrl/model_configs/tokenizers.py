@@ -1,12 +1,12 @@
 # Copyright 2026 The trl_ddrl Authors. Licensed under the Apache License, Version 2.0.
 """
-Offline stand-ins for the text encoders' tokenizers (no Hub access): character-level CLIP and T5 tokenizers and a
-byte-level Qwen2 tokenizer with Qwen's chat tokens. They give every prompt a sequence of the real length (CLIP pads to
+Offline stand-ins for the text encoders' tokenizers (no Hub access): character-level CLIP and T5 tokenizers, ByT5's own
+byte tokenizer (it needs no file) and a byte-level Qwen2 tokenizer with Qwen's chat tokens. They give every prompt a sequence of the real length (CLIP pads to
 77 tokens, T5 to the pipeline's `max_sequence_length`), so memory and compute are those of the real pipeline; the ids
 are small, so any vocabulary size fits.
 """
 
-from transformers import CLIPTokenizer, Qwen2Tokenizer, T5Tokenizer
+from transformers import ByT5Tokenizer, CLIPTokenizer, Qwen2Tokenizer, T5Tokenizer
 
 
 CHARACTERS = "abcdefghijklmnopqrstuvwxyz0123456789"
@@ -49,4 +49,14 @@ def byte_qwen_tokenizer() -> Qwen2Tokenizer:
     return tokenizer
 
 
-TOKENIZERS = {"clip": character_clip_tokenizer, "t5": character_t5_tokenizer, "qwen2": byte_qwen_tokenizer}
+def byt5_tokenizer(max_length: int = 256) -> ByT5Tokenizer:
+    """ByT5's own tokenizer (bytes, no vocabulary file), as HunyuanVideo 1.5's glyph encoder uses."""
+    return ByT5Tokenizer(model_max_length=max_length)
+
+
+TOKENIZERS = {
+    "clip": character_clip_tokenizer,
+    "t5": character_t5_tokenizer,
+    "byt5": byt5_tokenizer,
+    "qwen2": byte_qwen_tokenizer,
+}
