@@ -99,11 +99,12 @@ def _measure_here(overrides: dict) -> dict:
 
     import torch
 
-    from trl_ddrl.memory import LiveBytes, Parallelism, _build_from_spec, _for_processes, run_iteration
+    from trl_ddrl.memory import LiveBytes, Parallelism, _for_processes, run_iteration
+    from trl_ddrl.model_configs import build_pipeline_from_spec
 
     torch.set_num_threads(1)
     args = _for_processes(validation_config(**overrides), Parallelism(), torch.float32)
-    pipeline = _build_from_spec(validation_spec(), torch.float32, device="cpu")
+    pipeline = build_pipeline_from_spec(validation_spec(), torch.float32, device="cpu")
     weights = sum(
         tensor.numel() * tensor.element_size()
         for module in pipeline.components.values()
@@ -127,12 +128,13 @@ def validate(overrides: dict | None = None) -> dict:
     """Estimate (fake tensors) vs measured (real run) peak of the validation iteration."""
     import torch
 
-    from trl_ddrl.memory import _build_from_spec, estimate_memory
+    from trl_ddrl.memory import estimate_memory
+    from trl_ddrl.model_configs import build_pipeline_from_spec
 
     spec = validation_spec()
 
     def build():
-        return _build_from_spec(spec, torch.float32)
+        return build_pipeline_from_spec(spec, torch.float32, "meta")
 
     build.__name__ = "sd3.5-medium (reduced)"
     estimate = estimate_memory(build, validation_config(**(overrides or {})), torch_dtype=torch.float32)

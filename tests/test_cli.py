@@ -15,7 +15,7 @@ import yaml
 from accelerate.commands.launch import launch_command_parser
 
 import _trl_ddrl_hook
-from trl_ddrl import cli
+from trl_ddrl import cli, launch_configs
 from trl_ddrl.scripts import ddrl
 
 
@@ -387,10 +387,10 @@ def test_accelerate_config_builds_the_accelerate_launch_command(tmp_path):
 def test_accelerate_config_accepts_a_path_and_trl_names(tmp_path):
     own = tmp_path / "mine.yaml"
     own.write_text("distributed_type: 'NO'\n")
-    assert cli.resolve_accelerate_config(["--accelerate_config", str(own)]) == ["--config_file", str(own)]
+    assert launch_configs.resolve_accelerate_config(["--accelerate_config", str(own)]) == ["--config_file", str(own)]
     twice = ["--accelerate_config", "zero2", "--num_processes", "2", "--accelerate_config", str(own)]  # last wins
-    assert cli.resolve_accelerate_config(twice) == ["--config_file", str(own), "--num_processes", "2"]
-    configs = cli.packaged_accelerate_configs()
+    assert launch_configs.resolve_accelerate_config(twice) == ["--config_file", str(own), "--num_processes", "2"]
+    configs = launch_configs.packaged_accelerate_configs()
     assert {"zero2", "zero3", "fsdp", "multi_gpu", "single_gpu"} <= set(configs)
     assert configs["zero3"].parent == ROOT / "trl_ddrl" / "accelerate_configs"
     assert "zero1" in configs and configs["zero1"].parent.parent.name == "trl"  # TRL's, for names we do not ship

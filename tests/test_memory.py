@@ -16,7 +16,7 @@ from trl_ddrl.memory import (
     _scaled_spec,
     estimate_memory,
 )
-from trl_ddrl.model_configs import load_model_config
+from trl_ddrl.model_configs import list_models, load_model_config
 
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
@@ -199,3 +199,70 @@ def test_the_estimator_runs_the_cosmos_recipes_mixed_modes(tmp_path):
     windows = {}
     run_iteration(tiny_cosmos2_5_pipeline(), args, LiveBytes(fake=False), windows=windows)
     assert "rollout" in windows and "data" in windows
+
+
+RECIPES = sorted((Path(__file__).resolve().parents[1] / "recipes").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("recipe", RECIPES, ids=lambda path: path.stem)
+def test_every_recipe_is_estimable(recipe, monkeypatch):
+    """
+    `estimate-memory --config recipes/X.yaml` refused the recipes' `accelerate_config` key; now it reads the process
+    count and the sharding from it and the architecture from the recipe's Hub id.
+    """
+    import trl_ddrl.memory as memory
+
+    calls = []
+
+    def record(name, args, **kwargs):
+        calls.append((name, args, kwargs))
+        return MemoryEstimate("m", GIB, {"replay": GIB}, {"weights": GIB}, "replay", settings={})
+
+    monkeypatch.setattr(memory, "estimate_memory", record)
+    assert memory.main(["--config", str(recipe)]) == 0
+    ((name, args, kwargs),) = calls
+    yaml_text = recipe.read_text()
+    accelerate = Path(__file__).resolve().parents[1] / yaml_text.split("accelerate_config: ")[1].split()[0]
+    expected = memory.parallelism_from_accelerate_config(str(accelerate))
+    assert (kwargs["num_processes"], kwargs["sharding"]) == expected
+    assert kwargs["num_processes"] > 1
+    assert name in list_models()
+    assert args.height and args.num_generations
+    assert (kwargs["peft_config"] is not None) == ("use_peft: true" in yaml_text)
+
+
+def test_recipe_options_can_be_overridden_on_the_command_line(monkeypatch, capsys):
+    import trl_ddrl.memory as memory
+
+    calls = []
+    monkeypatch.setattr(
+        memory,
+        "estimate_memory",
+        lambda name, args, **kwargs: (
+            calls.append((name, kwargs))
+            or (MemoryEstimate("m", 90 * GIB, {"replay": 90 * GIB}, {"weights": 90 * GIB}, "replay", settings={}))
+        ),
+    )
+    recipe = str(Path(__file__).resolve().parents[1] / "recipes" / "flux1-dev-pickscore-ddrl.yaml")
+    argv = ["--config", recipe, "--model_name_or_path", "flux.1-dev", "--num_processes", "4", "--sharding", "zero3"]
+    assert memory.main(argv) == 1  # does not fit 80 GiB
+    assert calls == [("flux.1-dev", calls[0][1])] and calls[0][1]["num_processes"] == 4
+    assert calls[0][1]["sharding"] == "zero3"
+    assert "does NOT fit" in capsys.readouterr().out
+
+
+def test_accelerate_configs_map_to_the_estimators_sharding(tmp_path):
+    from trl_ddrl.memory import parallelism_from_accelerate_config
+
+    def config(text):
+        path = tmp_path / "config.yaml"
+        path.write_text(text)
+        return parallelism_from_accelerate_config(str(path))
+
+    assert config("distributed_type: FSDP\nnum_processes: 8\nfsdp_config:\n  fsdp_version: 2\n") == (8, "fsdp2")
+    assert config("distributed_type: MULTI_GPU\nnum_processes: 4\n") == (4, "ddp")
+    assert config("distributed_type: DEEPSPEED\nnum_processes: 2\ndeepspeed_config:\n  zero_stage: 2\n") == (
+        2,
+        "zero2",
+    )
+    assert config("distributed_type: NO\nnum_processes: 1\n") == (1, "none")

@@ -797,30 +797,6 @@ def _resolve_model(model_or_name) -> tuple[str, dict | None, Callable | None]:
     raise TypeError(f"model must be a shipped architecture name or a pipeline builder; got {type(model_or_name)}.")
 
 
-def _build_from_spec(spec: dict, torch_dtype: torch.dtype, device: str = "meta"):
-    """A pipeline of `spec` (a `trl_ddrl.model_configs` JSON, possibly edited) on `device` (meta: no memory)."""
-    import diffusers
-
-    from . import model_configs
-
-    components: dict[str, Any] = {}
-    with torch.device(device):
-        for name, component in spec["components"].items():
-            if "tokenizer" in component:
-                components[name] = model_configs._build_component(component, torch_dtype, None)
-        for name, component in spec["components"].items():
-            if "tokenizer" in component:
-                continue
-            tokenizer = components.get(name.replace("text_encoder", "tokenizer"))
-            ids = (
-                model_configs._tokenizer_ids(tokenizer)
-                if tokenizer is not None and component.get("config_class") == "CLIPTextConfig"
-                else None
-            )
-            components[name] = model_configs._build_component(component, torch_dtype, ids)
-    return getattr(diffusers, spec["pipeline_class"])(**components)
-
-
 def _measure(build: Callable, args, peft_config, parallelism: Parallelism, fake: bool) -> tuple[dict, int]:
     """Run one iteration of a freshly built pipeline; return each phase's peak window and the gathered bytes."""
     from torch._subclasses.fake_tensor import FakeTensorMode
@@ -875,6 +851,8 @@ def estimate_memory(
     Returns:
         [`MemoryEstimate`]: `peak_bytes`, per-phase peaks, what is live at the peak.
     """
+    from .model_configs import build_pipeline_from_spec
+
     name, spec, builder = _resolve_model(model_or_name)
     dtype = torch_dtype or (args.model_init_kwargs or {}).get("torch_dtype") or torch.bfloat16
     dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
@@ -889,12 +867,16 @@ def estimate_memory(
         for used in (1, 2):
             scaled = _scaled_spec(spec, used, units)
             windows, _ = _measure(
-                lambda scaled=scaled: _build_from_spec(scaled, dtype), args, peft_config, parallelism, fake
+                lambda scaled=scaled: build_pipeline_from_spec(scaled, dtype, "meta"),
+                args,
+                peft_config,
+                parallelism,
+                fake,
             )
             runs.append((used, windows))
         phases = _extrapolate(runs, units, parallelism)
     else:
-        build = (lambda: _build_from_spec(spec, dtype)) if spec is not None else builder
+        build = (lambda: build_pipeline_from_spec(spec, dtype, "meta")) if spec is not None else builder
         windows, _ = _measure(build, args, peft_config, parallelism, fake)
         phases = {name_: (window.peak, window.snapshot) for name_, window in windows.items()}
     return _result(name, phases, parallelism, args, peft_config, dtype)
@@ -993,21 +975,67 @@ def _result(name, phases: dict, parallelism: Parallelism, args, peft_config, dty
 # ---- command line ---------------------------------------------------------------------------------------------------
 
 
+def shipped_name(model_name_or_path: str) -> str | None:
+    """The shipped architecture of `model_name_or_path`: its name, or a shipped spec's `hub_id` (as in the recipes)."""
+    from .model_configs import list_models, load_model_config
+
+    if model_name_or_path in list_models():
+        return model_name_or_path
+    for name in list_models():
+        if load_model_config(name).get("hub_id") == model_name_or_path:
+            return name
+    return None
+
+
+def parallelism_from_accelerate_config(path: str) -> tuple[int, str]:
+    """
+    `(num_processes, sharding)` of an accelerate config file (a recipe's `accelerate_config`): `distributed_type`
+    `FSDP` is `"fsdp2"` (`"zero2"` with `fsdp_sharding_strategy: SHARD_GRAD_OP`), `DEEPSPEED` is `"zero<stage>"`,
+    `MULTI_GPU` is `"ddp"`; one process is `"none"`.
+    """
+    import yaml
+
+    with open(path) as file:
+        config = yaml.safe_load(file) or {}
+    num_processes = int(config.get("num_processes") or 1)
+    kind = str(config.get("distributed_type", "NO")).upper()
+    sharding = "none"
+    if kind == "FSDP":
+        strategy = str((config.get("fsdp_config") or {}).get("fsdp_sharding_strategy", "FULL_SHARD")).upper()
+        sharding = "zero2" if strategy in ("SHARD_GRAD_OP", "2") else "fsdp2"
+    elif kind == "DEEPSPEED":
+        stage = int((config.get("deepspeed_config") or {}).get("zero_stage", 0))
+        sharding = f"zero{stage}" if stage else "ddp"
+    elif kind == "MULTI_GPU":
+        sharding = "ddp"
+    return num_processes, sharding if num_processes > 1 else "none"
+
+
 def main(argv: list[str], prog: str = "trl-ddrl estimate-memory") -> int:
     """
     `trl-ddrl estimate-memory --model_name_or_path NAME [training options] [--num_processes N] [--sharding S]`:
     print the estimate for the training options (the same as `trl-ddrl`'s, `--config` included) and exit with 0 when
-    it fits `--gpu_memory_gib`, 1 when not.
+    it fits `--gpu_memory_gib`, 1 when not. A recipe's `accelerate_config` gives the process count and the sharding
+    unless `--num_processes` / `--sharding` are given; its `model_name_or_path` (a Hub id) is the shipped architecture
+    with that `hub_id`.
     """
     import argparse
     import json
 
+    from .launch_configs import resolve_accelerate_config
     from .model_configs import list_models
     from .scripts.ddrl import get_lora_config, get_model_init_kwargs, make_parser
 
     own = argparse.ArgumentParser(prog=prog, add_help=False)
-    own.add_argument("--num_processes", type=int, default=1, help="GPUs of the run (default 1).")
-    own.add_argument("--sharding", choices=SHARDING_CHOICES, default=None, help="Default: fsdp2 with >1 process.")
+    own.add_argument(
+        "--num_processes", type=int, default=None, help="GPUs of the run (default 1, or the accelerate config's)."
+    )
+    own.add_argument(
+        "--sharding",
+        choices=SHARDING_CHOICES,
+        default=None,
+        help="Default: the accelerate config's, else fsdp2 with >1 process.",
+    )
     own.add_argument("--gpu_memory_gib", type=float, default=80.0, help="Memory of one GPU (default 80).")
     own.add_argument("--json", action="store_true", help="Print the estimate as JSON.")
     own.add_argument("--help", "-h", action="store_true")
@@ -1017,19 +1045,29 @@ def main(argv: list[str], prog: str = "trl-ddrl estimate-memory") -> int:
         own.print_help()
         print(f"\nArchitectures: {', '.join(list_models())}. Every training option of `trl-ddrl --help` applies.")
         return 0
-    _, training_args, model_args, *remaining = parser.parse_args_and_config(rest, return_remaining_strings=True)
-    if remaining and remaining[0]:
-        parser.error(f"unrecognized arguments: {' '.join(remaining[0])}")
-    if model_args.model_name_or_path not in list_models():
+    _, training_args, model_args, config_remaining, cli_remaining = parser.parse_args_and_config(
+        rest, return_remaining_strings=True, separate_remaining_strings=True
+    )
+    try:
+        launch = resolve_accelerate_config(config_remaining + cli_remaining)
+    except ValueError as error:
+        parser.error(str(error))
+    accelerate_file = launch[1] if launch[:1] == ["--config_file"] else None
+    if launch[2 if accelerate_file else 0 :]:
+        parser.error(f"unrecognized arguments: {' '.join(launch[2 if accelerate_file else 0 :])}")
+    name = shipped_name(model_args.model_name_or_path)
+    if name is None:
         parser.error(
             f"--model_name_or_path {model_args.model_name_or_path!r}: estimate-memory knows the shipped architectures "
-            f"{', '.join(list_models())}."
+            f"{', '.join(list_models())} (or their Hub ids)."
         )
-    sharding = known.sharding or ("fsdp2" if known.num_processes > 1 else "none")
+    num_processes, sharding = parallelism_from_accelerate_config(accelerate_file) if accelerate_file else (1, None)
+    num_processes = known.num_processes or num_processes
+    sharding = known.sharding or sharding or ("fsdp2" if num_processes > 1 else "none")
     estimate = estimate_memory(
-        model_args.model_name_or_path,
+        name,
         training_args,
-        num_processes=known.num_processes,
+        num_processes=num_processes,
         sharding=sharding,
         peft_config=get_lora_config(model_args),
         torch_dtype=(get_model_init_kwargs(model_args, training_args).get("torch_dtype") or "auto").replace(
