@@ -541,7 +541,8 @@ def run_iteration(
         if "text_encoder" in name:
             category = "text_encoders"
         for tensor in [*module.parameters(), *module.buffers()]:
-            counter.register(tensor, "trained_weights" if tensor.requires_grad else category)
+            # relabel: the float32 master weights were allocated (as "other") by the upcast above.
+            counter.relabel(tensor, "trained_weights" if tensor.requires_grad else category)
     # The sampler's noise-level table holds host-side values: built outside the counted run, as on the first step.
     adapter._sigma_table()
     if hasattr(adapter, "model_sigmas"):
