@@ -282,3 +282,16 @@ def test_float32_master_weights_count_as_trained_weights(tmp_path):
     trained = sum(p.numel() * 4 for p in pipeline.transformer.parameters())
     assert counter.totals[("trained_weights", False)] == trained
     assert counter.totals[("other", False)] < 0.01 * trained
+
+
+def test_fake_parameters_keep_tied_weights_tied():
+    """T5's tied embedding became two fake tensors, counted twice (2 GiB too many for Wan's UMT5-XXL in bf16)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from transformers import T5Config, T5EncoderModel
+
+    from trl_ddrl.memory import _fake_parameters
+
+    encoder = T5EncoderModel(T5Config(vocab_size=100, d_model=8, d_kv=4, d_ff=8, num_layers=1, num_heads=2))
+    assert encoder.shared.weight is encoder.encoder.embed_tokens.weight
+    _fake_parameters(encoder, FakeTensorMode(allow_non_fake_inputs=True))
+    assert encoder.shared.weight is encoder.encoder.embed_tokens.weight

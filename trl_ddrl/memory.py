@@ -335,16 +335,24 @@ class Parallelism:
 
 
 def _fake_parameters(module: nn.Module, fake_mode) -> None:
-    """Replace every parameter and buffer of `module` (meta or real) by a fake CPU tensor of its shape and dtype."""
+    """
+    Replace every parameter and buffer of `module` (meta or real) by a fake CPU tensor of its shape and dtype. Tied
+    tensors (T5's shared embedding and `encoder.embed_tokens`) stay one tensor, counted once.
+    """
+    fakes: dict[int, torch.Tensor] = {}
     with fake_mode:
         for submodule in module.modules():
             for name, parameter in list(submodule._parameters.items()):
                 if parameter is not None:
-                    fake = torch.empty(parameter.shape, dtype=parameter.dtype, device="cpu")
-                    submodule._parameters[name] = nn.Parameter(fake, requires_grad=parameter.requires_grad)
+                    if id(parameter) not in fakes:
+                        fake = torch.empty(parameter.shape, dtype=parameter.dtype, device="cpu")
+                        fakes[id(parameter)] = nn.Parameter(fake, requires_grad=parameter.requires_grad)
+                    submodule._parameters[name] = fakes[id(parameter)]
             for name, buffer in list(submodule._buffers.items()):
                 if buffer is not None:
-                    submodule._buffers[name] = torch.zeros(buffer.shape, dtype=buffer.dtype, device="cpu")
+                    if id(buffer) not in fakes:
+                        fakes[id(buffer)] = torch.zeros(buffer.shape, dtype=buffer.dtype, device="cpu")
+                    submodule._buffers[name] = fakes[id(buffer)]
 
 
 DEPTH_KEYS = ("num_layers", "num_single_layers")
@@ -569,9 +577,10 @@ def run_iteration(
     if needs_reference and peft_config is None:
         with counter.labelled("reference"):
             reference = copy.deepcopy(denoiser).requires_grad_(False).eval()
-    # Every call without gradients but the first of each shape (rollout steps, the data term's second prompt
-    # encoding) replays the first one's memory profile.
+    # On fake tensors, every call without gradients but the first of each shape (rollout steps, the data term's second
+    # prompt encoding) replays the first one's memory profile; a real run (the validation) computes every call.
     memoized = [*denoisers, *[m for n, m in pipeline.components.items() if "text_encoder" in n and m is not None]]
+    memoized = memoized if counter.fake else []
     for module in memoized:
         module.forward = _Memoized(counter, module)
 
