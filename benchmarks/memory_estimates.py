@@ -7,9 +7,10 @@ The memory estimator's table (docs/memory.md) and its validation against measure
 
 Validation: a small SD3.5-architecture pipeline (the real layout: MMDiT blocks with dual attention, CLIP-L, CLIP-G,
 T5, the 16-channel VAE, at reduced widths), float32 on the CPU. The estimate (fake tensors) is compared with the
-measured peak of the same iteration run for real in a fresh process: the growth of its peak resident memory (VmHWM,
-reset before the iteration; glibc returns every block above 64 KiB to the system when freed, so resident memory
-follows the live tensors) plus the tensors live before it (the weights).
+measured peak of the same iteration run for real in a fresh process, by two measures independent of the estimator's
+counter: PyTorch's CPU allocator (the allocation and free events of `torch.profiler` with `profile_memory=True`), and
+the growth of the peak resident memory (VmHWM, reset before the iteration; glibc returns every block above 64 KiB to
+the system when freed, so resident memory follows the allocations), each plus the weights.
 """
 
 import argparse
@@ -93,18 +94,42 @@ def _status(field: str) -> int:
     raise KeyError(field)
 
 
-def _measure_here(overrides: dict) -> dict:
-    """In the measuring process: build the pipeline for real, run the iteration, report the peaks."""
+def allocator_peak(function) -> int:
+    """
+    Peak bytes allocated by `function()` through PyTorch's CPU allocator above what was allocated before, from the
+    allocation and free events of `torch.profiler` (`profile_memory=True`): independent of the estimator's own counter,
+    and it also sees the buffers that operators allocate and free inside one call.
+    """
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as profiler:
+        function()
+    events = sorted(
+        (event.start_ns(), event.nbytes())
+        for event in profiler.profiler.kineto_results.events()
+        if event.name() == "[memory]"
+    )
+    live = peak = 0
+    for _, size in events:
+        live += size
+        peak = max(peak, live)
+    return peak
+
+
+def measure_in_process(pipeline, args, resident: bool = False) -> dict:
+    """
+    Run one iteration of `args` (a [`DDRLConfig`]) on `pipeline` (real weights, CPU) for real; return its peaks
+    (bytes): `allocator_bytes` (the profiler's allocator peak plus the weights), `counted_bytes` (the estimator's
+    counter on the real tensors) and, with `resident`, `resident_bytes` (the growth of the peak resident memory, VmHWM,
+    plus the weights; meaningful in a fresh process with glibc returning freed blocks, see `measure_cpu_peak`).
+    """
     import gc
 
     import torch
 
     from trl_ddrl.memory import LiveBytes, Parallelism, _for_processes, run_iteration
-    from trl_ddrl.model_configs import build_pipeline_from_spec
 
-    torch.set_num_threads(1)
-    args = _for_processes(validation_config(**overrides), Parallelism(), torch.float32)
-    pipeline = build_pipeline_from_spec(validation_spec(), torch.float32, device="cpu")
+    args = _for_processes(args, Parallelism(), torch.float32)
     weights = sum(
         tensor.numel() * tensor.element_size()
         for module in pipeline.components.values()
@@ -112,20 +137,41 @@ def _measure_here(overrides: dict) -> dict:
         for tensor in [*module.parameters(), *module.buffers()]
     )
     counter = LiveBytes(fake=False)
+    windows: dict = {}
     gc.collect()
-    resident = _status("VmRSS")
-    with open("/proc/self/clear_refs", "w") as clear:
-        clear.write("5")  # reset the peak resident size (VmHWM) to the current one
-    windows = {}
-    with counter:
-        run_iteration(pipeline, args, counter, windows=windows)
-    peak = _status("VmHWM")
-    counted = max(window.peak for window in windows.values())
-    return {"measured_bytes": peak - resident + weights, "counted_bytes": int(counted), "weights_bytes": weights}
+    if resident:
+        start = _status("VmRSS")
+        with open("/proc/self/clear_refs", "w") as clear:
+            clear.write("5")  # reset the peak resident size (VmHWM) to the current one
+
+    def iteration():
+        with counter:
+            run_iteration(pipeline, args, counter, windows=windows)
+
+    allocated = allocator_peak(iteration)
+    measured = {
+        "allocator_bytes": allocated + weights,
+        "counted_bytes": int(max(window.peak for window in windows.values())),
+        "weights_bytes": weights,
+    }
+    if resident:
+        measured["resident_bytes"] = _status("VmHWM") - start + weights
+    return measured
 
 
-def validate(overrides: dict | None = None) -> dict:
-    """Estimate (fake tensors) vs measured (real run) peak of the validation iteration."""
+def _measure_here(overrides: dict) -> dict:
+    """In the measuring process (one thread, see `measure_cpu_peak`): measure the real iteration."""
+    import torch
+
+    from trl_ddrl.model_configs import build_pipeline_from_spec
+
+    torch.set_num_threads(1)
+    pipeline = build_pipeline_from_spec(validation_spec(), torch.float32, device="cpu")
+    return measure_in_process(pipeline, validation_config(**overrides), resident=True)
+
+
+def estimate_validation(overrides: dict | None = None):
+    """The estimate (fake tensors) of the validation iteration."""
     import torch
 
     from trl_ddrl.memory import estimate_memory
@@ -137,57 +183,139 @@ def validate(overrides: dict | None = None) -> dict:
         return build_pipeline_from_spec(spec, torch.float32, "meta")
 
     build.__name__ = "sd3.5-medium (reduced)"
-    estimate = estimate_memory(build, validation_config(**(overrides or {})), torch_dtype=torch.float32)
+    return estimate_memory(build, validation_config(**(overrides or {})), torch_dtype=torch.float32)
+
+
+def validate(overrides: dict | None = None) -> dict:
+    """Estimate (fake tensors) vs measured (real run in a fresh process) peak of the validation iteration."""
+    estimate = estimate_validation(overrides)
     measured = measure_cpu_peak(overrides)
     return {
-        "model": build.__name__,
+        "model": estimate.model,
         "settings": {**VALIDATION_ARGS, **(overrides or {}), "dtype": "float32", "device": "cpu"},
         "estimate_bytes": estimate.peak_bytes,
         **measured,
-        "relative_error": (estimate.peak_bytes - measured["measured_bytes"]) / measured["measured_bytes"],
+        "relative_error": (estimate.peak_bytes - measured["allocator_bytes"]) / measured["allocator_bytes"],
+        "relative_error_vs_resident": (estimate.peak_bytes - measured["resident_bytes"]) / measured["resident_bytes"],
     }
 
 
-# The table: each shipped architecture at the recipe settings (DDRLConfig's defaults: 4 prompts x 8 samples, 20
-# steps, every other step trained, micro-batches of 8, data term on, EMA on, activation checkpointing on; the
-# architecture's default resolution and frame count), LoRA r=32 on the attention projections and full fine-tuning,
-# on 1 GPU and on 8 GPUs with FSDP2. Rows in the order they are computed.
+# The table: each shipped architecture at the settings of its recipe (recipes/*.yaml; an architecture without one
+# borrows its family's: Qwen-Image the FLUX.1-dev recipe, Wan 2.1 14B, Wan 2.2 A14B and HunyuanVideo 1.5 the Wan 2.1
+# recipe), LoRA (the recipe's adapter, else r=32 on the attention projections) and full fine-tuning, on 1 GPU and on
+# 8 GPUs with FSDP2; then each recipe as written (its accelerate config's processes and sharding).
+RECIPES = {
+    "sd3.5-medium": "sd3.5-medium-pickscore-ddrl.yaml",
+    "flux.1-dev": "flux1-dev-pickscore-ddrl.yaml",
+    "qwen-image": "flux1-dev-pickscore-ddrl.yaml",
+    "wan2.1-t2v-1.3b": "wan2.1-t2v-1.3b-ddrl.yaml",
+    "wan2.1-t2v-14b": "wan2.1-t2v-1.3b-ddrl.yaml",
+    "wan2.2-t2v-a14b": "wan2.1-t2v-1.3b-ddrl.yaml",
+    "hunyuanvideo-1.5": "wan2.1-t2v-1.3b-ddrl.yaml",
+    "cosmos-predict2.5-2b": "cosmos-predict2.5-2b-ddrl.yaml",
+    "cosmos-predict2.5-14b": "cosmos-predict2.5-14b-ddrl.yaml",
+}
 TABLE = [
     (model, setting, gpus)
-    for model in ("sd3.5-medium", "flux.1-dev", "wan2.1-t2v-1.3b", "cosmos-predict2.5-2b")
+    for model in RECIPES
     for setting, gpus in (("lora", 1), ("full", 8), ("full", 1), ("lora", 8))
 ]
+# The architectures whose recipe is their own (the others borrow one): each recipe as written is a row too.
+OWN_RECIPE = ("sd3.5-medium", "flux.1-dev", "wan2.1-t2v-1.3b", "cosmos-predict2.5-2b", "cosmos-predict2.5-14b")
 
 
-def table_row(model: str, setting: str, gpus: int) -> dict:
+def recipe_config(recipe: str, overrides: dict | None = None):
+    """`(DDRLConfig, ModelConfig)` of `recipes/<recipe>` (as `trl-ddrl --config` parses it) with `overrides`."""
+    from trl_ddrl.scripts.ddrl import make_parser
+
+    argv = [
+        "--config",
+        str(ROOT / "recipes" / recipe),
+        "--output_dir",
+        "/tmp/ddrl-memory-table",
+        "--report_to",
+        "none",
+    ]
+    for key, value in (overrides or {}).items():
+        argv += [f"--{key}", str(value)]
+    _, args, model_args, _ = make_parser().parse_args_and_config(argv, return_remaining_strings=True)
+    return args, model_args
+
+
+def estimate_row(
+    model: str, setting: str, gpus: int, sharding: str | None = None, overrides: dict | None = None, recipe=None
+) -> dict:
+    """One row: `model` at `recipe`'s settings (default: RECIPES[model]) plus `overrides`, LoRA or full fine-tuning."""
     from peft import LoraConfig
 
-    from trl_ddrl import DDRLConfig
     from trl_ddrl.memory import estimate_memory
-    from trl_ddrl.scripts.ddrl import DEFAULT_LORA_TARGET_MODULES
+    from trl_ddrl.scripts.ddrl import DEFAULT_LORA_TARGET_MODULES, get_lora_config
 
-    args = DDRLConfig(output_dir="/tmp/ddrl-memory-table", report_to=[])
-    lora = LoraConfig(r=32, lora_alpha=32, target_modules=DEFAULT_LORA_TARGET_MODULES) if setting == "lora" else None
-    estimate = estimate_memory(
-        model, args, num_processes=gpus, sharding="fsdp2" if gpus > 1 else "none", peft_config=lora
-    )
+    recipe = recipe or RECIPES[model]
+    args, model_args = recipe_config(recipe, overrides)
+    lora = None
+    if setting == "lora":
+        lora = get_lora_config(model_args) if model_args.use_peft else None
+        lora = lora or LoraConfig(r=32, lora_alpha=32, target_modules=DEFAULT_LORA_TARGET_MODULES)
+    sharding = sharding or ("fsdp2" if gpus > 1 else "none")
+    estimate = estimate_memory(model, args, num_processes=gpus, sharding=sharding, peft_config=lora)
     return {
         "model": model,
         "setting": setting,
         "gpus": gpus,
+        "sharding": sharding,
+        "recipe": recipe,
+        "overrides": overrides or {},
         "peak_gib_per_gpu": round(estimate.peak_gib, 1),
         "fits_80gb": estimate.fits(80.0),
         "peak_phase": estimate.peak_phase,
         "largest": estimate.largest,
+        "largest_gib": round(estimate.breakdown[estimate.largest] / 2**30, 1),
         "breakdown_gib": {name: round(size / 2**30, 2) for name, size in estimate.breakdown.items()},
         "phases_gib": {name: round(size / 2**30, 2) for name, size in estimate.phases.items()},
         "settings": estimate.settings,
     }
 
 
-def _write(results: dict) -> None:
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps(results, indent=2) + "\n")
+def fitting_overrides(row: dict) -> list[tuple[str, int, dict]]:
+    """
+    The changes to try, one after the other, for a row that does not fit 80 GB: `(setting, gpus, overrides)`, each
+    adding to the previous. Activations first (micro-batch 1, one sample per rollout chunk), then fewer samples per
+    process (the rollout's trajectories and decoded samples), then LoRA, then 8 GPUs with FSDP2.
+    """
+    settings = row["settings"]
+    setting, gpus = row["setting"], row["gpus"]
+    overrides = dict(row["overrides"])
+    steps = []
+    if settings["per_device_train_batch_size"] > 1 or (settings["rollout_batch_size"] or 2) > 1:
+        overrides.update(per_device_train_batch_size=1, rollout_batch_size=1)
+        steps.append((setting, gpus, dict(overrides)))
+    if settings["samples_per_process"] > 8:
+        prompts = max(1, 8 * gpus // settings["num_generations"])
+        overrides.update(prompts_per_step=prompts)
+        steps.append((setting, gpus, dict(overrides)))
+    if setting == "full":
+        setting = "lora"
+        steps.append((setting, gpus, dict(overrides)))
+    if gpus == 1:
+        steps.append((setting, 8, dict(overrides)))
+    return steps
+
+
+def _write(results: dict, path: Path = RESULTS) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(results, indent=2) + "\n")
+
+
+def _key(row: dict) -> tuple:
+    return (row["model"], row["setting"], row["gpus"], row["sharding"], row["recipe"], json.dumps(row["overrides"]))
+
+
+def _record(results: dict, row: dict, kind: str, path: Path) -> None:
+    row = {"kind": kind, **row}
+    print(json.dumps(row), flush=True)
+    results["rows"] = [old for old in results["rows"] if _key(old) != _key(row)] + [row]
+    _write(results, path)
 
 
 def main() -> None:
@@ -196,27 +324,45 @@ def main() -> None:
     parser.add_argument("--validate-only", action="store_true")
     parser.add_argument("--table-only", action="store_true")
     parser.add_argument("--rows", help="Comma-separated architectures of the table to (re)compute (default: all).")
+    parser.add_argument("--no-fitting", action="store_true", help="Skip the search for settings that fit 80 GB.")
+    parser.add_argument(
+        "--results", type=Path, default=RESULTS, help="The JSON file to update (default: %(default)s)."
+    )
     options = parser.parse_args()
     if options.measure is not None:
         print(json.dumps(_measure_here(json.loads(options.measure))))
         return
-    parser_rows = options.rows.split(",") if options.rows else None
-    results = json.loads(RESULTS.read_text()) if RESULTS.is_file() else {"rows": [], "validation": []}
+    models = options.rows.split(",") if options.rows else list(RECIPES)
+    path = options.results
+    results = json.loads(path.read_text()) if path.is_file() else {"rows": [], "validation": []}
     if not options.table_only:
         results["validation"] = [validate(VALIDATION_OVERRIDES)]
         print(json.dumps(results["validation"]), flush=True)
-        _write(results)
+        _write(results, path)
     if options.validate_only:
         return
+    for model in models:
+        if model in OWN_RECIPE:  # the recipe as written: its accelerate config's processes and sharding
+            import yaml
+
+            from trl_ddrl.memory import parallelism_from_accelerate_config
+
+            recipe = yaml.safe_load((ROOT / "recipes" / RECIPES[model]).read_text())
+            gpus, sharding = parallelism_from_accelerate_config(str(ROOT / recipe["accelerate_config"]))
+            row = estimate_row(model, "lora" if recipe.get("use_peft") else "full", gpus, sharding)
+            _record(results, row, "recipe", path)
     for model, setting, gpus in TABLE:
-        if parser_rows and model not in parser_rows:
+        if model not in models:
             continue
-        row = table_row(model, setting, gpus)
-        print(json.dumps(row), flush=True)
-        results["rows"] = [
-            old for old in results["rows"] if (old["model"], old["setting"], old["gpus"]) != (model, setting, gpus)
-        ] + [row]
-        _write(results)
+        row = estimate_row(model, setting, gpus)
+        _record(results, row, "table", path)
+        if row["fits_80gb"] or options.no_fitting:
+            continue
+        for fit_setting, fit_gpus, overrides in fitting_overrides(row):
+            fitted = estimate_row(model, fit_setting, fit_gpus, overrides=overrides)
+            _record(results, {**fitted, "fits_instead_of": [setting, gpus]}, "fits", path)
+            if fitted["fits_80gb"]:
+                break
 
 
 if __name__ == "__main__":

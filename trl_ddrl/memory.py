@@ -497,6 +497,55 @@ def _adapters_stay_in_place(fake: bool) -> Iterator[None]:
         BaseTunerLayer._move_adapter_to_device_of_base_layer = move
 
 
+@contextlib.contextmanager
+def _autocast_each_call(modules: list[nn.Module], mixed: Callable) -> Iterator[None]:
+    """Run every forward call of `modules` under the autocast context `mixed()` (what `accelerator.prepare` does)."""
+    originals = [module.__dict__.get("forward") for module in modules]
+    for module in modules:
+        forward = module.forward
+
+        def call(*args, forward=forward, **kwargs):
+            with mixed():
+                return forward(*args, **kwargs)
+
+        module.forward = call
+    try:
+        yield
+    finally:
+        for module, original in zip(modules, originals):
+            if original is None:
+                del module.forward
+            else:
+                module.forward = original
+
+
+@contextlib.contextmanager
+def _resize_without_torchvision() -> Iterator[None]:
+    """
+    The Cosmos transformer resizes its padding mask (`[B, 1, H, W]`, a few KB) with torchvision, an optional
+    dependency: without it, the estimate resizes with `torch.nn.functional.interpolate` (nearest), the same memory.
+    """
+    import importlib.util
+    from types import SimpleNamespace
+
+    from diffusers.models.transformers import transformer_cosmos
+
+    if importlib.util.find_spec("torchvision") is not None or hasattr(transformer_cosmos, "transforms"):
+        yield
+        return
+
+    def resize(image: torch.Tensor, size: list[int], interpolation=None) -> torch.Tensor:
+        return torch.nn.functional.interpolate(image, size=tuple(size), mode="nearest")
+
+    transformer_cosmos.transforms = SimpleNamespace(
+        functional=SimpleNamespace(resize=resize), InterpolationMode=SimpleNamespace(NEAREST="nearest")
+    )
+    try:
+        yield
+    finally:
+        del transformer_cosmos.transforms
+
+
 def _synthetic_prompts(count: int) -> list[str]:
     return [f"a detailed photograph number {index} of a cat sitting on a wooden table" for index in range(count)]
 
@@ -556,9 +605,15 @@ def run_iteration(
     if hasattr(adapter, "model_sigmas"):
         adapter.model_sigmas()
 
+    # Autocast keeps the low-precision casts of the float32 trained weights for the length of its block (the whole
+    # rollout chunk under the rollout's autocast, one call in the replay). FSDP2 / ZeRO-3 gather the weights in the
+    # low precision instead (counted as gathered blocks), so there is no such cache.
+    full_shard = parallelism.sharding in ("fsdp2", "zero3") and parallelism.num_processes > 1
+
     def mixed():
         low = load_dtype if load_dtype in (torch.bfloat16, torch.float16) else torch.bfloat16
-        return torch.autocast("cpu", dtype=low, enabled=bool(args.bf16) or load_dtype != torch.float32)
+        enabled = bool(args.bf16) or load_dtype != torch.float32
+        return torch.autocast("cpu", dtype=low, enabled=enabled, cache_enabled=not full_shard)
 
     denoisers = _denoisers(adapter)
     device = adapter.device
@@ -704,7 +759,9 @@ def run_iteration(
 
     hooks = [parameter.register_post_accumulate_grad_hook(accumulate) for parameter in trainable]
     computing = [*denoisers, *([reference] if reference is not None else [])]
-    with phase("replay"), mixed(), _inside(counter, computing):
+    # As accelerate's prepared model: each denoiser call autocasts (its cache of the trained weights' low-precision
+    # casts lives for the call), the loss and the backward pass run outside autocast.
+    with phase("replay"), _inside(counter, computing), _autocast_each_call(computing, mixed):
         with counter.window() as first:
             inputs = buffer.micro_batch(0, args.per_device_train_batch_size)
             step = adapter.transition_log_prob(
@@ -824,7 +881,7 @@ def _measure(build: Callable, args, peft_config, parallelism: Parallelism, fake:
         if parallelism.sharding in ("fsdp2", "zero3") and parallelism.num_processes > 1:
             dtype_size = 2 if args.bf16 else next(adapter_denoiser.parameters()).element_size()
             counter.gathered = 2 * _largest_block_bytes(adapter_denoiser, dtype_size)
-        with counter:
+        with counter, _resize_without_torchvision():
             run_iteration(pipeline, args, counter, peft_config, parallelism, windows)
     return windows, counter.gathered
 
