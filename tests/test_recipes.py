@@ -188,7 +188,7 @@ def test_sd35_recipes_translate_flow_grpo(name, reward, expected):
     saved = config.to_dict()
     assert {key: saved[key] for key in FLOW_GRPO_SD35} == pytest.approx(FLOW_GRPO_SD35)
     text = (RECIPES / name).read_text()
-    assert expected in text and "estimate pending" in text and "watch" in text
+    assert expected in text and "GiB estimated" in text and "watch" in text
     argv = launch.accelerate_argv
     assert yaml.safe_load(Path(argv[argv.index("--config_file") + 1]).read_text())["num_processes"] == 32
 
@@ -207,7 +207,7 @@ def test_other_recipes_load_and_name_hardware_and_evaluation(name, model):
     assert config.data_beta == 0.01 and config.kl_beta == 0.0
     assert config.train_timesteps == list(range(0, 19, 2))
     text = (RECIPES / name).read_text()
-    assert "Hardware" in text and "estimate pending" in text and "watch" in text
+    assert "Hardware" in text and "GiB estimated" in text and "watch" in text
     assert launch.accelerate_argv is not None
 
 
