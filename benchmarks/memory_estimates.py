@@ -307,6 +307,51 @@ def _write(results: dict, path: Path = RESULTS) -> None:
     path.write_text(json.dumps(results, indent=2) + "\n")
 
 
+NAMES = {
+    "sd3.5-medium": "SD3.5-Medium",
+    "flux.1-dev": "FLUX.1-dev",
+    "qwen-image": "Qwen-Image",
+    "wan2.1-t2v-1.3b": "Wan 2.1 1.3B",
+    "wan2.1-t2v-14b": "Wan 2.1 14B",
+    "wan2.2-t2v-a14b": "Wan 2.2 A14B",
+    "hunyuanvideo-1.5": "HunyuanVideo 1.5",
+    "cosmos-predict2.5-2b": "Cosmos-Predict2.5 2B",
+    "cosmos-predict2.5-14b": "Cosmos-Predict2.5 14B",
+}
+
+
+def markdown_table(rows: list[dict]) -> str:
+    """docs/memory.md's table of `rows` (the JSON's), in the table's order, each fitting row after its row."""
+    lines = [
+        "| model | setting | GPUs (sharding) | changes | peak GiB / GPU | fits 80 GB | largest term (GiB) |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    order = {model: index for index, model in enumerate(RECIPES)}
+    kinds = {"recipe": 0, "table": 1, "fits": 1}
+    rows = sorted(
+        rows,
+        key=lambda row: (
+            order[row["model"]],
+            kinds[row["kind"]],
+            tuple(row.get("instead_of") or (row["setting"], row["gpus"])),
+            row["kind"] == "fits",
+        ),
+    )
+    for row in rows:
+        setting = "LoRA" if row["setting"] == "lora" else "full"
+        if row["kind"] == "recipe":
+            setting = f"recipe ({setting})"
+        changes = ", ".join(f"{key}={value}" for key, value in row["overrides"].items())
+        if row["kind"] == "fits":
+            changes = f"for {row['instead_of'][0]}/{row['instead_of'][1]} GPU: {changes}"
+        lines.append(
+            f"| {NAMES[row['model']]} | {setting} | {row['gpus']} ({row['sharding']}) | {changes or '-'} | "
+            f"{row['peak_gib_per_gpu']} | {'yes' if row['fits_80gb'] else '**no**'} | "
+            f"{row['largest']} {row['largest_gib']} |"
+        )
+    return "\n".join(lines)
+
+
 def _key(row: dict) -> tuple:
     return (row["model"], row["setting"], row["gpus"], row["sharding"], row["recipe"], json.dumps(row["overrides"]))
 
@@ -325,6 +370,7 @@ def main() -> None:
     parser.add_argument("--table-only", action="store_true")
     parser.add_argument("--rows", help="Comma-separated architectures of the table to (re)compute (default: all).")
     parser.add_argument("--no-fitting", action="store_true", help="Skip the search for settings that fit 80 GB.")
+    parser.add_argument("--markdown", action="store_true", help="Print docs/memory.md's table from the results.")
     parser.add_argument(
         "--results", type=Path, default=RESULTS, help="The JSON file to update (default: %(default)s)."
     )
@@ -335,6 +381,9 @@ def main() -> None:
     models = options.rows.split(",") if options.rows else list(RECIPES)
     path = options.results
     results = json.loads(path.read_text()) if path.is_file() else {"rows": [], "validation": []}
+    if options.markdown:
+        print(markdown_table(results["rows"]))
+        return
     if not options.table_only:
         results["validation"] = [validate(VALIDATION_OVERRIDES)]
         print(json.dumps(results["validation"]), flush=True)
@@ -360,7 +409,7 @@ def main() -> None:
             continue
         for fit_setting, fit_gpus, overrides in fitting_overrides(row):
             fitted = estimate_row(model, fit_setting, fit_gpus, overrides=overrides)
-            _record(results, {**fitted, "fits_instead_of": [setting, gpus]}, "fits", path)
+            _record(results, {**fitted, "instead_of": [setting, gpus]}, "fits", path)
             if fitted["fits_80gb"]:
                 break
 
