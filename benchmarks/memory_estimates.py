@@ -370,6 +370,7 @@ def main() -> None:
     parser.add_argument("--table-only", action="store_true")
     parser.add_argument("--rows", help="Comma-separated architectures of the table to (re)compute (default: all).")
     parser.add_argument("--no-fitting", action="store_true", help="Skip the search for settings that fit 80 GB.")
+    parser.add_argument("--no-recipes", action="store_true", help="Skip the rows of the recipes as written.")
     parser.add_argument("--markdown", action="store_true", help="Print docs/memory.md's table from the results.")
     parser.add_argument(
         "--results", type=Path, default=RESULTS, help="The JSON file to update (default: %(default)s)."
@@ -391,7 +392,9 @@ def main() -> None:
     if options.validate_only:
         return
     for model in models:
-        if model in OWN_RECIPE:  # the recipe as written: its accelerate config's processes and sharding
+        if (
+            model in OWN_RECIPE and not options.no_recipes
+        ):  # the recipe as written: its accelerate config's processes and sharding
             import yaml
 
             from trl_ddrl.memory import parallelism_from_accelerate_config

@@ -329,3 +329,12 @@ def test_replay_autocasts_each_call_and_fsdp2_keeps_no_cast_cache(tmp_path):
         run_iteration(pipeline, tiny_args(tmp_path), counter, parallelism=Parallelism(2, "fsdp2"))
     assert seen["backward"] and not any(seen["backward"])
     assert seen["forward"] and all(enabled and not cache for enabled, cache in seen["forward"])
+
+
+def test_two_expert_denoiser_is_estimable(tmp_path):
+    """Wan 2.2's experts split a batch by noise level read on the host: on fake tensors that raised (aten.nonzero)."""
+    from tiny_models import tiny_wan22_pipeline
+
+    args = tiny_args(tmp_path, num_frames=5, per_device_train_batch_size=4, train_timesteps=[0, 1])
+    estimate = estimate_memory(tiny_wan22_pipeline, args, torch_dtype=torch.float32)
+    assert estimate.peak_bytes > 0 and estimate.phases["replay"] > 0

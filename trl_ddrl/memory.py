@@ -415,9 +415,9 @@ class _Memoized:
     recorded shapes. Calls with gradients always run.
     """
 
-    def __init__(self, counter: LiveBytes, module: nn.Module):
+    def __init__(self, counter: LiveBytes, module: nn.Module, method: str = "forward"):
         self.counter, self.module = counter, module
-        self.original = module.forward
+        self.original = getattr(module, method)
         self.records: dict[Any, tuple[dict, Any]] = {}
 
     def signature(self, args, kwargs) -> Any:
@@ -520,6 +520,30 @@ def _autocast_each_call(modules: list[nn.Module], mixed: Callable) -> Iterator[N
 
 
 @contextlib.contextmanager
+def _experts_take_whole_batches(fake: bool) -> Iterator[None]:
+    """
+    A two-expert denoiser splits a batch by each row's noise level, read back on the host; fake tensors have no
+    values, so on them every call goes whole to the first trained expert (the one whose activations and gradients
+    the training holds). Both experts' weights are counted either way.
+    """
+    from .pipelines.experts import TimestepExperts
+
+    if not fake:
+        yield
+        return
+    original = TimestepExperts.forward
+
+    def forward(self, timestep: torch.Tensor, return_dict: bool = False, **kwargs) -> tuple[torch.Tensor]:
+        return getattr(self, self.trained[0])(timestep=timestep, return_dict=False, **kwargs)
+
+    TimestepExperts.forward = forward
+    try:
+        yield
+    finally:
+        TimestepExperts.forward = original
+
+
+@contextlib.contextmanager
 def _resize_without_torchvision() -> Iterator[None]:
     """
     The Cosmos transformer resizes its padding mask (`[B, 1, H, W]`, a few KB) with torchvision, an optional
@@ -569,6 +593,7 @@ def run_iteration(
     from .pipelines.latents import enable_vae_slicing
     from .precision import upcast_trained_parameters
     from .rollout import RolloutBuffer, order_micro_batches
+    from .rollout_plan import default_rollout_chunk
     from .sampling import transition_log_ratio
     from .sde_window import initial_states, join_prefix, rollout_steps
 
@@ -633,11 +658,20 @@ def run_iteration(
         with counter.labelled("reference"):
             reference = copy.deepcopy(denoiser).requires_grad_(False).eval()
     # On fake tensors, every call without gradients but the first of each shape (rollout steps, the data term's second
-    # prompt encoding) replays the first one's memory profile; a real run (the validation) computes every call.
-    memoized = [*denoisers, *[m for n, m in pipeline.components.items() if "text_encoder" in n and m is not None]]
+    # prompt encoding, the VAE's per-sample decodes and encodes) replays the first one's memory profile; a real run (the
+    # validation) computes every call.
+    memoized = [
+        (module, "forward")
+        for module in [
+            *denoisers,
+            *[m for n, m in pipeline.components.items() if "text_encoder" in n and m is not None],
+        ]
+    ]
+    vae = getattr(pipeline, "vae", None)
+    memoized += [(vae, method) for method in ("_decode", "_encode") if vae is not None and hasattr(vae, method)]
     memoized = memoized if counter.fake else []
-    for module in memoized:
-        module.forward = _Memoized(counter, module)
+    for module, method in memoized:
+        setattr(module, method, _Memoized(counter, module, method))
 
     with counter.labelled("optimizer"):
         optimizer = torch.optim.AdamW(trainable, lr=args.learning_rate, foreach=True)
@@ -657,7 +691,8 @@ def run_iteration(
     prompts = [prompts[index * len(prompts) // samples] for index in range(samples)]
     rows = [{"prompt": prompt} for prompt in prompts]
     collator = DiffusionDataCollator(adapter, args.image_column, args.caption_column, args.source_image_column)
-    chunk = args.rollout_batch_size or samples
+    # The trainer's chunk; without rewards to overlap with, an unset rollout_batch_size samples everything at once.
+    chunk = args.rollout_batch_size or default_rollout_chunk(samples, overlap=False)
 
     with torch.no_grad():
         with phase("text_encoders"), mixed():
@@ -820,8 +855,8 @@ def run_iteration(
     if ema is not None:
         with phase("ema"):
             ema.step()
-    for module in memoized:
-        del module.forward
+    for module, method in memoized:
+        delattr(module, method)
 
 
 @contextlib.contextmanager
@@ -881,7 +916,7 @@ def _measure(build: Callable, args, peft_config, parallelism: Parallelism, fake:
         if parallelism.sharding in ("fsdp2", "zero3") and parallelism.num_processes > 1:
             dtype_size = 2 if args.bf16 else next(adapter_denoiser.parameters()).element_size()
             counter.gathered = 2 * _largest_block_bytes(adapter_denoiser, dtype_size)
-        with counter, _resize_without_torchvision():
+        with counter, _resize_without_torchvision(), _experts_take_whole_batches(fake):
             run_iteration(pipeline, args, counter, peft_config, parallelism, windows)
     return windows, counter.gathered
 
