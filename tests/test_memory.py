@@ -338,3 +338,16 @@ def test_two_expert_denoiser_is_estimable(tmp_path):
     args = tiny_args(tmp_path, num_frames=5, per_device_train_batch_size=4, train_timesteps=[0, 1])
     estimate = estimate_memory(tiny_wan22_pipeline, args, torch_dtype=torch.float32)
     assert estimate.peak_bytes > 0 and estimate.phases["replay"] > 0
+
+
+def test_extrapolation_takes_the_gathered_blocks_of_the_deeper_run():
+    """At one unit Wan's block list has one block and FSDP2's gathered blocks were a smaller list's (0.26 vs 1.31 GiB)."""
+    from trl_ddrl.memory import GATHERED, _extrapolate, _Window
+
+    def window(weights, gathered):
+        snapshot = {("weights", False): weights, (GATHERED, False): gathered}
+        return {"replay": _Window(start={}, peak=0, snapshot=snapshot)}
+
+    phases = _extrapolate([(1, window(10, 3)), (2, window(20, 7))], 40, Parallelism())
+    peak, snapshot = phases["replay"]
+    assert snapshot[(GATHERED, False)] == 7 and snapshot[("weights", False)] == 400 and peak == 407

@@ -1023,8 +1023,10 @@ def _extrapolate(runs: list[tuple[float, dict]], units: int, parallelism: Parall
         for label in set(a) | set(b):
             value = a.get(label, 0) + (b.get(label, 0) - a.get(label, 0)) * (units - u1) / (u2 - u1)
             snapshot[label] = max(0, int(value))
-        if (GATHERED, False) in a:
-            snapshot[(GATHERED, False)] = a[(GATHERED, False)]
+        if (GATHERED, False) in b:
+            # Two blocks whatever the depth, measured at the deeper run: at one unit a list of one block (Wan's 40
+            # blocks at 1/40) is not seen as repeated, and a smaller list's block stood in for it.
+            snapshot[(GATHERED, False)] = b[(GATHERED, False)]
         phases[name] = (sum(size * parallelism.weight(label) for label, size in snapshot.items()), snapshot)
     return phases
 
