@@ -371,6 +371,7 @@ def main() -> None:
     parser.add_argument("--rows", help="Comma-separated architectures of the table to (re)compute (default: all).")
     parser.add_argument("--no-fitting", action="store_true", help="Skip the search for settings that fit 80 GB.")
     parser.add_argument("--no-recipes", action="store_true", help="Skip the rows of the recipes as written.")
+    parser.add_argument("--recipes-only", action="store_true", help="Only the rows of the recipes as written.")
     parser.add_argument("--markdown", action="store_true", help="Print docs/memory.md's table from the results.")
     parser.add_argument(
         "--results", type=Path, default=RESULTS, help="The JSON file to update (default: %(default)s)."
@@ -404,7 +405,7 @@ def main() -> None:
             row = estimate_row(model, "lora" if recipe.get("use_peft") else "full", gpus, sharding)
             _record(results, row, "recipe", path)
     for model, setting, gpus in TABLE:
-        if model not in models:
+        if model not in models or options.recipes_only:
             continue
         row = estimate_row(model, setting, gpus)
         _record(results, row, "table", path)
