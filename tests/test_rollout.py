@@ -14,13 +14,19 @@ from trl_ddrl.rollout import LAST_IMAGES, read_prompt_rows
 from trl_ddrl.utils import image_grid, to_uint8
 
 
-def decoded_floats(shape: tuple[int, ...]) -> list[torch.Tensor]:
-    """Every live floating-point tensor whose trailing dimensions are a decoded sample's `shape`."""
+def decoded_floats(shape: tuple[int, ...], before: frozenset[int] = frozenset()) -> list[torch.Tensor]:
+    """
+    Every live floating-point tensor whose trailing dimensions are a decoded sample's `shape`, except those whose ids
+    are in `before` (alive before the rollout: other tests of the same process may hold such tensors).
+    """
     gc.collect()
     return [
         value
         for value in gc.get_objects()
-        if isinstance(value, torch.Tensor) and value.is_floating_point() and tuple(value.shape[-3:]) == shape
+        if isinstance(value, torch.Tensor)
+        and value.is_floating_point()
+        and tuple(value.shape[-3:]) == shape
+        and id(value) not in before
     ]
 
 
@@ -33,13 +39,14 @@ def trainer(tiny_sd3_path, tmp_path):
 def test_no_decoded_sample_outlives_the_rollout_and_logged_copies_are_uint8_on_logging_steps(trainer):
     rows = read_prompt_rows(trainer.train_dataset, [0] * 4 + [1] * 4)
     sample_shape = (3, 16, 16)
+    alive = frozenset(map(id, decoded_floats(sample_shape)))
     assert trainer.rollout.samples_to_keep(TrainerState(global_step=0, max_steps=100)) == 0  # serves step 1
     buffer = trainer.rollout.generate(rows, 0, TrainerState(global_step=0, max_steps=100))
-    assert decoded_floats(sample_shape) == []  # scored, then dropped
+    assert decoded_floats(sample_shape, alive) == []  # scored, then dropped
     assert trainer.rollout.last_images is None and trainer.rollout.last_samples is None
 
     buffer = trainer.rollout.generate(rows, 1, TrainerState(global_step=49, max_steps=100))  # serves step 50: logs
-    assert decoded_floats(sample_shape) == []
+    assert decoded_floats(sample_shape, alive) == []
     images, samples = trainer.rollout.last_images, trainer.rollout.last_samples
     assert images.dtype == samples.images.dtype == torch.uint8 and images.device.type == "cpu"
     assert images.shape == (8, *sample_shape) and samples.images.shape == (4, *sample_shape)
