@@ -276,4 +276,5 @@ def test_data_term_without_data_rows_under_fsdp2(tmp_path):
         assert rank["sharded"] and rank["data_terms"][0] == 0 and rank["data_terms"][1] > 0
         # the data rows' losses summed over the micro-batch's size (2 of 4 rows)
         assert rank["data_term_after"] == pytest.approx(rank["expected_after"], rel=1e-6)
+        assert rank["gradient_norm"] > 0 and rank["separate_backward_max_diff"] < 1e-6
     assert ranks[0]["data_terms"] == ranks[1]["data_terms"]

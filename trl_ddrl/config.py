@@ -301,6 +301,15 @@ class DDRLConfig(_BaseConfig):
         data_on_first_step_only (`bool`, *optional*, defaults to `False`):
             Compute the data term only on the first trained step of each sample, which saves one forward pass per
             trained step.
+        separate_data_backward (`bool`, *optional*, defaults to `True`):
+            In a micro-batch with data rows, run the data term's forward and backward before the policy term's
+            forward: the two forwards' activations never coexist, and autograd does not hold the data term's gradient
+            of every trained weight until the policy term's backward reaches that weight (a whole unsharded copy of
+            the trained weights' gradients: `2 x` parameters bytes per GPU under FSDP2, `4 x` with float32 master
+            weights). The gradients are the same sum (up to the order of floating-point additions); the cost is a
+            second backward pass per such micro-batch (a second gradient reduce-scatter under FSDP2). `False`: one
+            backward of the summed loss, as cosmos-rl does. Under DeepSpeed, whose engine steps inside its backward,
+            the backward is always one.
         data_text_dropout (`float`, *optional*, defaults to `0.0`):
             Probability that a data-term sample loses its prompt: its prompt embeddings (every conditioning tensor
             whose name holds `embeds`, masks kept) are zeroed, so that the unconditional branch that CFG evaluates
@@ -683,6 +692,13 @@ class DDRLConfig(_BaseConfig):
     )
     data_on_first_step_only: bool = field(
         default=False, metadata={"help": "Compute the data term only on each sample's first trained step."}
+    )
+    separate_data_backward: bool = field(
+        default=True,
+        metadata={
+            "help": "Backpropagate the data term before the policy term's forward (two backward passes per micro-batch "
+            "with data rows): less memory, same gradients. False: one backward of the summed loss (cosmos-rl)."
+        },
     )
     data_text_dropout: float = field(
         default=0.0,

@@ -799,6 +799,23 @@ def run_iteration(
     with phase("replay"), _inside(counter, computing), _autocast_each_call(computing, mixed):
         with counter.window() as first:
             inputs = buffer.micro_batch(0, args.per_device_train_batch_size)
+            rows_used = inputs["num_data_rows"]
+            data_term = None
+            if args.data_beta > 0 and rows_used:
+                x0 = inputs["data_latents"][:rows_used]
+                data_conditioning = {key: value[:rows_used] for key, value in inputs["data_conditioning"].items()}
+                data_loss = adapter.diffusion_loss(
+                    denoiser,
+                    x0,
+                    data_conditioning,
+                    inputs["step_index"][:rows_used],
+                    inputs["initial_noise"][:rows_used],
+                )
+                data_term = args.data_beta * data_loss.mean()
+                if args.separate_data_backward:  # backpropagated before the policy forward (DDRLTrainer.compute_loss)
+                    _backward(counter, data_term * args.loss_scale)
+                    data_term = None
+                del data_loss
             step = adapter.transition_log_prob(
                 denoiser,
                 inputs["states"],
@@ -810,18 +827,8 @@ def run_iteration(
             log_ratio = transition_log_ratio(step, inputs["old_means"], args.log_ratio_form)
             policy_loss, _, _ = clipped_policy_loss(log_ratio, inputs["advantages"], args.clip_range)
             loss = policy_loss.mean()
-            rows_used = inputs["num_data_rows"]
-            if args.data_beta > 0 and rows_used:
-                x0 = inputs["data_latents"][:rows_used]
-                data_conditioning = {key: value[:rows_used] for key, value in inputs["data_conditioning"].items()}
-                data_loss = adapter.diffusion_loss(
-                    denoiser,
-                    x0,
-                    data_conditioning,
-                    inputs["step_index"][:rows_used],
-                    inputs["initial_noise"][:rows_used],
-                )
-                loss = loss + args.data_beta * data_loss.mean()
+            if data_term is not None:
+                loss = loss + data_term
             if args.kl_beta > 0:
                 with torch.no_grad(), _reference(denoiser, reference, counter, parallelism) as model:
                     ref_step = adapter.transition_log_prob(
@@ -832,12 +839,8 @@ def run_iteration(
                     + args.kl_beta
                     * reverse_kl(step.mean, ref_step.mean, step.std, step.edm_scale, args.kl_form).mean()
                 )
-            counter.inside_denoiser += 1  # what the backward pass allocates is the denoiser's
-            try:
-                (loss * args.loss_scale).backward()
-            finally:
-                counter.inside_denoiser -= 1
-            del inputs, step, policy_loss, loss
+            _backward(counter, loss * args.loss_scale)
+            del inputs, step, policy_loss, loss, data_term
         if args.gradient_accumulation_steps > 1 and args.steps_per_generation > 1:
             # The next micro-batches repeat the first with every gradient already there (accumulated in place).
             counter.check(
@@ -857,6 +860,15 @@ def run_iteration(
             ema.step()
     for module, method in memoized:
         delattr(module, method)
+
+
+def _backward(counter: LiveBytes, loss: torch.Tensor) -> None:
+    """`loss.backward()`, what it allocates counted as the denoiser's (activations, transient gradients)."""
+    counter.inside_denoiser += 1
+    try:
+        loss.backward()
+    finally:
+        counter.inside_denoiser -= 1
 
 
 @contextlib.contextmanager

@@ -214,6 +214,8 @@ class DDRLTrainer(_BaseTrainer):
 
     _tag_names = ["trl", "ddrl", "diffusers", "text-to-image"]
     _name = "DDRL"
+    # `compute_loss` returns the micro-batch's mean loss: `training_step` divides it by the accumulation steps.
+    loss_is_scaled_for_ga = False
     _paper = _PAPER
     loss_is_scaled_for_ga = False
 
@@ -503,6 +505,16 @@ class DDRLTrainer(_BaseTrainer):
         if return_outputs:
             raise ValueError("DDRLTrainer.compute_loss does not return model outputs.")
         args = self.args
+        data_term = None
+        if args.data_beta > 0:
+            data_loss = self._data_loss(model, inputs)
+            self._loss_metrics["loss/data"].append(data_loss.detach())
+            data_term = args.data_beta * data_loss
+            if args.separate_data_backward and data_term.requires_grad and not self.is_deepspeed_enabled:
+                # Its gradients go into `.grad` now, and its activations are freed before the policy forward.
+                self._backward_now(self.mesh.scale_gradients(data_term * args.loss_scale))
+                data_term = data_term.detach()
+
         step = self.adapter.transition_log_prob(
             model,
             inputs["states"],
@@ -518,11 +530,8 @@ class DDRLTrainer(_BaseTrainer):
         self._loss_metrics["loss/policy"].append(loss.detach())
         self._loss_metrics["ratio/mean"].append(ratio.detach().mean())
         self._loss_metrics["clip_ratio"].append(is_clipped.float().mean())
-
-        if args.data_beta > 0:
-            data_loss = self._data_loss(model, inputs)
-            loss = loss + args.data_beta * data_loss
-            self._loss_metrics["loss/data"].append(data_loss.detach())
+        if data_term is not None:
+            loss = loss + data_term
 
         if args.kl_beta > 0:
             if "reference_means" in inputs:  # precompute_reference_means: computed after the rollout
@@ -536,6 +545,13 @@ class DDRLTrainer(_BaseTrainer):
         loss = loss * args.loss_scale
         self._divergence.track_loss(loss)  # checked with the gradients, once per optimizer step
         return self.mesh.scale_gradients(loss)
+
+    def _backward_now(self, loss: torch.Tensor) -> None:
+        """
+        Backpropagate `loss`, a part of this micro-batch's loss, now, scaled as `training_step` scales the loss that
+        `compute_loss` returns (divided by the gradient accumulation steps: `loss_is_scaled_for_ga = False`).
+        """
+        self.accelerator.backward(loss / self.current_gradient_accumulation_steps)
 
     def _data_loss(self, model, inputs) -> torch.Tensor:
         """

@@ -2,7 +2,8 @@
 """
 The trainer's data term (`DDRLTrainer._data_loss`) on an FSDP2-sharded model (`fully_shard`, gloo, CPU): a
 micro-batch without data rows (`data_on_first_step_only`) and one with data rows, each added to a policy term and
-backpropagated, then an optimizer step. accelerate runs FSDP configs as plain multi-CPU DDP on a CPU, so this script
+backpropagated, then an optimizer step; then the same gradients from one backward of policy + data term and
+from two (`separate_data_backward`). accelerate runs FSDP configs as plain multi-CPU DDP on a CPU, so this script
 shards with torch directly. Run with `torchrun --nproc_per_node 2 fsdp2_data_term.py <output dir>`; each rank writes
 `rank<r>.json`. Used by tests/test_distributed.py.
 """
@@ -56,6 +57,23 @@ def main(output_dir: str) -> None:
         expected = model(inputs["data_latents"][:2]).pow(2).mean(dim=1).sum() / 4
         record["data_term_after"] = float(DDRLTrainer._data_loss(trainer, model, {**inputs, "num_data_rows": 2}))
         record["expected_after"] = float(expected)
+    # `separate_data_backward`: the data term backpropagated alone before the policy term's forward gives the
+    # gradients of one backward of the sum (FSDP2 reduce-scatters twice and accumulates the sharded gradients).
+    gradients = {}
+    policy_input = torch.randn(4, 4, generator=generator)
+    for separate in (False, True):
+        data = DDRLTrainer._data_loss(trainer, model, {**inputs, "num_data_rows": 2})
+        if separate:
+            (0.5 * data).backward()
+            model(policy_input).mean().backward()
+        else:
+            (model(policy_input).mean() + 0.5 * data).backward()
+        gradients[separate] = [p.grad.full_tensor().clone() for p in model.parameters()]
+        optimizer.zero_grad()
+    record["separate_backward_max_diff"] = max(
+        float((a - b).abs().max()) for a, b in zip(gradients[False], gradients[True])
+    )
+    record["gradient_norm"] = float(torch.stack([g.norm() for g in gradients[False]]).norm())
     record["sharded"] = all(type(p).__name__ == "DTensor" for p in model.parameters())
     with open(os.path.join(output_dir, f"rank{rank}.json"), "w") as file:
         json.dump(record, file)
