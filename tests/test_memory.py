@@ -1,4 +1,5 @@
 # Copyright 2026 The trl_ddrl Authors. Licensed under the Apache License, Version 2.0.
+import math
 import sys
 from pathlib import Path
 
@@ -351,3 +352,178 @@ def test_extrapolation_takes_the_gathered_blocks_of_the_deeper_run():
     phases = _extrapolate([(1, window(10, 3)), (2, window(20, 7))], 40, Parallelism())
     peak, snapshot = phases["replay"]
     assert snapshot[(GATHERED, False)] == 7 and snapshot[("weights", False)] == 400 and peak == 407
+
+
+# ---- the rollout as RolloutEngine.generate runs it, and the memory options of DDRLConfig ------------------------------
+
+
+def tiny_bytes(pipeline, *names) -> int:
+    """Bytes of the parameters and buffers of the pipeline's components whose name holds one of `names`."""
+    return sum(
+        tensor.numel() * tensor.element_size()
+        for name, module in pipeline.components.items()
+        if isinstance(module, torch.nn.Module) and any(part in name for part in names)
+        for tensor in [*module.parameters(), *module.buffers()]
+    )
+
+
+def tiny_latent_and_steps(args) -> tuple[int, int]:
+    """(bytes of one float32 latent, number of trained steps) of the tiny SD3 pipeline at `args`."""
+    from trl_ddrl.pipelines import SamplingSettings, get_adapter
+    from trl_ddrl.sde_window import rollout_steps
+
+    adapter = get_adapter(tiny_sd3_pipeline(), SamplingSettings.from_config(args))
+    return adapter.sample_noise(1, generator=torch.Generator().manual_seed(0)).numel() * 4, len(
+        rollout_steps(args, 0).trained
+    )
+
+
+def test_the_estimators_rollout_agrees_with_the_real_generate(tmp_path, tiny_sd3_path):
+    """
+    The rollout of `RolloutEngine.generate` (the trainer's, on real tensors) and the estimator's mirror of it hold the
+    same transient bytes at their peak (within 15%): the estimator concatenated whole trajectories and every decoded
+    sample, which generate no longer does.
+    """
+    from test_trainer import brightness, make_args, prompt_dataset
+    from transformers import TrainerState
+
+    from trl_ddrl import DDRLTrainer
+    from trl_ddrl.memory import run_iteration
+    from trl_ddrl.rollout import read_prompt_rows
+
+    args = make_args(
+        tmp_path,
+        async_rewards=False,
+        rollout_batch_size=4,
+        num_inference_steps=10,
+        height=32,
+        width=32,
+        num_generations=8,
+    )
+    trainer = DDRLTrainer(tiny_sd3_path, brightness, args=args, train_dataset=prompt_dataset())
+    rows = read_prompt_rows(trainer.train_dataset, [0] * 8 + [1] * 8)
+    state = TrainerState(global_step=0, max_steps=100)
+    trainer.rollout.generate(rows, 0, state)  # warm-up: lazily built tables outside the count
+    real = LiveBytes(fake=False)
+    with real.window() as window, real:
+        buffer = trainer.rollout.generate(rows, 0, state)
+    del buffer
+
+    estimate_args = _for_processes_copy(args)
+    windows = {}
+    counter = LiveBytes(fake=False)
+    with counter:
+        run_iteration(DDRLTrainer._load_pipeline(tiny_sd3_path, args), estimate_args, counter, windows=windows)
+    encoder_bytes = tiny_bytes(trainer.pipeline, "text_encoder")
+    mirrored = max(
+        sum(size for (category, _), size in windows[name].snapshot.items() if category in ("rollout", "vae_decode"))
+        + windows[name].snapshot.get(("text_encoders", False), 0)
+        - encoder_bytes
+        for name in ("rollout", "vae_decode")
+    )
+    assert abs(mirrored - window.peak) <= 0.15 * window.peak, (mirrored, window.peak)
+
+
+def _for_processes_copy(args):
+    from trl_ddrl.memory import _for_processes
+
+    return _for_processes(args, Parallelism(), torch.float32)
+
+
+def test_ema_on_the_host_is_not_counted(tmp_path):
+    args = tiny_args(tmp_path, use_ema=True)
+    on_gpu = estimate_memory(tiny_sd3_pipeline, args, torch_dtype=torch.float32)
+    on_host = estimate_memory(
+        tiny_sd3_pipeline, tiny_args(tmp_path, use_ema=True, ema_device="cpu"), torch_dtype=torch.float32
+    )
+    ema = sum(p.numel() * 4 for p in tiny_sd3_pipeline().transformer.parameters())  # float32 copy of the trained
+    assert on_gpu.breakdown["ema"] == ema and "ema" not in on_host.breakdown
+    for phase in ("replay", "optimizer", "ema"):
+        assert on_gpu.phases[phase] - on_host.phases[phase] == ema, phase
+
+
+def test_offloaded_text_encoders_are_counted_only_while_encoding(tmp_path):
+    resident = estimate_memory(tiny_sd3_pipeline, tiny_args(tmp_path), torch_dtype=torch.float32)
+    offloaded = estimate_memory(
+        tiny_sd3_pipeline, tiny_args(tmp_path, offload_text_encoders=True), torch_dtype=torch.float32
+    )
+    precomputed = estimate_memory(
+        tiny_sd3_pipeline, tiny_args(tmp_path, precompute_prompt_embeddings=True), torch_dtype=torch.float32
+    )
+    encoders = tiny_bytes(tiny_sd3_pipeline(), "text_encoder")
+    assert offloaded.phases["text_encoders"] == resident.phases["text_encoders"]  # on the GPU to encode
+    for phase in ("rollout", "replay", "optimizer"):
+        assert resident.phases[phase] - offloaded.phases[phase] == encoders, phase
+        assert precomputed.phases[phase] == offloaded.phases[phase], phase
+    # Precomputed: no encoding during training, the encoders never come back; the embeddings are on the GPU.
+    assert precomputed.phases["text_encoders"] <= resident.phases["text_encoders"] - encoders
+
+
+def tiny_buffer_bytes(args) -> int:
+    """Bytes of the trained transitions (`trained_transitions`) of a real rollout of the tiny SD3 pipeline."""
+    from trl_ddrl.pipelines import SamplingSettings, get_adapter
+    from trl_ddrl.rollout import trained_transitions
+    from trl_ddrl.sde_window import rollout_steps
+
+    adapter = get_adapter(tiny_sd3_pipeline(), SamplingSettings.from_config(args))
+    samples = args.prompts_per_step * args.num_generations
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        conditioning = adapter.encode_prompts(["a cat"] * samples, adapter.device)
+        trajectory = adapter.sample(
+            adapter.denoiser, conditioning, adapter.sample_noise(samples, generator=generator), generator=generator
+        )
+        steps = torch.tensor(rollout_steps(args, 0).trained)
+        return sum(tensor.nbytes for tensor in trained_transitions(adapter, trajectory, steps))
+
+
+def test_offloaded_trajectories_leave_only_the_micro_batch_on_the_gpu(tmp_path):
+    args = tiny_args(tmp_path)
+    resident = estimate_memory(tiny_sd3_pipeline, args, torch_dtype=torch.float32)
+    offloaded = estimate_memory(
+        tiny_sd3_pipeline, tiny_args(tmp_path, offload_trajectories=True), torch_dtype=torch.float32
+    )
+    buffer = tiny_buffer_bytes(args)
+    latent, steps = tiny_latent_and_steps(args)
+    assert buffer >= args.prompts_per_step * args.num_generations * (3 * steps + 1) * latent
+    for phase in ("replay", "optimizer"):
+        assert resident.phases[phase] - offloaded.phases[phase] == buffer, phase
+
+
+def test_8bit_adamw_state_is_a_byte_per_moment(tmp_path):
+    fp32 = estimate_memory(tiny_sd3_pipeline, tiny_args(tmp_path), torch_dtype=torch.float32)
+    int8 = estimate_memory(tiny_sd3_pipeline, tiny_args(tmp_path, optim="adamw_bnb_8bit"), torch_dtype=torch.float32)
+    sizes = [p.numel() for p in tiny_sd3_pipeline().transformer.parameters()]
+    # bitsandbytes: 8-bit moments (+ a float32 absmax per 256 values) for tensors of 4096 values or more, else float32.
+    expected = sum(2 * n + 2 * 4 * math.ceil(n / 256) if n >= 4096 else 8 * n for n in sizes)
+    assert any(n >= 4096 for n in sizes)
+    steps = 4 * len(sizes)  # a float32 step count per tensor
+    assert fp32.breakdown["optimizer"] == 8 * sum(sizes) + steps
+    assert int8.breakdown["optimizer"] == expected + steps
+    assert fp32.phases["replay"] - int8.phases["replay"] == 8 * sum(sizes) - expected
+
+
+def test_offloaded_reference_model_is_on_the_gpu_only_while_it_runs(tmp_path):
+    resident = estimate_memory(tiny_sd3_pipeline, tiny_args(tmp_path, kl_beta=0.1), torch_dtype=torch.float32)
+    offloaded = estimate_memory(
+        tiny_sd3_pipeline, tiny_args(tmp_path, kl_beta=0.1, offload_reference_model=True), torch_dtype=torch.float32
+    )
+    reference = tiny_bytes(tiny_sd3_pipeline(), "transformer")  # float32 pipeline: the copy in float32
+    assert resident.breakdown["reference"] == reference
+    assert resident.phases["optimizer"] - offloaded.phases["optimizer"] == reference
+    assert resident.phases["rollout"] - offloaded.phases["rollout"] == reference
+
+
+def test_precomputed_reference_means_run_the_reference_before_the_replay(tmp_path):
+    args = tiny_args(tmp_path, kl_beta=0.1, offload_reference_model=True, precompute_reference_means=True)
+    precomputed = estimate_memory(tiny_sd3_pipeline, args, torch_dtype=torch.float32)
+    without_kl = estimate_memory(tiny_sd3_pipeline, tiny_args(tmp_path), torch_dtype=torch.float32)
+    latent, steps = tiny_latent_and_steps(args)
+    means = args.prompts_per_step * args.num_generations * steps * latent  # float32 S x K x latent
+    reference = tiny_bytes(tiny_sd3_pipeline(), "transformer")
+    # The reference forwards run in a phase of their own, the reference copy on the GPU for it only.
+    assert precomputed.phases["reference_means"] >= without_kl.phases["optimizer"] + reference
+    # The replay runs no reference: it holds the means beside what it holds without the KL term (plus the KL's few
+    # micro-batch-sized tensors).
+    extra = precomputed.phases["replay"] - without_kl.phases["replay"]
+    assert means <= extra <= means + 8 * latent * args.per_device_train_batch_size, (extra, means)

@@ -50,10 +50,13 @@ GIB = 1024**3
 SHARDING_CHOICES = ("none", "ddp", "zero1", "zero2", "zero3", "fsdp2")
 
 # What the bytes belong to. Persistent: weights of the denoiser (frozen and trained apart), of the VAE and other frozen
-# models, of the text encoders, of the reference model; gradients; optimizer state; EMA. Transient, by the phase that
-# allocated them: the rest.
-PERSISTENT = ("weights", "trained_weights", "vae", "text_encoders", "reference", "gradients", "optimizer", "ema")
-PHASES = ("text_encoders", "rollout", "vae_decode", "data", "replay", "optimizer", "ema")
+# models, of the text encoders, of the reference model; gradients; optimizer state; EMA; and what a memory option of
+# the trainer keeps in host memory (`HOST`, not counted: the EMA with `ema_device="cpu"`, offloaded text encoders,
+# reference model and trajectories, precomputed prompt embeddings). Transient, by the phase that allocated them: the
+# rest.
+HOST = "host"
+PERSISTENT = ("weights", "trained_weights", "vae", "text_encoders", "reference", "gradients", "optimizer", "ema", HOST)
+PHASES = ("text_encoders", "rollout", "vae_decode", "data", "reference_means", "replay", "optimizer", "ema")
 GATHERED = "gathered_blocks"
 
 
@@ -310,6 +313,8 @@ class Parallelism:
 
     def weight(self, label: tuple[str, bool]) -> float:
         category, inside_denoiser = label
+        if category == HOST:
+            return 0.0  # host memory
         world, sharding = self.num_processes, self.sharding
         full_shard = sharding in ("fsdp2", "zero3") and world > 1
         factor = 1.0
@@ -408,6 +413,18 @@ def _largest_block_bytes(module: nn.Module, dtype_size: int) -> int:
     return largest
 
 
+@dataclass(frozen=True, init=False)
+class _Shape:
+    """The shape and dtype of a recorded output tensor."""
+
+    shape: torch.Size
+    dtype: torch.dtype
+
+    def __init__(self, tensor: torch.Tensor):
+        object.__setattr__(self, "shape", tensor.shape)
+        object.__setattr__(self, "dtype", tensor.dtype)
+
+
 class _Memoized:
     """
     Replay a module's calls without gradients: the first call per input signature runs and its memory profile (the
@@ -437,15 +454,17 @@ class _Memoized:
             spike, output = self.records[key]
             self.counter.check(extra=spike)
             return tree_map(
-                lambda value: (
-                    torch.empty(value.shape, dtype=value.dtype) if isinstance(value, torch.Tensor) else value
-                ),
+                lambda value: torch.empty(value.shape, dtype=value.dtype) if isinstance(value, _Shape) else value,
                 output,
             )
         with self.counter.window() as window:
             output = self.original(*args, **kwargs)
         spike = {label: size - window.start.get(label, 0) for label, size in window.snapshot.items()}
-        self.records[key] = (spike, output)
+        # Only the outputs' shapes and dtypes: keeping the outputs would keep the first call's tensors alive.
+        self.records[key] = (
+            spike,
+            tree_map(lambda value: _Shape(value) if isinstance(value, torch.Tensor) else value, output),
+        )
         return output
 
 
@@ -570,6 +589,43 @@ def _resize_without_torchvision() -> Iterator[None]:
         del transformer_cosmos.transforms
 
 
+def _module_tensors(modules: list[nn.Module]) -> list[torch.Tensor]:
+    return [tensor for module in modules for tensor in [*module.parameters(), *module.buffers()]]
+
+
+def _counted_prompt_encoder():
+    from .prompt_embeddings import PromptEncoder, text_encoders
+
+    class CountedPromptEncoder(PromptEncoder):
+        """
+        The trainer's [`PromptEncoder`] under the counter: offloaded text encoders are host memory (`HOST`) but while
+        they encode, and the rows it keeps (the precomputed embeddings) are host memory.
+        """
+
+        def __init__(self, counter: LiveBytes, adapter, offload_text_encoders: bool):
+            super().__init__(adapter, cache_size=0, offload_text_encoders=offload_text_encoders)
+            self.counter = counter
+            if offload_text_encoders:
+                for tensor in _module_tensors(text_encoders(adapter)):
+                    counter.relabel(tensor, HOST)
+
+        @contextlib.contextmanager
+        def encoders_on(self, device: torch.device) -> Iterator[None]:
+            if not self.offload_text_encoders:
+                yield
+                return
+            tensors = _module_tensors(text_encoders(self.adapter))
+            for tensor in tensors:
+                self.counter.relabel(tensor, "text_encoders")
+            try:
+                yield
+            finally:
+                for tensor in tensors:
+                    self.counter.relabel(tensor, HOST)
+
+    return CountedPromptEncoder
+
+
 def _synthetic_prompts(count: int) -> list[str]:
     return [f"a detailed photograph number {index} of a cat sitting on a wooden table" for index in range(count)]
 
@@ -592,7 +648,7 @@ def run_iteration(
     from .pipelines import SamplingSettings, get_adapter
     from .pipelines.latents import enable_vae_slicing
     from .precision import upcast_trained_parameters
-    from .rollout import RolloutBuffer, order_micro_batches
+    from .rollout import RolloutBuffer, order_micro_batches, trained_transitions
     from .rollout_plan import default_rollout_chunk
     from .sampling import transition_log_ratio
     from .sde_window import initial_states, join_prefix, rollout_steps
@@ -613,6 +669,19 @@ def run_iteration(
         denoiser.requires_grad_(True)
     if args.activation_checkpointing or args.gradient_checkpointing:
         denoiser.enable_gradient_checkpointing()
+    needs_reference = args.kl_beta > 0 or (args.data_beta > 0 and args.data_source == "base_model")
+    reference = None
+    if needs_reference and peft_config is None:
+        sharded = parallelism.sharding not in ("none", "ddp") and parallelism.num_processes > 1
+        if args.offload_reference_model and sharded:
+            raise ValueError(
+                "offload_reference_model=True keeps a whole reference model on the CPU, but DeepSpeed / FSDP "
+                "shard it across the processes instead (the trainer refuses it). Set offload_reference_model=False."
+            )
+        # As the trainer: a frozen copy in the load dtype (copied here before the trained weights become float32
+        # masters), on the host with `offload_reference_model` except while it runs (`_reference`).
+        with counter.labelled(HOST if args.offload_reference_model else "reference"):
+            reference = copy.deepcopy(denoiser).requires_grad_(False).eval()
     # float32 master weights of what trains; the forwards autocast to the load dtype (trl_ddrl/precision.py).
     load_dtype = upcast_trained_parameters(denoiser)
     trainable = [parameter for parameter in denoiser.parameters() if parameter.requires_grad]
@@ -652,11 +721,6 @@ def run_iteration(
         if previous is None or window.peak > previous.peak:
             windows[name] = window
 
-    needs_reference = args.kl_beta > 0 or (args.data_beta > 0 and args.data_source == "base_model")
-    reference = None
-    if needs_reference and peft_config is None:
-        with counter.labelled("reference"):
-            reference = copy.deepcopy(denoiser).requires_grad_(False).eval()
     # On fake tensors, every call without gradients but the first of each shape (rollout steps, the data term's second
     # prompt encoding, the VAE's per-sample decodes and encodes) replays the first one's memory profile; a real run (the
     # validation) computes every call.
@@ -664,6 +728,7 @@ def run_iteration(
         (module, "forward")
         for module in [
             *denoisers,
+            *([reference] if reference is not None else []),
             *[m for n, m in pipeline.components.items() if "text_encoder" in n and m is not None],
         ]
     ]
@@ -673,26 +738,51 @@ def run_iteration(
     for module, method in memoized:
         setattr(module, method, _Memoized(counter, module, method))
 
+    eight_bit = _optim_name(args) in ADAMW_8BIT
     with counter.labelled("optimizer"):
         optimizer = torch.optim.AdamW(trainable, lr=args.learning_rate, foreach=True)
         # Steady state: the optimizer state exists before the iteration (created at the first step).
         for parameter in trainable:
             state = optimizer.state[parameter]
             state["step"] = torch.tensor(1.0)
-            state["exp_avg"] = torch.zeros_like(parameter)
-            state["exp_avg_sq"] = torch.zeros_like(parameter)
+            if eight_bit and parameter.numel() >= BNB_MIN_8BIT_SIZE:
+                # bitsandbytes' blockwise 8-bit moments (its step is a fused in-place kernel, not run here).
+                blocks = math.ceil(parameter.numel() / BNB_BLOCK_SIZE)
+                state["state1"] = torch.zeros(parameter.shape, dtype=torch.uint8)
+                state["state2"] = torch.zeros(parameter.shape, dtype=torch.uint8)
+                state["absmax1"] = torch.zeros(blocks, dtype=torch.float32)
+                state["absmax2"] = torch.zeros(blocks, dtype=torch.float32)
+            else:
+                state["exp_avg"] = torch.zeros_like(parameter)
+                state["exp_avg_sq"] = torch.zeros_like(parameter)
     ema = None
+    ema_on_host = args.ema_device is not None and torch.device(args.ema_device).type == "cpu"
     if args.use_ema:
-        with counter.labelled("ema"):
+        with counter.labelled(HOST if ema_on_host else "ema"):
             ema = ParameterEMA(denoiser, args.ema_sigma_rel, args.ema_iteration_shift, args.ema_decay)
 
     samples = (args.prompts_per_step * args.num_generations) // parallelism.data_parallel_size
     prompts = _synthetic_prompts(max(1, samples // args.num_generations))
     prompts = [prompts[index * len(prompts) // samples] for index in range(samples)]
     rows = [{"prompt": prompt} for prompt in prompts]
-    collator = DiffusionDataCollator(adapter, args.image_column, args.caption_column, args.source_image_column)
+    # The trainer's PromptEncoder: with `offload_text_encoders` (or `precompute_prompt_embeddings`) the encoders are on
+    # the GPU only while they encode; precomputed embeddings are encoded before training, kept on the host.
+    offload_encoders = args.offload_text_encoders or args.precompute_prompt_embeddings
+    prompt_encoder = _counted_prompt_encoder()(counter, adapter, offload_text_encoders=offload_encoders)
+    collator = DiffusionDataCollator(
+        adapter, args.image_column, args.caption_column, args.source_image_column, prompt_encoder=prompt_encoder
+    )
+    if args.precompute_prompt_embeddings:
+        with counter.labelled(HOST), torch.no_grad():
+            # Under the rollout's autocast, where the estimate also encodes the data term's captions (the synthetic
+            # prompts): every encoding of the iteration is then a hit.
+            distinct = list(dict.fromkeys(prompts))
+            with mixed():
+                prompt_encoder.precompute(distinct, device, args.per_device_eval_batch_size)
     # The trainer's chunk; without rewards to overlap with, an unset rollout_batch_size samples everything at once.
     chunk = args.rollout_batch_size or default_rollout_chunk(samples, overlap=False)
+    data_from_samples = args.data_beta > 0 and args.data_source == "base_model"
+    final_latents: list[torch.Tensor] = []
 
     with torch.no_grad():
         with phase("text_encoders"), mixed():
@@ -713,12 +803,17 @@ def run_iteration(
                     )
                     conditioning.update(modes)
 
-        latents, means, images, denoised = [], [], [], []
+        # As RolloutEngine.generate: per chunk, sample, decode (scored, then dropped), keep the trained transitions
+        # (`trained_transitions`, on the host with `offload_trajectories`); the buffer concatenates them.
         schedule = rollout_steps(args, 0)
+        with phase("rollout"):
+            steps = torch.tensor(schedule.trained, device=device)
         with phase("rollout"), mixed(), _inside(counter, denoisers):
             noise, prefix = initial_states(
                 adapter, denoiser, conditioning, samples, args, 0, schedule.prefix, 0, generator, chunk
             )
+        parts: list[list[torch.Tensor]] = [[], [], [], [], []]  # states, next states, means, noise, denoised
+        scoring = None  # async_rewards: the decoded chunk scored on the reward thread while the next one samples
         for start in range(0, samples, chunk):
             with phase("rollout"), mixed(), _inside(counter, denoisers):
                 trajectory = adapter.sample(
@@ -732,20 +827,32 @@ def run_iteration(
                 if schedule.prefix:
                     trajectory = join_prefix(prefix[start : start + chunk], trajectory)
             with phase("vae_decode"), mixed():
-                images.append(adapter.decode(trajectory.latents[:, -1]))
-            latents.append(trajectory.latents)
-            means.append(trajectory.means)
-            denoised.append(trajectory.denoised)
-            del trajectory
+                chunk_images = adapter.decode(trajectory.latents[:, -1])
+            with phase("rollout"):
+                trained = trained_transitions(adapter, trajectory, steps)
+                if args.offload_trajectories:  # `.cpu()` copies: the device ones are freed with the chunk
+                    for tensor in trained:
+                        counter.relabel(tensor, HOST)
+                if data_from_samples:
+                    # data_source="base_model": one sample per prompt, drawn from the reference (here: its size).
+                    final_latents.append(trajectory.latents[:, -1].clone())
+            for kept, tensor in zip(parts, trained):
+                kept.append(tensor)
+            scoring = chunk_images if args.async_rewards else None
+            del chunk_images, trajectory, trained, kept, tensor  # the loop's names kept the last chunk's alive
+        del scoring
+        with phase("rollout"), counter.labelled(HOST) if args.offload_trajectories else contextlib.nullcontext():
+            transitions = [torch.cat(kept) if kept else None for kept in parts]
+        del parts
         with phase("rollout"):
-            latents, means, images = torch.cat(latents), torch.cat(means), torch.cat(images)
             advantages = torch.zeros(samples, device=device)
 
         data_latents = data_conditioning = None
         if args.data_beta > 0:
             with phase("data"), mixed():
                 if args.data_source == "base_model":
-                    data_latents, data_conditioning = latents[:, -1].clone(), conditioning
+                    data_latents, data_conditioning = torch.cat(final_latents), conditioning
+                    del final_latents
                 else:
                     distinct = len(set(prompts))
                     shape = (adapter.pixel_channels, *adapter.resolution)
@@ -762,7 +869,6 @@ def run_iteration(
                     del pixels
 
         with phase("rollout"):
-            steps = torch.tensor(schedule.trained, device=device)
             num_steps = len(schedule.trained)
             order, data_rows = order_micro_batches(
                 torch.randperm(samples * num_steps),
@@ -770,30 +876,56 @@ def run_iteration(
                 args.per_device_train_batch_size,
                 args.data_on_first_step_only,
             )
+            states, next_states, old_means, initial_noise, previous_denoised = transitions
             buffer = RolloutBuffer(
-                states=latents[:, steps],
-                next_states=latents[:, steps + 1],
-                old_means=means[:, steps],
+                states=states,
+                next_states=next_states,
+                old_means=old_means,
                 step_indices=steps,
                 advantages=advantages,
                 conditioning=conditioning,
-                initial_noise=adapter.standard_noise(latents[:, 0]),
+                initial_noise=initial_noise,
                 data_latents=data_latents,
                 data_conditioning=data_conditioning,
-                order=order.to(device),
+                order=order if args.offload_trajectories else order.to(device),
                 data_rows=data_rows,
-                previous_denoised=torch.cat(denoised)[:, (steps - 1).clamp(min=0)]
-                if denoised[0] is not None
-                else None,
+                previous_denoised=previous_denoised,
+                device=device if args.offload_trajectories else None,
             )
-            # The trainer keeps the last samples on the CPU for logging; the rest of the rollout is dropped.
-            del latents, means, images, denoised, advantages
+            del transitions, states, next_states, old_means, initial_noise, previous_denoised, advantages
 
     def accumulate(parameter):
         counter.relabel(parameter.grad, "gradients")
 
-    hooks = [parameter.register_post_accumulate_grad_hook(accumulate) for parameter in trainable]
     computing = [*denoisers, *([reference] if reference is not None else [])]
+    if args.kl_beta > 0 and args.precompute_reference_means:
+        # As DDRLTrainer._reference_means: the reference means of every transition, once per rollout, micro-batch by
+        # micro-batch as the replay would, before it ([S, K, ...] float32, on the host with offload_trajectories).
+        with phase("reference_means"), torch.no_grad(), _inside(counter, computing):
+            with counter.labelled(HOST if args.offload_trajectories else "reference_means"):
+                reference_means = torch.empty_like(buffer.old_means)
+            num_steps, size = buffer.states.shape[1], args.per_device_train_batch_size
+            with (
+                _reference(denoiser, reference, counter, parallelism, args) as model,
+                _autocast_each_call(computing, mixed),
+            ):
+                for index in range(math.ceil(len(buffer.order) / size)):
+                    flat = buffer.order[index * size : (index + 1) * size]
+                    inputs = buffer.micro_batch(index, size)
+                    mean = adapter.transition_log_prob(
+                        model,
+                        inputs["states"],
+                        inputs["next_states"],
+                        inputs["step_index"],
+                        inputs["conditioning"],
+                        inputs.get("previous_denoised"),
+                    ).mean
+                    reference_means[flat // num_steps, flat % num_steps] = mean
+                    del inputs, mean, flat
+        buffer.reference_means = reference_means
+        del reference_means
+
+    hooks = [parameter.register_post_accumulate_grad_hook(accumulate) for parameter in trainable]
     # As accelerate's prepared model: each denoiser call autocasts (its cache of the trained weights' low-precision
     # casts lives for the call), the loss and the backward pass run outside autocast.
     with phase("replay"), _inside(counter, computing), _autocast_each_call(computing, mixed):
@@ -830,15 +962,24 @@ def run_iteration(
             if data_term is not None:
                 loss = loss + data_term
             if args.kl_beta > 0:
-                with torch.no_grad(), _reference(denoiser, reference, counter, parallelism) as model:
-                    ref_step = adapter.transition_log_prob(
-                        model, inputs["states"], inputs["next_states"], inputs["step_index"], inputs["conditioning"]
-                    )
+                if "reference_means" in inputs:  # precompute_reference_means: no reference forward here
+                    reference_mean = inputs["reference_means"]
+                else:
+                    with torch.no_grad(), _reference(denoiser, reference, counter, parallelism, args) as model:
+                        reference_mean = adapter.transition_log_prob(
+                            model,
+                            inputs["states"],
+                            inputs["next_states"],
+                            inputs["step_index"],
+                            inputs["conditioning"],
+                            inputs.get("previous_denoised"),
+                        ).mean
                 loss = (
                     loss
                     + args.kl_beta
-                    * reverse_kl(step.mean, ref_step.mean, step.std, step.edm_scale, args.kl_form).mean()
+                    * reverse_kl(step.mean, reference_mean, step.std, step.edm_scale, args.kl_form).mean()
                 )
+                del reference_mean
             _backward(counter, loss * args.loss_scale)
             del inputs, step, policy_loss, loss, data_term
         if args.gradient_accumulation_steps > 1 and args.steps_per_generation > 1:
@@ -853,10 +994,11 @@ def run_iteration(
     for hook in hooks:
         hook.remove()
     with phase("optimizer"):
-        optimizer.step()
+        if not eight_bit:
+            optimizer.step()
         optimizer.zero_grad(set_to_none=True)
     if ema is not None:
-        with phase("ema"):
+        with phase("ema"), counter.labelled(HOST) if ema_on_host else contextlib.nullcontext():
             ema.step()
     for module, method in memoized:
         delattr(module, method)
@@ -872,9 +1014,10 @@ def _backward(counter: LiveBytes, loss: torch.Tensor) -> None:
 
 
 @contextlib.contextmanager
-def _reference(denoiser, reference, counter: LiveBytes, parallelism: Parallelism):
+def _reference(denoiser, reference, counter: LiveBytes, parallelism: Parallelism, args=None):
     """The reference model: the adapter-disabled denoiser under LoRA, else the frozen copy (gathered whole when
-    sharded: TRL's `prepare_fsdp` / ZeRO-3 wrap it at the root)."""
+    sharded: TRL's `prepare_fsdp` / ZeRO-3 wrap it at the root; on the GPU only for the block with
+    `offload_reference_model`, as `DDRLTrainer._reference_denoiser`)."""
     if reference is None:
         denoiser.disable_adapters()
         try:
@@ -885,11 +1028,16 @@ def _reference(denoiser, reference, counter: LiveBytes, parallelism: Parallelism
     gathered = 0
     if parallelism.sharding in ("fsdp2", "zero3") and parallelism.num_processes > 1:
         gathered = sum(p.numel() * p.element_size() for p in reference.parameters())
+    offloaded = _module_tensors([reference]) if args is not None and args.offload_reference_model else []
+    for tensor in offloaded:
+        counter.relabel(tensor, "reference")
     counter.gathered += gathered
     try:
         yield reference
     finally:
         counter.gathered -= gathered
+        for tensor in offloaded:
+            counter.relabel(tensor, HOST)
 
 
 # ---- the estimator --------------------------------------------------------------------------------------------------
@@ -1050,12 +1198,40 @@ def _category_name(label: tuple[str, bool]) -> str:
     return f"{category}/activations" if inside else category
 
 
+def _memory_options(args) -> dict:
+    """The memory options of `args` that the estimate models, where they differ from the defaults."""
+    options = {
+        "ema_device": args.ema_device,
+        "offload_text_encoders": args.offload_text_encoders,
+        "precompute_prompt_embeddings": args.precompute_prompt_embeddings,
+        "offload_trajectories": args.offload_trajectories,
+        "offload_reference_model": args.offload_reference_model,
+        "precompute_reference_means": args.precompute_reference_means,
+        "optim": _optim_name(args),
+    }
+    defaults = {"ema_device": None, "optim": "adamw_torch"}
+    return {key: value for key, value in options.items() if value and value != defaults.get(key)}
+
+
+def _optim_name(args) -> str:
+    return str(getattr(args.optim, "value", args.optim))
+
+
+# bitsandbytes' 8-bit AdamW (`optim="adamw_bnb_8bit"`, also "adamw_8bit" and "paged_adamw_8bit"): each moment is one
+# uint8 per value plus a float32 absmax per block of 256 values (blockwise quantization), for tensors of at least
+# `min_8bit_size` (4096) values; smaller tensors keep float32 moments.
+ADAMW_8BIT = ("adamw_bnb_8bit", "adamw_8bit", "paged_adamw_8bit")
+BNB_BLOCK_SIZE = 256
+BNB_MIN_8BIT_SIZE = 4096
+
+
 def _result(name, phases: dict, parallelism: Parallelism, args, peft_config, dtype) -> MemoryEstimate:
     peaks = {phase: int(value) for phase, (value, _) in phases.items()}
     peak_phase = max(peaks, key=peaks.get)
     breakdown: dict[str, int] = defaultdict(int)
     for label, size in phases[peak_phase][1].items():
-        breakdown[_category_name(label)] += int(size * parallelism.weight(label))
+        if parallelism.weight(label):
+            breakdown[_category_name(label)] += int(size * parallelism.weight(label))
     settings = {
         "num_processes": parallelism.num_processes,
         "sharding": parallelism.sharding,
@@ -1076,6 +1252,7 @@ def _result(name, phases: dict, parallelism: Parallelism, args, peft_config, dty
         "kl_beta": args.kl_beta,
         "data_beta": args.data_beta,
         "guidance_scale": args.guidance_scale,
+        "memory_options": _memory_options(args),
     }
     ordered = {phase: peaks[phase] for phase in PHASES if phase in peaks}
     return MemoryEstimate(

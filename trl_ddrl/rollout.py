@@ -141,6 +141,26 @@ def order_micro_batches(
     return torch.cat(chunks), data_rows
 
 
+def trained_transitions(adapter: DiffusionAdapter, trajectory, steps: torch.Tensor) -> list[torch.Tensor]:
+    """
+    What the buffer keeps of one chunk's trajectory (`adapter.sample`): the trained steps' states, next states and
+    means, the chunk's standard initial noise and, for multistep samplers, the previous step's estimate, in the order
+    `[states, next_states, means, initial_noise(, previous_denoised)]`. Each is a tensor of its own (indexing with
+    `steps` copies; the noise is cloned), so none keeps the whole trajectory `[chunk, T + 1, ...]` alive. Also run by
+    the memory estimator (`trl_ddrl.memory.run_iteration`).
+    """
+    trained = [
+        trajectory.latents[:, steps],
+        trajectory.latents[:, steps + 1],
+        trajectory.means[:, steps],
+        # A copy: the state itself for most families, a view that would keep the whole trajectory alive.
+        adapter.standard_noise(trajectory.latents[:, 0]).clone(),
+    ]
+    if trajectory.denoised is not None:
+        trained.append(trajectory.denoised[:, (steps - 1).clamp(min=0)])
+    return trained
+
+
 @contextlib.contextmanager
 def gradient_checkpointing_paused(denoiser: nn.Module):
     """
@@ -294,15 +314,7 @@ class RolloutEngine:
                     trajectory = join_prefix(prefix[i : i + chunk], trajectory)
                 chunk_images = self.adapter.decode(trajectory.latents[:, -1])
                 self.check_samples(trajectory.latents, chunk_images, iteration)
-                trained = [
-                    trajectory.latents[:, steps],
-                    trajectory.latents[:, steps + 1],
-                    trajectory.means[:, steps],
-                    # A copy: the state itself for most families, a view that would keep the whole trajectory alive.
-                    self.adapter.standard_noise(trajectory.latents[:, 0]).clone(),
-                ]
-                if trajectory.denoised is not None:
-                    trained.append(trajectory.denoised[:, (steps - 1).clamp(min=0)])
+                trained = trained_transitions(self.adapter, trajectory, steps)
                 if args.offload_trajectories:
                     trained = [tensor.cpu() for tensor in trained]
                 for parts, tensor in zip((states, next_states, means, initial_noise, denoised), trained):
