@@ -18,6 +18,10 @@ weights model the parallelism:
   second copy of the gradients (its buckets).
 - Context parallelism divides the activations computed inside the denoiser by the group size (each rank holds its
   share of the tokens); trajectories, decoded samples and text encoders are whole on every rank.
+- What a memory option of `DDRLConfig` keeps in host memory (`ema_device="cpu"`, `offload_text_encoders`,
+  `precompute_prompt_embeddings`, `offload_trajectories`, `offload_reference_model`) is labelled `host`, weighted 0,
+  and relabelled to its GPU category while the trainer has it on the GPU; `precompute_reference_means` adds the
+  `reference_means` phase; 8-bit AdamW (`optim="adamw_bnb_8bit"`) holds uint8 moments.
 
 Attention runs on the CPU's fused (flash) kernel under fake tensors, so its memory is that of flash attention on a GPU
 (no `seq x seq` matrix). The count is of live tensors (what `torch.cuda.max_memory_allocated` reports); the caching
@@ -191,8 +195,8 @@ class MemoryEstimate:
     Attributes:
         model (`str`): The architecture.
         peak_bytes (`int`): Peak bytes of live tensors per GPU (compare with `torch.cuda.max_memory_allocated`).
-        phases (`dict[str, int]`): Peak of each phase (`text_encoders`, `rollout`, `vae_decode`, `data`, `replay`,
-            `optimizer`, `ema`), each including everything live then.
+        phases (`dict[str, int]`): Peak of each phase (`text_encoders`, `rollout`, `vae_decode`, `data`,
+            `reference_means`, `replay`, `optimizer`, `ema`), each including everything live then.
         breakdown (`dict[str, int]`): What is live at the peak, by category: persistent (`weights` of the frozen
             denoiser, `trained_weights`, `vae`, `text_encoders`, `reference`, `gradients`, `optimizer`, `ema`),
             `gathered_blocks` (FSDP2 / ZeRO-3), and the transient tensors of each phase (`<phase>` for its
@@ -274,12 +278,14 @@ _ADVICE = {
     "trained_weights": "train a LoRA adapter (--use_peft) instead of every weight",
     "gradients": "train a LoRA adapter (--use_peft)",
     "optimizer": "train a LoRA adapter, or an 8-bit AdamW (--optim adamw_bnb_8bit)",
-    "ema": "use_ema=False, or an EMA of a LoRA adapter",
-    "reference": "train a LoRA adapter (the reference is the adapter-disabled denoiser), or kl_beta=0",
-    "text_encoders": "the text encoders stay on every GPU; encode prompts once and drop them",
+    "ema": "ema_device='cpu' (host memory), use_ema=False, or an EMA of a LoRA adapter",
+    "reference": "offload_reference_model=True (with precompute_reference_means=True it visits the GPU once per "
+    "rollout), train a LoRA adapter (the reference is the adapter-disabled denoiser), or kl_beta=0",
+    "text_encoders": "offload_text_encoders=True or precompute_prompt_embeddings=True (the encoders stay on the host)",
     "vae": "the VAE stays on every GPU",
     "gathered_blocks": "blocks gathered by FSDP2 / ZeRO-3 while they compute",
-    "rollout": "lower rollout_batch_size (trajectories: samples x (steps + 1) x latent, float32), or prompts_per_step",
+    "rollout": "offload_trajectories=True, lower rollout_batch_size (a chunk's trajectory: chunk x (steps + 1) x "
+    "latent, float32), or prompts_per_step",
     "vae_decode": "lower rollout_batch_size (decoded samples are float32)",
     "data": "lower prompts_per_step (the data batch is encoded at once)",
     "replay": "lower per_device_train_batch_size",
