@@ -527,3 +527,12 @@ def test_precomputed_reference_means_run_the_reference_before_the_replay(tmp_pat
     # micro-batch-sized tensors).
     extra = precomputed.phases["replay"] - without_kl.phases["replay"]
     assert means <= extra <= means + 8 * latent * args.per_device_train_batch_size, (extra, means)
+
+
+def test_the_optimizer_step_is_the_configured_adamw(tmp_path):
+    # adamw_torch_fused (the default) updates in one kernel; adamw_torch's foreach step allocates temporaries as large
+    # as a moment (`torch._foreach_sqrt` of exp_avg_sq, ...), which the optimizer phase must show.
+    fused = estimate_memory(tiny_sd3_pipeline, tiny_args(tmp_path), torch_dtype=torch.float32)
+    foreach = estimate_memory(tiny_sd3_pipeline, tiny_args(tmp_path, optim="adamw_torch"), torch_dtype=torch.float32)
+    trained = tiny_bytes(tiny_sd3_pipeline(), "transformer")
+    assert foreach.phases["optimizer"] - fused.phases["optimizer"] >= 0.9 * trained

@@ -746,7 +746,10 @@ def run_iteration(
 
     eight_bit = _optim_name(args) in ADAMW_8BIT
     with counter.labelled("optimizer"):
-        optimizer = torch.optim.AdamW(trainable, lr=args.learning_rate, foreach=True)
+        # The configured AdamW: "adamw_torch_fused" (the default) steps in one kernel, "adamw_torch" in foreach
+        # kernels whose temporaries are as large as a moment.
+        fused = _optim_name(args) == "adamw_torch_fused"
+        optimizer = torch.optim.AdamW(trainable, lr=args.learning_rate, fused=fused or None, foreach=not fused)
         # Steady state: the optimizer state exists before the iteration (created at the first step).
         for parameter in trainable:
             state = optimizer.state[parameter]
