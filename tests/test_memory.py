@@ -536,3 +536,46 @@ def test_the_optimizer_step_is_the_configured_adamw(tmp_path):
     foreach = estimate_memory(tiny_sd3_pipeline, tiny_args(tmp_path, optim="adamw_torch"), torch_dtype=torch.float32)
     trained = tiny_bytes(tiny_sd3_pipeline(), "transformer")
     assert foreach.phases["optimizer"] - fused.phases["optimizer"] >= 0.9 * trained
+
+
+def test_fit_memory_adds_the_memory_options_until_it_fits(tmp_path):
+    from trl_ddrl.memory import fit_memory
+
+    args = tiny_args(tmp_path, use_ema=True, per_device_train_batch_size=4, rollout_batch_size=4)
+    every = tiny_args(
+        tmp_path,
+        use_ema=True,
+        per_device_train_batch_size=1,
+        rollout_batch_size=1,
+        offload_text_encoders=True,
+        ema_device="cpu",
+        offload_trajectories=True,
+    )
+    kwargs = dict(torch_dtype=torch.float32)
+    first, last = (estimate_memory(tiny_sd3_pipeline, a, **kwargs).peak_gib for a in (args, every))
+    assert last < first
+    # A GPU that the last setting fits and the first does not (fits: peak + 5% + 2 GiB of CUDA context).
+    gpu = 2 + 1.05 * (last + first) / 2
+    tried = fit_memory(tiny_sd3_pipeline, args, gpu, **kwargs)
+    assert tried[0][0] == {}
+    assert [estimate.fits(gpu) for _, estimate in tried] == [False] * (len(tried) - 1) + [True]
+    assert list(tried[1][0]) == ["per_device_train_batch_size", "rollout_batch_size"]
+    for (before, _), (after, _) in zip(tried, tried[1:]):
+        assert before.items() <= after.items() and len(after) > len(before)  # each step adds to the previous
+    # Stops as soon as one fits: a GPU the first setting fits takes no step.
+    assert len(fit_memory(tiny_sd3_pipeline, args, 2 + 1.05 * first + 0.01, **kwargs)) == 1
+
+
+def test_cli_fit_prints_the_flags_that_fit(monkeypatch, capsys):
+    import trl_ddrl.memory as memory
+
+    def estimate(name, args, **kwargs):
+        peak = 90 if not args.offload_text_encoders else 60  # only offloading the text encoders is enough
+        return MemoryEstimate("m", peak * GIB, {"replay": peak * GIB}, {"text_encoders": peak * GIB}, "replay", {})
+
+    monkeypatch.setattr(memory, "estimate_memory", estimate)
+    argv = ["--model_name_or_path", "flux.1-dev", "--output_dir", "/tmp/fit", "--fit"]
+    assert memory.main(argv) == 0
+    out = capsys.readouterr().out
+    assert "add: --per_device_train_batch_size 1 --rollout_batch_size 1 --offload_text_encoders" in out
+    assert memory.main(argv[:-1]) == 1  # without --fit: the estimate as given, does not fit

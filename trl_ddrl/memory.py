@@ -1274,6 +1274,71 @@ def _result(name, phases: dict, parallelism: Parallelism, args, peft_config, dty
     )
 
 
+# ---- what to change --------------------------------------------------------------------------------------------------
+
+
+def _fitting_steps(args, sharding: str, lora: bool) -> list[tuple[str, dict]]:
+    """
+    The changes [`fit_memory`] tries, in order, each adding to the previous: `(why, {field: value})`. First the
+    activations (one transition per micro-batch, one sample per rollout chunk), then the memory options that cost
+    time or host memory but not the method (docs/memory.md, "Options that cut memory"). Steps that change nothing for
+    `args` are left out.
+    """
+    steps = []
+    if args.per_device_train_batch_size > 1 or args.rollout_batch_size != 1:
+        steps.append(("activations", {"per_device_train_batch_size": 1, "rollout_batch_size": 1}))
+    if not (args.offload_text_encoders or args.precompute_prompt_embeddings):
+        steps.append(("text encoders", {"offload_text_encoders": True}))
+    if args.use_ema and args.ema_device is None:
+        steps.append(("EMA", {"ema_device": "cpu"}))
+    if not args.offload_trajectories:
+        steps.append(("trajectories", {"offload_trajectories": True}))
+    if args.kl_beta > 0 and not lora and not args.precompute_reference_means:
+        changes = {"precompute_reference_means": True}
+        if sharding in ("none", "ddp"):  # FSDP2 and ZeRO-3 shard the reference model instead
+            changes["offload_reference_model"] = True
+        steps.append(("reference model", changes))
+    return steps
+
+
+def fit_memory(
+    model_or_name,
+    args,
+    gpu_memory_gib: float = 80.0,
+    *,
+    peft_config: Any | None = None,
+    sharding: str = "none",
+    **estimate_kwargs,
+) -> list[tuple[dict, MemoryEstimate]]:
+    """
+    Estimate `args`, then add the changes of [`_fitting_steps`] one at a time until the estimate fits a GPU of
+    `gpu_memory_gib` ([`MemoryEstimate.fits`]). Returns every setting tried, `(changes so far, estimate)`, the first
+    with no changes; the last fits, unless none did (then what is left is the largest term's advice: LoRA, more GPUs
+    with FSDP2, context parallelism, fewer samples or frames, which change the run, not only its memory).
+    Takes one estimate per step (seconds for images, minutes for long videos).
+    """
+    estimate = estimate_memory(model_or_name, args, peft_config=peft_config, sharding=sharding, **estimate_kwargs)
+    tried = [({}, estimate)]
+    changes: dict = {}
+    for _, step in _fitting_steps(args, sharding, peft_config is not None):
+        if estimate.fits(gpu_memory_gib):
+            break
+        changes = {**changes, **step}
+        changed = copy.copy(args)
+        for name, value in changes.items():
+            setattr(changed, name, value)
+        estimate = estimate_memory(
+            model_or_name, changed, peft_config=peft_config, sharding=sharding, **estimate_kwargs
+        )
+        tried.append((changes, estimate))
+    return tried
+
+
+def command_line_flags(changes: dict) -> str:
+    """`{"offload_trajectories": True, "rollout_batch_size": 1}` -> `--offload_trajectories --rollout_batch_size 1`."""
+    return " ".join(f"--{name}" if value is True else f"--{name} {value}" for name, value in changes.items())
+
+
 # ---- command line ---------------------------------------------------------------------------------------------------
 
 
@@ -1319,7 +1384,8 @@ def main(argv: list[str], prog: str = "trl-ddrl estimate-memory") -> int:
     print the estimate for the training options (the same as `trl-ddrl`'s, `--config` included) and exit with 0 when
     it fits `--gpu_memory_gib`, 1 when not. A recipe's `accelerate_config` gives the process count and the sharding
     unless `--num_processes` / `--sharding` are given; its `model_name_or_path` (a Hub id) is the shipped architecture
-    with that `hub_id`.
+    with that `hub_id`. With `--fit`, a setting that does not fit is changed step by step ([`fit_memory`]) and the
+    flags to add are printed (exit 0 when one fits).
     """
     import argparse
     import json
@@ -1340,6 +1406,12 @@ def main(argv: list[str], prog: str = "trl-ddrl estimate-memory") -> int:
     )
     own.add_argument("--gpu_memory_gib", type=float, default=80.0, help="Memory of one GPU (default 80).")
     own.add_argument("--json", action="store_true", help="Print the estimate as JSON.")
+    own.add_argument(
+        "--fit",
+        action="store_true",
+        help="If it does not fit, add changes one at a time (micro-batch and rollout chunk of 1, then the memory "
+        "options) until it does, and print the flags that fit.",
+    )
     own.add_argument("--help", "-h", action="store_true")
     known, rest = own.parse_known_args(argv)
     parser = make_parser(prog=prog)
@@ -1366,9 +1438,7 @@ def main(argv: list[str], prog: str = "trl-ddrl estimate-memory") -> int:
     num_processes, sharding = parallelism_from_accelerate_config(accelerate_file) if accelerate_file else (1, None)
     num_processes = known.num_processes or num_processes
     sharding = known.sharding or sharding or ("fsdp2" if num_processes > 1 else "none")
-    estimate = estimate_memory(
-        name,
-        training_args,
+    kwargs = dict(
         num_processes=num_processes,
         sharding=sharding,
         peft_config=get_lora_config(model_args),
@@ -1376,11 +1446,29 @@ def main(argv: list[str], prog: str = "trl-ddrl estimate-memory") -> int:
             "auto", "bfloat16"
         ),
     )
+    if known.fit:
+        tried = fit_memory(name, training_args, known.gpu_memory_gib, **kwargs)
+    else:
+        tried = [({}, estimate_memory(name, training_args, **kwargs))]
+    changes, estimate = tried[-1]
     fits = estimate.fits(known.gpu_memory_gib)
     if known.json:
-        print(json.dumps({**estimate.to_dict(), "fits": fits, "gpu_memory_gib": known.gpu_memory_gib}, indent=2))
-    else:
-        print(estimate.table())
-        verdict = "fits" if fits else "does NOT fit"
-        print(f"\n{verdict} a {known.gpu_memory_gib:g} GiB GPU (peak + 5% fragmentation + 2 GiB CUDA context).")
+        steps = [{"changes": step, "peak_gib_per_gpu": round(e.peak_gib, 2)} for step, e in tried]
+        print(
+            json.dumps(
+                {**estimate.to_dict(), "fits": fits, "gpu_memory_gib": known.gpu_memory_gib, "tried": steps}, indent=2
+            )
+        )
+        return 0 if fits else 1
+    print(estimate.table())
+    if len(tried) > 1:
+        print("\ntried (each adds to the previous):")
+        for step, tried_estimate in tried:
+            print(f"  {tried_estimate.peak_gib:8.1f} GiB  {command_line_flags(step) or '(as given)'}")
+    verdict = "fits" if fits else "does NOT fit"
+    print(f"\n{verdict} a {known.gpu_memory_gib:g} GiB GPU (peak + 5% fragmentation + 2 GiB CUDA context).")
+    if fits and changes:
+        print(f"add: {command_line_flags(changes)}")
+    elif not fits and known.fit:
+        print("no memory option is enough: change the run (see the largest term's advice above).")
     return 0 if fits else 1
