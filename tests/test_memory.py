@@ -579,3 +579,31 @@ def test_cli_fit_prints_the_flags_that_fit(monkeypatch, capsys):
     out = capsys.readouterr().out
     assert "add: --per_device_train_batch_size 1 --rollout_batch_size 1 --offload_text_encoders" in out
     assert memory.main(argv[:-1]) == 1  # without --fit: the estimate as given, does not fit
+
+
+def test_extrapolated_depth_matches_the_full_depth():
+    # At one unit of blocks (one Wan block) the replay's peak falls at another moment than at the real depth (the
+    # outer layers weigh as much as the blocks); two and four units extrapolate to the full-depth count.
+    from peft import LoraConfig
+
+    args = DDRLConfig(
+        output_dir="/tmp/ddrl-depth",
+        report_to=[],
+        num_generations=2,
+        prompts_per_step=1,
+        num_inference_steps=4,
+        per_device_train_batch_size=1,
+        rollout_batch_size=1,
+        height=240,
+        width=416,
+        num_frames=9,
+        data_beta=0.01,
+        guidance_scale=4.5,
+        use_ema=False,
+    )
+    lora = LoraConfig(r=32, target_modules=["to_q", "to_k", "to_v", "to_out.0"])
+    extrapolated, full = (
+        estimate_memory("wan2.1-t2v-1.3b", args, peft_config=lora, depth=depth) for depth in ("extrapolate", "full")
+    )
+    assert extrapolated.phases["replay"] == pytest.approx(full.phases["replay"], rel=0.02)
+    assert extrapolated.peak_bytes == pytest.approx(full.peak_bytes, rel=0.02)
