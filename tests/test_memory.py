@@ -607,3 +607,57 @@ def test_extrapolated_depth_matches_the_full_depth():
     )
     assert extrapolated.phases["replay"] == pytest.approx(full.phases["replay"], rel=0.02)
     assert extrapolated.peak_bytes == pytest.approx(full.peak_bytes, rel=0.02)
+
+
+def test_boolean_masks_count_as_all_true_on_fake_tensors():
+    """
+    A boolean index's output size depends on the mask's values, which fake tensors do not have (`aten.nonzero` raised
+    `DynamicOutputShapeException`); the estimator takes every element as true (the most memory) and its negation as
+    all false, so `x[mask]` and `x[~mask]` still add up to `x`.
+    """
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    x = torch.randn(2, 5, 3)
+    mask = torch.tensor([[1, 1, 0, 0, 0], [1, 1, 1, 0, 0]], dtype=torch.bool)
+    all_true = torch.ones_like(mask)
+    with LiveBytes(fake=False):  # real tensors: the mask's own values
+        assert x[mask].shape == (5, 3)
+    mode = FakeTensorMode(allow_non_fake_inputs=True)
+    with mode, LiveBytes():
+        fake_x, fake_mask = mode.from_tensor(x), mode.from_tensor(mask)
+        assert fake_x[fake_mask].shape == x[all_true].shape == (10, 3)
+        assert fake_x[~fake_mask].shape == x[~all_true].shape == (0, 3)
+        assert fake_x[:, fake_mask[0]].shape == x[:, all_true[0]].shape == (2, 5, 3)
+        assert torch.nonzero(fake_mask).shape == torch.nonzero(all_true).shape == (10, 2)
+        assert torch.masked_select(fake_x, fake_mask[..., None]).shape == (30,)
+        fake_x[fake_mask] = 0.0  # index_put_ with a boolean index
+        assert fake_x.shape == x.shape
+
+
+def estimate_small(model: str, tmp_path, **sizes):
+    args = DDRLConfig(
+        output_dir=str(tmp_path),
+        report_to=[],
+        num_generations=2,
+        prompts_per_step=1,
+        num_inference_steps=2,
+        per_device_train_batch_size=1,
+        use_ema=False,
+        **sizes,
+    )
+    return estimate_memory(model, args)
+
+
+def test_qwen_image_is_estimable(tmp_path):
+    """Qwen-Image's prompt encoding (`_extract_masked_hidden`) indexes with the attention mask and splits by its sums."""
+    small = estimate_small("qwen-image", tmp_path, height=128, width=128)
+    large = estimate_small("qwen-image", tmp_path, height=256, width=256)
+    assert 0 < small.peak_bytes < large.peak_bytes
+    assert small.phases["text_encoders"] > 15 * GIB  # Qwen2.5-VL-7B in bf16
+
+
+def test_hunyuanvideo_1_5_is_estimable(tmp_path):
+    """HunyuanVideo 1.5's transformer reorders the text tokens by their masks (valid first, then padding)."""
+    short = estimate_small("hunyuanvideo-1.5", tmp_path, height=128, width=128, num_frames=5)
+    long = estimate_small("hunyuanvideo-1.5", tmp_path, height=128, width=128, num_frames=9)
+    assert 0 < short.peak_bytes < long.peak_bytes

@@ -23,6 +23,10 @@ weights model the parallelism:
   and relabelled to its GPU category while the trainer has it on the GPU; `precompute_reference_means` adds the
   `reference_means` phase; 8-bit AdamW (`optim="adamw_bnb_8bit"`) holds uint8 moments.
 
+Boolean masks have no values under fake tensors: where an output's size depends on one (`x[mask]`, `nonzero`), every
+element counts as true (every token valid, the prompts at their padded length: an upper bound), and a negated mask
+as all false (Qwen-Image's prompt encoding and HunyuanVideo 1.5's token reordering index with their masks).
+
 Attention runs on the CPU's fused (flash) kernel under fake tensors, so its memory is that of flash attention on a GPU
 (no `seq x seq` matrix). The count is of live tensors (what `torch.cuda.max_memory_allocated` reports); the caching
 allocator's fragmentation and the CUDA context come on top (see `MemoryEstimate.fits`).
@@ -86,7 +90,9 @@ class LiveBytes(TorchDispatchMode):
     Every output of every operation is registered once per storage (views and in-place results share their input's)
     and unregistered when its storage is freed. Tensors that exist before the mode is entered (weights) are added with
     [`LiveBytes.register`]. Under a fake-tensor mode, reading a value back (`.item()`, `bool(tensor)`) gives a
-    placeholder (1, or `True`), which only the host-side bookkeeping of the code path sees.
+    placeholder (1, or `True`), which only the host-side bookkeeping of the code path sees, and a boolean mask counts
+    as all true (its negation `~mask` as all false) where the output's size depends on it (`x[mask]`, `nonzero`,
+    `masked_select`): the upper bound, every token valid.
     """
 
     def __init__(self, weight: Callable[[tuple[str, bool]], float] = lambda label: 1.0, fake: bool = True):
@@ -99,6 +105,7 @@ class LiveBytes(TorchDispatchMode):
         self.inside_denoiser = 0
         self.gathered = 0  # bytes of gathered (sharded) parameters while the denoiser runs
         self.windows: list[_Window] = []
+        self.negated: dict[int, weakref.ref] = {}  # masks that count as all false, by id
 
     # -- labels ---------------------------------------------------------------------------------------------------
 
@@ -179,11 +186,88 @@ class LiveBytes(TorchDispatchMode):
             return True
         if self.fake and func in (torch.ops.aten._local_scalar_dense.default, torch.ops.aten.is_nonzero.default):
             return True if args[0].dtype == torch.bool else 1
-        output = func(*args, **kwargs)
+        if self.fake and func in _MASK_OPS:
+            output = _MASK_OPS[func](self, *args, **kwargs)
+        else:
+            output = func(*args, **kwargs)
+        if self.fake and func in _NEGATIONS and output.dtype == torch.bool and not self.all_false(args[0]):
+            self.mark_all_false(output)
         for value in tree_flatten(output)[0]:
             if isinstance(value, torch.Tensor) and value.device.type != "meta":
                 self.register(value)
         return output
+
+    # -- boolean masks on fake tensors --------------------------------------------------------------------------------
+
+    def all_false(self, mask: torch.Tensor) -> bool:
+        """Whether `mask` counts as all false: a negated mask (every other mask counts as all true)."""
+        ref = self.negated.get(id(mask))
+        return ref is not None and ref() is mask
+
+    def mark_all_false(self, mask: torch.Tensor) -> None:
+        key = id(mask)
+        self.negated[key] = weakref.ref(mask, lambda _: self.negated.pop(key, None))
+
+    def mask_indices(self, mask: torch.Tensor) -> list[torch.Tensor]:
+        """
+        The long indices (one per dimension of `mask`) that `mask` selects when all true, or none when all false:
+        what `mask.nonzero().unbind(1)` gives.
+        """
+        if self.all_false(mask):
+            return [torch.zeros(0, dtype=torch.long, device=mask.device) for _ in range(mask.dim())]
+        indices = []
+        for dim, size in enumerate(mask.shape):
+            shape = [1] * mask.dim()
+            shape[dim] = size
+            index = torch.arange(size, device=mask.device).view(shape).expand(mask.shape)
+            indices.append(index.reshape(-1))
+        return indices
+
+    def long_indices(self, indices: list) -> list:
+        """`indices` of `aten.index` / `aten.index_put` with each boolean mask replaced by its long indices."""
+        replaced = []
+        for index in indices:
+            if index is not None and _is_mask(index):
+                replaced.extend(self.mask_indices(index))
+            else:
+                replaced.append(index)
+        return replaced
+
+
+def _is_mask(tensor: Any) -> bool:
+    return isinstance(tensor, torch.Tensor) and tensor.dtype in (torch.bool, torch.uint8)
+
+
+def _nonzero(counter: LiveBytes, mask: torch.Tensor) -> torch.Tensor:
+    if not mask.dim():
+        return mask.new_zeros((0 if counter.all_false(mask) else 1, 0), dtype=torch.long)
+    return torch.stack(counter.mask_indices(mask), dim=1)
+
+
+def _masked_select(counter: LiveBytes, tensor: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    tensor, mask = torch.broadcast_tensors(tensor, mask)
+    return tensor[tuple(counter.mask_indices(mask))]
+
+
+# On fake tensors, the operations whose output size depends on a boolean mask's values answer as if every element of
+# the mask were true (the upper bound: every token valid), and a negated mask (`~mask`) all false, so that `x[mask]` and
+# `x[~mask]` still add up to `x` (HunyuanVideo 1.5 reorders its text tokens so: valid first, then padding).
+_MASK_OPS: dict[Any, Callable] = {
+    torch.ops.aten.nonzero.default: _nonzero,
+    torch.ops.aten.masked_select.default: _masked_select,
+    torch.ops.aten.index.Tensor: lambda counter, tensor, indices: torch.ops.aten.index.Tensor(
+        tensor, counter.long_indices(indices)
+    ),
+}
+for _index_put in (
+    torch.ops.aten.index_put.default,
+    torch.ops.aten.index_put_.default,
+    torch.ops.aten._index_put_impl_.default,
+):
+    _MASK_OPS[_index_put] = lambda counter, tensor, indices, *args, _op=_index_put, **kwargs: _op(
+        tensor, counter.long_indices(indices), *args, **kwargs
+    )
+_NEGATIONS = (torch.ops.aten.bitwise_not.default, torch.ops.aten.logical_not.default)
 
 
 # ---- the result -------------------------------------------------------------------------------------------------------
@@ -568,6 +652,29 @@ def _experts_take_whole_batches(fake: bool) -> Iterator[None]:
         yield
     finally:
         TimestepExperts.forward = original
+
+
+@contextlib.contextmanager
+def _prompts_fill_their_padding(pipeline, fake: bool) -> Iterator[None]:
+    """
+    Qwen-Image's prompt encoding (`_extract_masked_hidden`) keeps each prompt's valid tokens (`hidden_states[mask]`)
+    and splits them by the mask's row sums, read back on the host; fake tensors have no values (the sums read 1). On
+    them every token counts as valid, as the boolean index does (see `_MASK_OPS`): each prompt keeps the padded length
+    of the batch, an upper bound of the memory (prompts padded to the longest one).
+    """
+    if not fake or not hasattr(pipeline, "_extract_masked_hidden"):
+        yield
+        return
+
+    def extract_masked_hidden(hidden_states: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        selected = hidden_states[mask.bool()]
+        return torch.split(selected, [mask.shape[1]] * mask.shape[0], dim=0)
+
+    pipeline._extract_masked_hidden = extract_masked_hidden
+    try:
+        yield
+    finally:
+        del pipeline._extract_masked_hidden
 
 
 @contextlib.contextmanager
@@ -1087,7 +1194,12 @@ def _measure(build: Callable, args, peft_config, parallelism: Parallelism, fake:
         if parallelism.sharding in ("fsdp2", "zero3") and parallelism.num_processes > 1:
             dtype_size = 2 if args.bf16 else next(adapter_denoiser.parameters()).element_size()
             counter.gathered = 2 * _largest_block_bytes(adapter_denoiser, dtype_size)
-        with counter, _resize_without_torchvision(), _experts_take_whole_batches(fake):
+        with (
+            counter,
+            _resize_without_torchvision(),
+            _experts_take_whole_batches(fake),
+            _prompts_fill_their_padding(pipeline, fake),
+        ):
             run_iteration(pipeline, args, counter, peft_config, parallelism, windows)
     return windows, counter.gathered
 
