@@ -652,7 +652,9 @@ def test_qwen_image_is_estimable(tmp_path):
     """Qwen-Image's prompt encoding (`_extract_masked_hidden`) indexes with the attention mask and splits by its sums."""
     small = estimate_small("qwen-image", tmp_path, height=128, width=128)
     large = estimate_small("qwen-image", tmp_path, height=256, width=256)
-    assert 0 < small.peak_bytes < large.peak_bytes
+    # Full fine-tuning of 20B parameters on one GPU: the peak is its weights, gradients and AdamW state; the decoded
+    # images are what grows with the resolution.
+    assert 0 < small.phases["vae_decode"] < large.phases["vae_decode"]
     assert small.phases["text_encoders"] > 15 * GIB  # Qwen2.5-VL-7B in bf16
 
 
@@ -660,4 +662,5 @@ def test_hunyuanvideo_1_5_is_estimable(tmp_path):
     """HunyuanVideo 1.5's transformer reorders the text tokens by their masks (valid first, then padding)."""
     short = estimate_small("hunyuanvideo-1.5", tmp_path, height=128, width=128, num_frames=5)
     long = estimate_small("hunyuanvideo-1.5", tmp_path, height=128, width=128, num_frames=9)
-    assert 0 < short.peak_bytes < long.peak_bytes
+    # Full fine-tuning on one GPU: the peak is the weights, gradients and AdamW state; the decoded frames grow.
+    assert 0 < short.phases["vae_decode"] < long.phases["vae_decode"]
