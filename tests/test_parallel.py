@@ -12,10 +12,16 @@ import pytest
 import torch
 from accelerate.data_loader import BatchSamplerShard
 from datasets import Dataset
-from tiny_models import tiny_cosmos2_pipeline, tiny_wan_pipeline
+from diffusers import CosmosTransformer3DModel
+from tiny_models import tiny_cosmos2_5_pipeline, tiny_cosmos2_pipeline, tiny_sd3_pipeline, tiny_wan_pipeline
 
 from trl_ddrl import DDRLConfig
-from trl_ddrl.parallel import ContextParallelSampler, ProcessMesh, check_context_parallel_support
+from trl_ddrl.parallel import (
+    ContextParallelSampler,
+    ProcessMesh,
+    check_context_parallel_support,
+    install_context_parallel_plans,
+)
 from trl_ddrl.trainer import EpochSeededRepeatSampler
 
 
@@ -104,9 +110,20 @@ def test_a_single_process_cannot_split_a_sample(tmp_path):
 
 
 def test_unsupported_denoisers_and_layouts_fail_before_any_collective():
+    sd3 = tiny_sd3_pipeline().transformer
+    with pytest.raises(ValueError, match="no context-parallel plan .* SD3Transformer2DModel"):
+        check_context_parallel_support(sd3, "StableDiffusion3Pipeline", (4, 8, 8), 2, "ulysses")
+    # diffusers has no plan for Cosmos either; trl_ddrl installs its own (on the instance) before the checks.
     cosmos = tiny_cosmos2_pipeline().transformer
     with pytest.raises(ValueError, match="no context-parallel plan .* CosmosTransformer3DModel"):
         check_context_parallel_support(cosmos, "Cosmos2TextToImagePipeline", (4, 1, 4, 4), 2, "ulysses")
+    install_context_parallel_plans([cosmos])
+    assert CosmosTransformer3DModel._cp_plan is None and cosmos._cp_plan is not None
+    check_context_parallel_support(cosmos, "Cosmos2TextToImagePipeline", (4, 1, 4, 4), 2, "ulysses")
+    with pytest.raises(ValueError, match="splits the 2 attention heads .* context_parallel_size=4"):
+        check_context_parallel_support(cosmos, "Cosmos2TextToImagePipeline", (4, 1, 4, 4), 4, "ulysses")
+    with pytest.raises(ValueError, match="6 tokens long .* context_parallel_size=4 does not divide"):
+        check_context_parallel_support(cosmos, "Cosmos2TextToImagePipeline", (4, 1, 4, 6), 4, "ring")
     wan = tiny_wan_pipeline().transformer  # 2 heads, latents [4, 2, 4, 4] in 8 tokens
     check_context_parallel_support(wan, "WanPipeline", (4, 2, 4, 4), 2, "ulysses")
     with pytest.raises(ValueError, match="splits the 2 attention heads .* context_parallel_size=4"):
@@ -247,6 +264,114 @@ def test_context_parallel_wan_forward_and_backward_match_the_unsharded_model(fsd
         process.join(timeout=120)
         assert process.exitcode == 0
     loss, gradients = _wan_loss_and_gradients(None)
+    for path in paths:
+        rank_loss, rank_gradients = torch.load(path)
+        torch.testing.assert_close(rank_loss, loss)
+        for name, gradient in gradients.items():
+            torch.testing.assert_close(rank_gradients[name], gradient, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def _tiny_cosmos_transformer():
+    """
+    A Cosmos-Predict2.5-shaped transformer (condition-mask channel, projected text embeddings) with two blocks and
+    the learnable extra positional embedding of Cosmos-Predict2, randomised so that every input reaches the output.
+    """
+    from diffusers import CosmosTransformer3DModel
+
+    torch.manual_seed(0)
+    model = CosmosTransformer3DModel(
+        in_channels=4 + 1, out_channels=4, num_attention_heads=2, attention_head_dim=16, num_layers=2, mlp_ratio=2.0,
+        text_embed_dim=32, adaln_lora_dim=4, max_size=(4, 8, 8), patch_size=(1, 2, 2), rope_scale=(1.0, 3.0, 3.0),
+        concat_padding_mask=False, extra_pos_embed_type="learnable", use_crossattn_projection=True,
+        crossattn_proj_in_channels=24, encoder_hidden_states_channels=32,
+    )  # fmt: skip
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.normal_(0.0, 0.3)
+    return model
+
+
+def test_the_cosmos_plan_changes_nothing_without_a_parallel_config():
+    from diffusers.models.transformers.transformer_cosmos import CosmosAttnProcessor2_0
+
+    from trl_ddrl.pipelines.cosmos_parallel import CosmosContextParallelAttnProcessor
+
+    model = tiny_cosmos2_5_pipeline().transformer
+    generator = torch.Generator().manual_seed(0)
+    inputs = dict(
+        hidden_states=torch.randn(1, 5, 2, 4, 4, generator=generator), timestep=torch.tensor([0.5]),
+        encoder_hidden_states=torch.randn(1, 6, 32, generator=generator), fps=16, return_dict=False,
+    )  # fmt: skip
+    with torch.no_grad():
+        before = model(**inputs)[0]
+        install_context_parallel_plans([model])
+        install_context_parallel_plans([model])  # idempotent
+        after = model(**inputs)[0]
+    torch.testing.assert_close(after, before, rtol=0, atol=0)
+    for block in model.transformer_blocks:
+        assert type(block.attn1.processor) is CosmosContextParallelAttnProcessor
+        assert type(block.attn2.processor) is CosmosAttnProcessor2_0  # cross-attention: not split
+    # Models that are not Cosmos are left alone.
+    wan = tiny_wan_pipeline().transformer
+    install_context_parallel_plans([wan])
+    assert "_cp_plan" not in vars(wan)
+
+
+def _cosmos_loss_and_gradients(mesh: ProcessMesh | None):
+    """
+    One forward and backward of a tiny Cosmos transformer, as `_wan_loss_and_gradients`: once with one timestep per
+    sample and once with one per latent frame (the Cosmos adapters' form: the conditioning frames at their own noise
+    level) and a text attention mask.
+    """
+    from trl_ddrl.parallel import enable_context_parallel
+
+    model = _tiny_cosmos_transformer()
+    if mesh is not None:
+        enable_context_parallel([model], mesh, "ulysses", "cpu")
+    generator = torch.Generator().manual_seed(1)
+    latents, text = torch.randn(2, 4, 2, 4, 4, generator=generator), torch.randn(2, 6, 24, generator=generator)
+    condition_mask = torch.zeros(2, 1, 2, 4, 4)
+    condition_mask[:, :, 0] = 1.0
+    per_frame = torch.tensor([[1e-4, 0.7], [1e-4, 0.3]]).view(2, 1, 2, 1, 1)
+    text_mask = torch.tensor([[1.0] * 6, [1.0] * 4 + [0.0] * 2]).bool()
+    loss = 0.0
+    for timestep, mask in ((torch.tensor([0.7, 0.3]), None), (per_frame, text_mask)):
+        output = model(
+            hidden_states=latents, timestep=timestep, encoder_hidden_states=text, attention_mask=mask, fps=16,
+            condition_mask=condition_mask, return_dict=False,
+        )[0]  # fmt: skip
+        assert output.shape == (2, 4, 2, 4, 4)
+        loss = loss + (output * torch.linspace(-1, 1, output.numel()).view_as(output)).sum()
+    (loss if mesh is None else mesh.scale_gradients(loss)).backward()
+    gradients = {}
+    for name, parameter in model.named_parameters():
+        gradient = parameter.grad
+        if mesh is not None:
+            torch.distributed.all_reduce(gradient)
+            gradient /= mesh.world_size
+        gradients[name] = gradient.detach()
+    return loss.detach(), gradients
+
+
+def _cosmos_context_parallel_worker(rank: int, port: int, path: str) -> None:
+    torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    try:
+        torch.save(_cosmos_loss_and_gradients(ProcessMesh(2, rank, context_parallel_size=2)), path)
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_context_parallel_cosmos_forward_and_backward_match_the_unsharded_model(tmp_path):
+    context = torch.multiprocessing.get_context("fork")
+    port, paths = free_port(), [tmp_path / f"{rank}.pt" for rank in (0, 1)]
+    processes = [context.Process(target=_cosmos_context_parallel_worker, args=(r, port, paths[r])) for r in (0, 1)]
+    for process in processes:
+        process.start()
+    for process in processes:
+        process.join(timeout=120)
+        assert process.exitcode == 0
+    loss, gradients = _cosmos_loss_and_gradients(None)
+    assert all(gradient.abs().sum() > 0 for gradient in gradients.values())
     for path in paths:
         rank_loss, rank_gradients = torch.load(path)
         torch.testing.assert_close(rank_loss, loss)

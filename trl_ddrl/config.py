@@ -366,7 +366,8 @@ class DDRLConfig(_BaseConfig):
             processes form a (data-parallel x context-parallel) grid: each group of `context_parallel_size`
             consecutive ranks holds the same samples, so `prompts_per_step * num_generations` must be divisible by
             `world_size / context_parallel_size`. Rewards are computed once per sample. Needs a denoiser that
-            diffusers can parallelise (one with a `_cp_plan`: Wan, FLUX, ...). See `docs/context_parallel.md`.
+            diffusers can parallelise (one with a `_cp_plan`: Wan, FLUX, ...), or Cosmos Predict2 / Predict2.5, whose
+            plan trl_ddrl supplies. See `docs/context_parallel.md`.
         context_parallel_method (`str`, *optional*, defaults to `"ulysses"`):
             `"ulysses"` (all-to-all over attention heads; the head count must be divisible by
             `context_parallel_size`; runs on every attention backend, CPU included) or `"ring"` (key/value blocks

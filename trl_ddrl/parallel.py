@@ -175,7 +175,8 @@ def check_context_parallel_support(
             f"context_parallel_size={size}, but diffusers has no context-parallel plan (`_cp_plan`) for {name}, the "
             f"denoiser of {pipeline_name}, so its sequence cannot be split across processes. Use "
             "context_parallel_size=1 (with FSDP2 or DeepSpeed for memory), or a pipeline whose transformer diffusers "
-            "can parallelise (Wan, FLUX, ...: the `diffusers.models` transformers that define `_cp_plan`)."
+            "can parallelise (Wan, FLUX, ...: the `diffusers.models` transformers that define `_cp_plan`; Cosmos "
+            "Predict2 / Predict2.5 with trl_ddrl's own plan)."
         )
     heads = getattr(denoiser.config, "num_attention_heads", None)
     if method == "ulysses" and heads is not None and heads % size:
@@ -234,6 +235,18 @@ def _one_device_per_process_on_cpu():
         yield
 
 
+def install_context_parallel_plans(models: list[nn.Module]) -> None:
+    """
+    Give the denoisers that diffusers 0.42.1 cannot split themselves the plan and attention processor that trl_ddrl
+    writes for them (`CosmosTransformer3DModel`: `trl_ddrl/pipelines/cosmos_parallel.py`), on these instances only.
+    Called only with `context_parallel_size > 1`; other models are left as they are.
+    """
+    from .pipelines.cosmos_parallel import enable_cosmos_context_parallel
+
+    for model in models:
+        enable_cosmos_context_parallel(model)
+
+
 def enable_context_parallel(models: list[nn.Module], mesh: ProcessMesh, method: str, device_type: str) -> None:
     """
     Turn on diffusers' context parallelism in each model (the policy and, when it is a separate copy, the reference
@@ -244,6 +257,7 @@ def enable_context_parallel(models: list[nn.Module], mesh: ProcessMesh, method: 
     """
     from diffusers import ContextParallelConfig
 
+    install_context_parallel_plans(models)
     device_mesh = mesh.device_mesh(device_type, method)
     for model in models:
         config = ContextParallelConfig(**{f"{method}_degree": mesh.context_parallel_size}, mesh=device_mesh)
@@ -272,6 +286,7 @@ def prepare_parallelism(trainer) -> ProcessMesh:
             f"context_parallel_size={mesh.context_parallel_size} is not supported with DeepSpeed. Use FSDP2 or DDP "
             "(see docs/context_parallel.md), or set context_parallel_size=1."
         )
+    install_context_parallel_plans(models)
     check_context_parallel_support(
         trainer.adapter.denoiser,
         type(trainer.pipeline).__name__,
