@@ -5,7 +5,7 @@ comparisons of tests/test_parallel.py need: the logged losses, the advantages, h
 training, the final denoiser weights and the metrics of an evaluation after training. Run it in one process, or
 under `accelerate launch` with any number of processes:
 
-    python context_parallel_train.py <output dir> <context_parallel_size> [prompts_per_step]
+    python context_parallel_train.py <output dir> <context_parallel_size> [prompts_per_step] [wan | cosmos2_5]
 """
 
 import json
@@ -19,11 +19,12 @@ from transformers import TrainerCallback
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
-from tiny_models import tiny_wan_pipeline  # noqa: E402
+from tiny_models import tiny_cosmos2_5_pipeline, tiny_wan_pipeline  # noqa: E402
 
 from trl_ddrl import DDRLConfig, DDRLTrainer  # noqa: E402
 
 
+PIPELINES = {"wan": tiny_wan_pipeline, "cosmos2_5": tiny_cosmos2_5_pipeline}
 PROMPTS = ["a red fox", "a blue whale", "a green frog", "a white owl"]
 
 
@@ -50,8 +51,10 @@ class Recorder(TrainerCallback):
         self.iterations.append({"advantages": buffer.advantages.tolist(), "noise": buffer.initial_noise.sum().item()})
 
 
-def train(output_dir: str, context_parallel_size: int = 1, prompts_per_step: int = 2) -> DDRLTrainer:
-    """One DDRL step (rollout, rewards, 4 micro-batches of policy, data and KL terms) with SGD."""
+def train(
+    output_dir: str, context_parallel_size: int = 1, prompts_per_step: int = 2, pipeline: str = "wan"
+) -> DDRLTrainer:
+    """One DDRL step (rollout, rewards, 4 micro-batches of policy, data and KL terms) with SGD, of `PIPELINES[pipeline]`."""
     args = DDRLConfig(
         output_dir=output_dir,
         num_generations=4,
@@ -79,7 +82,7 @@ def train(output_dir: str, context_parallel_size: int = 1, prompts_per_step: int
     )
     recorder, reward = Recorder(), CountingBrightness()
     trainer = DDRLTrainer(
-        tiny_wan_pipeline(),
+        PIPELINES[pipeline](),
         reward,
         args=args,
         train_dataset=Dataset.from_dict({"prompt": PROMPTS}),
@@ -107,4 +110,4 @@ def train(output_dir: str, context_parallel_size: int = 1, prompts_per_step: int
 
 
 if __name__ == "__main__":
-    train(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]) if len(sys.argv) > 3 else 2)
+    train(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]) if len(sys.argv) > 3 else 2, *sys.argv[4:5])
