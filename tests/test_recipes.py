@@ -97,13 +97,15 @@ def assert_fields(saved: dict, expected: dict) -> None:
 
 
 @pytest.mark.parametrize(
-    ("name", "model", "eval_guidance"),
+    ("name", "model", "eval_guidance", "context_parallel"),
     [
-        ("cosmos-predict2.5-2b-ddrl.yaml", "nvidia/Cosmos-Predict2.5-2B", 7),  # toml L152 guidance = [7]
-        ("cosmos-predict2.5-14b-ddrl.yaml", "nvidia/Cosmos-Predict2.5-14B", 3),  # toml L159 guidance = [3]
+        # toml L152 guidance = [7]; the authors' context parallel 2 (toml L27-32) is not needed to fit: off
+        ("cosmos-predict2.5-2b-ddrl.yaml", "nvidia/Cosmos-Predict2.5-2B", 7, 1),
+        # toml L159 guidance = [3]; toml L27-32 context parallel 8, without which one sample does not fit 80 GB
+        ("cosmos-predict2.5-14b-ddrl.yaml", "nvidia/Cosmos-Predict2.5-14B", 3, 8),
     ],
 )
-def test_cosmos_recipes_are_the_authors_runs(name, model, eval_guidance):
+def test_cosmos_recipes_are_the_authors_runs(name, model, eval_guidance, context_parallel):
     launch = load(name)
     script_args, config, model_args = launch.parsed
     assert model_args.model_name_or_path == model  # toml L256 / L263 load_path
@@ -113,10 +115,12 @@ def test_cosmos_recipes_are_the_authors_runs(name, model, eval_guidance):
     assert_fields(saved, OFFICIAL_COSMOS)
     # toml L152 / L159 guidance = [7] / [3] in cond + g (cond - uncond) (model L974): uncond + (g + 1) (cond - uncond)
     assert config.eval_guidance_scale == eval_guidance + 1
-    # Launched through accelerate with the recipe's config: 128 processes, one model instance (one sample) each.
+    # Launched through accelerate with the recipe's config: 128 processes; one model instance (one sample) each, or
+    # with context parallelism groups of `context_parallel` processes that hold the same samples.
     argv = launch.accelerate_argv
     accelerate = yaml.safe_load(Path(argv[argv.index("--config_file") + 1]).read_text())
     assert accelerate["num_processes"] == config.prompts_per_step * config.num_generations == 128
+    assert config.context_parallel_size == context_parallel and config.context_parallel_method == "ulysses"
     assert accelerate["distributed_type"] == "FSDP" and accelerate["fsdp_config"]["fsdp_version"] == 2
     assert f"guidance {eval_guidance}" in (RECIPES / name).read_text()  # the evaluation guidance is named
 
