@@ -337,15 +337,17 @@ def test_the_cosmos_plan_changes_nothing_without_a_parallel_config():
     assert "_cp_plan" not in vars(wan)
 
 
-def _cosmos_loss_and_gradients(mesh: ProcessMesh | None):
+def _cosmos_loss_and_gradients(mesh: ProcessMesh | None, checkpointing: bool = False):
     """
     One forward and backward of a tiny Cosmos transformer, as `_wan_loss_and_gradients`: once with one timestep per
     sample and once with one per latent frame (the Cosmos adapters' form: the conditioning frames at their own noise
-    level) and a text attention mask.
+    level) and a text attention mask; with `checkpointing`, under diffusers' activation checkpointing (the trainer's).
     """
     from trl_ddrl.parallel import enable_context_parallel
 
     model = _tiny_cosmos_transformer()
+    if checkpointing:
+        model.enable_gradient_checkpointing()
     if mesh is not None:
         enable_context_parallel([model], mesh, "ulysses", "cpu")
     generator = torch.Generator().manual_seed(1)
@@ -373,24 +375,28 @@ def _cosmos_loss_and_gradients(mesh: ProcessMesh | None):
     return loss.detach(), gradients
 
 
-def _cosmos_context_parallel_worker(rank: int, port: int, path: str) -> None:
+def _cosmos_context_parallel_worker(rank: int, port: int, path: str, checkpointing: bool) -> None:
     torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
     try:
-        torch.save(_cosmos_loss_and_gradients(ProcessMesh(2, rank, context_parallel_size=2)), path)
+        torch.save(_cosmos_loss_and_gradients(ProcessMesh(2, rank, context_parallel_size=2), checkpointing), path)
     finally:
         torch.distributed.destroy_process_group()
 
 
-def test_context_parallel_cosmos_forward_and_backward_match_the_unsharded_model(tmp_path):
+@pytest.mark.parametrize("checkpointing", [False, True], ids=["plain", "activation_checkpointing"])
+def test_context_parallel_cosmos_forward_and_backward_match_the_unsharded_model(checkpointing, tmp_path):
     context = torch.multiprocessing.get_context("fork")
     port, paths = free_port(), [tmp_path / f"{rank}.pt" for rank in (0, 1)]
-    processes = [context.Process(target=_cosmos_context_parallel_worker, args=(r, port, paths[r])) for r in (0, 1)]
+    processes = [
+        context.Process(target=_cosmos_context_parallel_worker, args=(rank, port, paths[rank], checkpointing))
+        for rank in (0, 1)
+    ]
     for process in processes:
         process.start()
     for process in processes:
         process.join(timeout=120)
         assert process.exitcode == 0
-    loss, gradients = _cosmos_loss_and_gradients(None)
+    loss, gradients = _cosmos_loss_and_gradients(None, checkpointing)
     assert all(gradient.abs().sum() > 0 for gradient in gradients.values())
     for path in paths:
         rank_loss, rank_gradients = torch.load(path)
