@@ -280,8 +280,10 @@ def estimate_row(
 def fitting_overrides(row: dict) -> list[tuple[str, int, dict]]:
     """
     The changes to try, one after the other, for a row that does not fit 80 GB: `(setting, gpus, overrides)`, each
-    adding to the previous. Activations first (micro-batch 1, one sample per rollout chunk), then fewer samples per
-    process (the rollout's trajectories and decoded samples), then LoRA, then 8 GPUs with FSDP2.
+    adding to the previous. Activations first (micro-batch 1, one sample per rollout chunk), then the memory options
+    that keep the method (`trl-ddrl estimate-memory --fit`'s: text encoders offloaded, EMA and trajectories on the
+    host), then fewer samples per process (the rollout's trajectories and decoded samples), then LoRA, then 8 GPUs
+    with FSDP2.
     """
     settings = row["settings"]
     setting, gpus = row["setting"], row["gpus"]
@@ -290,6 +292,8 @@ def fitting_overrides(row: dict) -> list[tuple[str, int, dict]]:
     if settings["per_device_train_batch_size"] > 1 or (settings["rollout_batch_size"] or 2) > 1:
         overrides.update(per_device_train_batch_size=1, rollout_batch_size=1)
         steps.append((setting, gpus, dict(overrides)))
+    overrides.update(offload_text_encoders=True, ema_device="cpu", offload_trajectories=True)
+    steps.append((setting, gpus, dict(overrides)))
     if settings["samples_per_process"] > 8:
         prompts = max(1, 8 * gpus // settings["num_generations"])
         overrides.update(prompts_per_step=prompts)

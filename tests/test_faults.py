@@ -434,3 +434,22 @@ def test_a_failed_run_gives_sigterm_back_to_the_previous_handler(tiny_sd3_path, 
         fault_trainer(tiny_sd3_path, tmp_path, reward=failing).train()
     # Left installed, the handler would swallow the next SIGTERM of a process that is no longer training.
     assert signal.getsignal(signal.SIGTERM) is before
+
+
+@pytest.mark.parametrize("where", ["rollout", "replay"])
+def test_out_of_memory_names_the_phase_and_the_estimator(where, tiny_sd3_path, tmp_path):
+    trainer = DDRLTrainer(tiny_sd3_path, brightness, args=make_args(tmp_path), train_dataset=prompt_dataset())
+
+    def out_of_memory(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+
+    if where == "rollout":
+        trainer.rollout.adapter.decode = out_of_memory
+    else:
+        trainer.adapter.transition_log_prob = out_of_memory
+    with pytest.raises(torch.OutOfMemoryError) as raised:
+        trainer.train()
+    note = "\n".join(getattr(raised.value, "__notes__", []))
+    assert f"out of memory in the {where}" in note
+    assert "trl-ddrl estimate-memory" in note and "--fit" in note
+    assert "--per_device_train_batch_size 1" in note or "--rollout_batch_size 1" in note

@@ -517,6 +517,56 @@ def same_architecture(checkpoint: str, component: str):
         ) from None
 
 
+# ---- out of memory ---------------------------------------------------------------------------------------------------
+
+
+def _failing_phase(error: BaseException) -> str:
+    """Where in an iteration `error` was raised: the rollout, the replay (loss and backward), the evaluation, or else."""
+    functions = []
+    traceback = error.__traceback__
+    while traceback is not None:
+        code = traceback.tb_frame.f_code
+        functions.append((os.path.basename(code.co_filename), code.co_name))
+        traceback = traceback.tb_next
+    if any(name == "rollout.py" and function == "generate" for name, function in functions):
+        return "rollout"
+    if any(function in ("compute_loss", "_backward_now", "backward") for _, function in functions):
+        return "replay"
+    if any(function == "evaluate" for _, function in functions):
+        return "evaluation"
+    return "training step"
+
+
+def out_of_memory_note(error: BaseException, args, model_id: str) -> str:
+    """
+    What to change after a device out-of-memory error, by the phase it hit, and how to find a setting that fits before
+    the next launch (`trl-ddrl estimate-memory --fit`, docs/memory.md).
+    """
+    phase = _failing_phase(error)
+    changes = []
+    if phase in ("rollout", "evaluation"):
+        if args.rollout_batch_size != 1:
+            changes.append("--rollout_batch_size 1 (samples denoised at once)")
+        if not args.offload_trajectories:
+            changes.append("--offload_trajectories (the trained transitions on the host)")
+    else:
+        if args.per_device_train_batch_size > 1:
+            changes.append("--per_device_train_batch_size 1 (transitions per micro-batch)")
+        if not (args.activation_checkpointing or args.gradient_checkpointing):
+            changes.append("--activation_checkpointing True")
+    if not (args.offload_text_encoders or args.precompute_prompt_embeddings):
+        changes.append("--offload_text_encoders (the text encoders on the host between encodings)")
+    if args.use_ema and args.ema_device is None:
+        changes.append("--ema_device cpu (the EMA in host memory)")
+    changes.append("LoRA (--use_peft), FSDP2 over more GPUs (--accelerate_config fsdp), or --context_parallel_size N")
+    listed = "\n".join(f"  - {change}" for change in changes)
+    return (
+        f"trl_ddrl: out of memory in the {phase}. What lowers it:\n{listed}\n"
+        f"Before the next launch, estimate the peak per GPU and let it find the flags that fit (no GPU needed): "
+        f"`trl-ddrl estimate-memory --model_name_or_path {model_id} <this run's options> --fit` (docs/memory.md)."
+    )
+
+
 # ---- divergence ---------------------------------------------------------------------------------------------------
 
 

@@ -47,6 +47,7 @@ from .fault_handling import (
     check_lora_load,
     check_lora_target_modules,
     check_resume_settings,
+    out_of_memory_note,
     resolve_resume_checkpoint,
     same_architecture,
     staged_checkpoint,
@@ -677,7 +678,13 @@ class DDRLTrainer(_BaseTrainer):
         self.args.eval_on_start = eval_on_start and resume_from_checkpoint is None
         try:
             output = super().train(resume_from_checkpoint, *args, **kwargs)
-        except (Exception, KeyboardInterrupt):
+        except (Exception, KeyboardInterrupt) as error:
+            if isinstance(error, torch.OutOfMemoryError):
+                note = out_of_memory_note(error, self.args, self.model_id)
+                if hasattr(error, "add_note"):  # Python 3.11+: printed under the traceback
+                    error.add_note(note)
+                else:
+                    logger.error(note)
             cancel_pending_rewards(self.rollout.pending_rewards, self.rollout.reward_caller)
             self._save_checkpoint_after_failure()
             raise
