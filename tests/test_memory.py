@@ -664,3 +664,20 @@ def test_hunyuanvideo_1_5_is_estimable(tmp_path):
     long = estimate_small("hunyuanvideo-1.5", tmp_path, height=128, width=128, num_frames=9)
     # Full fine-tuning on one GPU: the peak is the weights, gradients and AdamW state; the decoded frames grow.
     assert 0 < short.phases["vae_decode"] < long.phases["vae_decode"]
+
+
+def test_context_parallel_ranks_hold_their_share_of_the_trajectories(tmp_path):
+    # Every rank of a context-parallel group samples the same trajectories and keeps 1 / N of each trained latent.
+    from trl_ddrl.memory import Parallelism
+
+    args = tiny_args(tmp_path, num_inference_steps=6)
+    one = estimate_memory(tiny_sd3_pipeline, args, torch_dtype=torch.float32)  # one process: every sample
+    group = estimate_memory(  # one group of two: every sample on each rank
+        tiny_sd3_pipeline, args, torch_dtype=torch.float32, num_processes=2, context_parallel_size=2
+    )
+    assert Parallelism(2, "none", 2).weight(("trajectories", False)) == 0.5
+    latent, steps = tiny_latent_and_steps(args)
+    samples = args.prompts_per_step * args.num_generations
+    buffer = samples * (3 * steps + 1) * latent  # states, next states, means of each trained step; the initial noise
+    # After the replay (the optimizer step) the buffer is what differs: half of it on each rank of the group.
+    assert one.phases["optimizer"] - group.phases["optimizer"] == pytest.approx(buffer / 2, rel=0.01)

@@ -187,6 +187,11 @@ def test_one_step_with_context_parallel_size_2_matches_the_unsharded_run(tmp_pat
         assert_same_update(torch.load(tmp_path / "cp" / f"{rank}.pt"), reference_weights, initial)
     # Every sample was scored once, by the group's first rank.
     assert [record["reward_calls"] for record in ranks] == [reference["reward_calls"], 0]
+    # Each rank of the group holds half of every trained state (cosmos-rl stores them split), the reference all.
+    assert reference["held_states"] == reference["whole_states"]
+    for record in ranks:
+        assert record["whole_states"] == reference["whole_states"]
+        assert record["held_states"] <= record["whole_states"] // 2 + record["whole_states"] // 100
 
 
 @pytest.mark.slow

@@ -17,7 +17,7 @@ weights model the parallelism:
   optimizer state; the forwards autocast to the load dtype. ZeRO-2 divides gradients and optimizer state, ZeRO-1 the optimizer state; DDP keeps a
   second copy of the gradients (its buckets).
 - Context parallelism divides the activations computed inside the denoiser by the group size (each rank holds its
-  share of the tokens); trajectories, decoded samples and text encoders are whole on every rank.
+  share of the tokens) and the stored trajectories; decoded samples and text encoders are whole on every rank.
 - What a memory option of `DDRLConfig` keeps in host memory (`ema_device="cpu"`, `offload_text_encoders`,
   `precompute_prompt_embeddings`, `offload_trajectories`, `offload_reference_model`) is labelled `host`, weighted 0,
   and relabelled to its GPU category while the trainer has it on the GPU; `precompute_reference_means` adds the
@@ -65,6 +65,8 @@ SHARDING_CHOICES = ("none", "ddp", "zero1", "zero2", "zero3", "fsdp2")
 # reference model and trajectories, precomputed prompt embeddings). Transient, by the phase that allocated them: the
 # rest.
 HOST = "host"
+# The buffer's trained transitions under context parallelism: split across the group (`parallel.TrajectoryShard`).
+TRAJECTORIES = "trajectories"
 PERSISTENT = ("weights", "trained_weights", "vae", "text_encoders", "reference", "gradients", "optimizer", "ema", HOST)
 PHASES = ("text_encoders", "rollout", "vae_decode", "data", "reference_means", "replay", "optimizer", "ema")
 GATHERED = "gathered_blocks"
@@ -423,6 +425,8 @@ class Parallelism:
             factor = 1 / world
         elif category == "ema" and full_shard:
             factor = 1 / world
+        elif category == TRAJECTORIES:
+            factor = 1 / self.context_parallel_size  # each rank of a group keeps its share (`TrajectoryShard`)
         if inside_denoiser and category not in PERSISTENT and category != GATHERED:
             factor /= self.context_parallel_size
         return factor
@@ -922,7 +926,9 @@ def run_iteration(
                     conditioning.update(modes)
 
         # As RolloutEngine.generate: per chunk, sample, decode (scored, then dropped), keep the trained transitions
-        # (`trained_transitions`, on the host with `offload_trajectories`); the buffer concatenates them.
+        # (`trained_transitions`, on the host with `offload_trajectories`, split across the group under context
+        # parallelism); the buffer concatenates them.
+        split = parallelism.context_parallel_size > 1
         schedule = rollout_steps(args, 0)
         with phase("rollout"):
             steps = torch.tensor(schedule.trained, device=device)
@@ -951,6 +957,9 @@ def run_iteration(
                 if args.offload_trajectories:  # `.cpu()` copies: the device ones are freed with the chunk
                     for tensor in trained:
                         counter.relabel(tensor, HOST)
+                elif split:  # each rank of the group keeps its share of every latent
+                    for tensor in trained:
+                        counter.relabel(tensor, TRAJECTORIES)
                 if data_from_samples:
                     # data_source="base_model": one sample per prompt, drawn from the reference (here: its size).
                     final_latents.append(trajectory.latents[:, -1].clone())
@@ -959,7 +968,8 @@ def run_iteration(
             scoring = chunk_images if args.async_rewards else None
             del chunk_images, trajectory, trained, kept, tensor  # the loop's names kept the last chunk's alive
         del scoring
-        with phase("rollout"), counter.labelled(HOST) if args.offload_trajectories else contextlib.nullcontext():
+        buffer_label = HOST if args.offload_trajectories else TRAJECTORIES if split else None
+        with phase("rollout"), counter.labelled(buffer_label) if buffer_label else contextlib.nullcontext():
             transitions = [torch.cat(kept) if kept else None for kept in parts]
         del parts
         with phase("rollout"):

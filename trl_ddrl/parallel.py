@@ -121,6 +121,45 @@ class ProcessMesh:
             )
         return self._device_mesh
 
+    def context_parallel_group(self):
+        """The process group of this rank's context-parallel group (from the device mesh, built by then)."""
+        if self._device_mesh is None:
+            raise RuntimeError("The context-parallel device mesh is built by prepare_parallelism before any rollout.")
+        dimension = "ring" if self._device_mesh["ring"].size() > 1 else "ulysses"
+        return self._device_mesh[dimension].get_group()
+
+
+class TrajectoryShard:
+    """
+    The rollout's trained transitions split across a context-parallel group, as cosmos-rl stores them: every rank of
+    the group samples the same trajectories, so each keeps `1 / N` of each latent (flattened, padded to a multiple of
+    `N`) and a micro-batch's rows are all-gathered over the group when the replay takes them.
+
+    Args:
+        mesh ([`ProcessMesh`]): This process's place; `mesh.context_parallel_size` is `N`.
+        latent_shape (`tuple[int, ...]`): The shape of one latent, the trailing dimensions of every tensor split.
+    """
+
+    def __init__(self, mesh: ProcessMesh, latent_shape: tuple[int, ...]):
+        self.size, self.rank = mesh.context_parallel_size, mesh.context_parallel_rank
+        self.group = mesh.context_parallel_group()
+        self.latent_shape = tuple(latent_shape)
+        self.numel = math.prod(self.latent_shape)
+        self.chunk = -(-self.numel // self.size)
+
+    def split(self, tensor: torch.Tensor) -> torch.Tensor:
+        """`[..., *latent_shape]` -> this rank's `[..., ceil(numel / N)]` (a copy: the whole tensor can be freed)."""
+        flat = tensor.flatten(start_dim=tensor.dim() - len(self.latent_shape))
+        flat = torch.nn.functional.pad(flat, (0, self.chunk * self.size - self.numel))
+        return flat[..., self.rank * self.chunk : (self.rank + 1) * self.chunk].clone()
+
+    def gather(self, rows: torch.Tensor) -> torch.Tensor:
+        """This rank's `[..., chunk]` -> the group's whole `[..., *latent_shape]` (a collective of the group)."""
+        parts = [torch.empty_like(rows) for _ in range(self.size)]
+        torch.distributed.all_gather(parts, rows.contiguous(), group=self.group)
+        whole = torch.cat(parts, dim=-1)[..., : self.numel]
+        return whole.reshape(*rows.shape[:-1], *self.latent_shape)
+
 
 class ContextParallelSampler(torch.utils.data.Sampler):
     """

@@ -38,7 +38,7 @@ from trl.models.utils import unwrap_model_for_generation
 from .config import DDRLConfig
 from .data import DiffusionDataCollator, read_row
 from .losses import clip_and_fill_rewards, compute_advantages
-from .parallel import ProcessMesh
+from .parallel import ProcessMesh, TrajectoryShard
 from .pipelines import Conditioning, DiffusionAdapter
 from .reward_calls import DroppedGroups, RewardCallAbandoned, RewardCaller, RewardTimeoutError, group_slices
 from .rewards import RewardFunctionError, check_rewards
@@ -84,6 +84,9 @@ class RolloutBuffer:
     # `precompute_reference_means`: each transition's mean under the reference model, computed once after the
     # rollout (`DDRLTrainer._reference_means`), where the KL term's replay would run the reference model. [S, K, ...]
     reference_means: torch.Tensor | None = None
+    # Under context parallelism: the per-transition tensors above hold this rank's share of each latent
+    # (`[S, K, chunk]`, `[S, chunk]`), all-gathered over the group when a micro-batch takes its rows.
+    shard: TrajectoryShard | None = None
 
     def micro_batch(self, index: int, size: int) -> dict[str, Any]:
         flat = self.order[index * size : (index + 1) * size]
@@ -108,13 +111,17 @@ class RolloutBuffer:
         return batch
 
     def _rows(self, tensor: torch.Tensor, *index: torch.Tensor) -> torch.Tensor:
-        """`tensor[index]`, copied to `device` when the buffer is offloaded (asynchronously from pinned memory)."""
+        """
+        `tensor[index]`, copied to `device` when the buffer is offloaded (asynchronously from pinned memory), and
+        gathered whole over the context-parallel group when the buffer is split (`shard`).
+        """
         rows = tensor[index]
-        if self.device is None:
-            return rows
-        if torch.cuda.is_available():
-            return rows.pin_memory().to(self.device, non_blocking=True)
-        return rows.to(self.device)
+        if self.device is not None:
+            if torch.cuda.is_available():
+                rows = rows.pin_memory().to(self.device, non_blocking=True)
+            else:
+                rows = rows.to(self.device)
+        return rows if self.shard is None else self.shard.gather(rows)
 
 
 def order_micro_batches(
@@ -270,6 +277,7 @@ class RolloutEngine:
         start = time.perf_counter()
         # Per chunk, only what the buffer needs: the trained steps' states, means and previous estimates, the noise.
         states, next_states, means, denoised, initial_noise = [], [], [], [], []
+        shard: TrajectoryShard | None = None
         keep = self.samples_to_keep(trainer_state)
         kept: list[torch.Tensor] = []  # uint8 CPU copies of the first `keep` samples, for logging and checkpoints
         scored = self.pending_rewards = []  # cancelled by `train` if it stops on an error or Ctrl-C
@@ -315,6 +323,9 @@ class RolloutEngine:
                 chunk_images = self.adapter.decode(trajectory.latents[:, -1])
                 self.check_samples(trajectory.latents, chunk_images, iteration)
                 trained = trained_transitions(self.adapter, trajectory, steps)
+                if self.mesh.enabled:  # every rank of the group holds these samples: each keeps its share
+                    shard = shard or TrajectoryShard(self.mesh, trajectory.latents.shape[2:])
+                    trained = [shard.split(tensor) for tensor in trained]
                 if args.offload_trajectories:
                     trained = [tensor.cpu() for tensor in trained]
                 for parts, tensor in zip((states, next_states, means, initial_noise, denoised), trained):
@@ -405,6 +416,7 @@ class RolloutEngine:
             data_rows=data_rows,
             previous_denoised=denoised,
             device=device if args.offload_trajectories else None,
+            shard=shard,
         )
 
     def samples_to_keep(self, state: TrainerState) -> int:

@@ -590,6 +590,8 @@ class DDRLTrainer(_BaseTrainer):
             for index in range(math.ceil(len(buffer.order) / size)):
                 flat = buffer.order[index * size : (index + 1) * size].to(means.device)
                 mean = self._reference_step(buffer.micro_batch(index, size)).mean
+                if buffer.shard is not None:  # kept split as the other transitions
+                    mean = buffer.shard.split(mean)
                 means[flat // num_steps, flat % num_steps] = mean.to(means.device)
         return means
 

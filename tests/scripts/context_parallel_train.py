@@ -48,7 +48,12 @@ class Recorder(TrainerCallback):
 
     def on_step_end(self, args, state, control, **kwargs):
         buffer = self.trainer._buffer
-        self.iterations.append({"advantages": buffer.advantages.tolist(), "noise": buffer.initial_noise.sum().item()})
+        # Under context parallelism each rank holds its share of the transitions: the whole, gathered, is compared.
+        noise = buffer.initial_noise if buffer.shard is None else buffer.shard.gather(buffer.initial_noise)
+        self.iterations.append({"advantages": buffer.advantages.tolist(), "noise": noise.sum().item()})
+        samples, steps = buffer.states.shape[:2]
+        self.held_states = buffer.states.numel()
+        self.whole_states = self.held_states if buffer.shard is None else samples * steps * buffer.shard.numel
 
 
 def train(
@@ -101,6 +106,8 @@ def train(
         "data_parallel_rank": trainer.mesh.data_parallel_rank,
         "logs": [entry for entry in trainer.state.log_history if "loss" in entry],
         "iterations": recorder.iterations,
+        "held_states": recorder.held_states,
+        "whole_states": recorder.whole_states,
         "reward_calls": reward_calls,
         "eval": {key: value for key, value in eval_metrics.items() if not key.endswith("runtime")},
     }
