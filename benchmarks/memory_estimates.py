@@ -258,7 +258,11 @@ def estimate_row(
         lora = get_lora_config(model_args) if model_args.use_peft else None
         lora = lora or LoraConfig(r=32, lora_alpha=32, target_modules=DEFAULT_LORA_TARGET_MODULES)
     sharding = sharding or ("fsdp2" if gpus > 1 else "none")
-    estimate = estimate_memory(model, args, num_processes=gpus, sharding=sharding, peft_config=lora)
+    # A recipe's context-parallel group (Cosmos 14B: 8) where the GPUs allow it, else none (1 GPU).
+    context_parallel = args.context_parallel_size if gpus % args.context_parallel_size == 0 else 1
+    estimate = estimate_memory(
+        model, args, num_processes=gpus, sharding=sharding, peft_config=lora, context_parallel_size=context_parallel
+    )
     return {
         "model": model,
         "setting": setting,
