@@ -767,7 +767,7 @@ def run_iteration(
     from .pipelines import SamplingSettings, get_adapter
     from .pipelines.latents import enable_vae_slicing
     from .precision import upcast_trained_parameters
-    from .rollout import RolloutBuffer, order_micro_batches, trained_transitions
+    from .rollout import RolloutBuffer, data_term_loss, order_micro_batches, trained_transitions, transition_step
     from .rollout_plan import default_rollout_chunk
     from .sampling import transition_log_ratio
     from .sde_window import initial_states, join_prefix, rollout_steps
@@ -1040,14 +1040,7 @@ def run_iteration(
                 for index in range(math.ceil(len(buffer.order) / size)):
                     flat = buffer.order[index * size : (index + 1) * size]
                     inputs = buffer.micro_batch(index, size)
-                    mean = adapter.transition_log_prob(
-                        model,
-                        inputs["states"],
-                        inputs["next_states"],
-                        inputs["step_index"],
-                        inputs["conditioning"],
-                        inputs.get("previous_denoised"),
-                    ).mean
+                    mean = transition_step(adapter, model, inputs).mean
                     reference_means[flat // num_steps, flat % num_steps] = mean
                     del inputs, mean, flat
         buffer.reference_means = reference_means
@@ -1059,31 +1052,13 @@ def run_iteration(
     with phase("replay"), _inside(counter, computing), _autocast_each_call(computing, mixed):
         with counter.window() as first:
             inputs = buffer.micro_batch(0, args.per_device_train_batch_size)
-            rows_used = inputs["num_data_rows"]
             data_term = None
-            if args.data_beta > 0 and rows_used:
-                x0 = inputs["data_latents"][:rows_used]
-                data_conditioning = {key: value[:rows_used] for key, value in inputs["data_conditioning"].items()}
-                data_loss = adapter.diffusion_loss(
-                    denoiser,
-                    x0,
-                    data_conditioning,
-                    inputs["step_index"][:rows_used],
-                    inputs["initial_noise"][:rows_used],
-                )
-                data_term = args.data_beta * data_loss.mean()
+            if args.data_beta > 0 and inputs["num_data_rows"]:
+                data_term = args.data_beta * data_term_loss(adapter, denoiser, inputs, args.data_noise)
                 if args.separate_data_backward:  # backpropagated before the policy forward (DDRLTrainer.compute_loss)
                     _backward(counter, data_term * args.loss_scale)
                     data_term = None
-                del data_loss
-            step = adapter.transition_log_prob(
-                denoiser,
-                inputs["states"],
-                inputs["next_states"],
-                inputs["step_index"],
-                inputs["conditioning"],
-                inputs.get("previous_denoised"),
-            )
+            step = transition_step(adapter, denoiser, inputs)
             log_ratio = transition_log_ratio(step, inputs["old_means"], args.log_ratio_form)
             policy_loss, _, _ = clipped_policy_loss(log_ratio, inputs["advantages"], args.clip_range)
             loss = policy_loss.mean()
@@ -1094,14 +1069,7 @@ def run_iteration(
                     reference_mean = inputs["reference_means"]
                 else:
                     with torch.no_grad(), _reference(denoiser, reference, counter, parallelism, args) as model:
-                        reference_mean = adapter.transition_log_prob(
-                            model,
-                            inputs["states"],
-                            inputs["next_states"],
-                            inputs["step_index"],
-                            inputs["conditioning"],
-                            inputs.get("previous_denoised"),
-                        ).mean
+                        reference_mean = transition_step(adapter, model, inputs).mean
                 loss = (
                     loss
                     + args.kl_beta

@@ -124,6 +124,41 @@ class RolloutBuffer:
         return rows if self.shard is None else self.shard.gather(rows)
 
 
+def transition_step(adapter: DiffusionAdapter, model: nn.Module, inputs: dict[str, Any]):
+    """The adapter's Gaussian transition of `model` on a micro-batch of [`RolloutBuffer.micro_batch`]."""
+    return adapter.transition_log_prob(
+        model,
+        inputs["states"],
+        inputs["next_states"],
+        inputs["step_index"],
+        inputs["conditioning"],
+        inputs.get("previous_denoised"),
+    )
+
+
+def data_term_loss(
+    adapter: DiffusionAdapter, model: nn.Module, inputs: dict[str, Any], data_noise: str
+) -> torch.Tensor:
+    """
+    The data term of a micro-batch of [`RolloutBuffer.micro_batch`]: the diffusion loss on the data batch at the
+    transitions' noise levels (with the rollout's initial noise, or fresh noise with `data_noise="independent"`),
+    summed over the rows that use it and divided by the micro-batch's size. Averaged over an iteration's
+    micro-batches, each sample's data loss then counts once per transition using it: once per trained step (the
+    mean), or with `data_on_first_step_only` once among its `K` trained steps, the authors' weight `1 / K` exactly.
+    Without data rows it is a constant 0 and runs no forward (every rank has data rows in the same micro-batches:
+    their orders are the same, see `RolloutEngine.generate`); the policy term already gives every parameter its
+    gradient, and a `p.sum() * 0` term would fail on FSDP2's DTensor parameters.
+    """
+    rows = inputs["num_data_rows"]  # the leading rows, counted on the host: no device read-back here
+    if rows == 0:
+        return torch.zeros((), device=inputs["advantages"].device)
+    x0 = inputs["data_latents"][:rows]
+    noise = inputs["initial_noise"][:rows] if data_noise == "rollout" else torch.randn_like(x0)
+    conditioning = {key: value[:rows] for key, value in inputs["data_conditioning"].items()}
+    losses = adapter.diffusion_loss(model, x0, conditioning, inputs["step_index"][:rows], noise)
+    return losses.sum() / len(inputs["advantages"])
+
+
 def order_micro_batches(
     order: torch.Tensor, num_steps: int, micro_batch_size: int, data_on_first_step_only: bool
 ) -> tuple[torch.Tensor, list[int]]:

@@ -64,7 +64,14 @@ from .progress import samples_per_second, use_ddrl_progress
 from .prompt_embeddings import PromptEncoder
 from .reward_calls import check_reward_signatures
 from .rewards import resolve_reward_funcs
-from .rollout import RolloutBuffer, RolloutEngine, generation_policy, read_prompt_rows
+from .rollout import (
+    RolloutBuffer,
+    RolloutEngine,
+    data_term_loss,
+    generation_policy,
+    read_prompt_rows,
+    transition_step,
+)
 from .sampling import transition_log_ratio
 from .tracking import SampleLoggingCallback, expose_config_to_trackers
 from .utils import image_grid, labelled_grid, save_denoiser, save_video_grid_gif, saved_separately
@@ -516,14 +523,7 @@ class DDRLTrainer(_BaseTrainer):
                 self._backward_now(self.mesh.scale_gradients(data_term * args.loss_scale))
                 data_term = data_term.detach()
 
-        step = self.adapter.transition_log_prob(
-            model,
-            inputs["states"],
-            inputs["next_states"],
-            inputs["step_index"],
-            inputs["conditioning"],
-            inputs.get("previous_denoised"),
-        )
+        step = transition_step(self.adapter, model, inputs)
         log_ratio = transition_log_ratio(step, inputs["old_means"], args.log_ratio_form)
         policy_loss, ratio, is_clipped = clipped_policy_loss(log_ratio, inputs["advantages"], args.clip_range)
         loss = policy_loss.mean()
@@ -555,26 +555,8 @@ class DDRLTrainer(_BaseTrainer):
         self.accelerator.backward(loss / self.current_gradient_accumulation_steps)
 
     def _data_loss(self, model, inputs) -> torch.Tensor:
-        """
-        The data term of a micro-batch: the diffusion loss on the data batch at the transitions' noise levels, summed
-        over the rows that use it and divided by the micro-batch's size. Averaged over an iteration's micro-batches,
-        each sample's data loss then counts once per transition using it: once per trained step (the mean), or with
-        `data_on_first_step_only` once among its `K` trained steps, the authors' weight `1 / K` exactly. Without data
-        rows it is a constant 0 and runs no forward (every rank has data rows in the same micro-batches: their orders
-        are the same, see `RolloutEngine.generate`); the policy term already gives every parameter its gradient, and
-        a `p.sum() * 0` term would fail on FSDP2's DTensor parameters.
-        """
-        rows = inputs["num_data_rows"]  # the leading rows, counted on the host: no device read-back here
-        if rows == 0:
-            return torch.zeros((), device=inputs["advantages"].device)
-        x0 = inputs["data_latents"][:rows]
-        if self.args.data_noise == "rollout":
-            noise = inputs["initial_noise"][:rows]
-        else:
-            noise = torch.randn_like(x0)
-        conditioning = {key: value[:rows] for key, value in inputs["data_conditioning"].items()}
-        losses = self.adapter.diffusion_loss(model, x0, conditioning, inputs["step_index"][:rows], noise)
-        return losses.sum() / len(inputs["advantages"])
+        """The data term of a micro-batch ([`~trl_ddrl.rollout.data_term_loss`])."""
+        return data_term_loss(self.adapter, model, inputs, self.args.data_noise)
 
     @torch.no_grad()
     def _reference_means(self, buffer: RolloutBuffer) -> torch.Tensor:
@@ -623,14 +605,7 @@ class DDRLTrainer(_BaseTrainer):
 
     def _reference_step(self, inputs):
         with self._reference_denoiser() as reference:
-            return self.adapter.transition_log_prob(
-                reference,
-                inputs["states"],
-                inputs["next_states"],
-                inputs["step_index"],
-                inputs["conditioning"],
-                inputs.get("previous_denoised"),
-            )
+            return transition_step(self.adapter, reference, inputs)
 
     def sync_reference_model(self) -> None:
         """Copy the current policy weights into the reference model (full fine-tuning only)."""
