@@ -254,6 +254,11 @@ def _wan_loss_and_gradients(mesh: ProcessMesh | None, fsdp: bool = False):
     latents, text = torch.randn(2, 4, 2, 4, 4, generator=generator), torch.randn(2, 16, 32, generator=generator)
     output = model(latents, torch.tensor([500.0, 300.0]), text, return_dict=False)[0]
     loss = (output * torch.linspace(-1, 1, output.numel()).view_as(output)).sum()
+    return _backward_and_gradients(model, loss, mesh, fsdp=fsdp and mesh is not None)  # sharded only with a mesh
+
+
+def _backward_and_gradients(model, loss: torch.Tensor, mesh: ProcessMesh | None, fsdp: bool = False):
+    """Backpropagate `loss`; return it and each parameter's gradient averaged over the processes (DDP's or FSDP2's)."""
     (loss if mesh is None else mesh.scale_gradients(loss)).backward()
     gradients = {}
     for name, parameter in model.named_parameters():
@@ -267,33 +272,43 @@ def _wan_loss_and_gradients(mesh: ProcessMesh | None, fsdp: bool = False):
     return loss.detach(), gradients
 
 
-def _context_parallel_worker(rank: int, port: int, path: str, fsdp: bool) -> None:
+def _context_parallel_worker(rank: int, port: int, path: str, loss_and_gradients, option: bool) -> None:
     torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
     try:
-        torch.save(_wan_loss_and_gradients(ProcessMesh(2, rank, context_parallel_size=2), fsdp), path)
+        torch.save(loss_and_gradients(ProcessMesh(2, rank, context_parallel_size=2), option), path)
     finally:
         torch.distributed.destroy_process_group()
 
 
-@pytest.mark.parametrize("fsdp", [False, True], ids=["ddp", "fsdp2"])
-def test_context_parallel_wan_forward_and_backward_match_the_unsharded_model(fsdp, tmp_path):
+def assert_context_parallel_matches_unsharded(tmp_path, loss_and_gradients, option: bool) -> dict:
+    """
+    Run `loss_and_gradients(mesh, option)` on two context-parallel gloo ranks and check each rank's loss and averaged
+    gradients against the unsharded run's; return the unsharded gradients.
+    """
     # Forked processes share the imported modules, so the two gloo ranks start in well under a second.
     context = torch.multiprocessing.get_context("fork")
     port, paths = free_port(), [tmp_path / f"{rank}.pt" for rank in (0, 1)]
     processes = [
-        context.Process(target=_context_parallel_worker, args=(rank, port, paths[rank], fsdp)) for rank in (0, 1)
+        context.Process(target=_context_parallel_worker, args=(rank, port, paths[rank], loss_and_gradients, option))
+        for rank in (0, 1)
     ]
     for process in processes:
         process.start()
     for process in processes:
         process.join(timeout=120)
         assert process.exitcode == 0
-    loss, gradients = _wan_loss_and_gradients(None)
+    loss, gradients = loss_and_gradients(None, option)
     for path in paths:
         rank_loss, rank_gradients = torch.load(path)
         torch.testing.assert_close(rank_loss, loss)
         for name, gradient in gradients.items():
             torch.testing.assert_close(rank_gradients[name], gradient, rtol=1e-4, atol=1e-6, msg=name)
+    return gradients
+
+
+@pytest.mark.parametrize("fsdp", [False, True], ids=["ddp", "fsdp2"])
+def test_context_parallel_wan_forward_and_backward_match_the_unsharded_model(fsdp, tmp_path):
+    assert_context_parallel_matches_unsharded(tmp_path, _wan_loss_and_gradients, fsdp)
 
 
 def _tiny_cosmos_transformer():
@@ -369,45 +384,13 @@ def _cosmos_loss_and_gradients(mesh: ProcessMesh | None, checkpointing: bool = F
         )[0]  # fmt: skip
         assert output.shape == (2, 4, 2, 4, 4)
         loss = loss + (output * torch.linspace(-1, 1, output.numel()).view_as(output)).sum()
-    (loss if mesh is None else mesh.scale_gradients(loss)).backward()
-    gradients = {}
-    for name, parameter in model.named_parameters():
-        gradient = parameter.grad
-        if mesh is not None:
-            torch.distributed.all_reduce(gradient)
-            gradient /= mesh.world_size
-        gradients[name] = gradient.detach()
-    return loss.detach(), gradients
-
-
-def _cosmos_context_parallel_worker(rank: int, port: int, path: str, checkpointing: bool) -> None:
-    torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
-    try:
-        torch.save(_cosmos_loss_and_gradients(ProcessMesh(2, rank, context_parallel_size=2), checkpointing), path)
-    finally:
-        torch.distributed.destroy_process_group()
+    return _backward_and_gradients(model, loss, mesh)
 
 
 @pytest.mark.parametrize("checkpointing", [False, True], ids=["plain", "activation_checkpointing"])
 def test_context_parallel_cosmos_forward_and_backward_match_the_unsharded_model(checkpointing, tmp_path):
-    context = torch.multiprocessing.get_context("fork")
-    port, paths = free_port(), [tmp_path / f"{rank}.pt" for rank in (0, 1)]
-    processes = [
-        context.Process(target=_cosmos_context_parallel_worker, args=(rank, port, paths[rank], checkpointing))
-        for rank in (0, 1)
-    ]
-    for process in processes:
-        process.start()
-    for process in processes:
-        process.join(timeout=120)
-        assert process.exitcode == 0
-    loss, gradients = _cosmos_loss_and_gradients(None, checkpointing)
+    gradients = assert_context_parallel_matches_unsharded(tmp_path, _cosmos_loss_and_gradients, checkpointing)
     assert all(gradient.abs().sum() > 0 for gradient in gradients.values())
-    for path in paths:
-        rank_loss, rank_gradients = torch.load(path)
-        torch.testing.assert_close(rank_loss, loss)
-        for name, gradient in gradients.items():
-            torch.testing.assert_close(rank_gradients[name], gradient, rtol=1e-4, atol=1e-6, msg=name)
 
 
 def test_command_line_launches_a_context_parallel_run():
